@@ -1,0 +1,95 @@
+"""``forgetless`` command line.
+
+  forgetless run CONFIG [key=value ...]     train the stream, print the matrix, write report.json
+  forgetless validate CONFIG [key=value ...] check a config (and its data) without training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import ForgetlessError
+
+
+def format_matrix(report: dict[str, Any]) -> str:
+    """The accuracy matrix as a text table: rows "after <task>", columns evaluated-on tasks."""
+    tasks = report["tasks"]
+    width = max(12, *(len(t) for t in tasks)) + 2
+    label_width = max(len("before training"), *(len(f"after {t}") for t in tasks)) + 2
+    fmt = lambda v: ("-" if v is None else f"{v:.3f}").rjust(width)  # noqa: E731
+    lines = ["".ljust(label_width) + "".join(t.rjust(width) for t in tasks)]
+    lines.append("before training".ljust(label_width) + "".join(fmt(v) for v in report["baseline"]))
+    for task, row in zip(tasks, report["acc_matrix"]):
+        lines.append(f"after {task}".ljust(label_width) + "".join(fmt(v) for v in row))
+    metrics = report["metrics"]
+    shown = ", ".join(f"{k} {'undefined' if v is None else f'{v:+.3f}' if k != 'avg_acc' else f'{v:.3f}'}"
+                      for k, v in metrics.items())
+    lines.append(f"\n{report['strategy']}: {shown}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from actors.launch import RunFailedError, run_experiment
+    from pipelines.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    try:
+        report = run_experiment(config, progress=not args.no_progress)
+    except RunFailedError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        if exc.report.get("acc_matrix") and any(r[0] is not None for r in exc.report["acc_matrix"]):
+            print(format_matrix(exc.report), file=sys.stderr)
+        return 1
+    print()
+    print(format_matrix(report))
+    out = Path(report["output_dir"])
+    print(f"\nreport:  {out / 'report.json'}\nheatmap: {out / 'acc_heatmap.png'}")
+    uri = report["mlflow"]["tracking_uri"]
+    print(f"MLflow:  run {report['mlflow']['run_id']} in {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"         open the UI with: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config, resolve_paths
+    from pipelines.tasks import load_stream
+
+    config = resolve_paths(load_config(args.config, args.overrides))
+    stream = load_stream(config)
+    print(json.dumps({"tasks": {t.name: {"train": t.train.num_rows, "eval": t.eval.num_rows} for t in stream},
+                      "output_dir": config.output_dir, "tracking_uri": config.mlflow.tracking_uri}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forgetless", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (("run", _run, "train a task stream and measure forgetting"),
+                                  ("validate", _validate, "check a config and load its data, no training")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="experiment YAML, e.g. configs/tiny/naive.yaml")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=1e-4")
+        if name == "run":
+            p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ForgetlessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The scheduler: owns the stream order, the accuracy matrix and the run's only MLflow writer.
+
+``Scheduler`` is a plain class (unit-tested with no cluster); ``SchedulerActor`` is the same class
+as a Ray actor. Trainer workers pull task plans from it and push results back; the driver polls
+``progress`` for its progress bars.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+
+from actors.tracking import MlflowSink
+from pipelines.config import RunConfig, flatten
+from pipelines.learner import EvalSet, TaskPlan
+from pipelines.metrics import ForgettingMatrix
+from pipelines.plots import plot_heatmap
+from pipelines.strategies import build_strategy
+from pipelines.tasks import TaskStream
+
+
+class Scheduler:
+    """Feeds the task stream in order and records what the trainers report.
+
+    Per task t: ``next_task`` hands out the plan, ``log_step`` receives train losses,
+    ``record_eval`` fills row t of the matrix and logs the metrics after task t.
+    """
+
+    def __init__(self, config: RunConfig, stream: TaskStream, *, sink: MlflowSink | None = None):
+        self.config = config
+        self.stream = stream
+        self.strategy = build_strategy(config.strategy)
+        self.matrix = ForgettingMatrix(stream.names)
+        self.output_dir = Path(config.output_dir)
+        self.sink = sink or MlflowSink.start(
+            config.mlflow.tracking_uri, config.mlflow.experiment_name,
+            run_name=config.mlflow.run_name or config.experiment,
+            tags={"forgetless.strategy": config.strategy.name, "forgetless.tasks": ",".join(stream.names)},
+        )
+        self.sink.log_params(flatten(config))
+        self.sink.log_params({"stream.num_tasks": len(stream)})
+        self._cursors: dict[int, int] = {}
+        self._plans: dict[int, TaskPlan] = {}
+        self._history: list[dict[str, Any]] = []  # metrics after each task
+        self._train_stats: dict[str, dict[str, float]] = {}
+        self._checkpoints: dict[str, str] = {}
+        self._failure: str | None = None
+        self._finished: dict[str, Any] | None = None
+        self._started = time.time()
+        self._progress: dict[str, Any] = {"phase": "starting", "task_index": -1, "task": None, "step": 0,
+                                          "num_steps": 0, "loss": None, "global_step": 0}
+
+    # ------------------------------------------------------------------ trainers call these
+    @property
+    def run_id(self) -> str:
+        return self.sink.run_id
+
+    def eval_sets(self) -> list[EvalSet]:
+        return [EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in self.stream]
+
+    def set_phase(self, phase: str) -> None:
+        self._progress["phase"] = phase
+
+    def next_task(self, rank: int = 0) -> TaskPlan | None:
+        """The next plan for ``rank``, or None at the end of the stream. Every rank gets the same plans."""
+        index = self._cursors.get(rank, 0)
+        if index >= len(self.stream) or self._failure is not None:
+            return None
+        self._cursors[rank] = index + 1
+        if index not in self._plans:
+            task = self.stream[index]
+            self._plans = {index: TaskPlan(index=index, name=task.name,
+                                           examples=self.strategy.training_examples(self.stream, index),
+                                           epochs=task.epochs, max_steps=task.max_steps)}
+            self._progress.update(phase="train", task_index=index, task=task.name, step=0, num_steps=0, loss=None)
+        return self._plans[index]
+
+    def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int) -> None:
+        self._progress.update(step=step + 1, num_steps=num_steps, loss=loss, global_step=global_step)
+        if step + 1 == num_steps:
+            self._progress["phase"] = "eval"
+        self.sink.log_metrics({"train_loss": loss, f"train_loss/{self.stream[task_index].name}": loss},
+                              step=global_step)
+
+    def record_baseline(self, accuracies: dict[str, float]) -> None:
+        self.matrix.record_baseline(accuracies)
+        self.sink.log_metrics({f"baseline/{k}": v for k, v in accuracies.items()}, step=0)
+
+    def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, float] | None = None,
+                    checkpoint: str | None = None) -> dict[str, float | None]:
+        """Fill row ``task_index``; log acc/<task> and the metrics after it (step = task index)."""
+        self.matrix.record(task_index, accuracies)
+        metrics = self.matrix.summary(task_index)
+        self._history.append({"task_index": task_index, "task": self.stream[task_index].name, **metrics})
+        name = self.stream[task_index].name
+        if train_stats:
+            self._train_stats[name] = train_stats
+        if checkpoint:
+            self._checkpoints[name] = checkpoint
+        self.sink.log_metrics({**{f"acc/{k}": v for k, v in accuracies.items()}, **metrics}, step=task_index)
+        self._write_matrix()
+        return metrics
+
+    def fail(self, reason: str) -> None:
+        """A trainer hit an error: remember why (the first reason wins) and hand out no more tasks."""
+        if self._failure is None:
+            self._failure = reason
+            self._progress["phase"] = "failed"
+
+    # ------------------------------------------------------------------ the driver calls these
+    def progress(self) -> dict[str, Any]:
+        return {**self._progress, "rows": self.matrix.num_rows, "num_tasks": len(self.stream)}
+
+    def failure(self) -> str | None:
+        return self._failure
+
+    def _write_matrix(self) -> tuple[Path, Path]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        matrix_path = self.output_dir / "acc_matrix.json"
+        matrix_path.write_text(json.dumps(self.matrix.to_dict(), indent=2))
+        heatmap_path = plot_heatmap(self.matrix, self.output_dir / "acc_heatmap.png",
+                                    title=f"{self.config.experiment} ({self.config.strategy.name})")
+        return matrix_path, heatmap_path
+
+    def report(self) -> dict[str, Any]:
+        rows = self.matrix.num_rows
+        metrics = self.matrix.summary(rows - 1) if rows else {"avg_acc": None, "forgetting": None, "bwt": None,
+                                                              "fwt": None}
+        return {
+            **self.matrix.to_dict(),
+            "metrics": metrics,
+            "metrics_per_task": self._history,
+            "strategy": self.config.strategy.name,
+            "experiment": self.config.experiment,
+            "seed": self.config.seed,
+            "complete": rows == len(self.stream),
+            "train": self._train_stats,
+            "checkpoints": self._checkpoints,
+            "mlflow": {"tracking_uri": self.sink.tracking_uri, "run_id": self.sink.run_id},
+            "output_dir": str(self.output_dir),
+            "seconds": round(time.time() - self._started, 1),
+        }
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> dict[str, Any]:
+        """Write artifacts, end the MLflow run with ``status``; idempotent. Returns the report."""
+        if self._finished is not None:
+            return self._finished
+        if reason:
+            self.fail(reason)
+        report = self.report()
+        report["status"] = status
+        if self._failure:
+            report["error"] = self._failure
+        try:
+            matrix_path, heatmap_path = self._write_matrix()
+            config_path = self.output_dir / "config.yaml"
+            config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+            report_path = self.output_dir / "report.json"
+            report_path.write_text(json.dumps(report, indent=2))
+            for path in (matrix_path, heatmap_path, config_path, report_path):
+                self.sink.log_artifact(path)
+            if self._failure:
+                self.sink.set_tags({"forgetless.error": self._failure[:5000]})
+        finally:
+            self.sink.end(status)  # never leave the run RUNNING
+        self._progress["phase"] = "done" if status == "FINISHED" else "failed"
+        self._finished = report
+        return report
+
+
+def format_exception(exc: BaseException) -> str:
+    """One line for the user, with the innermost frame for whoever debugs it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+# Thin actor: same class, scheduled with no CPU so it never competes with the trainers.
+SchedulerActor = ray.remote(num_cpus=0, max_restarts=0)(Scheduler)

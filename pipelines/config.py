@@ -1,0 +1,299 @@
+"""Run configuration: YAML + ``key=value`` overrides, validated once into frozen pydantic models.
+
+Everything downstream takes these typed objects; defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import ConfigError
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class Schema(BaseModel):
+    model_config = _STRICT
+
+
+# ----------------------------------------------------------------------------------- model
+class TokenizerConfig(Schema):
+    """Where the tokenizer comes from.
+
+    With ``name_or_path`` unset and the model built from a preset, a tokenizer is trained on the
+    run's own text (all tasks' train splits) with the ``tokenizers`` library.
+    """
+
+    name_or_path: str | None = None
+    algorithm: Literal["unigram", "bpe"] | None = None  # None: unigram for t5, byte-level bpe for bart
+    vocab_size: int = Field(default=2000, ge=64, le=256_000)
+
+
+class ModelConfig(Schema):
+    arch: Literal["t5", "bart"] = "t5"
+    preset: Literal["tiny", "small", "base"] | None = "tiny"
+    name_or_path: str | None = None
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.name_or_path is not None and self.preset is not None:
+            raise ValueError(
+                "set either model.preset (build from config) or model.name_or_path "
+                "(load weights), not both; use model.preset=null with name_or_path"
+            )
+        if self.name_or_path is None and self.preset is None:
+            raise ValueError("set model.preset (tiny, small, base) or model.name_or_path")
+        return self
+
+
+# ----------------------------------------------------------------------------------- data
+class BuiltinSource(Schema):
+    kind: Literal["builtin"]
+    name: str
+
+
+class FileSource(Schema):
+    """A local JSONL, CSV or Parquet file (chosen by suffix)."""
+
+    kind: Literal["file"]
+    path: str
+    source_column: str = "source"
+    target_column: str = "target"
+
+
+class HFSource(Schema):
+    """A Hugging Face dataset: a ``save_to_disk`` directory, or a hub name when a hub is reachable."""
+
+    kind: Literal["hf"]
+    path: str
+    name: str | None = None
+    split: str = "train"
+    source_column: str = "source"
+    target_column: str = "target"
+
+
+TaskSource = Annotated[Union[BuiltinSource, FileSource, HFSource], Field(discriminator="kind")]
+
+
+class TaskConfig(Schema):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    source: TaskSource
+    prefix: str | None = None  # None: "<name>: "
+    metric: Literal["exact_match", "rouge_l"] = "exact_match"
+    max_train_examples: int | None = Field(default=None, gt=0)
+    max_eval_examples: int | None = Field(default=None, gt=0)
+    eval_fraction: float = Field(default=0.2, gt=0, lt=1)
+    epochs: float | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+
+
+class StreamConfig(Schema):
+    tasks: list[TaskConfig] = Field(min_length=1)
+    cache_dir: str = "~/.cache/forgetless"
+    max_source_tokens: int = Field(default=128, gt=0)
+    max_target_tokens: int = Field(default=32, gt=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> StreamConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique; repeated: {dupes}")
+        return self
+
+
+# ----------------------------------------------------------------------------------- training
+class TrainingConfig(Schema):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool | None = None  # None: use CUDA when the workers see it
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    micro_batch_size: int = Field(default=16, gt=0)
+    grad_accum_steps: int = Field(default=1, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)  # per task; wins over epochs
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    log_every_n_steps: int = Field(default=10, gt=0)
+    deepspeed_config: str | None = None  # a JSON file; keys the run owns must be "auto" or agree
+
+
+class EvaluationConfig(Schema):
+    batch_size: int = Field(default=64, gt=0)
+    max_new_tokens: int = Field(default=16, gt=0)
+
+
+class CheckpointConfig(Schema):
+    # "all": a plain transformers model after every task (teachers for distillation need these);
+    # "last": only the final one.
+    models: Literal["all", "last"] = "all"
+
+
+class MlflowConfig(Schema):
+    tracking_uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db
+    experiment_name: str = "forgetless"
+    run_name: str | None = None
+
+
+class RayConfig(Schema):
+    address: str | None = None  # None: start a local Ray; "auto" or ray://... for a cluster
+    num_cpus: int | None = Field(default=None, gt=0)
+
+
+# ----------------------------------------------------------------------------------- strategies
+class NaiveStrategyConfig(Schema):
+    """Sequential fine-tuning: train on each task in turn, nothing against forgetting."""
+
+    name: Literal["naive"] = "naive"
+
+
+STRATEGY_CONFIGS: dict[str, type[Schema]] = {"naive": NaiveStrategyConfig}
+StrategyConfig = NaiveStrategyConfig
+
+
+class RunConfig(Schema):
+    experiment: str = "forgetless"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    stream: StreamConfig
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    strategy: StrategyConfig = NaiveStrategyConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_strategy(cls, data: Any) -> Any:
+        strategy = data.get("strategy") if isinstance(data, dict) else None
+        if isinstance(strategy, dict) and strategy.get("name", "naive") not in STRATEGY_CONFIGS:
+            raise ValueError(
+                f"unknown strategy {strategy.get('name')!r}; choose one of {sorted(STRATEGY_CONFIGS)}"
+            )
+        return data
+
+
+# ----------------------------------------------------------------------------------- loading
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        # discriminated unions put the tag in the path (source.builtin.name): drop it.
+        path = path.replace(".builtin", "").replace(".file", "").replace(".hf", "")
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {msg}" if path else msg)
+    return problems
+
+
+def validate_config(data: dict[str, Any], *, origin: str = "<config>") -> RunConfig:
+    """Validate a plain dict; every problem is reported at once, with dotted paths."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = _format_problems(exc)
+        raise ConfigError(
+            f"config error in {origin} ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n  "
+            + "\n  ".join(problems),
+            problems=problems,
+        ) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML experiment file, apply ``key=value`` overrides, validate.
+
+    Args:
+        path: the experiment YAML.
+        overrides: dotted ``key=value`` strings; values are parsed as YAML (``1e-3``, ``null``,
+            ``[a, b]``). List items are addressed by index: ``stream.tasks.0.max_train_examples=50``.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or the result fails validation (all
+            problems listed, with the file name).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    for item in overrides:
+        key, value = _parse_override(item)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r} cannot be applied to {path}: {exc}") from None
+    data = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    origin = str(path) + (f" with overrides {list(overrides)}" if overrides else "")
+    return validate_config(data, origin=origin)
+
+
+def flatten(config: Schema | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten to dotted keys (``training.lr``), lists by index — for MLflow params."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    out: dict[str, Any] = {}
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    for key, value in items:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, (dict, list)) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def resolve_paths(config: RunConfig, *, cwd: str | os.PathLike | None = None) -> RunConfig:
+    """Make every path absolute (workers run in other directories) and fill the MLflow default.
+
+    The default tracking store is ``sqlite:///<cwd>/mlflow.db``: one store for every run started
+    from the same directory, which ``mlflow ui`` opens directly.
+    """
+    base = Path(cwd or os.getcwd())
+
+    def absolute(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    data = config.model_dump()
+    data["output_dir"] = absolute(data["output_dir"])
+    data["stream"]["cache_dir"] = absolute(data["stream"]["cache_dir"])
+    for task in data["stream"]["tasks"]:
+        source = task["source"]
+        if source["kind"] == "file" or (source["kind"] == "hf" and (base / source["path"]).exists()):
+            source["path"] = absolute(source["path"])
+    for section, key in (("model", "name_or_path"), ("training", "deepspeed_config")):
+        value = data[section][key]
+        if value and (base / Path(value).expanduser()).exists():
+            data[section][key] = absolute(value)
+    tokenizer = data["model"]["tokenizer"]
+    if tokenizer["name_or_path"] and (base / Path(tokenizer["name_or_path"]).expanduser()).exists():
+        tokenizer["name_or_path"] = absolute(tokenizer["name_or_path"])
+    if data["mlflow"]["tracking_uri"] is None:
+        data["mlflow"]["tracking_uri"] = f"sqlite:///{base.resolve() / 'mlflow.db'}"
+    return RunConfig.model_validate(data)

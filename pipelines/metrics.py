@@ -1,0 +1,155 @@
+"""Continual-learning metrics over an accuracy matrix, as pure functions.
+
+``acc[t, j]`` is the accuracy on task j after training task t (row t = "trained up to t");
+``baseline[j]`` is the accuracy on task j before any training. Every function takes ``upto``,
+the last trained task whose row counts, so the same code gives the final values
+(``upto = T - 1``) and the per-step series logged after each task.
+
+A value that is undefined (an empty mean, e.g. forgetting after the first task or on a one-task
+stream) is ``None``, never 0: "no forgetting measured" and "nothing forgotten" differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def _check(acc: np.ndarray, upto: int) -> np.ndarray:
+    acc = np.asarray(acc, dtype=float)
+    if acc.ndim != 2 or acc.shape[0] != acc.shape[1]:
+        raise ValueError(f"acc must be a square T x T matrix, got shape {acc.shape}")
+    if not 0 <= upto < acc.shape[0]:
+        raise ValueError(f"upto ({upto}) must be in [0, {acc.shape[0] - 1}]")
+    return acc
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def average_accuracy(acc: np.ndarray, upto: int) -> float:
+    """Mean over tasks j <= upto of acc[upto, j]: the accuracy on every task seen so far.
+
+    With upto = T - 1 this is the usual final average accuracy, mean_j acc[T-1, j].
+    """
+    acc = _check(acc, upto)
+    return float(np.mean(acc[upto, : upto + 1]))
+
+
+def forgetting(acc: np.ndarray, upto: int) -> float | None:
+    """Mean over i < upto of (max over k < upto of acc[k, i]) - acc[upto, i] (Chaudhry et al. 2018).
+
+    Max-based, as Renate (Avalanche uses first-based: acc[i, i] - acc[upto, i]). ``None`` when
+    upto == 0: no earlier task can have been forgotten.
+    """
+    acc = _check(acc, upto)
+    return _mean([float(np.max(acc[:upto, i]) - acc[upto, i]) for i in range(upto)])
+
+
+def backward_transfer(acc: np.ndarray, upto: int) -> float | None:
+    """Mean over i < upto of acc[upto, i] - acc[i, i] (Lopez-Paz & Ranzato 2017). ``None`` if upto == 0.
+
+    Negative values are forgetting measured against the accuracy just after learning each task.
+    """
+    acc = _check(acc, upto)
+    return _mean([float(acc[upto, i] - acc[i, i]) for i in range(upto)])
+
+
+def forward_transfer(acc: np.ndarray, baseline: np.ndarray, upto: int) -> float | None:
+    """Mean over 1 <= i <= upto of acc[i-1, i] - baseline[i] (Lopez-Paz & Ranzato 2017).
+
+    How much training on earlier tasks helps a task before it is trained on. ``None`` if upto == 0.
+    """
+    acc = _check(acc, upto)
+    baseline = np.asarray(baseline, dtype=float)
+    if baseline.shape != (acc.shape[0],):
+        raise ValueError(f"baseline must have {acc.shape[0]} entries, got shape {baseline.shape}")
+    return _mean([float(acc[i - 1, i] - baseline[i]) for i in range(1, upto + 1)])
+
+
+def summary(acc: np.ndarray, baseline: np.ndarray, upto: int) -> dict[str, float | None]:
+    """All four metrics after task ``upto``: keys avg_acc, forgetting, bwt, fwt."""
+    return {
+        "avg_acc": average_accuracy(acc, upto),
+        "forgetting": forgetting(acc, upto),
+        "bwt": backward_transfer(acc, upto),
+        "fwt": forward_transfer(acc, baseline, upto),
+    }
+
+
+@dataclass
+class ForgettingMatrix:
+    """The accuracy matrix of one run, filled a row at a time.
+
+    Rows not yet recorded hold NaN. ``acc[t, j]``: accuracy on task j after training task t.
+    """
+
+    tasks: list[str]
+    acc: np.ndarray = field(default=None)  # type: ignore[assignment]
+    baseline: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        n = len(self.tasks)
+        if n == 0:
+            raise ValueError("a ForgettingMatrix needs at least one task")
+        self.acc = np.full((n, n), np.nan) if self.acc is None else np.asarray(self.acc, float)
+        self.baseline = np.full(n, np.nan) if self.baseline is None else np.asarray(self.baseline, float)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def _row(self, values: dict[str, float] | list[float]) -> np.ndarray:
+        if isinstance(values, dict):
+            missing = [t for t in self.tasks if t not in values]
+            if missing:
+                raise ValueError(f"accuracies missing for tasks {missing}")
+            values = [values[t] for t in self.tasks]
+        row = np.asarray(values, dtype=float)
+        if row.shape != (self.num_tasks,):
+            raise ValueError(f"a row needs {self.num_tasks} accuracies, got {row.shape}")
+        return row
+
+    def record_baseline(self, values: dict[str, float] | list[float]) -> None:
+        self.baseline = self._row(values)
+
+    def record(self, trained_upto: int, values: dict[str, float] | list[float]) -> None:
+        if not 0 <= trained_upto < self.num_tasks:
+            raise ValueError(f"trained_upto ({trained_upto}) must be in [0, {self.num_tasks - 1}]")
+        self.acc[trained_upto] = self._row(values)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows recorded so far (rows are recorded in order)."""
+        filled = ~np.isnan(self.acc).all(axis=1)
+        return int(np.argmin(filled)) if not filled.all() else self.num_tasks
+
+    def summary(self, upto: int | None = None) -> dict[str, float | None]:
+        """Metrics after task ``upto`` (default: the last recorded row)."""
+        upto = self.num_rows - 1 if upto is None else upto
+        if upto < 0:
+            raise ValueError("no row recorded yet")
+        return summary(self.acc, self.baseline, upto)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks),
+            "acc_matrix": _nan_to_none(self.acc.tolist()),
+            "baseline": _nan_to_none(self.baseline.tolist()),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ForgettingMatrix:
+        acc = np.array([[np.nan if v is None else v for v in row] for row in data["acc_matrix"]])
+        baseline = np.array([np.nan if v is None else v for v in data["baseline"]])
+        return cls(tasks=list(data["tasks"]), acc=acc, baseline=baseline)
+
+
+def _nan_to_none(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_nan_to_none(v) for v in values]
+    return None if isinstance(values, float) and math.isnan(values) else values
