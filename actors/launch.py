@@ -48,8 +48,9 @@ def connect_ray(config: RunConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 token auth; local clusters only
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "logging_level": logging.WARNING,
                               "configure_logging": True}
-    if config.ray.address:
-        ray.init(address=config.ray.address, **kwargs)
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1", **kwargs)

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipelines.config import TrainingConfig
 from pipelines.errors import ConfigError
 
@@ -26,12 +28,24 @@ def resolve_precision(training: TrainingConfig, *, on_cuda: bool) -> str:
     return precision
 
 
+def load_deepspeed_file(path: Path) -> dict[str, Any]:
+    """A DeepSpeed config as JSON (``.json``) or YAML (anything else)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"training.deepspeed_config: file not found: {path}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"training.deepspeed_config: {path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"training.deepspeed_config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"training.deepspeed_config: {path} must hold a mapping")
+    return data
+
+
 def _owned(training: TrainingConfig, *, world_size: int, precision: str, on_cuda: bool) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": training.zero_stage}
-    if not on_cuda and training.zero_stage in (1, 2):
-        # GPU-tuned defaults cost ~35% of step time on CPU (measured): no comm overlap, big buckets.
-        zero.update(overlap_comm=False, contiguous_gradients=False,
-                    reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     return {
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": training.grad_accum_steps,
@@ -39,8 +53,19 @@ def _owned(training: TrainingConfig, *, world_size: int, precision: str, on_cuda
         "gradient_clipping": training.grad_clip or 0.0,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
-        "zero_optimization": zero,
+        "zero_optimization": {"stage": training.zero_stage},
     }
+
+
+def _cpu_defaults(ds: dict[str, Any], *, zero_stage: int, on_cuda: bool) -> dict[str, Any]:
+    """On CPU, ZeRO-1/2's GPU-tuned defaults cost ~35% of step time (measured): no comm overlap,
+    big buckets. Defaults only: a user file that sets these keys wins."""
+    if not on_cuda and zero_stage in (1, 2):
+        zero = ds["zero_optimization"]
+        for key, value in (("overlap_comm", False), ("contiguous_gradients", False),
+                           ("reduce_bucket_size", int(5e7)), ("allgather_bucket_size", int(5e7))):
+            zero.setdefault(key, value)
+    return ds
 
 
 def _merge(user: dict[str, Any], owned: dict[str, Any], path: str, mismatches: list[str]) -> dict[str, Any]:
@@ -67,14 +92,10 @@ def build_deepspeed_config(
     """
     owned = _owned(training, world_size=world_size, precision=precision, on_cuda=on_cuda)
     if not training.deepspeed_config:
-        return {**owned, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+        return _cpu_defaults({**owned, "steps_per_print": 10**9, "wall_clock_breakdown": False},
+                             zero_stage=training.zero_stage, on_cuda=on_cuda)
     path = Path(training.deepspeed_config)
-    try:
-        user = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"training.deepspeed_config: file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"training.deepspeed_config: {path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    user = load_deepspeed_file(path)
     problems = [f"{key}: set by the run config (training.*), remove it from {path}" for key in _RUN_OWNS if key in user]
     merged = _merge(user, owned, "", problems)
     if problems:
@@ -84,4 +105,4 @@ def build_deepspeed_config(
             problems=problems,
         )
     merged.setdefault("steps_per_print", 10**9)
-    return merged
+    return _cpu_defaults(merged, zero_stage=training.zero_stage, on_cuda=on_cuda)

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny local task files, a fresh MLflow store per test, quiet libraries."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """Every test gets its own SQLite MLflow store; nothing leaks into ./mlflow.db."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_toy_task(path: Path, kind: str, n: int = 64, seed: int = 0) -> Path:
+    """Small learnable tasks with disjoint labels: the first word's category, or the first word."""
+    rng = random.Random(seed)
+    category = {"red": "color", "blue": "color", "green": "color", "cat": "animal", "dog": "animal",
+                "fish": "animal", "sun": "sky", "moon": "sky", "star": "sky"}
+    words = sorted(category)
+    rows = []
+    for _ in range(n):
+        sentence = [rng.choice(words) for _ in range(rng.randint(2, 5))]
+        target = category[sentence[0]] if kind == "category" else sentence[0]
+        rows.append({"source": " ".join(sentence), "target": target})
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture
+def toy_stream_config(tmp_path, mlflow_store) -> dict:
+    """A complete run config (as a dict) over two local toy tasks on a tiny T5."""
+    first = make_toy_task(tmp_path / "data" / "category.jsonl", "category", seed=1)
+    second = make_toy_task(tmp_path / "data" / "first.jsonl", "first_word", seed=2)
+    return {
+        "experiment": "toy",
+        "seed": 0,
+        "output_dir": str(tmp_path / "out"),
+        "model": {"arch": "t5", "preset": "tiny", "tokenizer": {"vocab_size": 120}},
+        "stream": {
+            "cache_dir": str(tmp_path / "cache"),
+            "max_source_tokens": 16,
+            "max_target_tokens": 8,
+            "tasks": [
+                {"name": "category", "source": {"kind": "file", "path": str(first)}},
+                {"name": "first_word", "source": {"kind": "file", "path": str(second)}},
+            ],
+        },
+        "training": {"micro_batch_size": 8, "max_steps": 6, "lr": 3e-3, "zero_stage": 0, "log_every_n_steps": 2},
+        "evaluation": {"batch_size": 16, "max_new_tokens": 8},
+        "mlflow": {"tracking_uri": mlflow_store},
+    }
+
+
+@pytest.fixture
+def toy_task():
+    """The toy-task writer, for tests that need their own files."""
+    return make_toy_task

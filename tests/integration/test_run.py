@@ -1,0 +1,93 @@
+"""End to end through `forgetless run`: local Ray, Ray Train workers, DeepSpeed, MLflow."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_config_end_to_end(cli, tmp_path, mlflow_store):
+    out = tmp_path / "out"
+    result = cli("run", "configs/tiny/naive.yaml", f"output_dir={out}", f"mlflow.tracking_uri={mlflow_store}",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after sentiment_movies" in result.stdout and "forgetting" in result.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    tasks = ["question_type", "sms_spam", "sentiment_movies"]
+    assert report["tasks"] == tasks
+    acc = np.array(report["acc_matrix"], dtype=float)
+    assert acc.shape == (3, 3) and not np.isnan(acc).any()
+    assert len(report["baseline"]) == 3
+    assert set(report["metrics"]) == {"avg_acc", "forgetting", "bwt", "fwt"}
+    assert report["strategy"] == "naive"
+    # sequential fine-tuning on disjoint labels: the first task is learned, then forgotten
+    assert acc[0, 0] > 0.1 and acc[2, 0] < acc[0, 0]
+    assert report["metrics"]["forgetting"] > 0
+
+    client = MlflowClient(report["mlflow"]["tracking_uri"])
+    run = client.get_run(report["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["strategy.name"] == "naive"
+    for name in tasks:
+        history = client.get_metric_history(run.info.run_id, f"acc/{name}")
+        assert [m.step for m in history] == [0, 1, 2]
+        assert [m.value for m in history] == pytest.approx(acc[:, tasks.index(name)].tolist())
+    assert run.data.metrics["avg_acc"] == pytest.approx(report["metrics"]["avg_acc"])
+    assert run.data.metrics["forgetting"] == pytest.approx(report["metrics"]["forgetting"])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 3 * 40 // 5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"} <= artifacts
+
+    checkpoint = Path(report["checkpoints"]["sentiment_movies"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    batch = tokenizer(["sentiment: a warm, funny and moving film"], return_tensors="pt")
+    answer = tokenizer.batch_decode(model.generate(**batch, max_new_tokens=4), skip_special_tokens=True)[0]
+    assert answer.strip() in {"positive", "negative", "neutral"}
+
+
+def test_two_workers_zero3(cli, toy_config_file, tmp_path):
+    path = toy_config_file(num_workers=2, zero_stage=3, max_steps=8)
+    result = cli("run", str(path), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert np.array(report["acc_matrix"], dtype=float).shape == (2, 2)
+    assert report["status"] == "FINISHED"
+    model = AutoModelForSeq2SeqLM.from_pretrained(report["checkpoints"]["first_word"])
+    assert model.config.model_type == "t5"
+
+
+def test_nan_loss_stops_the_run_naming_task_and_step(cli, toy_config_file, mlflow_store):
+    path = toy_config_file(lr=1e30, grad_clip=None, max_steps=20)
+    result = cli("run", str(path), "--no-progress")
+    assert result.returncode == 1
+    assert "non-finite loss" in result.stderr and "in task 'category' at step" in result.stderr
+    runs = MlflowClient(mlflow_store).search_runs(experiment_ids=[
+        MlflowClient(mlflow_store).get_experiment_by_name("forgetless").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "non-finite loss" in runs[0].data.tags["forgetless.error"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stream.tasks.1.source.path=/nonexistent/data.jsonl", "task 'first_word': example file not found"),
+        ("strategy.name=replya", "unknown strategy 'replya'"),
+        ("model.arch=gpt2", "model.arch: Input should be 't5' or 'bart'"),
+        ("training.precision=fp16", "fp16 is refused for T5"),
+        ("model.preset=null", "set model.preset"),
+    ],
+    ids=["missing-file", "unknown-strategy", "unknown-arch", "fp16-t5", "no-model"],
+)
+def test_bad_input_fails_before_training(cli, toy_config_file, mlflow_store, override, message):
+    result = cli("run", str(toy_config_file()), override, "--no-progress", timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert MlflowClient(mlflow_store).get_experiment_by_name("forgetless") is None  # nothing started

@@ -1,0 +1,111 @@
+"""The scheduler as a plain object, with a real SQLite MLflow store and no cluster."""
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from actors.scheduler import Scheduler
+from actors.tracking import MlflowSink
+from pipelines.config import resolve_paths, validate_config
+from pipelines.tasks import load_stream
+
+
+@pytest.fixture
+def scheduler(toy_stream_config):
+    config = resolve_paths(validate_config(toy_stream_config))
+    return Scheduler(config, load_stream(config))
+
+
+def _row(value_a, value_b):
+    return {"category": value_a, "first_word": value_b}
+
+
+def test_hands_out_tasks_in_order_to_every_rank_then_none(scheduler):
+    for rank in (0, 1):
+        plans = [scheduler.next_task(rank) for _ in range(3)]
+        assert [p.index for p in plans[:2]] == [0, 1]
+        assert [p.name for p in plans[:2]] == ["category", "first_word"]
+        assert plans[2] is None
+    assert scheduler.next_task(0) is None  # and stays at the end
+
+
+def test_plan_holds_prefixed_examples_of_that_task(scheduler):
+    plan = scheduler.next_task(0)
+    assert plan.examples.column_names == ["source", "target"]
+    assert all(s.startswith("category: ") for s in plan.examples.column("source").to_pylist())
+
+
+def test_records_rows_logs_metrics_and_finishes(scheduler, mlflow_store):
+    scheduler.record_baseline(_row(0.1, 0.0))
+    scheduler.next_task(0)
+    scheduler.log_step(0, 0, 2, 1.5, 1)
+    scheduler.log_step(0, 1, 2, 1.0, 2)
+    metrics = scheduler.record_eval(0, _row(0.9, 0.0))
+    assert metrics == {"avg_acc": pytest.approx(0.9), "forgetting": None, "bwt": None, "fwt": None}
+    scheduler.next_task(0)
+    scheduler.record_eval(1, _row(0.3, 0.8), checkpoint="/x")
+    report = scheduler.finish()
+
+    assert report["status"] == "FINISHED" and report["complete"]
+    assert report["metrics"]["forgetting"] == pytest.approx(0.6)
+    assert report["metrics"]["fwt"] == pytest.approx(0.0)
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(report["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.lr"] == "0.003"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "acc/category")] == [0.9, 0.3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc/category")] == [0, 1]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1.5, 1.0]
+    assert client.get_metric_history(run.info.run_id, "forgetting")[-1].value == pytest.approx(0.6)
+    # undefined after the first task: not logged as 0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "forgetting")] == [1]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"} <= artifacts
+    saved = json.loads((scheduler.output_dir / "report.json").read_text())
+    assert saved["acc_matrix"] == [[0.9, 0.0], [0.3, 0.8]]
+
+
+def test_failure_stops_the_stream_and_ends_the_run_failed(scheduler, mlflow_store):
+    scheduler.next_task(0)
+    scheduler.fail("NonFiniteLossError: non-finite loss (nan) in task 'category' at step 3")
+    scheduler.fail("a later, secondary error")
+    assert scheduler.next_task(0) is None
+    report = scheduler.finish("FAILED")
+    assert report["error"].startswith("NonFiniteLossError")
+    assert report["complete"] is False
+    run = MlflowClient(mlflow_store).get_run(report["mlflow"]["run_id"])
+    assert run.info.status == "FAILED"
+    assert "step 3" in run.data.tags["forgetless.error"]
+    assert scheduler.finish("FINISHED") is report  # idempotent: the first end wins
+
+
+def test_a_run_left_active_elsewhere_in_the_process_does_not_interfere(toy_stream_config, mlflow_store):
+    mlflow.set_tracking_uri(mlflow_store)
+    with mlflow.start_run() as outer:
+        config = resolve_paths(validate_config(toy_stream_config))
+        scheduler = Scheduler(config, load_stream(config))
+        report = scheduler.finish()
+        assert report["mlflow"]["run_id"] != outer.info.run_id
+        assert mlflow.active_run().info.run_id == outer.info.run_id
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(report["mlflow"]["run_id"]).info.status == "FINISHED"
+
+
+def test_sink_resumes_a_run_by_id(mlflow_store):
+    sink = MlflowSink.start(mlflow_store, "resume-test", run_name="r")
+    sink.log_metrics({"avg_acc": 0.5}, step=0)
+    sink.end("FAILED")
+    resumed = MlflowSink.resume(mlflow_store, sink.run_id)
+    resumed.log_metrics({"avg_acc": 0.7, "forgetting": None, "bwt": float("nan")}, step=1)
+    resumed.end("FINISHED")
+    client = MlflowClient(mlflow_store)
+    assert [m.value for m in client.get_metric_history(sink.run_id, "avg_acc")] == [0.5, 0.7]
+    assert client.get_metric_history(sink.run_id, "forgetting") == []
+    assert client.get_run(sink.run_id).info.status == "FINISHED"
+
+
+def test_sink_resume_of_an_unknown_run_names_the_id(mlflow_store):
+    with pytest.raises(Exception, match="deadbeef"):
+        MlflowSink.resume(mlflow_store, "deadbeef")

@@ -1,0 +1,167 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import flatten, load_config, resolve_paths, validate_config
+from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
+from pipelines.errors import ConfigError
+from pipelines.models import check_precision
+
+REPO = Path(__file__).resolve().parents[3]
+EXPERIMENT_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "deepspeed")
+DEEPSPEED_FILES = sorted((REPO / "configs" / "deepspeed").glob("*.yaml"))
+
+
+def test_there_are_experiment_files():
+    assert {"demo.yaml", "naive.yaml"} <= {p.name for p in EXPERIMENT_FILES}
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=[str(p.relative_to(REPO)) for p in EXPERIMENT_FILES])
+def test_every_config_file_validates(path):
+    config = load_config(path)
+    assert config.stream.tasks
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=[p.name for p in DEEPSPEED_FILES])
+def test_every_deepspeed_file_merges_with_the_run_config(path, toy_stream_config):
+    stage = int(path.stem.split("_")[0].removeprefix("zero"))
+    training = _training(toy_stream_config, deepspeed_config=str(path), zero_stage=stage)
+    ds = build_deepspeed_config(training, world_size=2, precision="bf16", on_cuda=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["bf16"]["enabled"] is True
+
+
+def test_every_problem_reported_at_once_with_dotted_paths_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "stream:\n  tasks:\n    - name: a\n      source: {kind: builtin, name: sms_spam}\n"
+        "training:\n  lr: -1\n  zero_stag: 2\nmodel:\n  arch: gpt\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "3 problems" in message
+    assert "training.lr: Input should be greater than 0" in message
+    assert "training.zero_stag: Extra inputs are not permitted" in message
+    assert "model.arch:" in message
+
+
+def test_unknown_strategy_lists_the_choices(toy_stream_config):
+    toy_stream_config["strategy"] = {"name": "replya"}
+    with pytest.raises(ConfigError, match=r"unknown strategy 'replya'; choose one of \['naive'"):
+        validate_config(toy_stream_config)
+
+
+def test_task_source_kind_is_checked(toy_stream_config):
+    toy_stream_config["stream"]["tasks"][0]["source"] = {"kind": "ftp", "path": "x"}
+    with pytest.raises(ConfigError, match=r"stream\.tasks\.0\.source"):
+        validate_config(toy_stream_config)
+
+
+def test_duplicate_task_names_are_rejected(toy_stream_config):
+    tasks = toy_stream_config["stream"]["tasks"]
+    tasks[1]["name"] = tasks[0]["name"]
+    with pytest.raises(ConfigError, match="repeated: \\['category'\\]"):
+        validate_config(toy_stream_config)
+
+
+def test_overrides_parse_yaml_values_and_reach_list_items():
+    config = load_config(
+        REPO / "configs/tiny/naive.yaml",
+        ["training.lr=1e-4", "stream.tasks.1.max_train_examples=7", "mlflow.run_name=x", "training.max_steps=null"],
+    )
+    assert config.training.lr == pytest.approx(1e-4)
+    assert config.stream.tasks[1].max_train_examples == 7
+    assert config.training.max_steps is None
+    assert config.mlflow.run_name == "x"
+
+
+def test_override_of_an_unknown_key_is_an_error():
+    with pytest.raises(ConfigError, match="training.lrr: Extra inputs are not permitted"):
+        load_config(REPO / "configs/tiny/naive.yaml", ["training.lrr=1"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(REPO / "configs/tiny/naive.yaml", ["training.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(REPO / "configs/nope.yaml")
+
+
+def test_config_is_frozen(toy_stream_config):
+    config = validate_config(toy_stream_config)
+    with pytest.raises(Exception):
+        config.training.lr = 1.0  # type: ignore[misc]
+
+
+def test_resolve_paths_makes_paths_absolute_and_fills_the_tracking_uri(tmp_path):
+    config = load_config(REPO / "configs/tiny/naive.yaml", ["mlflow.tracking_uri=null"])
+    resolved = resolve_paths(config, cwd=tmp_path)
+    assert resolved.output_dir == str(tmp_path / "runs/tiny-naive")
+    assert resolved.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_flatten_gives_dotted_params(toy_stream_config):
+    flat = flatten(validate_config(toy_stream_config))
+    assert flat["training.lr"] == pytest.approx(3e-3)
+    assert flat["stream.tasks.0.name"] == "category"
+
+
+def test_precision_rules():
+    cfg = validate_config({"stream": {"tasks": [{"name": "a", "source": {"kind": "builtin", "name": "x"}}]}})
+    assert resolve_precision(cfg.training, on_cuda=False) == "fp32"
+    assert resolve_precision(cfg.training, on_cuda=True) == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve_precision(cfg.training.model_copy(update={"precision": "fp16"}), on_cuda=False)
+    with pytest.raises(ConfigError, match="fp16 is refused for T5.*overflow"):
+        check_precision("t5", "fp16")
+    check_precision("bart", "fp16")
+
+
+def _training(toy_stream_config, **overrides):
+    toy_stream_config["training"].update(overrides)
+    return validate_config(toy_stream_config).training
+
+
+def test_deepspeed_config_from_run_config(toy_stream_config):
+    training = _training(toy_stream_config, zero_stage=2, grad_accum_steps=2)
+    ds = build_deepspeed_config(training, world_size=2, precision="fp32", on_cuda=False)
+    assert ds["train_batch_size"] == 8 * 2 * 2
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["overlap_comm"] is False  # CPU tuning
+    assert ds["bf16"] == {"enabled": False}
+
+
+def test_deepspeed_file_auto_keys_are_filled(tmp_path, toy_stream_config):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": "auto",
+                                "reduce_scatter": True}, "gradient_clipping": "auto"}))
+    training = _training(toy_stream_config, deepspeed_config=str(path))
+    ds = build_deepspeed_config(training, world_size=1, precision="fp32", on_cuda=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["zero_optimization"]["stage"] == 0
+    assert ds["zero_optimization"]["reduce_scatter"] is True
+
+
+def test_deepspeed_file_conflicts_are_listed_together(tmp_path, toy_stream_config):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 32, "zero_optimization": {"stage": 3},
+                                "optimizer": {"type": "Adam"}}))
+    training = _training(toy_stream_config, deepspeed_config=str(path))
+    with pytest.raises(ConfigError) as info:
+        build_deepspeed_config(training, world_size=1, precision="fp32", on_cuda=False)
+    problems = info.value.problems
+    assert len(problems) == 3
+    assert any(p.startswith("train_micro_batch_size_per_gpu: file has 32") for p in problems)
+    assert any(p.startswith("zero_optimization.stage: file has 3") for p in problems)
+    assert any(p.startswith("optimizer:") for p in problems)
+
+
+def test_deepspeed_file_bad_json_names_line(tmp_path, toy_stream_config):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "a": 1,\n  oops\n}')
+    training = _training(toy_stream_config, deepspeed_config=str(path))
+    with pytest.raises(ConfigError, match="line 3"):
+        build_deepspeed_config(training, world_size=1, precision="fp32", on_cuda=False)

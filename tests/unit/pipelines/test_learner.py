@@ -1,0 +1,91 @@
+"""The Learner with a real DeepSpeed engine, one process (gloo), tiny T5/BART."""
+
+import math
+
+import pytest
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from pipelines.config import validate_config
+from pipelines.errors import NonFiniteLossError
+from pipelines.learner import EvalSet, Learner, TaskPlan, lr_at, num_steps, silence_library_noise
+from pipelines.models import build_tokenizer
+from pipelines.strategies import build_strategy
+from pipelines.tasks import load_stream
+
+silence_library_noise()
+
+
+def _learner(config_dict, tmp_path):
+    config = validate_config(config_dict)
+    stream = load_stream(config)
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
+    return Learner(config, tokenizer_dir), stream, build_strategy(config.strategy)
+
+
+def _plan(stream, strategy, index):
+    return TaskPlan(index, stream[index].name, strategy.training_examples(stream, index))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
+def test_training_lowers_the_loss_at_every_zero_stage(stage, toy_stream_config, tmp_path):
+    toy_stream_config["training"].update(zero_stage=stage, max_steps=30)
+    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    losses = []
+    learner.train_task(_plan(stream, strategy, 0), on_step=lambda step, total, loss: losses.append(loss))
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_learns_a_task_then_forgets_it(toy_stream_config, tmp_path):
+    toy_stream_config["training"].update(max_steps=60)
+    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    evals = [EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in stream]
+    learner.train_task(_plan(stream, strategy, 0))
+    after_first = learner.evaluate(evals)
+    learner.train_task(_plan(stream, strategy, 1))
+    after_second = learner.evaluate(evals)
+    assert after_first["category"] >= 0.5  # three labels, given by the first word
+    assert after_second["category"] < after_first["category"]
+    assert after_second["first_word"] > after_first["first_word"]
+
+
+def test_non_finite_loss_names_task_and_step(toy_stream_config, tmp_path):
+    toy_stream_config["training"].update(lr=1e30, grad_clip=None, max_steps=20)
+    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* in task 'category' at step \d+") as info:
+        learner.train_task(_plan(stream, strategy, 0))
+    assert info.value.task == "category" and 0 < info.value.step < 20
+
+
+@pytest.mark.parametrize(("arch", "stage"), [("t5", 3), ("bart", 2)], ids=["t5-zero3", "bart-zero2"])
+def test_saved_checkpoint_reopens_with_plain_transformers(arch, stage, toy_stream_config, tmp_path):
+    toy_stream_config["model"] = {"arch": arch, "preset": "tiny", "tokenizer": {"vocab_size": 300}}
+    toy_stream_config["training"].update(zero_stage=stage, max_steps=3)
+    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    learner.train_task(_plan(stream, strategy, 0))
+    directory = learner.save(tmp_path / "ckpt")
+    model = AutoModelForSeq2SeqLM.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert model.config.model_type == arch
+    assert sum(p.numel() for p in model.parameters()) == learner.num_parameters
+    batch = tokenizer(stream[0].sources("eval")[:2], return_tensors="pt", padding=True)
+    assert model.generate(**batch, max_new_tokens=2).shape[0] == 2
+
+
+def test_num_steps():
+    assert num_steps(100, epochs=1, max_steps=None, global_batch=16) == 7
+    assert num_steps(100, epochs=2.5, max_steps=None, global_batch=16) == 16
+    assert num_steps(100, epochs=1, max_steps=3, global_batch=16) == 3
+    assert num_steps(1, epochs=0.1, max_steps=None, global_batch=16) == 1
+
+
+def test_learning_rate_schedules(toy_stream_config):
+    toy_stream_config["training"].update(lr=1.0, warmup_steps=2)
+    for schedule, at_mid in (("constant", 1.0), ("linear", 0.5), ("cosine", 0.5)):
+        toy_stream_config["training"]["lr_schedule"] = schedule
+        training = validate_config(toy_stream_config).training
+        assert lr_at(0, 12, training) == pytest.approx(0.5)  # warmup
+        assert lr_at(1, 12, training) == pytest.approx(1.0)
+        assert lr_at(7, 12, training) == pytest.approx(at_mid)
+        assert 0 <= lr_at(11, 12, training) <= 1.0 and math.isfinite(lr_at(11, 12, training))

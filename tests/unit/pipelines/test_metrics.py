@@ -1,0 +1,107 @@
+import math
+
+import numpy as np
+import pytest
+
+from pipelines.metrics import (
+    ForgettingMatrix,
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    summary,
+)
+
+# Hand-computed 3x3 example. acc[t, j]: accuracy on task j after training task t.
+ACC = np.array(
+    [
+        [0.9, 0.1, 0.0],
+        [0.6, 0.8, 0.2],
+        [0.3, 0.7, 0.9],
+    ]
+)
+BASELINE = np.array([0.05, 0.0, 0.1])
+
+
+def test_average_accuracy_is_mean_of_seen_tasks():
+    assert average_accuracy(ACC, 2) == pytest.approx((0.3 + 0.7 + 0.9) / 3)
+    assert average_accuracy(ACC, 1) == pytest.approx((0.6 + 0.8) / 2)
+    assert average_accuracy(ACC, 0) == pytest.approx(0.9)
+
+
+def test_forgetting_is_max_based():
+    # task 0: max(0.9, 0.6) - 0.3 = 0.6; task 1: max(0.1, 0.8) - 0.7 = 0.1 -> mean 0.35
+    assert forgetting(ACC, 2) == pytest.approx(0.35)
+    assert forgetting(ACC, 1) == pytest.approx(0.9 - 0.6)
+
+
+def test_forgetting_uses_the_best_earlier_row_not_the_first():
+    acc = np.array([[0.2, 0.0], [0.0, 0.0]])
+    acc3 = np.array([[0.2, 0.0, 0.0], [0.8, 0.5, 0.0], [0.4, 0.5, 0.6]])
+    assert forgetting(acc, 1) == pytest.approx(0.2)
+    # max over k<2 of acc[k,0] is 0.8 (row 1), not acc[0,0] = 0.2: first-based would say -0.2
+    assert forgetting(acc3, 2) == pytest.approx(((0.8 - 0.4) + (0.5 - 0.5)) / 2)
+
+
+def test_backward_transfer():
+    # (0.3 - 0.9) + (0.7 - 0.8) over 2
+    assert backward_transfer(ACC, 2) == pytest.approx(-0.35)
+
+
+def test_forward_transfer():
+    # (acc[0,1] - b[1]) + (acc[1,2] - b[2]) = (0.1 - 0) + (0.2 - 0.1)  over 2
+    assert forward_transfer(ACC, BASELINE, 2) == pytest.approx(0.1)
+    assert forward_transfer(ACC, BASELINE, 1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("fn", [forgetting, backward_transfer], ids=["forgetting", "bwt"])
+def test_first_task_has_nothing_to_forget_undefined_not_zero(fn):
+    assert fn(ACC, 0) is None
+
+
+def test_one_task_stream():
+    acc = np.array([[0.7]])
+    result = summary(acc, np.array([0.1]), 0)
+    assert result == {"avg_acc": pytest.approx(0.7), "forgetting": None, "bwt": None, "fwt": None}
+
+
+def test_two_task_stream():
+    acc = np.array([[0.8, 0.3], [0.2, 0.9]])
+    result = summary(acc, np.array([0.0, 0.1]), 1)
+    assert result["avg_acc"] == pytest.approx(0.55)
+    assert result["forgetting"] == pytest.approx(0.6)
+    assert result["bwt"] == pytest.approx(-0.6)
+    assert result["fwt"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("upto", [-1, 3], ids=["negative", "past-end"])
+def test_upto_out_of_range_is_an_error(upto):
+    with pytest.raises(ValueError, match="upto"):
+        forgetting(ACC, upto)
+
+
+def test_matrix_records_rows_in_order_and_round_trips():
+    m = ForgettingMatrix(["a", "b", "c"])
+    assert m.num_rows == 0
+    m.record_baseline({"a": 0.05, "b": 0.0, "c": 0.1})
+    for t, row in enumerate(ACC):
+        m.record(t, dict(zip("abc", row)))
+        assert m.num_rows == t + 1
+    assert m.summary() == summary(ACC, BASELINE, 2)
+    again = ForgettingMatrix.from_dict(m.to_dict())
+    np.testing.assert_allclose(again.acc, ACC)
+
+
+def test_partial_matrix_serialises_missing_rows_as_null():
+    m = ForgettingMatrix(["a", "b"])
+    m.record(0, [0.5, 0.0])
+    data = m.to_dict()
+    assert data["acc_matrix"][1] == [None, None]
+    assert data["baseline"] == [None, None]
+    assert math.isnan(ForgettingMatrix.from_dict(data).acc[1, 0])
+
+
+def test_row_missing_a_task_is_rejected():
+    m = ForgettingMatrix(["a", "b"])
+    with pytest.raises(ValueError, match=r"missing for tasks \['b'\]"):
+        m.record(0, {"a": 1.0})

@@ -1,0 +1,59 @@
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from pipelines.config import ModelConfig
+from pipelines.errors import ConfigError
+from pipelines.models import build_model, save_pretrained, train_tokenizer
+
+TEXTS = ["question type: How far is it from Denver to Aspen ?", "NUM", "spam or ham: Ok lar joking wif u", "ham",
+         "sentiment: a gorgeous, witty, seductive movie", "positive"] * 30
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_trained_tokenizer_and_model_reopen_with_plain_transformers(arch, tmp_path):
+    tokenizer = train_tokenizer(TEXTS, arch=arch, vocab_size=300)
+    model = build_model(ModelConfig(arch=arch, preset="tiny"), tokenizer)
+    assert model.config.model_type == arch
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    save_pretrained(model, tokenizer, tmp_path)
+
+    reopened_tok = AutoTokenizer.from_pretrained(tmp_path)
+    reopened = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    text = "How far is Denver ?"
+    assert reopened_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert reopened_tok(text)["input_ids"][-1] == tokenizer.eos_token_id  # post-processor survives
+    assert reopened_tok.decode(reopened_tok(text)["input_ids"], skip_special_tokens=True).strip() == text
+    for a, b in zip(model.state_dict().values(), reopened.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_t5_tokenizer_training_is_reproducible():
+    a = train_tokenizer(TEXTS * 3, arch="t5", vocab_size=200)
+    b = train_tokenizer(TEXTS * 3, arch="t5", vocab_size=200)
+    assert a.get_vocab() == b.get_vocab()
+
+
+def test_bpe_vocabulary_too_small_for_bytes():
+    with pytest.raises(ConfigError, match="vocab_size \\(100\\) is too small for byte-level BPE"):
+        train_tokenizer(TEXTS, arch="bart", vocab_size=100)
+
+
+def test_loading_a_directory_of_another_architecture_is_refused(tmp_path):
+    tokenizer = train_tokenizer(TEXTS, arch="bart", vocab_size=300)
+    save_pretrained(build_model(ModelConfig(arch="bart", preset="tiny"), tokenizer), tokenizer, tmp_path)
+    with pytest.raises(ConfigError, match="model.arch is 't5' but .* holds a 'bart' model"):
+        build_model(ModelConfig(arch="t5", preset=None, name_or_path=str(tmp_path)), tokenizer)
+    loaded = build_model(ModelConfig(arch="bart", preset=None, name_or_path=str(tmp_path)), tokenizer)
+    assert loaded.config.model_type == "bart"
+
+
+def test_missing_model_directory_is_a_config_error(tmp_path):
+    tokenizer = train_tokenizer(TEXTS, arch="t5", vocab_size=100)
+    with pytest.raises(ConfigError, match="model.name_or_path: cannot load"):
+        build_model(ModelConfig(arch="t5", preset=None, name_or_path=str(tmp_path / "nope")), tokenizer)
+
+
+def test_preset_and_path_are_exclusive():
+    with pytest.raises(ValueError, match="either model.preset"):
+        ModelConfig(arch="t5", preset="tiny", name_or_path="x")

@@ -1,0 +1,73 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.tables import ExampleFileError, read_examples, split_examples, write_parquet_atomic
+
+
+def test_jsonl_with_custom_columns(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "hi there", "label": "greeting"}\n\n{"text": "bye", "label": 3}\n')
+    table = read_examples(path, source_column="text", target_column="label")
+    assert table.to_pydict() == {"source": ["hi there", "bye"], "target": ["greeting", "3"]}
+
+
+def test_jsonl_missing_column_names_file_line_and_column(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"source": "a", "target": "b"}\n{"source": "c"}\n')
+    with pytest.raises(ExampleFileError, match=r"t\.jsonl:2: missing column 'target'"):
+        read_examples(path)
+
+
+def test_jsonl_bad_json_names_the_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"source": "a", "target": "b"}\n{"source": \n')
+    with pytest.raises(ExampleFileError, match=r"t\.jsonl:2: not valid JSON"):
+        read_examples(path)
+
+
+def test_csv_missing_value_names_the_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("q,a\nwhat,that\nwho,\n")
+    with pytest.raises(ExampleFileError, match=r"t\.csv: line 3 has no value in column 'a'"):
+        read_examples(path, source_column="q", target_column="a")
+
+
+def test_csv_and_parquet_missing_column_lists_what_is_there(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": ["a"], "y": ["b"]}), path)
+    with pytest.raises(ExampleFileError, match=r"\['source', 'target'\] not found; the file has \['x', 'y'\]"):
+        read_examples(path)
+    assert read_examples(path, source_column="x", target_column="y").num_rows == 1
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(ExampleFileError, match="example file not found"):
+        read_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(ExampleFileError, match="unsupported file type '.txt'"):
+        read_examples(tmp_path / "t.txt")
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    table = pa.table({"source": ["a"], "target": ["b"]})
+    path = write_parquet_atomic(table, tmp_path / "sub" / "x.parquet")
+    assert pq.read_table(path).equals(table)
+    assert [p.name for p in path.parent.iterdir()] == ["x.parquet"]
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    table = pa.table({"source": [str(i) for i in range(100)], "target": ["t"] * 100})
+    train, evaluation = split_examples(table, eval_fraction=0.2, seed=7)
+    again_train, _ = split_examples(table, eval_fraction=0.2, seed=7)
+    other_train, _ = split_examples(table, eval_fraction=0.2, seed=8)
+    assert (train.num_rows, evaluation.num_rows) == (80, 20)
+    assert train.equals(again_train)
+    assert not train.equals(other_train)
+    assert set(train["source"].to_pylist()).isdisjoint(evaluation["source"].to_pylist())
+
+
+def test_split_keeps_one_row_each_side():
+    table = pa.table({"source": ["a", "b"], "target": ["x", "y"]})
+    train, evaluation = split_examples(table, eval_fraction=0.9, seed=0)
+    assert (train.num_rows, evaluation.num_rows) == (1, 1)
