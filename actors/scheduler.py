@@ -103,7 +103,9 @@ class Scheduler:
             self._train_stats[name] = train_stats
         if checkpoint:
             self._checkpoints[name] = checkpoint
-        self.sink.log_metrics({**{f"acc/{k}": v for k, v in accuracies.items()}, **metrics}, step=task_index)
+        timing = {f"time/{k}": train_stats[k] for k in ("seconds", "eval_seconds") if train_stats and k in train_stats}
+        self.sink.log_metrics({**{f"acc/{k}": v for k, v in accuracies.items()}, **metrics, **timing},
+                              step=task_index)
         self._write_matrix()
         return metrics
 
@@ -141,11 +143,21 @@ class Scheduler:
             "seed": self.config.seed,
             "complete": rows == len(self.stream),
             "train": self._train_stats,
+            "between_task_overhead_s": self.between_task_overhead(),
             "checkpoints": self._checkpoints,
             "mlflow": {"tracking_uri": self.sink.tracking_uri, "run_id": self.sink.run_id},
             "output_dir": str(self.output_dir),
             "seconds": round(time.time() - self._started, 1),
         }
+
+    def between_task_overhead(self) -> list[float]:
+        """Seconds from the end of training task t to the start of task t+1, minus t's evaluation.
+
+        What is left is the cost of scheduling: checkpointing, reporting, fetching the next plan.
+        """
+        stats = [self._train_stats[name] for name in self.stream.names if name in self._train_stats]
+        return [round(nxt["started_at"] - cur["ended_at"] - cur.get("eval_seconds", 0.0), 4)
+                for cur, nxt in zip(stats, stats[1:])]
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> dict[str, Any]:
         """Write artifacts, end the MLflow run with ``status``; idempotent. Returns the report."""

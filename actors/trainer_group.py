@@ -7,6 +7,7 @@ pulls task plans from the scheduler until the stream ends.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     scheduler.log_step.remote(index, step, total, loss, learner.global_step)
 
             stats = learner.train_task(plan, on_step=on_step)
+            started = time.perf_counter()
             accuracies = learner.evaluate(eval_sets)
+            stats["eval_seconds"] = time.perf_counter() - started
             checkpoint = None
-            is_last = plan.index == len(eval_sets) - 1
-            if config.checkpoint.models == "all" or is_last:
+            if config.checkpoint.models == "all" or plan.index == len(eval_sets) - 1:
                 directory = Path(config.output_dir) / "checkpoints" / f"task-{plan.index:02d}-{plan.name}"
                 checkpoint = str(learner.save(directory))
             if leader:

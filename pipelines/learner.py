@@ -159,7 +159,7 @@ class Learner:
             raise NonFiniteLossError(plan.name, step, float(loss.item()))
 
     def train_task(self, plan: TaskPlan, on_step: StepCallback | None = None) -> dict[str, float]:
-        """Train on one task plan; returns steps, mean loss and seconds."""
+        """Train on one task plan; returns steps, mean loss, seconds, and wall-clock start/end."""
         training = self.config.training
         global_batch = training.micro_batch_size * training.grad_accum_steps * self.world_size
         total = num_steps(plan.examples.num_rows, epochs=plan.epochs or training.epochs,
@@ -167,7 +167,7 @@ class Learner:
                           global_batch=global_batch)
         batches = self._batches(plan)
         self.engine.train()
-        start, losses = time.perf_counter(), []
+        started_at, start, losses = time.time(), time.perf_counter(), []
         for step in range(total):
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr_at(step, total, training)
@@ -182,7 +182,8 @@ class Learner:
             self.global_step += 1
             if on_step is not None:
                 on_step(step, total, step_loss)
-        return {"steps": total, "mean_loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}
+        return {"steps": total, "mean_loss": float(np.mean(losses)), "seconds": time.perf_counter() - start,
+                "started_at": started_at, "ended_at": time.time()}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

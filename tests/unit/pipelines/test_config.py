@@ -165,3 +165,22 @@ def test_deepspeed_file_bad_json_names_line(tmp_path, toy_stream_config):
     training = _training(toy_stream_config, deepspeed_config=str(path))
     with pytest.raises(ConfigError, match="line 3"):
         build_deepspeed_config(training, world_size=1, precision="fp32", on_cuda=False)
+
+
+@pytest.mark.parametrize(
+    ("stage", "world_size", "switch", "expected"),
+    [(2, 1, True, 0), (1, 1, True, 0), (2, 1, False, 2), (2, 2, True, 2), (3, 1, True, 3)],
+    ids=["zero2-one-worker", "zero1-one-worker", "switched-off", "two-workers", "zero3-kept"],
+)
+def test_zero_1_2_with_one_worker_run_as_stage_0(toy_stream_config, stage, world_size, switch, expected):
+    training = _training(toy_stream_config, zero_stage=stage, single_worker_zero_as_stage0=switch)
+    ds = build_deepspeed_config(training, world_size=world_size, precision="fp32", on_cuda=False)
+    assert ds["zero_optimization"]["stage"] == expected
+
+
+def test_offloading_stage_is_kept_with_one_worker(tmp_path, toy_stream_config):
+    path = tmp_path / "ds.yaml"
+    path.write_text("zero_optimization: {stage: auto, offload_optimizer: {device: cpu}}\n")
+    training = _training(toy_stream_config, zero_stage=2, deepspeed_config=str(path))
+    ds = build_deepspeed_config(training, world_size=1, precision="fp32", on_cuda=False)
+    assert ds["zero_optimization"]["stage"] == 2

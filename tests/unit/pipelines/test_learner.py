@@ -29,8 +29,9 @@ def _plan(stream, strategy, index):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
 def test_training_lowers_the_loss_at_every_zero_stage(stage, toy_stream_config, tmp_path):
-    toy_stream_config["training"].update(zero_stage=stage, max_steps=30)
+    toy_stream_config["training"].update(zero_stage=stage, max_steps=30, single_worker_zero_as_stage0=False)
     learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    assert learner.engine.zero_optimization_stage() == stage
     losses = []
     learner.train_task(_plan(stream, strategy, 0), on_step=lambda step, total, loss: losses.append(loss))
     assert len(losses) == 30
