@@ -42,30 +42,36 @@ class RunFailedError(ForgetlessError, RuntimeError):
         self.report = report
 
 
-def connect_ray(config: RunConfig) -> None:
+def connect_ray(config: RunConfig) -> bool:
+    """Join the configured cluster, or start a local Ray. True when the Ray is local to this run."""
     if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 token auth; local clusters only
+        return len(ray.nodes()) == 1
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "logging_level": logging.WARNING,
                               "configure_logging": True}
     address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1", **kwargs)
+        return False
+    # A Ray started here serves this run alone and dies with it (dashboard on loopback): Ray 2.60's
+    # token auth would only stand in the way. A cluster keeps whatever auth it was started with.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1", **kwargs)
+    return True
 
 
-def _cpus_per_worker(config: RunConfig, use_gpu: bool) -> float:
-    if use_gpu:
-        return 1.0
+def _cpus_per_worker(config: RunConfig, use_gpu: bool, *, local: bool) -> float:
+    if config.training.cpus_per_worker:
+        return config.training.cpus_per_worker
+    if use_gpu or not local:
+        return 1.0  # a cluster's nodes differ in size: never ask for more than the smallest has
     total = ray.cluster_resources().get("CPU", 1.0)
     return max(1.0, float(int(total // config.training.num_workers)))
 
 
 def _poll_progress(scheduler: Any, num_tasks: int, stop: threading.Event, enabled: bool) -> None:
     """Draw one progress bar per task from the scheduler's progress, until ``stop``."""
-    bar, bar_task = None, None
+    bar, bar_task, shown = None, None, None
     while not stop.wait(0.5):
         try:
             p = ray.get(scheduler.progress.remote(), timeout=5)
@@ -74,13 +80,18 @@ def _poll_progress(scheduler: Any, num_tasks: int, stop: threading.Event, enable
         except ray.exceptions.RayError as exc:  # the actor is gone: the bars end, not the run
             log.debug("progress polling stopped: %s", exc)
             break
+        if p["phase"] == "baseline" and shown is None and enabled:
+            shown = ("baseline",)
+            tqdm.write("trainer group up; evaluating the untrained model on every task (the baseline)")
         if p["task_index"] >= 0 and p["task_index"] != bar_task:
             if bar is not None:
                 bar.close()
             bar_task = p["task_index"]
             bar = tqdm(total=None, desc=f"task {bar_task + 1}/{num_tasks} {p['task']}", unit="step",
                        disable=not enabled, leave=True, dynamic_ncols=True)
-        if bar is not None and p["num_steps"]:
+        state = (p["task_index"], p["step"], p["phase"])
+        if bar is not None and p["num_steps"] and state != shown:
+            shown = state
             bar.total = p["num_steps"]
             bar.n = p["step"]
             postfix = {"loss": f"{p['loss']:.3f}"} if p["loss"] is not None else {}
@@ -110,13 +121,16 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict[str, Any
     if config.model.name_or_path:
         build_model(config.model, tokenizer)  # a bad directory fails here, not in every worker
 
-    connect_ray(config)
+    local = connect_ray(config)
     use_gpu = config.training.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
     scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}).remote(config, stream)
     trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
-                            cpus_per_worker=_cpus_per_worker(config, use_gpu))
+                            cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local))
+    if progress:
+        tqdm.write(f"{len(stream)} tasks ({', '.join(stream.names)}); starting {config.training.num_workers} "
+                   f"trainer worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train takes ~30 s to start")
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
     poller.start()

@@ -113,7 +113,9 @@ class StreamConfig(Schema):
 # ----------------------------------------------------------------------------------- training
 class TrainingConfig(Schema):
     num_workers: int = Field(default=1, ge=1)
-    use_gpu: bool | None = None  # None: use CUDA when the workers see it
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has one per worker
+    # CPUs reserved per worker; None: a local Ray's CPUs split evenly (torch threads follow), else 1.
+    cpus_per_worker: float | None = Field(default=None, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     micro_batch_size: int = Field(default=16, gt=0)

@@ -90,3 +90,16 @@ def test_learning_rate_schedules(toy_stream_config):
         assert lr_at(1, 12, training) == pytest.approx(1.0)
         assert lr_at(7, 12, training) == pytest.approx(at_mid)
         assert 0 <= lr_at(11, 12, training) <= 1.0 and math.isfinite(lr_at(11, 12, training))
+
+
+def test_gradient_accumulation_and_per_task_epochs(toy_stream_config, tmp_path):
+    toy_stream_config["training"].update(grad_accum_steps=2, max_steps=None, epochs=1.0)
+    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    assert learner.engine.gradient_accumulation_steps() == 2
+    examples = strategy.training_examples(stream, 0)
+    one_epoch = learner.train_task(TaskPlan(0, "category", examples))
+    assert one_epoch["steps"] == math.ceil(examples.num_rows / (8 * 2))
+    # a task's own epochs win over the run's
+    two_epochs = learner.train_task(TaskPlan(0, "category", examples, epochs=2.0))
+    assert two_epochs["steps"] == math.ceil(2 * examples.num_rows / (8 * 2))
+    assert learner.train_task(TaskPlan(0, "category", examples, max_steps=3))["steps"] == 3
