@@ -13,9 +13,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import ray
 import yaml
 
+from actors.replay import ReplayStore
 from actors.tracking import MlflowSink
 from pipelines.config import RunConfig, flatten
 from pipelines.learner import EvalSet, TaskPlan
@@ -45,6 +48,10 @@ class Scheduler:
         )
         self.sink.log_params(flatten(config))
         self.sink.log_params({"stream.num_tasks": len(stream)})
+        self.replay: ReplayStore | None = None
+        if config.replay.enabled:
+            self.replay = ReplayStore.create(config.replay, seed=config.seed,
+                                             directory=config.replay.directory or self.output_dir / "replay")
         self._cursors: dict[int, int] = {}
         self._plans: dict[int, TaskPlan] = {}
         self._history: list[dict[str, Any]] = []  # metrics after each task
@@ -107,7 +114,47 @@ class Scheduler:
         self.sink.log_metrics({**{f"acc/{k}": v for k, v in accuracies.items()}, **metrics, **timing},
                               step=task_index)
         self._write_matrix()
+        if self.replay is not None:
+            self._remember(task_index)
         return metrics
+
+    def _remember(self, task_index: int) -> None:
+        """Insert task ``task_index``'s training examples into the replay store (a seeded subset
+        of ``replay.rows_per_task`` rows, or all); log the store's size."""
+        task = self.stream[task_index]
+        sources, targets = task.sources("train"), task.targets("train")
+        chosen = np.arange(len(sources))
+        limit = self.config.replay.rows_per_task
+        if limit and limit < len(chosen):
+            chosen = np.sort(np.random.default_rng([self.config.seed, task_index]).choice(len(chosen), limit,
+                                                                                          replace=False))
+        rows = pa.table({
+            "example_id": [f"{task.name}:{i}" for i in chosen],
+            "task_id": pa.array([task_index] * len(chosen), pa.int32()),
+            "task_name": [task.name] * len(chosen),
+            "source": [sources[i] for i in chosen],
+            "target": [targets[i] for i in chosen],
+        })
+        self.replay.insert(rows)
+        stats = self.replay.stats()
+        self.sink.log_metrics({"replay/rows": sum(s.num_rows for s in stats),
+                               "replay/bytes": sum(s.bytes for s in stats)}, step=task_index)
+
+    def replay_store(self) -> ReplayStore | None:
+        """The run's replay store handle (picklable; trainers sample through it)."""
+        return self.replay
+
+    def replay_stats(self) -> dict[str, Any] | None:
+        if self.replay is None:
+            return None
+        stats = self.replay.stats()
+        per_task: dict[str, int] = {}
+        for shard in stats:
+            for name, count in shard.rows_per_task.items():
+                per_task[name] = per_task.get(name, 0) + count
+        return {"num_shards": len(stats), "rows": sum(s.num_rows for s in stats), "rows_per_task": per_task,
+                "rows_per_shard": [s.num_rows for s in stats], "bytes": sum(s.bytes for s in stats),
+                "directory": self.replay.directory}
 
     def fail(self, reason: str) -> None:
         """A trainer hit an error: remember why (the first reason wins) and hand out no more tasks."""
@@ -170,6 +217,10 @@ class Scheduler:
         if self._failure:
             report["error"] = self._failure
         try:
+            if self.replay is not None:  # snapshots stay in the output dir; the actors go
+                report["replay"] = self.replay_stats()
+                self.replay.snapshot()
+                self.replay.shutdown()
             matrix_path, heatmap_path = self._write_matrix()
             config_path = self.output_dir / "config.yaml"
             config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))

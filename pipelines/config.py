@@ -146,6 +146,29 @@ class CheckpointConfig(Schema):
     models: Literal["all", "last"] = "all"
 
 
+class ReplayConfig(Schema):
+    """The sharded replay store: Ray actors, each holding one shard of examples as Arrow data.
+
+    Size it as num_shards x capacity_rows rows; a row costs about its text in bytes (see
+    docs/benchmarks.md). Add shards when one node's memory is not enough: they spread over nodes.
+    """
+
+    enabled: bool = False
+    num_shards: int = Field(default=2, ge=1)
+    capacity_rows: int = Field(default=10_000, gt=0)  # per shard
+    remover: Literal["fifo", "reservoir", "task_balanced"] = "reservoir"
+    sampler: Literal["uniform", "task_balanced"] = "uniform"
+    rows_per_task: int | None = Field(default=None, gt=0)  # inserted after each task; None: its whole train split
+    directory: str | None = None  # logs and snapshots; None: <output_dir>/replay
+    snapshot_every_rows: int | None = Field(default=10_000, gt=0)
+    max_samples_per_insert: float | None = Field(default=None, gt=0)  # Reverb-style rate limit
+    min_rows_to_sample: int = Field(default=1, ge=0)
+    fsync: bool = False  # fsync the log per insert: survives machine crashes, not only process death
+    num_cpus: float = Field(default=0.0, ge=0)  # per shard; 0 keeps shards off the trainers' CPUs
+    memory_bytes: int | None = Field(default=None, gt=0)  # per shard, for Ray's scheduler
+    placement: Literal["SPREAD", "DEFAULT"] = "SPREAD"  # SPREAD: shards across nodes
+
+
 class MlflowConfig(Schema):
     tracking_uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db
     experiment_name: str = "forgetless"
@@ -177,6 +200,7 @@ class RunConfig(Schema):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    replay: ReplayConfig = ReplayConfig()
     strategy: StrategyConfig = NaiveStrategyConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
@@ -288,6 +312,8 @@ def resolve_paths(config: RunConfig, *, cwd: str | os.PathLike | None = None) ->
 
     data = config.model_dump()
     data["output_dir"] = absolute(data["output_dir"])
+    if data["replay"]["directory"]:
+        data["replay"]["directory"] = absolute(data["replay"]["directory"])
     data["stream"]["cache_dir"] = absolute(data["stream"]["cache_dir"])
     for task in data["stream"]["tasks"]:
         source = task["source"]

@@ -1,0 +1,498 @@
+"""One shard of the replay store: replay examples as an Arrow table, durable across process death.
+
+``ReplayShard`` is a plain class (the Ray actor in ``actors.replay`` is this class, wrapped). It
+holds at most ``capacity_rows`` rows; a *remover* decides what goes when it is full, a *sampler*
+what comes out. Every acknowledged insert is first appended to an Arrow IPC log; snapshots are
+written to a temporary name and renamed, and a restart restores snapshot + log.
+
+Token ids are not cached: rows hold text, so a snapshot outlives any tokenizer, and a fast
+tokenizer encodes a sampled batch in well under a millisecond. The schema metadata says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.tables import StorageError
+
+SCHEMA_VERSION = "1"
+REPLAY_SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.string(), nullable=False),
+        pa.field("task_id", pa.int32(), nullable=False),
+        pa.field("task_name", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),  # insertion sequence within the shard
+    ],
+    metadata={"forgetless.schema_version": SCHEMA_VERSION, "forgetless.token_ids": "none (text only)"},
+)
+INSERT_COLUMNS = [f.name for f in REPLAY_SCHEMA if f.name != "seq"]  # the shard assigns seq
+
+REMOVERS = ("fifo", "reservoir", "task_balanced")
+SAMPLERS = ("uniform", "task_balanced")
+
+
+class SchemaMismatchError(StorageError, TypeError):
+    """An insert batch does not have the replay schema; nothing of it was stored."""
+
+
+class EmptyReplayError(StorageError, LookupError):
+    """Sampling from a shard or store that holds no rows."""
+
+
+class RateLimitedError(StorageError, RuntimeError):
+    """Sampling would exceed the configured samples-per-insert ratio; insert more first."""
+
+
+def insert_schema() -> pa.Schema:
+    return pa.schema([REPLAY_SCHEMA.field(c) for c in INSERT_COLUMNS])
+
+
+def check_batch(batch: pa.Table, *, where: str = "") -> pa.Table:
+    """Check an insert batch against the replay schema; return it cast to the exact field order.
+
+    Raises:
+        SchemaMismatchError: naming every missing, extra or mistyped column, and any null.
+    """
+    problems = []
+    names = batch.column_names
+    missing = [c for c in INSERT_COLUMNS if c not in names]
+    extra = [c for c in names if c not in INSERT_COLUMNS]
+    if missing:
+        problems.append(f"missing column(s) {missing}")
+    if extra:
+        problems.append(f"unexpected column(s) {extra}")
+    for name in INSERT_COLUMNS:
+        if name in names:
+            expected, got = REPLAY_SCHEMA.field(name).type, batch.schema.field(name).type
+            if got != expected:
+                problems.append(f"column {name!r} has type {got}, expected {expected}")
+            elif batch.column(name).null_count:
+                problems.append(f"column {name!r} has {batch.column(name).null_count} null(s)")
+    if problems:
+        raise SchemaMismatchError(f"replay insert{where} rejected, nothing stored: " + "; ".join(problems))
+    return batch.select(INSERT_COLUMNS)
+
+
+def route(example_ids: list[str] | pa.Array, num_shards: int) -> np.ndarray:
+    """Shard index of each example id: a stable hash (CRC-32, not Python's salted ``hash``) mod n."""
+    import zlib
+
+    ids = example_ids.to_pylist() if isinstance(example_ids, (pa.Array, pa.ChunkedArray)) else example_ids
+    return np.fromiter((zlib.crc32(i.encode()) for i in ids), dtype=np.int64, count=len(ids)) % num_shards
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    shard_id: int
+    num_rows: int
+    capacity_rows: int
+    rows_per_task: dict[str, int]
+    bytes: int
+    inserted_rows: int
+    evicted_rows: int
+    sampled_rows: int
+    restored_rows: int
+
+
+class ReplayShard:
+    """A bounded set of replay examples with a remover, a sampler and an optional durable log.
+
+    Args:
+        capacity_rows: the most rows held; a positive integer.
+        remover: what goes when full — ``fifo`` (oldest first), ``reservoir`` (every example ever
+            inserted is kept with equal probability, Vitter's algorithm R) or ``task_balanced``
+            (oldest row of the task holding the most rows).
+        sampler: ``uniform`` over rows, or ``task_balanced`` (a task uniformly, then a row of it).
+        seed: seeds two generators: one for eviction (so a restore replays the same decisions)
+            and one for sampling.
+        directory: where the log and snapshots go; None keeps the shard in memory only.
+        snapshot_every_rows: write a snapshot (and start a fresh log) after this many inserted
+            rows; None: only on ``snapshot()``.
+        max_samples_per_insert: Reverb-style rate limit: sampled rows may not exceed this times
+            the inserted rows (after ``min_rows_to_sample`` rows are in); None: no limit.
+        fsync: fsync the log after every insert (survives machine crashes, not just process death).
+    """
+
+    def __init__(
+        self,
+        capacity_rows: int,
+        *,
+        remover: str = "fifo",
+        sampler: str = "uniform",
+        seed: int = 0,
+        shard_id: int = 0,
+        directory: str | os.PathLike | None = None,
+        snapshot_every_rows: int | None = None,
+        max_samples_per_insert: float | None = None,
+        min_rows_to_sample: int = 1,
+        fsync: bool = False,
+    ):
+        if not isinstance(capacity_rows, (int, np.integer)) or isinstance(capacity_rows, bool) or capacity_rows <= 0:
+            raise ValueError(f"capacity_rows ({capacity_rows!r}) must be a positive integer")
+        if remover not in REMOVERS:
+            raise ValueError(f"unknown remover {remover!r}; choose one of {list(REMOVERS)}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+        if snapshot_every_rows is not None and snapshot_every_rows <= 0:
+            raise ValueError(f"snapshot_every_rows ({snapshot_every_rows}) must be positive or None")
+        if max_samples_per_insert is not None and max_samples_per_insert <= 0:
+            raise ValueError(f"max_samples_per_insert ({max_samples_per_insert}) must be positive or None")
+        self.capacity_rows = int(capacity_rows)
+        self.remover, self.sampler = remover, sampler
+        self.seed, self.shard_id = seed, shard_id
+        self.snapshot_every_rows = snapshot_every_rows
+        self.max_samples_per_insert = max_samples_per_insert
+        self.min_rows_to_sample = min_rows_to_sample
+        self.fsync = fsync
+        self._evict_rng = np.random.default_rng([seed, shard_id, 0])
+        self._table = REPLAY_SCHEMA.empty_table()
+        self._ids: set[str] = set()
+        self._combined = True
+        self._next_seq = 0  # also the number of rows ever inserted (reservoir's n)
+        self._evicted = 0
+        self._sampled = 0
+        self._since_snapshot = 0
+        self._restored = 0
+        self._generation = 0
+        self._log: pa.RecordBatchStreamWriter | None = None
+        self._log_file = None
+        self._topology: tuple[int, Any] = (0, None)
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._restore()
+            self._open_log()
+        # Sampling decisions need not replay; a restarted shard draws afresh.
+        self._sample_rng = np.random.default_rng([seed, shard_id, 1, self._generation, self._restored])
+
+    # ------------------------------------------------------------------ writes
+    def insert(self, batch: pa.Table) -> int:
+        """Add rows; returns how many were new. Ids already held are skipped, so a retried insert
+        (after a lost acknowledgement) stores nothing twice.
+
+        The batch is checked whole before anything happens, then logged, then applied: when this
+        returns, the rows survive the death of the process.
+        """
+        batch = check_batch(batch, where=f" into shard {self.shard_id}")
+        ids = batch.column("example_id").to_pylist()
+        fresh = [i for i, example_id in enumerate(ids) if example_id not in self._ids]
+        if len(set(ids)) != len(ids):  # duplicates inside the batch: keep the first
+            seen: set[str] = set()
+            fresh = [i for i in fresh if not (ids[i] in seen or seen.add(ids[i]))]
+        if not fresh:
+            return 0
+        if len(fresh) != batch.num_rows:
+            batch = batch.take(pa.array(fresh))
+        seq = pa.array(np.arange(self._next_seq, self._next_seq + batch.num_rows), pa.int64())
+        rows = pa.Table.from_arrays([*batch.columns, seq], schema=REPLAY_SCHEMA)
+        self._append_log(rows)
+        self._apply(rows)
+        if self.snapshot_every_rows and self._since_snapshot >= self.snapshot_every_rows:
+            self.snapshot()
+        return rows.num_rows
+
+    def _apply(self, rows: pa.Table) -> None:
+        self._next_seq += rows.num_rows
+        self._since_snapshot += rows.num_rows
+        self._ids.update(rows.column("example_id").to_pylist())
+        if self.remover == "reservoir":
+            self._apply_reservoir(rows)
+        else:
+            self._table = pa.concat_tables([self._table, rows])
+            overflow = self._table.num_rows - self.capacity_rows
+            if overflow > 0:
+                self._evict(overflow)
+        self._combined = False
+
+    def _apply_reservoir(self, rows: pa.Table) -> None:
+        # Algorithm R, one draw per row: the k-th example ever inserted (0-based) fills a free slot,
+        # or replaces slot j ~ U[0, k] when j < capacity. Draws come from the eviction generator
+        # only, so replaying the log after a restart makes the same choices.
+        held, incoming = self._table.num_rows, rows.num_rows
+        free = max(0, min(incoming, self.capacity_rows - held))
+        index = np.arange(held + free)  # slot -> position in concat(held, incoming)
+        k = np.arange(self._next_seq - incoming + free, self._next_seq)
+        draws = self._evict_rng.integers(0, k + 1) if len(k) else np.empty(0, dtype=np.int64)
+        for offset, j in zip(range(free, incoming), draws):
+            if j < self.capacity_rows:
+                index[j] = held + offset  # a later row of the batch wins a shared slot
+        combined = pa.concat_tables([self._table, rows])
+        keep = np.zeros(held + incoming, dtype=bool)
+        keep[index] = True
+        if not keep.all():
+            self._forget(combined.filter(pa.array(~keep)))
+        self._table = combined.take(pa.array(index, pa.int64()))
+
+    def _evict(self, count: int) -> None:
+        if self.remover == "fifo":
+            self._forget(self._table.slice(0, count))
+            self._table = self._table.slice(count)
+            return
+        # task_balanced: repeatedly drop the oldest row of the task holding the most rows
+        tasks = self._table.column("task_name").to_numpy(zero_copy_only=False)
+        counts = Counter(tasks.tolist())
+        drop: list[int] = []
+        positions = {t: list(np.flatnonzero(tasks == t)) for t in counts}
+        for _ in range(count):
+            largest = max(counts, key=lambda t: (counts[t], t))
+            drop.append(positions[largest].pop(0))
+            counts[largest] -= 1
+        mask = np.ones(self._table.num_rows, dtype=bool)
+        mask[drop] = False
+        self._forget(self._table.take(pa.array(np.array(drop, dtype=np.int64))))
+        self._table = self._table.filter(pa.array(mask))
+
+    def _forget(self, removed: pa.Table | None) -> None:
+        if removed is not None and removed.num_rows:
+            self._ids.difference_update(removed.column("example_id").to_pylist())
+            self._evicted += removed.num_rows
+
+    def delete(self, example_ids: list[str]) -> int:
+        """Remove rows by id (used when rows move to another shard); logged like an insert."""
+        doomed = set(example_ids) & self._ids
+        if not doomed:
+            return 0
+        self._append_log(None, deleted=sorted(doomed))
+        self._apply_delete(doomed)
+        return len(doomed)
+
+    def _apply_delete(self, doomed: set[str]) -> None:
+        keep = pc.invert(pc.is_in(self._table.column("example_id"), value_set=pa.array(sorted(doomed))))
+        self._table = self._table.filter(keep)
+        self._ids.difference_update(doomed)
+        self._combined = False
+
+    # ------------------------------------------------------------------ reads
+    @property
+    def num_rows(self) -> int:
+        return self._table.num_rows
+
+    def _ready(self) -> pa.Table:
+        if not self._combined:
+            # one chunk: take() on a table left in hundreds of chunks is ~60x slower (measured)
+            self._table = self._table.combine_chunks()
+            self._combined = True
+        return self._table
+
+    def sample(self, num_rows: int) -> pa.Table:
+        """``num_rows`` rows drawn with replacement by the shard's sampler.
+
+        Raises:
+            EmptyReplayError: the shard holds no rows.
+            RateLimitedError: the samples-per-insert limit would be exceeded.
+        """
+        if num_rows < 0:
+            raise ValueError(f"num_rows ({num_rows}) must be >= 0")
+        if self.num_rows == 0:
+            raise EmptyReplayError(f"replay shard {self.shard_id} is empty: insert examples before sampling")
+        if self.max_samples_per_insert is not None:
+            if self._next_seq < self.min_rows_to_sample:
+                raise RateLimitedError(
+                    f"replay shard {self.shard_id} has had {self._next_seq} rows inserted; sampling starts at "
+                    f"min_rows_to_sample={self.min_rows_to_sample}")
+            if self._sampled + num_rows > self.max_samples_per_insert * self._next_seq:
+                raise RateLimitedError(
+                    f"replay shard {self.shard_id}: sampling {num_rows} more rows would exceed "
+                    f"{self.max_samples_per_insert} samples per inserted row ({self._sampled} sampled, "
+                    f"{self._next_seq} inserted)")
+        table = self._ready()
+        if num_rows == 0:
+            return table.slice(0, 0)
+        if self.sampler == "uniform":
+            index = self._sample_rng.integers(0, table.num_rows, num_rows)
+        else:
+            tasks = table.column("task_name").to_numpy(zero_copy_only=False)
+            names, inverse = np.unique(tasks, return_inverse=True)
+            chosen = self._sample_rng.integers(0, len(names), num_rows)
+            index = np.empty(num_rows, dtype=np.int64)
+            for t in np.unique(chosen):
+                members = np.flatnonzero(inverse == t)
+                picks = chosen == t
+                index[picks] = members[self._sample_rng.integers(0, len(members), int(picks.sum()))]
+        self._sampled += num_rows
+        return table.take(pa.array(index, pa.int64()))
+
+    def sample_with_size(self, num_rows: int, topology_version: int = 0) -> tuple[pa.Table, int, int]:
+        """``sample`` plus this shard's row count and topology version, in one actor round trip."""
+        rows = self.sample(num_rows) if num_rows else self._ready().slice(0, 0)
+        return rows, self.num_rows, self._topology[0]
+
+    def rows(self) -> pa.Table:
+        """Every row held, oldest insertion first (for tests, export and rebalancing)."""
+        return self._ready().sort_by("seq")
+
+    def rows_moving(self, num_shards: int) -> pa.Table:
+        """Rows whose id routes to another shard among ``num_shards`` (see ``route``)."""
+        table = self._ready()
+        if not table.num_rows:
+            return table
+        target = route(table.column("example_id"), num_shards)
+        return table.filter(pa.array(target != self.shard_id))
+
+    def stats(self) -> ShardStats:
+        tasks = Counter(self._table.column("task_name").to_pylist())
+        return ShardStats(
+            shard_id=self.shard_id, num_rows=self.num_rows, capacity_rows=self.capacity_rows,
+            rows_per_task=dict(sorted(tasks.items())), bytes=self._table.nbytes, inserted_rows=self._next_seq,
+            evicted_rows=self._evicted, sampled_rows=self._sampled, restored_rows=self._restored,
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # ------------------------------------------------------------------ topology (for the store)
+    def set_topology(self, version: int, shards: Any) -> None:
+        self._topology = (version, shards)
+
+    def topology(self) -> tuple[int, Any]:
+        return self._topology
+
+    # ------------------------------------------------------------------ state
+    def _counters(self) -> dict[str, Any]:
+        return {"next_seq": self._next_seq, "evicted": self._evicted, "sampled": self._sampled,
+                "evict_rng": self._evict_rng.bit_generator.state, "generation": self._generation,
+                "capacity_rows": self.capacity_rows, "remover": self.remover, "shard_id": self.shard_id}
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything needed to rebuild this shard: rows (one-chunk table) and counters."""
+        return {"table": self._ready(), "counters": self._counters()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        table = state["table"]
+        if table.schema.remove_metadata() != REPLAY_SCHEMA.remove_metadata():
+            raise SchemaMismatchError(f"shard state has schema {table.schema}, expected {REPLAY_SCHEMA}")
+        counters = state["counters"]
+        self._table = table.cast(REPLAY_SCHEMA)
+        self._ids = set(table.column("example_id").to_pylist())
+        self._next_seq, self._evicted = counters["next_seq"], counters["evicted"]
+        self._sampled = counters.get("sampled", 0)
+        self._evict_rng.bit_generator.state = counters["evict_rng"]
+        self._combined = False
+
+    # ------------------------------------------------------------------ durability
+    def _snapshot_path(self, generation: int) -> Path:
+        return self.directory / f"snapshot-{generation:06d}.arrow"
+
+    def _log_paths(self, generation: int) -> list[Path]:
+        return sorted(self.directory.glob(f"log-{generation:06d}-*.arrow"))
+
+    def _open_log(self) -> None:
+        # One IPC stream per file, one record batch per insert; a restarted shard starts a new file,
+        # so a torn last batch (killed mid-write, never acknowledged) can only end a file.
+        part = len(self._log_paths(self._generation))
+        self._log_file = open(self.directory / f"log-{self._generation:06d}-{part:04d}.arrow", "wb")
+        self._log = pa.ipc.new_stream(self._log_file, _LOG_SCHEMA)
+        self._log_file.flush()
+
+    def _append_log(self, rows: pa.Table | None, *, deleted: list[str] | None = None) -> None:
+        if self._log is None:
+            return
+        if rows is not None:
+            batch = pa.RecordBatch.from_arrays([*(c.combine_chunks() for c in rows.columns), pa.nulls(rows.num_rows, pa.string())],
+                                               schema=_LOG_SCHEMA)
+        else:
+            ids = pa.array(deleted, pa.string())
+            n = len(ids)
+            batch = pa.RecordBatch.from_arrays(
+                [ids, pa.array([0] * n, pa.int32()), pa.array([""] * n), pa.array([""] * n), pa.array([""] * n),
+                 pa.array([-1] * n, pa.int64()), pa.array(["delete"] * n)], schema=_LOG_SCHEMA)
+        self._log.write_batch(batch)
+        self._log_file.flush()
+        if self.fsync:
+            os.fsync(self._log_file.fileno())
+
+    def snapshot(self) -> Path | None:
+        """Write rows and counters to a new snapshot (temp name, then rename), start a new log."""
+        if self.directory is None:
+            return None
+        generation = self._generation + 1
+        path = self._snapshot_path(generation)
+        tmp = path.with_suffix(".arrow.tmp")
+        table = self._ready()
+        schema = table.schema.with_metadata({**(REPLAY_SCHEMA.metadata or {}),
+                                             b"forgetless.counters": json.dumps(self._counters()).encode()})
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table.cast(schema))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        # The new snapshot is complete: later inserts go to a fresh log; older files can go.
+        self._close_log()
+        self._generation = generation
+        self._since_snapshot = 0
+        self._open_log()
+        for old in [*self.directory.glob("snapshot-*.arrow"), *self.directory.glob("log-*.arrow")]:
+            if int(old.stem.split("-")[1]) < generation:
+                old.unlink(missing_ok=True)
+        return path
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log_file.close()
+            self._log = self._log_file = None
+
+    def close(self) -> None:
+        self._close_log()
+
+    def _restore(self) -> None:
+        for tmp in self.directory.glob("*.tmp"):
+            tmp.unlink()  # a snapshot that never finished
+        snapshots = sorted(self.directory.glob("snapshot-*.arrow"))
+        if snapshots:
+            latest = snapshots[-1]
+            table = pa.ipc.open_file(pa.memory_map(str(latest))).read_all()
+            counters = json.loads(table.schema.metadata[b"forgetless.counters"])
+            self._check_counters(counters, latest)
+            self.set_state({"table": table.replace_schema_metadata(REPLAY_SCHEMA.metadata), "counters": counters})
+            self._generation = int(latest.stem.split("-")[1])
+        replayed = 0
+        for log in self._log_paths(self._generation):
+            for batch in _read_log(log):
+                if batch.column("op").null_count == batch.num_rows:  # op null: an insert
+                    rows = pa.Table.from_batches([batch]).drop_columns(["op"]).cast(REPLAY_SCHEMA)
+                    self._apply(rows)
+                    replayed += rows.num_rows
+                else:
+                    self._apply_delete(set(batch.column("example_id").to_pylist()))
+        self._restored = self.num_rows
+        self._since_snapshot = replayed
+
+    def _check_counters(self, counters: dict[str, Any], path: Path) -> None:
+        if counters["shard_id"] != self.shard_id or counters["remover"] != self.remover:
+            raise StorageError(
+                f"{path} belongs to shard {counters['shard_id']} with remover {counters['remover']!r}, not shard "
+                f"{self.shard_id} with {self.remover!r}; point the shard at its own directory")
+        if counters["capacity_rows"] > self.capacity_rows:
+            raise StorageError(
+                f"{path} holds a shard of capacity {counters['capacity_rows']}; restoring into capacity "
+                f"{self.capacity_rows} would drop rows. Use capacity_rows >= {counters['capacity_rows']}")
+
+
+_LOG_SCHEMA = pa.schema([*REPLAY_SCHEMA, pa.field("op", pa.string())])  # op: null = insert, "delete"
+
+
+def _read_log(path: Path):
+    """The record batches of one log file, stopping quietly at a torn tail."""
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+    except (pa.ArrowInvalid, OSError):
+        return  # killed before even the schema was written
+    while True:
+        try:
+            yield reader.read_next_batch()
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError):
+            return  # torn last batch: never acknowledged

@@ -1,0 +1,235 @@
+"""ReplayShard as a plain object: schema checks, removers, samplers, log and snapshot round trips."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy import stats
+
+from storage.replay import (
+    REPLAY_SCHEMA,
+    EmptyReplayError,
+    RateLimitedError,
+    ReplayShard,
+    SchemaMismatchError,
+    route,
+)
+from storage.tables import StorageError
+
+
+def rows(start, n, task="a", task_id=0):
+    ids = [f"{task}:{i}" for i in range(start, start + n)]
+    return pa.table({"example_id": ids, "task_id": pa.array([task_id] * n, pa.int32()), "task_name": [task] * n,
+                     "source": [f"text of {i}" for i in ids], "target": [task] * n})
+
+
+def ids_of(shard):
+    return shard.rows().column("example_id").to_pylist()
+
+
+# ---------------------------------------------------------------- construction and schema
+@pytest.mark.parametrize("capacity", [0, -5, 2.5, True], ids=["zero", "negative", "float", "bool"])
+def test_capacity_must_be_a_positive_integer(capacity):
+    with pytest.raises(ValueError, match=rf"capacity_rows \({capacity!r}\) must be a positive integer"):
+        ReplayShard(capacity)
+
+
+def test_unknown_policies_list_the_choices():
+    with pytest.raises(ValueError, match=r"unknown remover 'lru'; choose one of \['fifo'"):
+        ReplayShard(10, remover="lru")
+    with pytest.raises(ValueError, match=r"unknown sampler 'prio'"):
+        ReplayShard(10, sampler="prio")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda t: t.drop_columns(["target"]), r"missing column\(s\) \['target'\]"),
+        (lambda t: t.append_column("score", pa.array([1.0] * t.num_rows)), r"unexpected column\(s\) \['score'\]"),
+        (lambda t: t.set_column(1, "task_id", pa.array(["0"] * t.num_rows)),
+         r"column 'task_id' has type string, expected int32"),
+        (lambda t: t.set_column(3, "source", pa.array(["x", None, "z"])), r"column 'source' has 1 null"),
+    ],
+    ids=["missing", "extra", "mistyped", "null"],
+)
+def test_bad_batch_is_rejected_whole_naming_the_column(mutate, message):
+    shard = ReplayShard(10)
+    shard.insert(rows(0, 2))
+    with pytest.raises(SchemaMismatchError, match=message):
+        shard.insert(mutate(rows(10, 3)))
+    assert ids_of(shard) == ["a:0", "a:1"]  # nothing of the bad batch, nothing lost
+
+
+def test_schema_error_is_also_a_type_error():
+    with pytest.raises(TypeError):
+        ReplayShard(10).insert(rows(0, 1).drop_columns(["source"]))
+
+
+def test_schema_tags_that_token_ids_are_not_cached():
+    assert REPLAY_SCHEMA.metadata[b"forgetless.token_ids"].startswith(b"none")
+
+
+def test_repeated_ids_are_stored_once():
+    shard = ReplayShard(10)
+    assert shard.insert(rows(0, 3)) == 3
+    assert shard.insert(rows(1, 3)) == 1  # a:1, a:2 already held
+    assert shard.insert(pa.concat_tables([rows(7, 1), rows(7, 1)])) == 1
+    assert sorted(ids_of(shard)) == ["a:0", "a:1", "a:2", "a:3", "a:7"]
+
+
+def test_empty_shard_sampling_is_a_clear_error():
+    with pytest.raises(EmptyReplayError, match="replay shard 0 is empty"):
+        ReplayShard(10).sample(4)
+
+
+# ---------------------------------------------------------------- removers
+def test_fifo_keeps_the_newest():
+    shard = ReplayShard(5, remover="fifo")
+    shard.insert(rows(0, 4))
+    shard.insert(rows(4, 4))
+    assert ids_of(shard) == [f"a:{i}" for i in range(3, 8)]
+    assert shard.stats().evicted_rows == 3
+
+
+def test_reservoir_exact_ids_under_a_seed():
+    shard = ReplayShard(5, remover="reservoir", seed=1)
+    for start in range(0, 20, 4):
+        shard.insert(rows(start, 4))
+    kept = sorted(ids_of(shard), key=lambda i: int(i.split(":")[1]))
+    again = ReplayShard(5, remover="reservoir", seed=1)
+    for start in range(0, 20, 4):
+        again.insert(rows(start, 4))
+    assert kept == sorted(ids_of(again), key=lambda i: int(i.split(":")[1]))
+    assert kept == ['a:5', 'a:9', 'a:10', 'a:13', 'a:17']  # pinned: a change in the draws shows here
+    assert shard.num_rows == 5 and shard.stats().evicted_rows == 15
+
+
+def test_reservoir_keeps_every_example_with_equal_probability():
+    # 400 seeded trials of 100 examples into capacity 10: each example kept ~ 400 * 10 / 100 = 40 times
+    counts = np.zeros(100)
+    for seed in range(400):
+        shard = ReplayShard(10, remover="reservoir", seed=seed)
+        for start in range(0, 100, 7):
+            shard.insert(rows(start, min(7, 100 - start)))
+        for example_id in ids_of(shard):
+            counts[int(example_id.split(":")[1])] += 1
+    assert counts.sum() == 4000
+    assert stats.chisquare(counts).pvalue > 0.001
+    assert counts[:50].sum() == pytest.approx(counts[50:].sum(), rel=0.1)  # early rows not favoured
+
+
+def test_task_balanced_remover_evicts_from_the_largest_task():
+    shard = ReplayShard(6, remover="task_balanced")
+    shard.insert(rows(0, 6, task="a"))
+    shard.insert(rows(0, 2, task="b", task_id=1))
+    assert shard.stats().rows_per_task == {"a": 4, "b": 2}
+    shard.insert(rows(0, 4, task="c", task_id=2))
+    assert shard.stats().rows_per_task == {"a": 2, "b": 2, "c": 2}
+    assert [i for i in ids_of(shard) if i.startswith("a")] == ["a:4", "a:5"]  # oldest of a went first
+
+
+# ---------------------------------------------------------------- samplers
+def test_uniform_sampling_is_seeded_and_proportional():
+    shard = ReplayShard(100, seed=3)
+    shard.insert(rows(0, 75, task="a"))
+    shard.insert(rows(0, 25, task="b", task_id=1))
+    again = ReplayShard(100, seed=3)
+    again.insert(rows(0, 75, task="a"))
+    again.insert(rows(0, 25, task="b", task_id=1))
+    sample = shard.sample(4000)
+    assert sample.column("example_id").to_pylist()[:20] == again.sample(20).column("example_id").to_pylist()
+    share_b = sample.column("task_name").to_pylist().count("b") / 4000
+    assert share_b == pytest.approx(0.25, abs=0.03)
+    assert sample.schema.equals(REPLAY_SCHEMA, check_metadata=False)
+
+
+def test_task_balanced_sampler_gives_each_task_an_equal_share():
+    shard = ReplayShard(100, sampler="task_balanced", seed=0)
+    shard.insert(rows(0, 90, task="a"))
+    shard.insert(rows(0, 10, task="b", task_id=1))
+    names = shard.sample(4000).column("task_name").to_pylist()
+    assert names.count("b") / 4000 == pytest.approx(0.5, abs=0.03)
+
+
+def test_samples_per_insert_rate_limit():
+    shard = ReplayShard(100, max_samples_per_insert=2.0, min_rows_to_sample=5)
+    shard.insert(rows(0, 4))
+    with pytest.raises(RateLimitedError, match="min_rows_to_sample=5"):
+        shard.sample(1)
+    shard.insert(rows(4, 6))  # 10 inserted: up to 20 samples
+    shard.sample(15)
+    with pytest.raises(RateLimitedError, match="would exceed 2.0 samples per inserted row"):
+        shard.sample(6)
+    shard.sample(5)
+
+
+# ---------------------------------------------------------------- durability
+@pytest.mark.parametrize("remover", ["fifo", "reservoir", "task_balanced"])
+def test_restore_from_snapshot_and_log_reproduces_the_shard(tmp_path, remover):
+    shard = ReplayShard(50, remover=remover, seed=2, directory=tmp_path, snapshot_every_rows=70)
+    for k in range(8):
+        shard.insert(rows(k * 20, 20, task="ab"[k % 2], task_id=k % 2))
+    shard.delete(["a:0", ids_of(shard)[3]])
+    before = shard.rows()
+    shard.close()
+    restored = ReplayShard(50, remover=remover, seed=2, directory=tmp_path, snapshot_every_rows=70)
+    assert restored.rows().equals(before)
+    assert restored.stats().restored_rows == before.num_rows
+    assert restored._evict_rng.bit_generator.state == shard._evict_rng.bit_generator.state
+    # and it carries on exactly as the original would have
+    restored.insert(rows(500, 20))
+    shard_again = ReplayShard(50, remover=remover, seed=2)
+    shard_again.set_state(shard.get_state())
+    shard_again.insert(rows(500, 20))
+    assert restored.rows().column("example_id").equals(shard_again.rows().column("example_id"))
+
+
+def test_snapshot_replaces_older_files(tmp_path):
+    shard = ReplayShard(10, directory=tmp_path)
+    shard.insert(rows(0, 5))
+    shard.snapshot()
+    shard.insert(rows(5, 5))
+    shard.snapshot()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["log-000002-0000.arrow", "snapshot-000002.arrow"]
+
+
+def test_torn_log_tail_and_unfinished_snapshot_are_ignored(tmp_path):
+    shard = ReplayShard(100, directory=tmp_path)
+    shard.insert(rows(0, 10))
+    shard.insert(rows(10, 10))
+    log = next(tmp_path.glob("log-*.arrow"))
+    size = log.stat().st_size
+    with open(log, "r+b") as handle:  # the process died in the middle of writing a third batch
+        handle.seek(size)
+        handle.write(b"\xff\xff\xff\xff\x40\x01\x00\x00garbage")
+    (tmp_path / "snapshot-000001.arrow.tmp").write_bytes(b"half a snapshot")
+    restored = ReplayShard(100, directory=tmp_path)
+    assert ids_of(restored) == [f"a:{i}" for i in range(20)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_restore_refuses_a_smaller_capacity_and_foreign_directories(tmp_path):
+    shard = ReplayShard(10, directory=tmp_path)
+    shard.insert(rows(0, 10))
+    shard.snapshot()
+    shard.close()
+    with pytest.raises(StorageError, match="would drop rows. Use capacity_rows >= 10"):
+        ReplayShard(5, directory=tmp_path)
+    with pytest.raises(StorageError, match="belongs to shard 0"):
+        ReplayShard(10, directory=tmp_path, shard_id=3)
+
+
+def test_insert_is_in_the_log_before_it_returns(tmp_path):
+    shard = ReplayShard(10, directory=tmp_path)
+    shard.insert(rows(0, 3))
+    # no close(): a second process reading now sees the acknowledged rows
+    assert ids_of(ReplayShard(10, directory=tmp_path)) == ["a:0", "a:1", "a:2"]
+
+
+def test_routing_is_stable_and_spread():
+    ids = [f"t:{i}" for i in range(4000)]
+    shards = route(ids, 4)
+    assert list(shards[:6]) == list(route(ids[:6], 4))
+    assert np.bincount(shards, minlength=4).min() > 900
