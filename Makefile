@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
+	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts

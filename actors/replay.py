@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,22 +95,45 @@ class ReplayStore:
                 time.sleep(min(0.05 * 2**attempt, 1.0))
         raise AssertionError("unreachable")
 
+    def _send(self, table: pa.Table) -> list[tuple[int, pa.Table, ray.ObjectRef]]:
+        table = check_batch(table)
+        targets = route(table.column("example_id"), self.num_shards)
+        order = np.argsort(targets, kind="stable")  # one take, then zero-copy slices per shard
+        grouped, bounds = table.take(pa.array(order)), np.searchsorted(targets[order], np.arange(self.num_shards + 1))
+        parts = [(i, grouped.slice(bounds[i], bounds[i + 1] - bounds[i])) for i in range(self.num_shards)
+                 if bounds[i + 1] > bounds[i]]
+        return [(i, part, self.shards[i].insert.remote(part)) for i, part in parts]
+
+    def _acknowledge(self, sent: list[tuple[int, pa.Table, ray.ObjectRef]]) -> int:
+        stored = 0
+        for i, part, ref in sent:
+            try:
+                stored += ray.get(ref)
+            except _RETRYABLE:  # the shard died with the call in flight: retry once it is back
+                stored += self._call(i, "insert", part)
+        return stored
+
     def insert(self, table: pa.Table) -> int:
         """Route rows by example id and insert them; returns rows newly stored.
 
         The batch is checked whole first (a bad column rejects all of it). Each shard's part is
         retried until acknowledged; ids already held are skipped, so retries store nothing twice.
         """
-        table = check_batch(table)
-        targets = route(table.column("example_id"), self.num_shards)
-        parts = {i: table.filter(pa.array(targets == i)) for i in np.unique(targets)}
-        refs = {i: self.shards[i].insert.remote(part) for i, part in parts.items()}
+        stored = self._acknowledge(self._send(table))
+        self._sizes = None
+        return stored
+
+    def insert_batches(self, batches: Iterable[pa.Table], *, max_in_flight: int = 16) -> int:
+        """``insert`` for a stream of batches, keeping up to ``max_in_flight`` of them unacknowledged
+        (actor round trips overlap). Every batch is acknowledged when this returns."""
+        pending: deque[list[tuple[int, pa.Table, ray.ObjectRef]]] = deque()
         stored = 0
-        for i, ref in refs.items():
-            try:
-                stored += ray.get(ref)
-            except _RETRYABLE:
-                stored += self._call(int(i), "insert", parts[i])
+        for batch in batches:
+            pending.append(self._send(batch))
+            if len(pending) > max_in_flight:
+                stored += self._acknowledge(pending.popleft())
+        while pending:
+            stored += self._acknowledge(pending.popleft())
         self._sizes = None
         return stored
 
@@ -167,7 +191,7 @@ class ReplayStore:
         else:
             self._sizes = None if len(replies) != self.num_shards else np.array([r[1] for r in replies])
         tables = [table for table, _, _ in replies]
-        return pa.concat_tables(tables).combine_chunks() if len(tables) > 1 else tables[0]
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]  # chunks, no copy
 
     def sample(self, num_rows: int) -> pa.Table:
         """``num_rows`` rows from all shards, each shard in proportion to its size (one ``ray.get``)."""
@@ -198,12 +222,16 @@ class PrefetchingSampler:
     """Keeps ``in_flight`` sample calls outstanding so a trainer never waits on replay.
 
     Each call fetches ``batches_per_call`` batches at once (one actor round trip per shard per
-    call); ``next_batch`` hands them out one at a time. A rate-limited store is retried with
+    call; default ~32k rows); ``next_batch`` hands them out one at a time. Rows are drawn with
+    replacement, so a large call changes nothing about what a batch holds. A rate-limited store is retried with
     back-off until ``timeout_s``.
     """
 
-    def __init__(self, store: ReplayStore, *, batch_size: int, in_flight: int = 4, batches_per_call: int = 4,
+    def __init__(self, store: ReplayStore, *, batch_size: int, in_flight: int = 2, batches_per_call: int | None = None,
                  timeout_s: float = 60.0):
+        # ~32k rows a call: an actor round trip costs ~1 ms, so small calls starve the consumer
+        # (8 batches of 256 a call: 0.23M rows/s; 256 batches: 1.8M rows/s, measured on 2 cores).
+        batches_per_call = batches_per_call or max(1, 32768 // max(1, batch_size))
         if batch_size <= 0 or in_flight <= 0 or batches_per_call <= 0:
             raise ValueError("batch_size, in_flight and batches_per_call must be positive")
         self.store, self.batch_size = store, batch_size

@@ -52,11 +52,16 @@ def test_tiny_config_end_to_end(cli, tmp_path, mlflow_store):
     assert answer.strip() in {"positive", "negative", "neutral"}
 
 
-def test_two_workers_zero3(cli, toy_config_file, tmp_path):
+def test_two_workers_zero3_with_a_replay_store(cli, toy_config_file, tmp_path):
     path = toy_config_file(num_workers=2, zero_stage=3, max_steps=8)
-    result = cli("run", str(path), "--no-progress")
+    result = cli("run", str(path), "replay.enabled=true", "replay.num_shards=2", "replay.rows_per_task=20",
+                 "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    replay = report["replay"]
+    assert replay["rows_per_task"] == {"category": 20, "first_word": 20}
+    assert replay["num_shards"] == 2 and sum(replay["rows_per_shard"]) == 40
+    assert sorted(p.name for p in (tmp_path / "out" / "replay").iterdir()) == ["shard-000", "shard-001"]
     assert np.array(report["acc_matrix"], dtype=float).shape == (2, 2)
     assert report["status"] == "FINISHED"
     model = AutoModelForSeq2SeqLM.from_pretrained(report["checkpoints"]["first_word"])

@@ -1,0 +1,190 @@
+"""The replay store on a real local Ray: routing, proportional sampling, scale-out, faults, load."""
+
+import os
+import pickle
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from actors.replay import PrefetchingSampler, ReplayStore
+from pipelines.config import ReplayConfig
+from storage.replay import EmptyReplayError, SchemaMismatchError, route
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    yield
+    ray.shutdown()
+
+
+def rows(ids, task="a"):
+    n = len(ids)
+    return pa.table({"example_id": list(ids), "task_id": pa.array([0] * n, pa.int32()), "task_name": [task] * n,
+                     "source": [f"text {i}" for i in ids], "target": ["x"] * n})
+
+
+def make_store(tmp_path=None, **overrides):
+    config = ReplayConfig(enabled=True, **{"num_shards": 2, "capacity_rows": 10_000, "remover": "fifo", **overrides})
+    return ReplayStore.create(config, directory=tmp_path, seed=0)
+
+
+def ids_by_shard(store):
+    return [set(ray.get(s.rows.remote()).column("example_id").to_pylist()) for s in store.shards]
+
+
+def test_inserts_are_routed_by_example_id():
+    store = make_store(num_shards=3)
+    ids = [f"t:{i}" for i in range(300)]
+    assert store.insert(rows(ids)) == 300
+    for index, held in enumerate(ids_by_shard(store)):
+        assert held == {i for i, target in zip(ids, route(ids, 3)) if target == index}
+    store.shutdown()
+
+
+def test_bad_batch_is_rejected_before_any_shard_sees_it():
+    store = make_store()
+    with pytest.raises(SchemaMismatchError, match="missing column"):
+        store.insert(rows([f"t:{i}" for i in range(10)]).drop_columns(["target"]))
+    assert store.num_rows() == 0
+    store.shutdown()
+
+
+def test_sampling_an_empty_store_is_a_clear_error_not_a_hang():
+    store = make_store()
+    started = time.monotonic()
+    with pytest.raises(EmptyReplayError, match="the replay store is empty"):
+        store.sample(8)
+    assert time.monotonic() - started < 10
+    store.shutdown()
+
+
+def test_samples_follow_shard_sizes():
+    store = make_store(num_shards=2)
+    candidates = [f"t:{i}" for i in range(4000)]
+    targets = route(candidates, 2)
+    chosen = [i for i, t in zip(candidates, targets) if t == 0][:900] + [i for i, t in zip(candidates, targets)
+                                                                          if t == 1][:300]
+    store.insert(rows(chosen))
+    sample = store.sample(6000)
+    from_first = np.mean(route(sample.column("example_id").to_pylist(), 2) == 0)
+    assert from_first == pytest.approx(0.75, abs=0.03)
+    store.shutdown()
+
+
+def test_add_shards_moves_rows_without_loss_or_duplicates_and_old_handles_follow():
+    store = make_store(num_shards=2)
+    ids = [f"t:{i}" for i in range(2000)]
+    store.insert(rows(ids))
+    stale = pickle.loads(pickle.dumps(store))  # a copy held by a trainer, before scaling out
+    moved = store.add_shards(2)
+    held = ids_by_shard(store)
+    assert sum(len(h) for h in held) == 2000 and set().union(*held) == set(ids)
+    for index, shard_ids in enumerate(held):
+        assert all(route([i], 4)[0] == index for i in shard_ids)
+    assert moved == sum(len(h) for h in held[2:]) > 0
+    # the stale copy learns the new topology from a reply and then samples from all four shards
+    stale.sample(100)
+    assert stale.num_shards == 4
+    seen = route(stale.sample(4000).column("example_id").to_pylist(), 4)
+    assert set(seen.tolist()) == {0, 1, 2, 3}
+    store.shutdown()
+
+
+def test_killed_shard_restarts_holding_exactly_the_acknowledged_rows(tmp_path):
+    store = make_store(tmp_path, num_shards=2, snapshot_every_rows=300)
+    acknowledged: list[str] = []
+    victim = store.shards[0]
+    pid = ray.get(victim.pid.remote())
+    killer = threading.Timer(0.5, os.kill, args=(pid, signal.SIGKILL))  # lands mid-stream, maybe mid-call
+    killer.start()
+    for batch in range(120):
+        ids = [f"t:{batch}:{i}" for i in range(50)]
+        store.insert(rows(ids))  # returns only when every part is acknowledged (retried if needed)
+        acknowledged.extend(ids)
+        time.sleep(0.01)
+    killer.join()
+    held = ids_by_shard(store)
+    assert set().union(*held) == set(acknowledged)
+    assert sum(len(h) for h in held) == len(acknowledged)
+    stats = store.stats()[0]
+    assert ray.get(victim.pid.remote()) != pid
+    assert stats.restored_rows > 0  # it came back from its snapshot and log, not empty
+    store.shutdown()
+
+
+def test_store_restarts_from_its_directory(tmp_path):
+    store = make_store(tmp_path)
+    store.insert(rows([f"t:{i}" for i in range(100)]))
+    store.shutdown()
+    again = make_store(tmp_path)
+    assert again.num_rows() == 100
+    again.shutdown()
+
+
+def test_four_writers_and_two_samplers(tmp_path):
+    store = make_store(tmp_path, num_shards=4, capacity_rows=100_000)
+    store.insert(rows(["seed:0"]))
+    acknowledged = [1]
+    sampled = []
+    stop = time.monotonic() + 6
+    lock = threading.Lock()
+
+    def writer(w):
+        handle = pickle.loads(pickle.dumps(store))
+        k = 0
+        while time.monotonic() < stop:
+            n = handle.insert(rows([f"w{w}:{k}:{i}" for i in range(100)]))
+            with lock:
+                acknowledged.append(n)
+            k += 1
+
+    def sampler():
+        handle = pickle.loads(pickle.dumps(store))
+        while time.monotonic() < stop:
+            sampled.append(handle.sample(64).num_rows)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)] + [
+        threading.Thread(target=sampler) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert store.num_rows() == sum(acknowledged) > 1000
+    assert len(store.rows().column("example_id").unique()) == sum(acknowledged)
+    assert sampled and set(sampled) == {64}
+    store.shutdown()
+
+
+def test_prefetching_sampler_hands_out_full_batches():
+    store = make_store()
+    store.insert(rows([f"t:{i}" for i in range(500)]))
+    sampler = PrefetchingSampler(store, batch_size=32, in_flight=3, batches_per_call=2)
+    batches = [sampler.next_batch() for _ in range(20)]
+    assert all(b.num_rows == 32 for b in batches)
+    sampler.close()
+    store.shutdown()
+
+
+def test_prefetching_sampler_waits_out_the_rate_limit():
+    store = make_store(num_shards=1, max_samples_per_insert=1.0)
+    store.insert(rows([f"t:{i}" for i in range(64)]))
+    sampler = PrefetchingSampler(store, batch_size=32, in_flight=1, batches_per_call=1, timeout_s=20)
+    sampler.next_batch()
+    sampler.next_batch()  # 64 sampled of 64 inserted: the next call must wait for inserts
+
+    def insert_later():
+        time.sleep(1.0)
+        store.insert(rows([f"u:{i}" for i in range(64)]))
+
+    threading.Thread(target=insert_later).start()
+    started = time.monotonic()
+    assert sampler.next_batch().num_rows == 32
+    assert time.monotonic() - started >= 0.5
+    store.shutdown()
