@@ -21,7 +21,7 @@ import yaml
 from actors.replay import ReplayStore
 from actors.tracking import MlflowSink
 from pipelines.config import RunConfig, flatten
-from pipelines.learner import EvalSet, TaskPlan
+from pipelines.learner import EvalSet, TaskPlan, checkpoint_dir
 from pipelines.metrics import ForgettingMatrix
 from pipelines.plots import plot_heatmap
 from pipelines.strategies import build_strategy
@@ -49,7 +49,7 @@ class Scheduler:
         self.sink.log_params(flatten(config))
         self.sink.log_params({"stream.num_tasks": len(stream)})
         self.replay: ReplayStore | None = None
-        if config.replay.enabled:
+        if config.replay.enabled or self.strategy.replay_ratio > 0:
             self.replay = ReplayStore.create(config.replay, seed=config.seed,
                                              directory=config.replay.directory or self.output_dir / "replay")
         self._cursors: dict[int, int] = {}
@@ -82,9 +82,13 @@ class Scheduler:
         self._cursors[rank] = index + 1
         if index not in self._plans:
             task = self.stream[index]
+            teacher = None
+            if self.strategy.needs_teacher and index:  # saved by the trainers before any asks for this plan
+                teacher = str(checkpoint_dir(self.output_dir, index - 1, self.stream[index - 1].name))
+            max_steps = self.strategy.plan_max_steps(self.stream, index, self.config.training) or task.max_steps
             self._plans = {index: TaskPlan(index=index, name=task.name,
                                            examples=self.strategy.training_examples(self.stream, index),
-                                           epochs=task.epochs, max_steps=task.max_steps)}
+                                           epochs=task.epochs, max_steps=max_steps, teacher_dir=teacher)}
             self._progress.update(phase="train", task_index=index, task=task.name, step=0, num_steps=0, loss=None)
         return self._plans[index]
 
@@ -186,6 +190,10 @@ class Scheduler:
             "metrics": metrics,
             "metrics_per_task": self._history,
             "strategy": self.config.strategy.name,
+            "strategy_config": self.config.strategy.model_dump(mode="json", by_alias=True),
+            **({"note": "joint trains once, at the last task, on every task's data: only the final row "
+                        "(and avg_acc) is meaningful; forgetting, bwt and fwt are not defined for it"}
+               if self.config.strategy.name == "joint" else {}),
             "experiment": self.config.experiment,
             "seed": self.config.seed,
             "complete": rows == len(self.stream),

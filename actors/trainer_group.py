@@ -16,9 +16,10 @@ import ray.train
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from actors.replay import PrefetchingSampler
 from actors.scheduler import format_exception
 from pipelines.config import RunConfig
-from pipelines.learner import Learner, silence_library_noise
+from pipelines.learner import Learner, checkpoint_dir, replayed_per_batch, silence_library_noise
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -46,14 +47,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if leader and ((step + 1) % every == 0 or step + 1 == total):
                     scheduler.log_step.remote(index, step, total, loss, learner.global_step)
 
-            stats = learner.train_task(plan, on_step=on_step)
+            sampler = None
+            if learner.strategy.replay_ratio and plan.index > 0 and plan.examples is not None:
+                store = ray.get(scheduler.replay_store.remote())
+                per_batch = replayed_per_batch(config.training.micro_batch_size, learner.strategy.replay_ratio)
+                sampler = PrefetchingSampler(store, batch_size=per_batch) if per_batch else None
+            stats = learner.train_task(plan, on_step=on_step, replay=sampler.next_batch if sampler else None)
+            if sampler is not None:
+                sampler.close()
             started = time.perf_counter()
             accuracies = learner.evaluate(eval_sets)
             stats["eval_seconds"] = time.perf_counter() - started
             checkpoint = None
-            if config.checkpoint.models == "all" or plan.index == len(eval_sets) - 1:
-                directory = Path(config.output_dir) / "checkpoints" / f"task-{plan.index:02d}-{plan.name}"
-                checkpoint = str(learner.save(directory))
+            if (config.checkpoint.models == "all" or plan.index == len(eval_sets) - 1
+                    or learner.strategy.needs_teacher):
+                checkpoint = str(learner.save(checkpoint_dir(config.output_dir, plan.index, plan.name)))
             if leader:
                 ray.get(scheduler.record_eval.remote(plan.index, accuracies, train_stats=stats, checkpoint=checkpoint))
     except Exception as exc:

@@ -39,7 +39,7 @@ CONFIG = REPO / "configs" / "tiny" / "naive.yaml"
 
 
 def _batches(learner: Learner, plan: TaskPlan, n: int) -> list[dict[str, torch.Tensor]]:
-    it = learner._batches(plan)
+    it = learner.batches(plan)
     return [next(it) for _ in range(n)]
 
 

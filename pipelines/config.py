@@ -173,6 +173,7 @@ class MlflowConfig(Schema):
     tracking_uri: str | None = None  # None: sqlite:///<cwd>/mlflow.db
     experiment_name: str = "forgetless"
     run_name: str | None = None
+    parent_run_id: str | None = None  # set by `forgetless compare`: runs become children of it
 
 
 class RayConfig(Schema):
@@ -187,8 +188,65 @@ class NaiveStrategyConfig(Schema):
     name: Literal["naive"] = "naive"
 
 
-STRATEGY_CONFIGS: dict[str, type[Schema]] = {"naive": NaiveStrategyConfig}
-StrategyConfig = NaiveStrategyConfig
+class JointStrategyConfig(Schema):
+    """One training on every task's data at once (the multitask upper bound). Only the final row
+    of its matrix is meaningful: earlier rows are the untrained model."""
+
+    name: Literal["joint"] = "joint"
+
+
+class CumulativeStrategyConfig(Schema):
+    """At each task, train on all data seen so far."""
+
+    name: Literal["cumulative"] = "cumulative"
+
+
+class ReplayStrategyConfig(Schema):
+    """Mix examples of earlier tasks, sampled from the replay store, into each new task's batches."""
+
+    name: Literal["replay"] = "replay"
+    replay_ratio: float = Field(default=0.3, gt=0, lt=1)  # share of each micro-batch drawn from replay
+
+
+class LwfStrategyConfig(Schema):
+    """Learning without Forgetting: distil the model saved at the previous task boundary (frozen)
+    into the student on the new task's inputs. loss = (1 - alpha) * CE + alpha * distillation."""
+
+    name: Literal["lwf"] = "lwf"
+    variant: Literal["kl", "mse", "pseudo_labels"] = "kl"
+    temperature: float = Field(default=2.0, gt=0)  # kl: softmax(logits / T); T = 2 ~ square-root probabilities
+    alpha: float = Field(default=0.5, ge=0, le=1)
+
+
+class EwcStrategyConfig(Schema):
+    """Elastic weight consolidation: diagonal Fisher after each task, penalty lambda/2 F (w - w*)^2."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    name: Literal["ewc"] = "ewc"
+    ewc_lambda: float = Field(default=100.0, ge=0, alias="lambda")
+    fisher_batches: int = Field(default=16, gt=0)
+
+
+STRATEGY_CONFIGS: dict[str, type[Schema]] = {
+    "naive": NaiveStrategyConfig, "joint": JointStrategyConfig, "cumulative": CumulativeStrategyConfig,
+    "replay": ReplayStrategyConfig, "lwf": LwfStrategyConfig, "ewc": EwcStrategyConfig,
+}
+StrategyConfig = Annotated[
+    Union[NaiveStrategyConfig, JointStrategyConfig, CumulativeStrategyConfig, ReplayStrategyConfig,
+          LwfStrategyConfig, EwcStrategyConfig],
+    Field(discriminator="name"),
+]
+
+
+class StrategySettings(Schema):
+    """Settings per strategy, for ``forgetless compare`` (each entry is that strategy's block)."""
+
+    naive: NaiveStrategyConfig = NaiveStrategyConfig()
+    joint: JointStrategyConfig = JointStrategyConfig()
+    cumulative: CumulativeStrategyConfig = CumulativeStrategyConfig()
+    replay: ReplayStrategyConfig = ReplayStrategyConfig()
+    lwf: LwfStrategyConfig = LwfStrategyConfig()
+    ewc: EwcStrategyConfig = EwcStrategyConfig()
 
 
 class RunConfig(Schema):
@@ -202,6 +260,7 @@ class RunConfig(Schema):
     checkpoint: CheckpointConfig = CheckpointConfig()
     replay: ReplayConfig = ReplayConfig()
     strategy: StrategyConfig = NaiveStrategyConfig()
+    strategies: StrategySettings = StrategySettings()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
 
@@ -209,11 +268,34 @@ class RunConfig(Schema):
     @classmethod
     def _known_strategy(cls, data: Any) -> Any:
         strategy = data.get("strategy") if isinstance(data, dict) else None
-        if isinstance(strategy, dict) and strategy.get("name", "naive") not in STRATEGY_CONFIGS:
-            raise ValueError(
-                f"unknown strategy {strategy.get('name')!r}; choose one of {sorted(STRATEGY_CONFIGS)}"
-            )
+        if isinstance(strategy, dict):
+            if strategy.get("name", "naive") not in STRATEGY_CONFIGS:
+                raise ValueError(
+                    f"unknown strategy {strategy.get('name')!r}; choose one of {sorted(STRATEGY_CONFIGS)}"
+                )
+            data = {**data, "strategy": {"name": "naive", **strategy}}
         return data
+
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> RunConfig:
+        if self.strategy.name == "ewc" and self.training.zero_stage == 3:
+            raise ValueError("strategy ewc needs full parameters on every worker: use training.zero_stage <= 2")
+        return self
+
+    def with_strategy(self, name: str, *, seed: int | None = None, output_dir: str | None = None,
+                      parent_run_id: str | None = None) -> RunConfig:
+        """This config running strategy ``name`` with its settings from ``strategies``."""
+        if name not in STRATEGY_CONFIGS:
+            raise ConfigError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGY_CONFIGS)}")
+        data = self.model_dump(by_alias=True)
+        data["strategy"] = getattr(self.strategies, name).model_dump(by_alias=True)
+        if seed is not None:
+            data["seed"] = seed
+        if output_dir is not None:
+            data["output_dir"] = output_dir
+        if parent_run_id is not None:
+            data["mlflow"]["parent_run_id"] = parent_run_id
+        return validate_config(data, origin=f"strategy {name}")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -228,12 +310,17 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+_UNION_FIELDS = {"source", "strategy"}
+_UNION_TAGS = {"builtin", "file", "hf", *STRATEGY_CONFIGS}
+
+
 def _format_problems(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        # discriminated unions put the tag in the path (source.builtin.name): drop it.
-        path = path.replace(".builtin", "").replace(".file", "").replace(".hf", "")
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        # discriminated unions put the tag in the path (source.builtin.name, strategy.lwf.alpha): drop it
+        loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] in _UNION_FIELDS and p in _UNION_TAGS)]
+        path = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         problems.append(f"{path}: {msg}" if path else msg)
     return problems

@@ -35,9 +35,10 @@ class TaskPlan:
 
     index: int
     name: str
-    examples: pa.Table  # columns source (prefix applied), target
+    examples: pa.Table | None  # columns source (prefix applied), target; None: no training at this task
     epochs: float | None = None
     max_steps: int | None = None
+    teacher_dir: str | None = None  # the model after the previous task, for distillation
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ class EvalSet:
 
 
 StepCallback = Callable[[int, int, float], None]  # (step, num_steps, loss)
+ReplaySource = Callable[[], pa.Table]  # a table of replayed (source, target) rows per call
+
+
+def checkpoint_dir(output_dir: str | Path, index: int, name: str) -> Path:
+    """Where the model after task ``index`` is saved (the next task's teacher, for distillation)."""
+    return Path(output_dir) / "checkpoints" / f"task-{index:02d}-{name}"
+
+
+def replayed_per_batch(micro_batch_size: int, replay_ratio: float) -> int:
+    """Rows of a micro-batch drawn from replay: round(size x ratio), at least 1, leaving 1 new row."""
+    return min(micro_batch_size - 1, max(1, round(micro_batch_size * replay_ratio))) if micro_batch_size > 1 else 0
 
 
 def init_distributed() -> None:
@@ -138,17 +150,36 @@ class Learner:
         return {"input_ids": input_ids.to(device), "attention_mask": (input_ids != pad).to(device),
                 "labels": label_ids.to(device)}
 
-    def _batches(self, plan: TaskPlan) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless micro-batches of this rank's share, reshuffled each epoch with a seeded generator."""
+    def batches(self, plan: TaskPlan, replay: ReplaySource | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless micro-batches of this rank's share, reshuffled each epoch with a seeded generator.
+
+        With ``replay``, each micro-batch holds ``replay_ratio`` x size replayed rows and the rest
+        from the plan.
+        """
         inputs, labels = self._encode(plan.examples.column("source").to_pylist(),
                                       plan.examples.column("target").to_pylist())
         size = self.config.training.micro_batch_size
+        num_replayed = replayed_per_batch(size, self.strategy.replay_ratio) if replay else 0
+        size -= num_replayed
         for epoch in range(10**9):
             rng = np.random.default_rng([self.config.seed, plan.index, epoch])
             order = rng.permutation(len(inputs))[self.rank :: self.world_size]
             for start in range(0, len(order), size):
                 chosen = order[start : start + size]
-                yield self._collate([inputs[i] for i in chosen], [labels[i] for i in chosen])
+                batch_inputs, batch_labels = [inputs[i] for i in chosen], [labels[i] for i in chosen]
+                if num_replayed:
+                    rows = replay()
+                    more_inputs, more_labels = self._encode(rows.column("source").to_pylist(),
+                                                            rows.column("target").to_pylist())
+                    batch_inputs, batch_labels = batch_inputs + more_inputs, batch_labels + more_labels
+                yield self._collate(batch_inputs, batch_labels)
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors across ranks, in place (no-op with one rank)."""
+        if self.world_size > 1:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+                tensor /= self.world_size
 
     # ------------------------------------------------------------------ training
     def _check_finite(self, loss: torch.Tensor, plan: TaskPlan, step: int) -> None:
@@ -158,22 +189,30 @@ class Learner:
         if bad.item():
             raise NonFiniteLossError(plan.name, step, float(loss.item()))
 
-    def train_task(self, plan: TaskPlan, on_step: StepCallback | None = None) -> dict[str, float]:
+    def train_task(self, plan: TaskPlan, on_step: StepCallback | None = None,
+                   replay: ReplaySource | None = None) -> dict[str, float]:
         """Train on one task plan; returns steps, mean loss, seconds, and wall-clock start/end."""
+        started_at, start = time.time(), time.perf_counter()
+        if plan.examples is None:  # the strategy trains nothing at this task (joint before the last)
+            return {"steps": 0, "mean_loss": float("nan"), "seconds": 0.0, "started_at": started_at,
+                    "ended_at": time.time(), "examples": 0}
         training = self.config.training
         global_batch = training.micro_batch_size * training.grad_accum_steps * self.world_size
         total = num_steps(plan.examples.num_rows, epochs=plan.epochs or training.epochs,
                           max_steps=plan.max_steps or (None if plan.epochs else training.max_steps),
                           global_batch=global_batch)
-        batches = self._batches(plan)
+        self.strategy.before_task(self, plan)
+        batches = self.batches(plan, replay)
         self.engine.train()
-        started_at, start, losses = time.time(), time.perf_counter(), []
+        losses, examples = [], 0
         for step in range(total):
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr_at(step, total, training)
             step_loss = 0.0
             for _ in range(training.grad_accum_steps):
-                loss = self.strategy.loss(self.engine, next(batches))
+                batch = next(batches)
+                examples += batch["input_ids"].shape[0]
+                loss = self.strategy.loss(self.engine, batch)
                 self._check_finite(loss, plan, step)
                 self.engine.backward(loss)
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
@@ -182,8 +221,10 @@ class Learner:
             self.global_step += 1
             if on_step is not None:
                 on_step(step, total, step_loss)
-        return {"steps": total, "mean_loss": float(np.mean(losses)), "seconds": time.perf_counter() - start,
-                "started_at": started_at, "ended_at": time.time()}
+        seconds = time.perf_counter() - start
+        self.strategy.after_task(self, plan)
+        return {"steps": total, "mean_loss": float(np.mean(losses)), "seconds": seconds,
+                "started_at": started_at, "ended_at": time.time(), "examples": examples}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

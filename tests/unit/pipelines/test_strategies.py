@@ -1,0 +1,185 @@
+"""Strategies: data selection (scheduler side), losses and state (worker side)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.config import ReplayStrategyConfig, validate_config
+from pipelines.errors import ConfigError
+from pipelines.learner import Learner, TaskPlan, replayed_per_batch, silence_library_noise
+from pipelines.models import build_tokenizer
+from pipelines.strategies import EWC, STRATEGIES, build_strategy, distillation_loss
+from pipelines.tasks import load_stream
+
+silence_library_noise()
+
+
+def test_kl_distillation_hand_computed_with_temperature_squared_and_padding_mask():
+    # one sequence, two positions, vocabulary of 2; the second position is padding (-100)
+    student = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])
+    teacher = torch.tensor([[[2.0, 0.0], [-5.0, 5.0]]])
+    labels = torch.tensor([[1, -100]])
+    t = 2.0
+    p = torch.softmax(torch.tensor([2.0, 0.0]) / t, dim=0)  # teacher softened: [0.731, 0.269]
+    q = torch.tensor([0.5, 0.5])  # student softened
+    # KL = 0.7311 ln(0.7311 / 0.5) + 0.2689 ln(0.2689 / 0.5) = 0.2777 - 0.1667 = 0.1110; x T^2 = 0.4438
+    expected = float((p * (p / q).log()).sum()) * t**2
+    got = distillation_loss(student, teacher, labels, variant="kl", temperature=t)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.4438, abs=1e-3)
+
+
+def test_mse_distillation_masks_padding():
+    student = torch.tensor([[[1.0, 3.0], [100.0, 100.0]]])
+    teacher = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
+    labels = torch.tensor([[4, -100]])
+    assert distillation_loss(student, teacher, labels, variant="mse", temperature=1.0).item() == pytest.approx(2.5)
+
+
+def test_distillation_of_identical_logits_is_zero():
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    assert distillation_loss(logits, logits, labels, variant="kl", temperature=2.0).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_strategy_registry_matches_the_config_schema():
+    from pipelines.config import STRATEGY_CONFIGS
+
+    assert set(STRATEGIES) == set(STRATEGY_CONFIGS)
+
+
+def test_bad_strategy_settings_are_all_reported_before_training(toy_stream_config):
+    toy_stream_config["strategies"] = {"replay": {"replay_ratio": 1.0}, "lwf": {"temperature": 0, "alpha": 1.5},
+                                       "ewc": {"lambda": -1}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(toy_stream_config)
+    problems = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 4
+    for path in ("strategies.replay.replay_ratio", "strategies.lwf.temperature", "strategies.lwf.alpha",
+                 "strategies.ewc.lambda"):
+        assert path in problems
+    toy_stream_config.pop("strategies")
+    toy_stream_config["strategy"] = {"name": "replay", "replay_ratio": 0}
+    with pytest.raises(ConfigError, match="strategy.replay_ratio: Input should be greater than 0"):
+        validate_config(toy_stream_config)
+
+
+def test_ewc_refuses_zero3(toy_stream_config):
+    toy_stream_config["strategy"] = {"name": "ewc"}
+    toy_stream_config["training"]["zero_stage"] = 3
+    with pytest.raises(ConfigError, match="ewc needs full parameters"):
+        validate_config(toy_stream_config)
+
+
+def test_with_strategy_takes_the_settings_from_strategies(toy_stream_config):
+    toy_stream_config["strategies"] = {"replay": {"replay_ratio": 0.25}, "ewc": {"lambda": 7}}
+    config = validate_config(toy_stream_config)
+    assert config.with_strategy("replay", seed=3).strategy == ReplayStrategyConfig(replay_ratio=0.25)
+    assert config.with_strategy("replay", seed=3).seed == 3
+    assert config.with_strategy("ewc").strategy.ewc_lambda == 7
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'"):
+        config.with_strategy("nope")
+
+
+def test_joint_sees_every_task_in_one_training_with_the_summed_budget(toy_stream_config):
+    toy_stream_config["strategy"] = {"name": "joint"}
+    config = validate_config(toy_stream_config)
+    stream = load_stream(config)
+    joint = build_strategy(config.strategy)
+    assert joint.training_examples(stream, 0) is None
+    everything = joint.training_examples(stream, 1)
+    assert everything.num_rows == sum(t.train.num_rows for t in stream)
+    assert set(everything.column("target").to_pylist()) == set(stream[0].targets("train")) | set(
+        stream[1].targets("train"))
+    assert joint.plan_max_steps(stream, 1, config.training) == 2 * config.training.max_steps
+
+
+def test_cumulative_trains_on_everything_so_far(toy_stream_config):
+    config = validate_config({**toy_stream_config, "strategy": {"name": "cumulative"}})
+    stream = load_stream(config)
+    cumulative = build_strategy(config.strategy)
+    assert cumulative.training_examples(stream, 0).num_rows == stream[0].train.num_rows
+    assert cumulative.training_examples(stream, 1).num_rows == stream[0].train.num_rows + stream[1].train.num_rows
+
+
+def test_replayed_rows_per_batch():
+    assert replayed_per_batch(16, 0.3) == 5
+    assert replayed_per_batch(16, 0.01) == 1
+    assert replayed_per_batch(4, 0.99) == 3  # always one new example
+
+
+def _learner(config_dict, tmp_path, strategy):
+    config = validate_config({**config_dict, "strategy": strategy})
+    stream = load_stream(config)
+    tokenizer_dir = tmp_path / "tokenizer"
+    build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
+    learner = Learner(config, tokenizer_dir)
+    return learner, stream
+
+
+def _plan(learner, stream, index, **kwargs):
+    return TaskPlan(index, stream[index].name, learner.strategy.training_examples(stream, index), **kwargs)
+
+
+def test_lwf_teacher_is_frozen_and_never_changes(toy_stream_config, tmp_path):
+    toy_stream_config["training"]["max_steps"] = 10
+    learner, stream = _learner(toy_stream_config, tmp_path, {"name": "lwf", "alpha": 0.5})
+    learner.train_task(_plan(learner, stream, 0))
+    teacher_dir = learner.save(tmp_path / "after-0")
+    plan = _plan(learner, stream, 1, teacher_dir=str(teacher_dir))
+    learner.strategy.before_task(learner, plan)
+    teacher = learner.strategy.teacher
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    learner.strategy.after_task = lambda *a: None  # keep the teacher to inspect it afterwards
+    learner.strategy.before_task = lambda *a: None
+    losses = []
+    learner.train_task(plan, on_step=lambda s, n, loss: losses.append(loss))
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    student = learner.model.state_dict()
+    assert any(not torch.equal(student[k], before[k]) for k in before)  # the student did move
+    assert all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("variant", ["mse", "pseudo_labels"])
+def test_lwf_variants_train(variant, toy_stream_config, tmp_path):
+    toy_stream_config["training"]["max_steps"] = 4
+    learner, stream = _learner(toy_stream_config, tmp_path, {"name": "lwf", "variant": variant})
+    learner.train_task(_plan(learner, stream, 0))
+    teacher_dir = learner.save(tmp_path / "after-0")
+    stats = learner.train_task(_plan(learner, stream, 1, teacher_dir=str(teacher_dir)))
+    assert stats["steps"] == 4 and math.isfinite(stats["mean_loss"])
+
+
+def test_ewc_penalty_zero_at_the_anchor_positive_away(toy_stream_config, tmp_path):
+    toy_stream_config["training"]["max_steps"] = 5
+    learner, stream = _learner(toy_stream_config, tmp_path, {"name": "ewc", "lambda": 10.0, "fisher_batches": 3})
+    ewc: EWC = learner.strategy
+    learner.train_task(_plan(learner, stream, 0))  # after_task estimates the Fisher
+    assert ewc.fisher and all(f.min() >= 0 for f in ewc.fisher.values())
+    assert sum(f.sum().item() for f in ewc.fisher.values()) > 0
+    assert ewc.penalty(learner.model).item() == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(0.01)
+    assert ewc.penalty(learner.model).item() > 0
+    fisher_after_one = {k: v.clone() for k, v in ewc.fisher.items()}
+    learner.train_task(_plan(learner, stream, 1))
+    grown = [bool((ewc.fisher[k] >= fisher_after_one[k]).all()) for k in fisher_after_one]
+    assert all(grown)  # Fisher information accumulates over tasks
+
+
+def test_replay_mixes_replayed_rows_into_each_batch(toy_stream_config, tmp_path):
+    learner, stream = _learner(toy_stream_config, tmp_path, {"name": "replay", "replay_ratio": 0.25})
+    import pyarrow as pa
+
+    replayed = pa.table({"source": ["category: red dog"] * 2, "target": ["color"] * 2})
+    batches = learner.batches(_plan(learner, stream, 1), replay=lambda: replayed)
+    batch = next(batches)
+    assert batch["input_ids"].shape[0] == 8  # 6 new + 2 replayed
+    text = learner.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert text[-2:] == ["category: red dog"] * 2
+    assert np.all(["first word" in t for t in text[:6]])
