@@ -1,6 +1,7 @@
 """``forgetless`` command line.
 
   forgetless run CONFIG [key=value ...]     train the stream, print the matrix, write report.json
+  forgetless compare CONFIG --strategies naive,replay --seeds 3 [key=value ...]
   forgetless validate CONFIG [key=value ...] check a config (and its data) without training
 """
 
@@ -57,6 +58,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from actors.compare import compare, parse_strategies
+    from pipelines.config import load_config
+
+    strategies = parse_strategies(args.strategies)
+    config = load_config(args.config, args.overrides)
+    result = compare(config, strategies, seeds=args.seeds, progress=not args.no_progress)
+    out = Path(config.output_dir).resolve()
+    print("\n" + (out / "comparison.md").read_text())
+    print(f"comparison: {out / 'comparison.json'}\nplots:      {out / 'first_task_accuracy.png'}, {out / 'heatmaps.png'}")
+    print(f"MLflow:     parent run {result['mlflow']['parent_run_id']} in {result['mlflow']['tracking_uri']}")
+    failed = [r for e in result["strategies"].values() for r in e["runs"] if r["status"] != "FINISHED"]
+    return 1 if failed else 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from pipelines.config import load_config, resolve_paths
     from pipelines.tasks import load_stream
@@ -72,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetless", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (("run", _run, "train a task stream and measure forgetting"),
+                                  ("compare", _compare, "run several strategies on the same stream and seeds"),
                                   ("validate", _validate, "check a config and load its data, no training")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="experiment YAML, e.g. configs/tiny/naive.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=1e-4")
-        if name == "run":
+        if name in ("run", "compare"):
             p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+        if name == "compare":
+            p.add_argument("--strategies", default="naive,cumulative,replay,lwf,ewc,joint",
+                           help="comma-separated, e.g. naive,replay,lwf,joint")
+            p.add_argument("--seeds", type=int, default=1, help="seeds per strategy: seed, seed+1, ...")
         p.set_defaults(func=func)
     return parser
 
@@ -89,7 +110,13 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     signal.signal(signal.SIGTERM, _terminate)  # a killed job ends its MLflow run KILLED, not RUNNING
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after the options
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except ForgetlessError as exc:

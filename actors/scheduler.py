@@ -43,8 +43,10 @@ class Scheduler:
         self.output_dir = Path(config.output_dir)
         self.sink = sink or MlflowSink.start(
             config.mlflow.tracking_uri, config.mlflow.experiment_name,
-            run_name=config.mlflow.run_name or config.experiment,
-            tags={"forgetless.strategy": config.strategy.name, "forgetless.tasks": ",".join(stream.names)},
+            run_name=config.mlflow.run_name or (f"{config.strategy.name}-seed{config.seed}"
+                                                if config.mlflow.parent_run_id else config.experiment),
+            tags={"forgetless.strategy": config.strategy.name, "forgetless.tasks": ",".join(stream.names),
+                  **({"mlflow.parentRunId": config.mlflow.parent_run_id} if config.mlflow.parent_run_id else {})},
         )
         self.sink.log_params(flatten(config))
         self.sink.log_params({"stream.num_tasks": len(stream)})

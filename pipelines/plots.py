@@ -35,3 +35,47 @@ def plot_heatmap(matrix: ForgettingMatrix, path: str | Path, *, title: str = "")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path) -> list[Path]:
+    """Two pictures of a comparison: accuracy on the first task across the stream (a line per
+    strategy, starting before training), and the strategies' heatmaps side by side."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(matrices)
+    tasks = matrices[names[0]].tasks
+
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(tasks), 3.6))
+    x = np.arange(len(tasks) + 1)
+    for name in names:
+        m = matrices[name]
+        ax.plot(x, np.concatenate([[m.baseline[0]], m.acc[:, 0]]), marker="o", label=name)
+    ax.set_xticks(x, ["before"] + [f"after {t}" for t in tasks], rotation=20, ha="right")
+    ax.set_ylabel(f"accuracy on {tasks[0]}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("the first task across the stream")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    first_task = directory / "first_task_accuracy.png"
+    fig.savefig(first_task, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(names), figsize=(0.6 + 2.2 * len(names) * max(1, len(tasks) / 3), 3.4),
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        acc = matrices[name].acc
+        ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", vmin=0.0, vmax=1.0)
+        for (r, c), value in np.ndenumerate(acc):
+            if not np.isnan(value):
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.6 else "black")
+        ax.set_title(name)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=40, ha="right", fontsize=7)
+        ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks] if ax is axes[0][0] else [""] * len(tasks),
+                      fontsize=7)
+    fig.suptitle("accuracy matrices (rows: trained up to; columns: evaluated on)", fontsize=9)
+    fig.tight_layout()
+    heatmaps = directory / "heatmaps.png"
+    fig.savefig(heatmaps, dpi=120)
+    plt.close(fig)
+    return [first_task, heatmaps]
