@@ -32,6 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
 	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
+	$(BIN)/python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts

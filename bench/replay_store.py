@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
+from common import quiet_environment, report
 
 from actors.replay import PrefetchingSampler, ReplayStore
 from pipelines.config import ReplayConfig
@@ -94,7 +94,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    quiet_environment()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     data = corpus(args.rows)
     results: dict = {"rows": args.rows, "batch_rows": BATCH_ROWS}
@@ -152,12 +152,7 @@ def main() -> int:
         "sample_ratio_vs_local": results["sample_ratio_vs_local"] >= 0.5,
         "bytes_per_row_ratio": results["bytes_per_row_ratio"] <= 1.3,
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    return 0
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from common import quiet_environment, report  # noqa: E402
+
+quiet_environment()
 
 import torch  # noqa: E402
 
@@ -149,12 +147,7 @@ def main() -> int:
         "learner_step_time_ratio": (results["learner_step_time_ratio"] or 0) <= 1.1,
         "between_task_overhead_s": results["between_task_overhead_s"] <= 2.0,
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    return 0
+    return report(results, args.json)
 
 
 if __name__ == "__main__":

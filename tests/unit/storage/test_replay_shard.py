@@ -1,6 +1,5 @@
 """ReplayShard as a plain object: schema checks, removers, samplers, log and snapshot round trips."""
 
-import os
 
 import numpy as np
 import pyarrow as pa

@@ -1,0 +1,97 @@
+"""What replay and LwF cost in training throughput, measured side by side in one run.
+
+  replay_vs_naive_throughput  examples/s trained with replay (micro-batches mixed from a real
+                              sharded replay store on local Ray, through the PrefetchingSampler)
+                              / examples/s of sequential fine-tuning, same batch size (target >= 0.9)
+  lwf_vs_naive_throughput     the same for LwF (KL variant): the frozen teacher's extra forward pass
+
+  python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from common import quiet_environment, report  # noqa: E402
+
+quiet_environment()
+
+import pyarrow as pa  # noqa: E402
+import ray  # noqa: E402
+
+from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
+from pipelines.config import ReplayConfig, load_config, resolve_paths  # noqa: E402
+from pipelines.learner import Learner, TaskPlan, replayed_per_batch, silence_library_noise  # noqa: E402
+from pipelines.models import build_tokenizer  # noqa: E402
+from pipelines.tasks import load_stream  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny" / "compare.yaml"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    silence_library_noise()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    work = Path(tempfile.mkdtemp(prefix="strategy-bench-"))
+    overrides = ["model.preset=small", "model.tokenizer.vocab_size=2000", f"training.max_steps={args.steps}",
+                 f"output_dir={work}"]
+    base = resolve_paths(load_config(CONFIG, overrides))
+    stream = load_stream(base)
+    tokdir = work / "tokenizer"
+    build_tokenizer(base.model, stream.training_text()).save_pretrained(tokdir)
+    learners = {name: Learner(base.with_strategy(name), tokdir) for name in ("naive", "replay", "lwf")}
+
+    # Task 0 trained once; its examples fill the store and its model is LwF's teacher.
+    first = learners["naive"]
+    plan0 = TaskPlan(0, stream[0].name, first.strategy.training_examples(stream, 0))
+    first.train_task(plan0)
+    teacher = first.save(work / "teacher")
+    store = ReplayStore.create(ReplayConfig(enabled=True, num_shards=2, capacity_rows=10_000), seed=0)
+    task0 = stream[0]
+    store.insert(pa.table({
+        "example_id": [f"{task0.name}:{i}" for i in range(task0.train.num_rows)],
+        "task_id": pa.array([0] * task0.train.num_rows, pa.int32()),
+        "task_name": [task0.name] * task0.train.num_rows,
+        "source": task0.sources("train"), "target": task0.targets("train"),
+    }))
+    examples = learners["naive"].strategy.training_examples(stream, 1)
+    plan = TaskPlan(1, stream[1].name, examples, max_steps=args.steps)
+    lwf_plan = TaskPlan(1, stream[1].name, examples, max_steps=args.steps, teacher_dir=str(teacher))
+    size = base.training.micro_batch_size
+    ratio = base.strategies.replay.replay_ratio
+    rates: dict[str, list[float]] = {"naive": [], "replay": [], "lwf": []}
+    for _ in range(args.repeats):  # interleaved: background load hits every strategy alike
+        stats = learners["naive"].train_task(plan)
+        rates["naive"].append(stats["examples"] / stats["seconds"])
+        sampler = PrefetchingSampler(store, batch_size=replayed_per_batch(size, ratio))
+        stats = learners["replay"].train_task(plan, replay=sampler.next_batch)
+        sampler.close()
+        rates["replay"].append(stats["examples"] / stats["seconds"])
+        stats = learners["lwf"].train_task(lwf_plan)
+        rates["lwf"].append(stats["examples"] / stats["seconds"])
+    best = {name: max(values) for name, values in rates.items()}
+    results = {
+        "examples_per_s": {name: round(v, 1) for name, v in best.items()},
+        "examples_per_s_trials": {name: [round(v, 1) for v in values] for name, values in rates.items()},
+        "replay_vs_naive_throughput": round(best["replay"] / best["naive"], 3),
+        "lwf_vs_naive_throughput": round(best["lwf"] / best["naive"], 3),
+        "micro_batch_size": size, "replay_ratio": ratio, "steps": args.steps,
+        "model_parameters": first.num_parameters,
+        "targets": {"replay_vs_naive_throughput": ">= 0.9"},
+    }
+    results["meets_targets"] = {"replay_vs_naive_throughput": results["replay_vs_naive_throughput"] >= 0.9}
+    store.shutdown()
+    ray.shutdown()
+    return report(results, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
