@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,13 @@ def test_job_submitted_to_a_cluster_trains_the_stream(ray_cluster, toy_config_fi
     config = toy_config_file()
     submit = [RAY, "job", "submit", f"--address={address}", "--",
               sys.executable, "-m", "actors.cli", "run", str(config), "--no-progress"]
-    result = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
+    deadline = time.monotonic() + 90
+    while True:
+        result = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
+        # right after `ray start` the head's job agent may not be up yet: Ray says so and asks to retry
+        if "No available agent to submit job" not in result.stderr + result.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "succeeded" in result.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
