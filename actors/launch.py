@@ -142,9 +142,15 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict[str, Any
         raise
     except Exception as exc:  # noqa: BLE001 - any worker failure ends the run as FAILED
         stop.set()
-        reason = ray.get(scheduler.failure.remote()) or format_exception(exc)
-        report = ray.get(scheduler.finish.remote("FAILED", reason))
-        ray.kill(scheduler)
+        try:
+            reason = ray.get(scheduler.failure.remote()) or format_exception(exc)
+            report = ray.get(scheduler.finish.remote("FAILED", reason))
+            ray.kill(scheduler)
+        except ray.exceptions.RayError as lost:  # the scheduler went down with the cluster
+            reason = f"{format_exception(exc)}; the scheduler is unreachable too ({type(lost).__name__})"
+            report = {"status": "FAILED", "error": reason, "tasks": stream.names, "acc_matrix": [],
+                      "mlflow": {"tracking_uri": config.mlflow.tracking_uri, "run_id": None}, "seed": config.seed,
+                      "output_dir": str(output_dir)}
         raise RunFailedError(f"run failed: {reason}\n  (MLflow run {report['mlflow']['run_id']} marked FAILED; "
                              f"partial matrix in {output_dir / 'acc_matrix.json'})", report) from None
     finally:

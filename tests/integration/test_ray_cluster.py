@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,17 +22,33 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
+    """A head node of our own. `ray start --block` in its own process group, stopped by signalling
+    that group — never `ray stop`, which would kill every Ray on the machine."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
-    start = [RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"]
-    subprocess.run(start, check=True, capture_output=True, env=env, timeout=120)
+    log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY, "job", "list", f"--address={address}"], capture_output=True, env=env,
+                             timeout=60).returncode != 0:
+            if time.monotonic() > deadline or head.poll() is not None:
+                pytest.fail(f"ray head did not come up on {address}")
+            time.sleep(2)
+        yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
 
 
 def test_job_submitted_to_a_cluster_trains_the_stream(ray_cluster, toy_config_file, tmp_path):
