@@ -56,7 +56,10 @@ def connect_ray(config: RunConfig) -> bool:
     # token auth would only stand in the way. A cluster keeps whatever auth it was started with.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1", **kwargs)
+    # address="local": a new Ray for this run even if a `ray start` cluster runs on this machine
+    # (ray.address=auto joins that one instead).
+    ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+             **kwargs)
     return True
 
 

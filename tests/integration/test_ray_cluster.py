@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def ray_cluster(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
+        # `ray start` records its address for later `ray.init()` calls; a killed head leaves it behind
+        marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if marker.is_file() and marker.read_text().strip().endswith(f":{gcs}"):
+            marker.unlink()
 
 
 def test_job_submitted_to_a_cluster_trains_the_stream(ray_cluster, toy_config_file, tmp_path):
