@@ -181,7 +181,7 @@ class ReplayStore:
         if total == 0:
             raise EmptyReplayError("the replay store is empty: insert examples before sampling")
         counts = self._rng.multinomial(num_rows, self._sizes / total)
-        return [s.sample_with_size.remote(int(c), self.version) for s, c in zip(self.shards, counts) if c]
+        return [s.sample_with_size.remote(int(c)) for s, c in zip(self.shards, counts) if c]
 
     def collect(self, refs: list[ray.ObjectRef]) -> pa.Table:
         """Finish a ``sample_async``: one table, shard sizes and topology refreshed from the replies."""

@@ -323,7 +323,7 @@ class ReplayShard:
         self._sampled += num_rows
         return table.take(pa.array(index, pa.int64()))
 
-    def sample_with_size(self, num_rows: int, topology_version: int = 0) -> tuple[pa.Table, int, int]:
+    def sample_with_size(self, num_rows: int) -> tuple[pa.Table, int, int]:
         """``sample`` plus this shard's row count and topology version, in one actor round trip."""
         rows = self.sample(num_rows) if num_rows else self._ready().slice(0, 0)
         return rows, self.num_rows, self._topology[0]
