@@ -224,7 +224,7 @@ class EwcStrategyConfig(Schema):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: Literal["ewc"] = "ewc"
     ewc_lambda: float = Field(default=100.0, ge=0, alias="lambda")
-    fisher_batches: int = Field(default=16, gt=0)
+    fisher_examples: int = Field(default=256, gt=0)
 
 
 STRATEGY_CONFIGS: dict[str, type[Schema]] = {

@@ -9,6 +9,7 @@ lives as long as the worker group (the whole stream).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -195,8 +196,8 @@ def load_frozen(directory: str | Path, *, device: torch.device, dtype: torch.dty
 class EWC(Naive):
     """Elastic weight consolidation (Kirkpatrick et al. 2017), diagonal Fisher.
 
-    After each task: F = mean over ``fisher_batches`` micro-batches of the squared gradient of the
-    task loss (the empirical Fisher, per batch), summed over tasks; anchor w* = the weights then.
+    After each task: F = the empirical Fisher over ``fisher_examples`` of the task's examples (see
+    :func:`empirical_fisher`), summed over tasks; anchor w* = the weights then.
     Loss = CE + lambda / 2 * sum_i F_i (w_i - w*_i)^2. Needs full parameters on every worker
     (ZeRO <= 2), checked in the config.
     """
@@ -221,23 +222,42 @@ class EWC(Naive):
         return loss + self.penalty(model) if self.fisher else loss
 
     def after_task(self, learner: Learner, plan: TaskPlan) -> None:
-        module = learner.model
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
-        batches = learner.batches(plan)
-        count = self.config.fisher_batches
-        module.eval()  # no dropout: the Fisher of the model as it is
-        for _ in range(count):
-            loss = module(**next(batches)).loss
-            grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-            for (n, _), g in zip(named, grads):
-                if g is not None:
-                    fisher[n] += g.float().pow(2) / count
-        module.train()
+        per_rank = -(-self.config.fisher_examples // learner.world_size)  # ceil: each rank its share
+        fisher = empirical_fisher(learner.model, learner.batches(plan), per_rank)
         learner.all_reduce_mean(list(fisher.values()))
         for n, value in fisher.items():
             self.fisher[n] = self.fisher[n] + value if n in self.fisher else value
-        self.anchor = {n: p.detach().float().clone() for n, p in named}
+        self.anchor = {n: p.detach().float().clone() for n, p in learner.model.named_parameters() if n in fisher}
+
+
+def empirical_fisher(module: torch.nn.Module, batches: Iterator[Batch], num_examples: int) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher: the mean over ``num_examples`` examples of the squared gradient of
+    each example's log-likelihood (the sum over its target tokens), one backward pass per example.
+
+    Per example, not per batch: the square of a batch-mean gradient is about ``1 / batch_size`` of
+    the mean of the squares (the cross terms of unrelated examples cancel), which would quietly
+    scale lambda down by the micro-batch size. Dropout is off while it runs: the Fisher of the
+    model as it is.
+    """
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    seen, was_training = 0, module.training
+    module.eval()
+    try:
+        while seen < num_examples:
+            batch = next(batches)
+            for i in range(min(len(batch["labels"]), num_examples - seen)):
+                one = {key: value[i : i + 1] for key, value in batch.items()}
+                tokens = (one["labels"] != -100).sum()
+                nll = module(**one).loss * tokens  # the model's loss is the mean over target tokens
+                grads = torch.autograd.grad(nll, [p for _, p in named], allow_unused=True)
+                for (n, _), g in zip(named, grads):
+                    if g is not None:
+                        fisher[n] += g.float().pow(2)
+                seen += 1
+    finally:
+        module.train(was_training)
+    return {n: f / seen for n, f in fisher.items()}
 
 
 STRATEGIES: dict[str, type] = {"naive": Naive, "joint": Joint, "cumulative": Cumulative, "replay": Replay,

@@ -12,7 +12,7 @@ ALL = ["naive", "cumulative", "replay", "lwf", "ewc", "joint"]
 def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlflow_store):
     path = toy_config_file(max_steps=6)
     result = cli("compare", str(path), "--strategies", ",".join(ALL), "--seeds", "1", "--no-progress",
-                 "strategies.ewc.fisher_batches=2", timeout=900)
+                 "strategies.ewc.fisher_examples=16", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     comparison = json.loads((out / "comparison.json").read_text())

@@ -10,7 +10,7 @@ from pipelines.config import ReplayStrategyConfig, validate_config
 from pipelines.errors import ConfigError
 from pipelines.learner import Learner, TaskPlan, replayed_per_batch, silence_library_noise
 from pipelines.models import build_tokenizer
-from pipelines.strategies import EWC, STRATEGIES, build_strategy, distillation_loss
+from pipelines.strategies import EWC, STRATEGIES, build_strategy, distillation_loss, empirical_fisher
 from pipelines.tasks import load_stream
 
 silence_library_noise()
@@ -156,7 +156,7 @@ def test_lwf_variants_train(variant, toy_stream_config, tmp_path):
 
 def test_ewc_penalty_zero_at_the_anchor_positive_away(toy_stream_config, tmp_path):
     toy_stream_config["training"]["max_steps"] = 5
-    learner, stream = _learner(toy_stream_config, tmp_path, {"name": "ewc", "lambda": 10.0, "fisher_batches": 3})
+    learner, stream = _learner(toy_stream_config, tmp_path, {"name": "ewc", "lambda": 10.0, "fisher_examples": 12})
     ewc: EWC = learner.strategy
     learner.train_task(_plan(learner, stream, 0))  # after_task estimates the Fisher
     assert ewc.fisher and all(f.min() >= 0 for f in ewc.fisher.values())
@@ -170,6 +170,44 @@ def test_ewc_penalty_zero_at_the_anchor_positive_away(toy_stream_config, tmp_pat
     learner.train_task(_plan(learner, stream, 1))
     grown = [bool((ewc.fisher[k] >= fisher_after_one[k]).all()) for k in fisher_after_one]
     assert all(grown)  # Fisher information accumulates over tasks
+
+
+class _TwoWeights(torch.nn.Module):
+    """loss = mean over target tokens of (w * x - y)^2 / 2: per-example gradients are easy by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+
+    def forward(self, input_ids, attention_mask, labels):
+        mask = (labels != -100).float()
+        residual = (self.w * input_ids.float() - labels.float()) * mask
+        return type("Out", (), {"loss": (residual.pow(2) / 2).sum() / mask.sum()})
+
+
+def test_empirical_fisher_is_the_mean_of_squared_per_example_log_likelihood_gradients():
+    model = _TwoWeights()
+    # example 0: x = [1, 1], y = [3, 0]  -> both tokens count; example 1: x = [2, 5], y = [1, pad]
+    batch = {"input_ids": torch.tensor([[1, 1], [2, 5]]), "attention_mask": torch.ones(2, 2, dtype=torch.bool),
+             "labels": torch.tensor([[3, 0], [1, -100]])}
+    # gradient of the summed (not averaged) per-token loss, per example:
+    #   ex 0: d/dw (w x - y)^2 / 2 = (w x - y) x -> [(1 - 3) 1, (2 - 0) 1] = [-2, 2]
+    #   ex 1: [(2 - 1) 2, 0 (padding)]                                = [2, 0]
+    expected = (torch.tensor([-2.0, 2.0]).pow(2) + torch.tensor([2.0, 0.0]).pow(2)) / 2  # [4, 2]
+    fisher = empirical_fisher(model, iter([batch]), num_examples=2)
+    assert torch.allclose(fisher["w"], expected)
+    # the square of the batch gradient would be far smaller: ((-2 + 2) / 2)^2 = 0 for w[0]
+    assert model.training  # the mode is restored
+
+
+def test_empirical_fisher_reads_more_batches_until_it_has_enough_examples():
+    model = _TwoWeights()
+    one = {"input_ids": torch.tensor([[1, 1]]), "attention_mask": torch.ones(1, 2, dtype=torch.bool),
+           "labels": torch.tensor([[3, 0]])}
+    two = {"input_ids": torch.tensor([[2, 5], [9, 9]]), "attention_mask": torch.ones(2, 2, dtype=torch.bool),
+           "labels": torch.tensor([[1, -100], [0, 0]])}
+    fisher = empirical_fisher(model, iter([one, two]), num_examples=2)  # the [9, 9] example is not read
+    assert torch.allclose(fisher["w"], torch.tensor([4.0, 2.0]))
 
 
 def test_replay_mixes_replayed_rows_into_each_batch(toy_stream_config, tmp_path):
