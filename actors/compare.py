@@ -66,6 +66,20 @@ def aggregate(reports: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def comparison_matrices(tasks: list[str], summary: dict[str, Any]) -> dict[str, ForgettingMatrix]:
+    """The mean matrix of each strategy, for the pictures. A strategy that trains only at the end
+    (joint) has its earlier rows blanked: they are the untrained model, not forgetting."""
+    matrices = {}
+    for name, entry in summary.items():
+        if "acc_matrix_mean" not in entry:
+            continue
+        acc = np.array(entry["acc_matrix_mean"], dtype=float)
+        if name in UNDEFINED_FOR:
+            acc[:-1] = np.nan
+        matrices[name] = ForgettingMatrix(tasks, acc=acc, baseline=np.array(entry["baseline_mean"], dtype=float))
+    return matrices
+
+
 def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int) -> str:
     def cell(stat: dict[str, Any], signed: bool) -> str:
         if stat["mean"] is None:
@@ -124,9 +138,7 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, progress: b
     json_path.write_text(json.dumps(comparison, indent=2))
     md_path = base / "comparison.md"
     md_path.write_text(format_table(tasks, summary, seeds=seeds))
-    matrices = {name: ForgettingMatrix(tasks, acc=np.array(e["acc_matrix_mean"]), baseline=np.array(e["baseline_mean"]))
-                for name, e in summary.items() if "acc_matrix_mean" in e}
-    plots = plot_comparison(matrices, base)
+    plots = plot_comparison(comparison_matrices(tasks, summary), base)
     for name, entry in summary.items():
         parent.log_metrics({f"{name}/{m}": entry[m]["mean"] for m in METRICS}, step=0)
     for path in (json_path, md_path, *plots):

@@ -32,7 +32,7 @@ def plot_heatmap(matrix: ForgettingMatrix, path: str | Path, *, title: str = "")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -57,7 +57,7 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
     ax.legend(fontsize=8)
     fig.tight_layout()
     first_task = directory / "first_task_accuracy.png"
-    fig.savefig(first_task, dpi=120)
+    fig.savefig(first_task, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(names), figsize=(0.6 + 2.2 * len(names) * max(1, len(tasks) / 3), 3.4),
@@ -69,6 +69,8 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
             if not np.isnan(value):
                 ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if value < 0.6 else "black")
+        for r in np.flatnonzero(np.isnan(acc).all(axis=1)):
+            ax.text((len(tasks) - 1) / 2, r, "no training here", ha="center", va="center", fontsize=7, color="gray")
         ax.set_title(name)
         ax.set_xticks(range(len(tasks)), tasks, rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks] if ax is axes[0][0] else [""] * len(tasks),
@@ -76,6 +78,6 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
     fig.suptitle("accuracy matrices (rows: trained up to; columns: evaluated on)", fontsize=9)
     fig.tight_layout()
     heatmaps = directory / "heatmaps.png"
-    fig.savefig(heatmaps, dpi=120)
+    fig.savefig(heatmaps, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [first_task, heatmaps]
