@@ -9,6 +9,7 @@ lives as long as the worker group (the whole stream).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -222,7 +223,7 @@ class EWC(Naive):
         return loss + self.penalty(model) if self.fisher else loss
 
     def after_task(self, learner: Learner, plan: TaskPlan) -> None:
-        per_rank = -(-self.config.fisher_examples // learner.world_size)  # ceil: each rank its share
+        per_rank = math.ceil(self.config.fisher_examples / learner.world_size)  # each rank its share
         fisher = empirical_fisher(learner.model, learner.batches(plan), per_rank)
         learner.all_reduce_mean(list(fisher.values()))
         for n, value in fisher.items():

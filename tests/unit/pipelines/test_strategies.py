@@ -1,6 +1,7 @@
 """Strategies: data selection (scheduler side), losses and state (worker side)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -182,7 +183,7 @@ class _TwoWeights(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         mask = (labels != -100).float()
         residual = (self.w * input_ids.float() - labels.float()) * mask
-        return type("Out", (), {"loss": (residual.pow(2) / 2).sum() / mask.sum()})
+        return SimpleNamespace(loss=(residual.pow(2) / 2).sum() / mask.sum())
 
 
 def test_empirical_fisher_is_the_mean_of_squared_per_example_log_likelihood_gradients():
