@@ -1,6 +1,9 @@
 """``forgetless`` command line.
 
   forgetless run CONFIG [key=value ...]     train the stream, print the matrix, write report.json
+  forgetless resume OUTPUT_DIR [CONFIG] [key=value ...]
+                                            continue a killed or failed run after its last finished
+                                            task; with a CONFIG that adds tasks, extend a finished one
   forgetless compare CONFIG --strategies naive,replay --seeds 3 [key=value ...]
   forgetless validate CONFIG [key=value ...] check a config (and its data) without training
 """
@@ -15,47 +18,73 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import ForgetlessError
+from pipelines.errors import ConfigError, ForgetlessError
+from pipelines.report import RunReport
 
 
-def format_matrix(report: dict[str, Any]) -> str:
+def format_matrix(report: RunReport) -> str:
     """The accuracy matrix as a text table: rows "after <task>", columns evaluated-on tasks."""
-    tasks = report["tasks"]
+    tasks = report.tasks
     width = max(12, *(len(t) for t in tasks)) + 2
     label_width = max(len("before training"), *(len(f"after {t}") for t in tasks)) + 2
     fmt = lambda v: ("-" if v is None else f"{v:.3f}").rjust(width)  # noqa: E731
     lines = ["".ljust(label_width) + "".join(t.rjust(width) for t in tasks)]
-    lines.append("before training".ljust(label_width) + "".join(fmt(v) for v in report["baseline"]))
-    for task, row in zip(tasks, report["acc_matrix"]):
+    lines.append("before training".ljust(label_width) + "".join(fmt(v) for v in report.baseline))
+    for task, row in zip(tasks[: report.finished_tasks], report.acc_matrix):
         lines.append(f"after {task}".ljust(label_width) + "".join(fmt(v) for v in row))
-    metrics = report["metrics"]
+    metrics = report.metrics
     shown = ", ".join(f"{k} {'undefined' if v is None else f'{v:+.3f}' if k != 'avg_acc' else f'{v:.3f}'}"
                       for k, v in metrics.items())
-    lines.append(f"\n{report['strategy']}: {shown}")
+    lines.append(f"\n{report.strategy}: {shown}")
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _train_and_print(config: Any, progress: bool) -> int:
     from actors.launch import RunFailedError, run_experiment
-    from pipelines.config import load_config
 
-    config = load_config(args.config, args.overrides)
     try:
-        report = run_experiment(config, progress=not args.no_progress)
+        report = run_experiment(config, progress=progress)
     except RunFailedError as exc:
         print(f"\n{exc}", file=sys.stderr)
-        if exc.report.get("acc_matrix") and any(r[0] is not None for r in exc.report["acc_matrix"]):
+        if exc.report.finished_tasks:
             print(format_matrix(exc.report), file=sys.stderr)
         return 1
     print()
     print(format_matrix(report))
-    out = Path(report["output_dir"])
+    out = Path(report.output_dir)
     print(f"\nreport:  {out / 'report.json'}\nheatmap: {out / 'acc_heatmap.png'}")
-    uri = report["mlflow"]["tracking_uri"]
-    print(f"MLflow:  run {report['mlflow']['run_id']} in {uri}")
+    uri = report.mlflow.tracking_uri
+    print(f"MLflow:  run {report.mlflow.run_id} in {uri}")
+    if report.mlflow.pending_records:
+        print(f"         {report.mlflow.pending_records} record(s) could not be sent (MLflow unreachable); they are "
+              f"in {out / 'mlflow-pending.jsonl'} and go out with `forgetless resume {out}`")
     if uri.startswith("sqlite:"):
         print(f"         open the UI with: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+
+    return _train_and_print(load_config(args.config, args.overrides), not args.no_progress)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+
+    output_dir = Path(args.output_dir)
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None  # `resume DIR key=value`
+    if args.config is None:  # the run's own config, as it was saved
+        saved = output_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"{output_dir} holds no run to resume (no config.yaml); start one with `forgetless run`")
+        config = load_config(saved, [*args.overrides, "resume=true"])
+    else:
+        config = load_config(args.config, [*args.overrides, f"output_dir={output_dir.resolve()}", "resume=true"])
+    if not (output_dir / "report.json").is_file():
+        raise ConfigError(f"{output_dir} holds no run to resume (no report.json); start one with `forgetless run`")
+    return _train_and_print(config, not args.no_progress)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -75,10 +104,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from pipelines.config import load_config, resolve_paths
+    from pipelines.plan import check_stream
     from pipelines.tasks import load_stream
 
     config = resolve_paths(load_config(args.config, args.overrides))
     stream = load_stream(config)
+    check_stream(config, stream)
     print(json.dumps({"tasks": {t.name: {"train": t.train.num_rows, "eval": t.eval.num_rows} for t in stream},
                       "output_dir": config.output_dir, "tracking_uri": config.mlflow.tracking_uri}, indent=2))
     return 0
@@ -100,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="comma-separated, e.g. naive,replay,lwf,joint")
             p.add_argument("--seeds", type=int, default=1, help="seeds per strategy: seed, seed+1, ...")
         p.set_defaults(func=func)
+    p = sub.add_parser("resume", help="continue a run after its last finished task, or extend a finished stream")
+    p.add_argument("output_dir", help="the output_dir of the run to continue")
+    p.add_argument("config", nargs="?", help="a config listing the same finished tasks (plus new ones to extend); "
+                                             "default: the run's own config.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=1e-4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.set_defaults(func=_resume)
     return parser
 
 
@@ -122,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     except ForgetlessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the run was ended KILLED on the way out
+        print(f"\nstopped ({exc or 'interrupted'}); the run is marked KILLED. Continue it with "
+              f"`forgetless resume <output_dir>`", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,15 +15,21 @@ import numpy as np
 
 from actors.launch import RunFailedError, run_experiment
 from actors.tracking import MlflowSink
-from pipelines.config import STRATEGY_CONFIGS, RunConfig, flatten, resolve_paths
+from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
 from pipelines.metrics import ForgettingMatrix
+from pipelines.plan import planning_for
 from pipelines.plots import plot_comparison
+from pipelines.report import RunReport
+from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
-# joint trains once, at the end: only its final row means anything
-UNDEFINED_FOR = {"joint": ("forgetting", "bwt", "fwt")}
+ONLY_AT_END = ("forgetting", "bwt", "fwt")  # undefined for a strategy that trains once, at the end
+
+
+def _trains_only_at_end(name: str) -> bool:
+    return planning_for(STRATEGY_CONFIGS[name]()).trains_only_at_end
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -44,23 +50,24 @@ def _mean_std(values: list[float | None]) -> dict[str, float | None]:
             "n": len(defined)}
 
 
-def aggregate(reports: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def aggregate(reports: dict[str, list[RunReport]]) -> dict[str, Any]:
     """Per strategy: mean and sample std over seeds of each metric, and the mean matrix."""
     out: dict[str, Any] = {}
     for name, runs in reports.items():
-        finished = [r for r in runs if r.get("status") == "FINISHED"]
+        finished = [r for r in runs if r.status == "FINISHED"]
+        undefined = ONLY_AT_END if _trains_only_at_end(name) else ()
         entry: dict[str, Any] = {}
         for metric in METRICS:
-            values = [None if metric in UNDEFINED_FOR.get(name, ()) else r["metrics"][metric] for r in finished]
+            values = [None if metric in undefined else r.metrics.get(metric) for r in finished]
             entry[metric] = _mean_std(values)
         if finished:
-            entry["acc_matrix_mean"] = np.mean([np.array(r["acc_matrix"], dtype=float) for r in finished],
+            entry["acc_matrix_mean"] = np.mean([np.array(r.acc_matrix, dtype=float) for r in finished],
                                                axis=0).tolist()
-            entry["baseline_mean"] = np.mean([np.array(r["baseline"], dtype=float) for r in finished], axis=0).tolist()
-        entry["seeds"] = [r["seed"] for r in finished]
-        entry["runs"] = [{"seed": r.get("seed"), "status": r.get("status"), "run_id": r["mlflow"]["run_id"],
-                          "metrics": r.get("metrics"), "error": r.get("error")} for r in runs]
-        if name in UNDEFINED_FOR:
+            entry["baseline_mean"] = np.mean([np.array(r.baseline, dtype=float) for r in finished], axis=0).tolist()
+        entry["seeds"] = [r.seed for r in finished]
+        entry["runs"] = [{"seed": r.seed, "status": r.status, "run_id": r.mlflow.run_id, "metrics": r.metrics,
+                          "error": r.error} for r in runs]
+        if undefined:
             entry["note"] = "trained once, on every task at the end: only avg_acc is meaningful"
         out[name] = entry
     return out
@@ -74,7 +81,7 @@ def comparison_matrices(tasks: list[str], summary: dict[str, Any]) -> dict[str, 
         if "acc_matrix_mean" not in entry:
             continue
         acc = np.array(entry["acc_matrix_mean"], dtype=float)
-        if name in UNDEFINED_FOR:
+        if _trains_only_at_end(name):
             acc[:-1] = np.nan
         matrices[name] = ForgettingMatrix(tasks, acc=acc, baseline=np.array(entry["baseline_mean"], dtype=float))
     return matrices
@@ -109,8 +116,8 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, progress: b
     parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
                               run_name=config.mlflow.run_name or f"{config.experiment}-compare",
                               tags={"forgetless.compare": ",".join(strategies)})
-    parent.log_params({**flatten(config), "compare.strategies": ",".join(strategies), "compare.seeds": seeds})
-    reports: dict[str, list[dict[str, Any]]] = {name: [] for name in strategies}
+    parent.log_params({**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies), "compare.seeds": seeds})
+    reports: dict[str, list[RunReport]] = {name: [] for name in strategies}
     status = "FINISHED"
     try:
         for name in strategies:
@@ -130,14 +137,14 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, progress: b
         parent.end("KILLED")
         raise
     first = next(r for runs in reports.values() for r in runs)
-    tasks = first["tasks"]
+    tasks = first.tasks
     summary = aggregate(reports)
     comparison = {"tasks": tasks, "seeds": seeds, "strategies": summary,
                   "mlflow": {"tracking_uri": parent.tracking_uri, "parent_run_id": parent.run_id}}
     json_path = base / "comparison.json"
-    json_path.write_text(json.dumps(comparison, indent=2))
+    write_atomic(json_path, json.dumps(comparison, indent=2))
     md_path = base / "comparison.md"
-    md_path.write_text(format_table(tasks, summary, seeds=seeds))
+    write_atomic(md_path, format_table(tasks, summary, seeds=seeds))
     plots = plot_comparison(comparison_matrices(tasks, summary), base)
     for name, entry in summary.items():
         parent.log_metrics({f"{name}/{m}": entry[m]["mean"] for m in METRICS}, step=0)

@@ -1,26 +1,36 @@
 """Run one experiment: prepare the stream on the driver, start the scheduler and the trainer group.
 
-Everything that can be wrong with the input (config, data, tokenizer, model directory) fails here,
-before a single worker starts.
+Everything that can be wrong with the input (tracking store, output directory, config, data,
+tokenizer, model directory) fails here, before a single worker starts — the tracking store first,
+within seconds.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from tqdm.auto import tqdm
 
-from actors.scheduler import SchedulerActor, format_exception
+from actors import reaper
+from actors.scheduler import SchedulerActor
+from actors.tracking import MlflowSink, check_tracking, mark_orphaned_runs, send_pending
 from actors.trainer_group import build_trainer
-from pipelines.config import RunConfig, resolve_paths
-from pipelines.errors import ForgetlessError
+from pipelines.config import RunConfig, experiment_dict, resolve_paths
+from pipelines.errors import ConfigError, DataError, ForgetlessError
+from pipelines.loop import format_exception
 from pipelines.models import build_model, build_tokenizer, check_precision
-from pipelines.tasks import load_stream
+from pipelines.plan import check_stream, fingerprint
+from pipelines.report import RunReport
+from pipelines.rundir import OutputDir, config_changes
+from pipelines.tasks import TaskStream, load_stream
+from storage.files import atomic_directory, write_atomic
 
 log = logging.getLogger("forgetless")
 
@@ -37,7 +47,7 @@ WORKER_ENV = {
 class RunFailedError(ForgetlessError, RuntimeError):
     """Training failed in a worker; the message carries the worker's reason."""
 
-    def __init__(self, message: str, report: dict[str, Any]):
+    def __init__(self, message: str, report: RunReport):
         super().__init__(message)
         self.report = report
 
@@ -60,7 +70,21 @@ def connect_ray(config: RunConfig) -> bool:
     # (ray.address=auto joins that one instead).
     ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
              **kwargs)
+    _watch_local_ray()
     return True
+
+
+_reaper = None  # the watcher of this process's local Ray; held so its pipe stays open while we live
+
+
+def _watch_local_ray() -> None:
+    """Have a watcher end this Ray's processes should this process die without shutting it down."""
+    global _reaper
+    try:
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:  # a Ray without that internal: no watcher, no harm
+        return
+    _reaper = reaper.watch(session_dir)
 
 
 def _cpus_per_worker(config: RunConfig, use_gpu: bool, *, local: bool) -> float:
@@ -74,7 +98,7 @@ def _cpus_per_worker(config: RunConfig, use_gpu: bool, *, local: bool) -> float:
 
 def _poll_progress(scheduler: Any, num_tasks: int, stop: threading.Event, enabled: bool) -> None:
     """Draw one progress bar per task from the scheduler's progress, until ``stop``."""
-    bar, bar_task, shown = None, None, None
+    bar, bar_task, shown, outage = None, None, None, None
     while not stop.wait(0.5):
         try:
             p = ray.get(scheduler.progress.remote(), timeout=5)
@@ -86,7 +110,11 @@ def _poll_progress(scheduler: Any, num_tasks: int, stop: threading.Event, enable
         if p["phase"] == "baseline" and shown is None and enabled:
             shown = ("baseline",)
             tqdm.write("trainer group up; evaluating the untrained model on every task (the baseline)")
-        if p["task_index"] >= 0 and p["task_index"] != bar_task:
+        if p.get("mlflow_outage") and p["mlflow_outage"] != outage and enabled:
+            tqdm.write(f"MLflow is not taking writes ({p['mlflow_outage']}); training goes on and the records "
+                       "wait (sent when it is back, or by `forgetless resume` later)")
+        outage = p.get("mlflow_outage")
+        if p["phase"] in ("train", "eval") and p["task_index"] != bar_task:
             if bar is not None:
                 bar.close()
             bar_task = p["task_index"]
@@ -106,34 +134,146 @@ def _poll_progress(scheduler: Any, num_tasks: int, stop: threading.Event, enable
         bar.close()
 
 
-def run_experiment(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate the whole stream; returns the report also written to ``report.json``.
+def prepare_resume(config: RunConfig, output: OutputDir) -> tuple[RunReport, list[str]]:
+    """The report to resume from and the (allowed) config changes; refuse the others, all listed.
+
+    Raises:
+        ConfigError: the saved run cannot be read, or the config changes what its finished rows mean.
+    """
+    previous = RunReport.read(output.report)
+    try:
+        saved = yaml.safe_load(output.config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{output.config}: cannot read the saved config of the run to resume ({exc})") from None
+    refused, allowed = config_changes(saved, experiment_dict(config), finished_tasks=previous.finished_tasks)
+    if refused:
+        raise ConfigError(
+            f"cannot resume {output.path}: {len(refused)} change(s) would alter what its {previous.finished_tasks} "
+            f"finished task(s) mean, or what its saved state loads into:\n  " + "\n  ".join(refused)
+            + "\nUndo them (the saved config is " + str(output.config) + "), or start a new run in another "
+              "output_dir", problems=refused)
+    return previous, allowed
+
+
+def _check_finished_data(previous: RunReport, stream: TaskStream, output: OutputDir) -> None:
+    changed = []
+    for task in stream.tasks[: previous.finished_tasks]:
+        digest = previous.resume.data_fingerprints.get(task.name)
+        if digest is not None and digest != fingerprint(task):
+            changed.append(f"task {task.name!r}: its examples changed since it was trained ({digest} -> "
+                           f"{fingerprint(task)})")
+    if changed:
+        raise DataError(f"cannot resume {output.path}: the data of finished tasks changed:\n  " + "\n  ".join(changed)
+                        + "\nRestore the original data, or start a new run in another output_dir")
+
+
+def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir, *, resuming: bool) -> Path:
+    """A resumed run keeps its tokenizer (the model's vocabulary); a new one builds and saves it."""
+    if resuming and output.tokenizer.is_dir():
+        return output.tokenizer
+    tokenizer = build_tokenizer(config.model, stream.training_text())
+    with atomic_directory(output.tokenizer) as tmp:
+        tokenizer.save_pretrained(tmp)
+    if config.model.name_or_path:
+        build_model(config.model, tokenizer)  # a bad directory fails here, not in every worker
+    return output.tokenizer
+
+
+def _worker_gone(scheduler: Any, exc: BaseException) -> str:
+    """Why the group failed when no worker could say it: name the workers whose process is gone."""
+    try:
+        workers = ray.get(scheduler.workers.remote(), timeout=10)
+    except ray.exceptions.RayError:
+        workers = {}
+    here = socket.gethostname()
+    gone = []
+    for rank, info in sorted(workers.items()):
+        if info["host"] == here and not _alive(info["pid"]):
+            gone.append(f"trainer worker {rank} (pid {info['pid']} on {info['host']}) died")
+    summary = format_exception(exc).splitlines()[0][:600]
+    return ("; ".join(gone) + f" ({summary})") if gone else summary
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _nothing_to_train(previous: RunReport, config: RunConfig, output: OutputDir) -> RunReport:
+    """A stream whose every task is finished, resumed with no new one: send what MLflow still lacks
+    and, if the last attempt died while it was finishing, finish it; train nothing."""
+    if previous.mlflow.run_id is None:
+        return previous
+    sink = MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id)
+    if output.pending_mlflow.exists():
+        sent = send_pending(sink, output.pending_mlflow)
+        log.warning("sent %d record(s) MLflow had missed to run %s", sent, previous.mlflow.run_id)
+        previous.mlflow.pending_records = 0
+    if previous.status != "FINISHED":  # killed after its last row was committed, while finishing
+        sink.set_tags({f"forgetless.resume.{len(previous.resumes) + 1}": (
+            f"every task was finished; the previous attempt ended {previous.status} while finishing; "
+            "finished on resume")})
+        previous.status = "FINISHED"
+        write_atomic(output.report, previous.to_json())
+        for name in ("acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"):
+            if (output.path / name).exists():
+                sink.log_artifact(output.path / name)
+        sink.end("FINISHED")
+    write_atomic(output.report, previous.to_json())
+    return previous
+
+
+def run_experiment(config: RunConfig, *, progress: bool = True) -> RunReport:
+    """Train and evaluate the whole stream (or continue it); returns the report also in ``report.json``.
 
     Raises:
         ConfigError, DataError: bad input, before any training.
+        TrackingUnreachableError: the MLflow store cannot be used (within seconds, before anything else).
+        OutputDirBusyError: another run holds output_dir.
         RunFailedError: a worker failed; the MLflow run is marked FAILED with the reason.
     """
     config = resolve_paths(config)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_tracking(config.mlflow.tracking_uri)
     check_precision(config.model.arch, config.training.precision)
-    stream = load_stream(config)
-    tokenizer = build_tokenizer(config.model, stream.training_text())
-    tokenizer_dir = output_dir / "tokenizer"
-    tokenizer.save_pretrained(tokenizer_dir)
-    if config.model.name_or_path:
-        build_model(config.model, tokenizer)  # a bad directory fails here, not in every worker
+    output = OutputDir(config.output_dir, replay_dir=config.replay.directory)
+    resuming = output.claim(resume=config.resume, overwrite=config.overwrite)
+    try:
+        previous, changes = prepare_resume(config, output) if resuming else (None, [])
+        mark_orphaned_runs(config.mlflow.tracking_uri, config.mlflow.experiment_name)
+        stream = load_stream(config)
+        if previous is not None:
+            _check_finished_data(previous, stream, output)
+            if previous.finished_tasks == len(stream) and previous.tasks == stream.names:
+                if progress:
+                    tqdm.write(f"nothing to train: the {len(stream)} tasks of {output.path} are finished")
+                return _nothing_to_train(previous, config, output)
+        check_stream(config, stream)
+        tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming)
+        return _train(config, stream, tokenizer_dir, previous=previous, changes=changes, progress=progress)
+    finally:
+        output.unlock()
 
+
+def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previous: RunReport | None,
+           changes: list[str], progress: bool) -> RunReport:
     local = connect_ray(config)
     use_gpu = config.training.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
-    scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}).remote(config, stream)
+    scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}).remote(
+        config, stream, previous=previous, changes=changes)
     trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
                             cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local))
+    first = previous.finished_tasks if previous else 0
     if progress:
-        tqdm.write(f"{len(stream)} tasks ({', '.join(stream.names)}); starting {config.training.num_workers} "
-                   f"trainer worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train takes ~30 s to start")
+        what = (f"resuming after task {first}/{len(stream)}" if previous else f"{len(stream)} tasks")
+        tqdm.write(f"{what} ({', '.join(stream.names)}); starting {config.training.num_workers} trainer worker(s) "
+                   f"on {'GPU' if use_gpu else 'CPU'} — Ray Train takes ~30 s to start")
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
     poller.start()
@@ -146,16 +286,16 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> dict[str, Any
     except Exception as exc:  # noqa: BLE001 - any worker failure ends the run as FAILED
         stop.set()
         try:
-            reason = ray.get(scheduler.failure.remote()) or format_exception(exc)
+            reason = ray.get(scheduler.failure.remote()) or _worker_gone(scheduler, exc)
             report = ray.get(scheduler.finish.remote("FAILED", reason))
             ray.kill(scheduler)
         except ray.exceptions.RayError as lost:  # the scheduler went down with the cluster
             reason = f"{format_exception(exc)}; the scheduler is unreachable too ({type(lost).__name__})"
-            report = {"status": "FAILED", "error": reason, "tasks": stream.names, "acc_matrix": [],
-                      "mlflow": {"tracking_uri": config.mlflow.tracking_uri, "run_id": None}, "seed": config.seed,
-                      "output_dir": str(output_dir)}
-        raise RunFailedError(f"run failed: {reason}\n  (MLflow run {report['mlflow']['run_id']} marked FAILED; "
-                             f"partial matrix in {output_dir / 'acc_matrix.json'})", report) from None
+            report = RunReport.read(Path(config.output_dir) / "report.json")
+            report.status, report.error = "FAILED", reason
+        raise RunFailedError(f"run failed: {reason}\n  (MLflow run {report.mlflow.run_id} marked FAILED; "
+                             f"partial matrix in {Path(config.output_dir) / 'acc_matrix.json'}; continue it with "
+                             f"`forgetless resume {config.output_dir}`)", report) from None
     finally:
         stop.set()
         poller.join(timeout=5)

@@ -95,6 +95,17 @@ class ReplayStore:
                 time.sleep(min(0.05 * 2**attempt, 1.0))
         raise AssertionError("unreachable")
 
+    def _call_all(self, method: str, *args: Any) -> list[Any]:
+        """Call every shard at once; a shard that died with the call in flight is retried alone."""
+        refs = [getattr(shard, method).remote(*args) for shard in self.shards]
+        replies = []
+        for i, ref in enumerate(refs):
+            try:
+                replies.append(ray.get(ref))
+            except _RETRYABLE:
+                replies.append(self._call(i, method, *args))
+        return replies
+
     def _send(self, table: pa.Table) -> list[tuple[int, pa.Table, ray.ObjectRef]]:
         table = check_batch(table)
         targets = route(table.column("example_id"), self.num_shards)
@@ -166,26 +177,44 @@ class ReplayStore:
 
     # ------------------------------------------------------------------ reads
     def _refresh(self) -> None:
-        version, shards = ray.get(self.shards[0].topology.remote())
+        version, shards = self._call(0, "topology")
         if version > self.version:
             self.version, self.shards = version, list(shards)
-        self._sizes = np.array([r[1] for r in ray.get([s.sample_with_size.remote(0) for s in self.shards])])
+        self._sizes = np.array([reply[1] for reply in self._call_all("sample_with_size", 0)])
 
-    def sample_async(self, num_rows: int) -> list[ray.ObjectRef]:
-        """Start sampling ``num_rows`` rows across shards in proportion to their sizes."""
-        if self._rng is None:
-            self._rng = np.random.default_rng([self.seed, int(time.time_ns() % 2**32)])
+    def sample_async(self, num_rows: int, rng: np.random.Generator | None = None) -> PendingSample:
+        """Start sampling ``num_rows`` rows across shards in proportion to their sizes.
+
+        ``rng`` decides the split across shards and seeds each shard's draw, so the rows depend
+        only on it and on what the shards hold (None: this handle's generator, seeded from the
+        store's seed — every copy of a handle then draws the same; give each consumer its own).
+        """
+        if rng is None:
+            if self._rng is None:
+                self._rng = np.random.default_rng([self.seed, 0x5EED])
+            rng = self._rng
         if self._sizes is None:
             self._refresh()
         total = int(self._sizes.sum())
         if total == 0:
             raise EmptyReplayError("the replay store is empty: insert examples before sampling")
-        counts = self._rng.multinomial(num_rows, self._sizes / total)
-        return [s.sample_with_size.remote(int(c)) for s, c in zip(self.shards, counts) if c]
+        counts = rng.multinomial(num_rows, self._sizes / total)
+        seeds = rng.integers(0, 2**63, size=len(counts))
+        parts = [(i, int(c), int(seed)) for i, (c, seed) in enumerate(zip(counts, seeds)) if c]
+        return PendingSample(parts, [self.shards[i].sample_with_size.remote(c, seed) for i, c, seed in parts])
 
-    def collect(self, refs: list[ray.ObjectRef]) -> pa.Table:
-        """Finish a ``sample_async``: one table, shard sizes and topology refreshed from the replies."""
-        replies = ray.get(refs)
+    def collect(self, pending: PendingSample) -> pa.Table:
+        """Finish a ``sample_async``: one table, shard sizes and topology refreshed from the replies.
+
+        A shard that died with the call in flight is asked again once Ray has restarted it, with
+        the same seed: the rows are those the first call would have returned.
+        """
+        replies = []
+        for (shard_index, count, seed), ref in zip(pending.parts, pending.refs):
+            try:
+                replies.append(ray.get(ref))
+            except _RETRYABLE:
+                replies.append(self._call(shard_index, "sample_with_size", count, seed))
         if any(version > self.version for _, _, version in replies):
             self._refresh()
         else:
@@ -193,21 +222,35 @@ class ReplayStore:
         tables = [table for table, _, _ in replies]
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]  # chunks, no copy
 
-    def sample(self, num_rows: int) -> pa.Table:
+    def sample(self, num_rows: int, rng: np.random.Generator | None = None) -> pa.Table:
         """``num_rows`` rows from all shards, each shard in proportion to its size (one ``ray.get``)."""
-        return self.collect(self.sample_async(num_rows))
+        return self.collect(self.sample_async(num_rows, rng))
 
     def stats(self) -> list[ShardStats]:
-        return ray.get([s.stats.remote() for s in self.shards])
+        return self._call_all("stats")
 
     def num_rows(self) -> int:
         return sum(s.num_rows for s in self.stats())
 
     def rows(self) -> pa.Table:
-        return pa.concat_tables(ray.get([s.rows.remote() for s in self.shards]))
+        return pa.concat_tables(self._call_all("rows"))
 
+    # ------------------------------------------------------------------ durability
     def snapshot(self) -> list[str | None]:
-        return [None if p is None else str(p) for p in ray.get([s.snapshot.remote() for s in self.shards])]
+        return [None if p is None else str(p) for p in self._call_all("snapshot")]
+
+    def checkpoint(self, tag: str) -> None:
+        """Every shard keeps its rows under ``tag`` (see ``ReplayShard.checkpoint``)."""
+        self._call_all("checkpoint", tag)
+
+    def rollback(self, tag: str) -> int:
+        """Every shard back to checkpoint ``tag``; returns the rows the store then holds."""
+        held = sum(self._call_all("rollback", tag))
+        self._sizes = None
+        return held
+
+    def drop_checkpoints(self, keep: list[str] | tuple[str, ...] = ()) -> None:
+        self._call_all("drop_checkpoints", list(keep))
 
     def shutdown(self) -> None:
         for shard in self.shards:
@@ -218,17 +261,26 @@ class ReplayStore:
             ray.kill(shard, no_restart=True)
 
 
+@dataclass(frozen=True)
+class PendingSample:
+    """A sample call in flight: per shard (index, rows, seed) and the reply's object ref."""
+
+    parts: list[tuple[int, int, int]]
+    refs: list[ray.ObjectRef]
+
+
 class PrefetchingSampler:
     """Keeps ``in_flight`` sample calls outstanding so a trainer never waits on replay.
 
     Each call fetches ``batches_per_call`` batches at once (one actor round trip per shard per
     call; default ~32k rows); ``next_batch`` hands them out one at a time. Rows are drawn with
     replacement, so a large call changes nothing about what a batch holds. A rate-limited store is retried with
-    back-off until ``timeout_s``.
+    back-off until ``timeout_s``. ``seed`` (e.g. run seed, task, rank) makes the batches
+    reproducible: they depend only on it and on the rows in the store.
     """
 
-    def __init__(self, store: ReplayStore, *, batch_size: int, in_flight: int = 2, batches_per_call: int | None = None,
-                 timeout_s: float = 60.0):
+    def __init__(self, store: ReplayStore, *, batch_size: int, seed: int | list[int] = 0, in_flight: int = 2,
+                 batches_per_call: int | None = None, timeout_s: float = 60.0):
         # ~32k rows a call: an actor round trip costs ~1 ms, so small calls starve the consumer
         # (8 batches of 256 a call: 0.23M rows/s; 256 batches: 1.8M rows/s, measured on 2 cores).
         batches_per_call = batches_per_call or max(1, 32768 // max(1, batch_size))
@@ -236,12 +288,13 @@ class PrefetchingSampler:
             raise ValueError("batch_size, in_flight and batches_per_call must be positive")
         self.store, self.batch_size = store, batch_size
         self.in_flight, self.batches_per_call, self.timeout_s = in_flight, batches_per_call, timeout_s
-        self._pending: deque[list[ray.ObjectRef]] = deque()
+        self._rng = np.random.default_rng(seed)
+        self._pending: deque[PendingSample] = deque()
         self._ready: deque[pa.Table] = deque()
 
     def _fill(self) -> None:
         while len(self._pending) < self.in_flight:
-            self._pending.append(self.store.sample_async(self.batch_size * self.batches_per_call))
+            self._pending.append(self.store.sample_async(self.batch_size * self.batches_per_call, self._rng))
 
     def next_batch(self) -> pa.Table:
         deadline = time.monotonic() + self.timeout_s
@@ -261,7 +314,7 @@ class PrefetchingSampler:
         return self._ready.popleft()
 
     def close(self) -> None:
-        for refs in self._pending:
-            for ref in refs:
+        for pending in self._pending:
+            for ref in pending.refs:
                 ray.cancel(ref)
         self._pending.clear()

@@ -1,15 +1,22 @@
-"""The scheduler: owns the stream order, the accuracy matrix and the run's only MLflow writer.
+"""The scheduler: owns the stream order, the accuracy matrix, the run's commit record and its only
+MLflow writer.
 
-``Scheduler`` is a plain class (unit-tested with no cluster); ``SchedulerActor`` is the same class
-as a Ray actor. Trainer workers pull task plans from it and push results back; the driver polls
-``progress`` for its progress bars.
+``Scheduler`` is a plain class (unit-tested with no cluster, and driven by ``pipelines.loop`` in
+one process); ``SchedulerActor`` is the same class as a Ray actor. Trainer workers pull task plans
+from it and push results back; the driver polls ``progress`` for its progress bars.
+
+A task is finished when its row is committed, in this order: the matrix file, the replay store
+(the task's rows inserted, then a checkpoint of every shard), then ``report.json`` — the commit
+record a resumed run starts from — and only then MLflow, which never holds up the run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +26,149 @@ import ray
 import yaml
 
 from actors.replay import ReplayStore
-from actors.tracking import MlflowSink
-from pipelines.config import RunConfig, flatten
-from pipelines.learner import EvalSet, TaskPlan, checkpoint_dir
+from actors.tracking import CLIENT_ENV, BufferedSink, MlflowSink, send_pending
+from pipelines.config import RunConfig, experiment_dict, flatten
 from pipelines.metrics import ForgettingMatrix
+from pipelines.plan import (
+    EvalSet,
+    StreamStart,
+    TaskPlan,
+    build_plan,
+    fingerprint,
+    planning_for,
+    state_dir,
+)
 from pipelines.plots import plot_heatmap
-from pipelines.strategies import build_strategy
+from pipelines.report import MlflowRef, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
+from pipelines.rundir import OutputDir
 from pipelines.tasks import TaskStream
+from storage.files import write_atomic
+
+START_TAG = "start"  # the replay store's checkpoint before any task: empty
+
+
+def replay_tag(index: int) -> str:
+    return f"task-{index:02d}"
 
 
 class Scheduler:
     """Feeds the task stream in order and records what the trainers report.
 
-    Per task t: ``next_task`` hands out the plan, ``log_step`` receives train losses,
-    ``record_eval`` fills row t of the matrix and logs the metrics after task t.
+    Args:
+        config: the run's config (paths resolved).
+        stream: every task of the run, loaded.
+        previous: the report of the run being resumed (None: a new run). Its finished rows are
+            kept; tasks that are new (or not finished and changed) get their columns measured.
+        sink: where MLflow records go (None: the configured tracking store).
+        changes: config changes a resume brought (``key: old -> new``), recorded with it.
     """
 
-    def __init__(self, config: RunConfig, stream: TaskStream, *, sink: MlflowSink | None = None):
+    def __init__(self, config: RunConfig, stream: TaskStream, *, previous: RunReport | None = None,
+                 sink: MlflowSink | None = None, changes: list[str] | tuple[str, ...] = ()):
+        for key, value in CLIENT_ENV.items():
+            os.environ.setdefault(key, value)
         self.config = config
         self.stream = stream
-        self.strategy = build_strategy(config.strategy)
+        self.planning = planning_for(config.strategy)
+        self.output = OutputDir(config.output_dir, replay_dir=config.replay.directory)
+        self.output_dir = self.output.path
+        self.fingerprints = {t.name: fingerprint(t) for t in stream}
         self.matrix = ForgettingMatrix(stream.names)
-        self.output_dir = Path(config.output_dir)
-        self.sink = sink or MlflowSink.start(
-            config.mlflow.tracking_uri, config.mlflow.experiment_name,
-            run_name=config.mlflow.run_name or (f"{config.strategy.name}-seed{config.seed}"
-                                                if config.mlflow.parent_run_id else config.experiment),
-            tags={"forgetless.strategy": config.strategy.name, "forgetless.tasks": ",".join(stream.names),
-                  **({"mlflow.parentRunId": config.mlflow.parent_run_id} if config.mlflow.parent_run_id else {})},
-        )
-        self.sink.log_params(flatten(config))
-        self.sink.log_params({"stream.num_tasks": len(stream)})
-        self.replay: ReplayStore | None = None
-        if config.replay.enabled or self.strategy.replay_ratio > 0:
-            self.replay = ReplayStore.create(config.replay, seed=config.seed,
-                                             directory=config.replay.directory or self.output_dir / "replay")
-        self._cursors: dict[int, int] = {}
-        self._plans: dict[int, TaskPlan] = {}
-        self._history: list[dict[str, Any]] = []  # metrics after each task
-        self._train_stats: dict[str, dict[str, float]] = {}
+        self.finished = 0  # tasks whose row is committed
+        self._history: list[dict[str, Any]] = []
+        self._train_stats: dict[str, TaskStats] = {}
         self._checkpoints: dict[str, str] = {}
+        self._resumes: list[Resumption] = []
+        self._fill_tasks: tuple[int, ...] = ()
+        self._training_state: str | None = None
+        self._logged_until = -1  # train_loss steps an interrupted attempt already logged
+        if previous is not None:
+            self._carry_over(previous, changes)
+        self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
+        self.replay: ReplayStore | None = None
+        self._replay_checkpoint = START_TAG
+        if config.replay.enabled or self.planning.replay_ratio > 0:
+            self.replay = ReplayStore.create(config.replay, seed=config.seed, directory=self.output.replay_dir)
+            if previous is None:
+                self.replay.checkpoint(START_TAG)
+            else:
+                self._replay_checkpoint = previous.resume.replay_checkpoint or START_TAG
+                self.replay.rollback(self._replay_checkpoint)  # what the last finished task left, nothing later
+        self._cursors: dict[int, int] = {}
+        self._plan: TaskPlan | None = None
+        self._workers: dict[int, dict[str, Any]] = {}
         self._failure: str | None = None
-        self._finished: dict[str, Any] | None = None
+        self._finished_report: RunReport | None = None
         self._started = time.time()
-        self._progress: dict[str, Any] = {"phase": "starting", "task_index": -1, "task": None, "step": 0,
-                                          "num_steps": 0, "loss": None, "global_step": 0}
+        self._progress: dict[str, Any] = {"phase": "starting", "task_index": self.finished - 1, "task": None,
+                                          "step": 0, "num_steps": 0, "loss": None, "global_step": 0,
+                                          "mlflow_outage": None}
+        write_atomic(self.output.config, yaml.safe_dump(experiment_dict(config), sort_keys=False))
+        self._write_report()  # the commit record exists from the start: a run killed now resumes at task 0
+
+    # ------------------------------------------------------------------ starting or resuming
+    def _carry_over(self, previous: RunReport, changes: list[str] | tuple[str, ...]) -> None:
+        """Keep the previous attempt's finished rows; find the columns still to be measured."""
+        kept = {name: j for j, name in enumerate(previous.tasks)
+                if previous.resume.data_fingerprints.get(name) == self.fingerprints.get(name)}
+        self.finished = previous.finished_tasks
+        acc = np.full((len(self.stream), len(self.stream)), np.nan)
+        baseline = np.full(len(self.stream), np.nan)
+        for j, name in enumerate(self.stream.names):
+            if name in kept:
+                old = kept[name]
+                column = [previous.acc_matrix[t][old] for t in range(self.finished)]
+                acc[: self.finished, j] = [np.nan if v is None else v for v in column]
+                baseline[j] = np.nan if previous.baseline[old] is None else previous.baseline[old]
+        self.matrix = ForgettingMatrix(self.stream.names, acc=acc, baseline=baseline)
+        self._history = [h for h in previous.metrics_per_task if h["task_index"] < self.finished]
+        self._train_stats = {k: v for k, v in previous.train.items() if k in self.stream.names[: self.finished]}
+        self._checkpoints = {k: v for k, v in previous.checkpoints.items() if k in self.stream.names[: self.finished]}
+        self._training_state = previous.resume.training_state if self.finished else None
+        if self.finished:
+            self._fill_tasks = tuple(j for j in range(len(self.stream)) if np.isnan(acc[self.finished - 1, j]))
+        new_tasks = [n for n in self.stream.names if n not in kept]
+        self._resumes = [*previous.resumes, Resumption(at=time.time(), finished_tasks=self.finished,
+                                                       previous_status=previous.status, new_tasks=new_tasks,
+                                                       changed=list(changes))]
+
+    def _open_run(self, previous: RunReport | None, sink: MlflowSink | None) -> MlflowSink:
+        config = self.config
+        tags = {"forgetless.strategy": config.strategy.name, "forgetless.tasks": ",".join(self.stream.names),
+                "forgetless.output_dir": str(self.output_dir), "forgetless.host": socket.gethostname()}
+        if previous is None or previous.mlflow.run_id is None:
+            sink = sink or MlflowSink.start(
+                config.mlflow.tracking_uri, config.mlflow.experiment_name,
+                run_name=config.mlflow.run_name or (f"{config.strategy.name}-seed{config.seed}"
+                                                    if config.mlflow.parent_run_id else config.experiment),
+                tags={**tags, **({"mlflow.parentRunId": config.mlflow.parent_run_id}
+                                 if config.mlflow.parent_run_id else {})},
+            )
+            sink.log_params(flatten(experiment_dict(config)))
+            return sink
+        sink = sink or MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id)
+        send_pending(sink, self.output.pending_mlflow)  # what the last attempt could not send
+        attempt = len(self._resumes)
+        if previous.status == "RUNNING":  # the last attempt died without a word: say so before going on
+            sink.end("KILLED")
+        sink.set_tags({**tags, f"forgetless.resume.{attempt}": (
+            f"resumed after {self.finished} finished task(s); the previous attempt ended "
+            f"{'without a word (killed)' if previous.status == 'RUNNING' else previous.status}"
+            + (f"; new tasks {self._resumes[-1].new_tasks}" if self._resumes[-1].new_tasks else "")
+            + (f"; changed {self._resumes[-1].changed}" if self._resumes[-1].changed else ""))})
+        sink.client.update_run(sink.run_id, status="RUNNING")
+        logged = sink.params()
+        sink.log_params({k: v for k, v in flatten(experiment_dict(config)).items() if k not in logged})
+        last = sink.last_step("train_loss")
+        self._logged_until = -1 if last is None else last
+        return sink
+
+    def start(self) -> StreamStart:
+        """How each worker starts: the baseline still to measure, the state to load, the columns to fill."""
+        missing = tuple(j for j in range(len(self.stream)) if np.isnan(self.matrix.baseline[j]))
+        return StreamStart(
+            eval_sets=self.eval_sets(), restore_dir=self._training_state, baseline_tasks=missing,
+            fill_row=self.finished - 1 if self._fill_tasks else None, fill_tasks=self._fill_tasks)
 
     # ------------------------------------------------------------------ trainers call these
     @property
@@ -73,60 +178,93 @@ class Scheduler:
     def eval_sets(self) -> list[EvalSet]:
         return [EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in self.stream]
 
+    def register_worker(self, rank: int, *, pid: int, host: str) -> None:
+        self._workers[rank] = {"pid": pid, "host": host}
+
+    def workers(self) -> dict[int, dict[str, Any]]:
+        return dict(self._workers)
+
     def set_phase(self, phase: str) -> None:
         self._progress["phase"] = phase
 
     def next_task(self, rank: int = 0) -> TaskPlan | None:
         """The next plan for ``rank``, or None at the end of the stream. Every rank gets the same plans."""
-        index = self._cursors.get(rank, 0)
+        index = self._cursors.get(rank, self.finished)
         if index >= len(self.stream) or self._failure is not None:
             return None
         self._cursors[rank] = index + 1
-        if index not in self._plans:
-            task = self.stream[index]
-            teacher = None
-            if self.strategy.needs_teacher and index:  # saved by the trainers before any asks for this plan
-                teacher = str(checkpoint_dir(self.output_dir, index - 1, self.stream[index - 1].name))
-            max_steps = self.strategy.plan_max_steps(self.stream, index, self.config.training) or task.max_steps
-            self._plans = {index: TaskPlan(index=index, name=task.name,
-                                           examples=self.strategy.training_examples(self.stream, index),
-                                           epochs=task.epochs, max_steps=max_steps, teacher_dir=teacher)}
-            self._progress.update(phase="train", task_index=index, task=task.name, step=0, num_steps=0, loss=None)
-        return self._plans[index]
+        if self._plan is None or self._plan.index != index:
+            self._plan = build_plan(self.config, self.stream, index)
+            self._progress.update(phase="train", task_index=index, task=self._plan.name, step=0, num_steps=0,
+                                  loss=None)
+        return self._plan
 
     def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int) -> None:
-        self._progress.update(step=step + 1, num_steps=num_steps, loss=loss, global_step=global_step)
+        self._progress.update(step=step + 1, num_steps=num_steps, loss=loss, global_step=global_step,
+                              mlflow_outage=self.sink.outage)
         if step + 1 == num_steps:
             self._progress["phase"] = "eval"
-        self.sink.log_metrics({"train_loss": loss, f"train_loss/{self.stream[task_index].name}": loss},
-                              step=global_step)
+        if global_step > self._logged_until:  # a redone task's steps were logged by the attempt that died
+            self.sink.log_metrics({"train_loss": loss, f"train_loss/{self.stream[task_index].name}": loss},
+                                  step=global_step)
 
     def record_baseline(self, accuracies: dict[str, float]) -> None:
-        self.matrix.record_baseline(accuracies)
+        """The untrained model's accuracy on some or all tasks."""
+        for name, value in accuracies.items():
+            self.matrix.baseline[self.stream.names.index(name)] = value
+        self._write_matrix()
         self.sink.log_metrics({f"baseline/{k}": v for k, v in accuracies.items()}, step=0)
 
-    def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, float] | None = None,
+    def record_fill(self, row: int, accuracies: dict[str, float]) -> None:
+        """An extended stream: the model after task ``row`` on the tasks it had not been measured on."""
+        for name, value in accuracies.items():
+            self.matrix.acc[row, self.stream.names.index(name)] = value
+        self._write_matrix()
+        self._write_report()
+        self.sink.log_metrics({f"acc/{k}": v for k, v in accuracies.items()}, step=row)
+
+    def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any] | None = None,
                     checkpoint: str | None = None) -> dict[str, float | None]:
-        """Fill row ``task_index``; log acc/<task> and the metrics after it (step = task index)."""
+        """Commit task ``task_index``: row, replay rows, report; then log acc/<task> and the metrics
+        after it (step = task index)."""
+        name = self.stream[task_index].name
         self.matrix.record(task_index, accuracies)
         metrics = self.matrix.summary(task_index)
-        self._history.append({"task_index": task_index, "task": self.stream[task_index].name, **metrics})
-        name = self.stream[task_index].name
+        self._history.append({"task_index": task_index, "task": name, **metrics})
         if train_stats:
-            self._train_stats[name] = train_stats
+            self._train_stats[name] = TaskStats(**train_stats)
         if checkpoint:
             self._checkpoints[name] = checkpoint
-        timing = {f"time/{k}": train_stats[k] for k in ("seconds", "eval_seconds") if train_stats and k in train_stats}
-        self.sink.log_metrics({**{f"acc/{k}": v for k, v in accuracies.items()}, **metrics, **timing},
-                              step=task_index)
         self._write_matrix()
         if self.replay is not None:
             self._remember(task_index)
+            self._replay_checkpoint = replay_tag(task_index)
+            self.replay.checkpoint(self._replay_checkpoint)
+        self.finished = task_index + 1
+        self._training_state = str(state_dir(self.output_dir, task_index))
+        self._write_report()  # the commit
+        self._forget_older_state(task_index)
+        timing = {f"time/{k}": train_stats[k] for k in ("seconds", "eval_seconds") if train_stats and k in train_stats}
+        self.sink.log_metrics({**{f"acc/{k}": v for k, v in accuracies.items()}, **metrics, **timing},
+                              step=task_index)
+        if self.replay is not None:
+            stats = self.replay.stats()
+            self.sink.log_metrics({"replay/rows": sum(s.num_rows for s in stats),
+                                   "replay/bytes": sum(s.bytes for s in stats)}, step=task_index)
         return metrics
+
+    def _forget_older_state(self, task_index: int) -> None:
+        """Once task t is committed, earlier training states and replay checkpoints are not needed."""
+        keep = state_dir(self.output_dir, task_index)
+        for old in keep.parent.glob("task-*"):
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.replay is not None:
+            self.replay.drop_checkpoints(keep=[self._replay_checkpoint])
 
     def _remember(self, task_index: int) -> None:
         """Insert task ``task_index``'s training examples into the replay store (a seeded subset
-        of ``replay.rows_per_task`` rows, or all); log the store's size."""
+        of ``replay.rows_per_task`` rows, or all)."""
         task = self.stream[task_index]
         sources, targets = task.sources("train"), task.targets("train")
         chosen = np.arange(len(sources))
@@ -142,15 +280,12 @@ class Scheduler:
             "target": [targets[i] for i in chosen],
         })
         self.replay.insert(rows)
-        stats = self.replay.stats()
-        self.sink.log_metrics({"replay/rows": sum(s.num_rows for s in stats),
-                               "replay/bytes": sum(s.bytes for s in stats)}, step=task_index)
 
     def replay_store(self) -> ReplayStore | None:
         """The run's replay store handle (picklable; trainers sample through it)."""
         return self.replay
 
-    def replay_stats(self) -> dict[str, Any] | None:
+    def replay_summary(self) -> ReplaySummary | None:
         if self.replay is None:
             return None
         stats = self.replay.stats()
@@ -158,9 +293,10 @@ class Scheduler:
         for shard in stats:
             for name, count in shard.rows_per_task.items():
                 per_task[name] = per_task.get(name, 0) + count
-        return {"num_shards": len(stats), "rows": sum(s.num_rows for s in stats), "rows_per_task": per_task,
-                "rows_per_shard": [s.num_rows for s in stats], "bytes": sum(s.bytes for s in stats),
-                "directory": self.replay.directory}
+        return ReplaySummary(num_shards=len(stats), rows=sum(s.num_rows for s in stats), rows_per_task=per_task,
+                             rows_per_shard=[s.num_rows for s in stats], bytes=sum(s.bytes for s in stats),
+                             directory=self.replay.directory,
+                             restore_warnings=[w for s in stats for w in s.restore_warnings])
 
     def fail(self, reason: str) -> None:
         """A trainer hit an error: remember why (the first reason wins) and hand out no more tasks."""
@@ -170,42 +306,43 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the driver calls these
     def progress(self) -> dict[str, Any]:
-        return {**self._progress, "rows": self.matrix.num_rows, "num_tasks": len(self.stream)}
+        return {**self._progress, "rows": self.finished, "num_tasks": len(self.stream),
+                "mlflow_outage": self.sink.outage}
 
     def failure(self) -> str | None:
         return self._failure
 
-    def _write_matrix(self) -> tuple[Path, Path]:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        matrix_path = self.output_dir / "acc_matrix.json"
-        matrix_path.write_text(json.dumps(self.matrix.to_dict(), indent=2))
-        heatmap_path = plot_heatmap(self.matrix, self.output_dir / "acc_heatmap.png",
-                                    title=f"{self.config.experiment} ({self.config.strategy.name})")
-        return matrix_path, heatmap_path
+    def _write_matrix(self) -> None:
+        write_atomic(self.output_dir / "acc_matrix.json", _json(self.matrix.to_dict()))
+        plot_heatmap(self.matrix, self.output_dir / "acc_heatmap.png",
+                     title=f"{self.config.experiment} ({self.config.strategy.name})")
 
-    def report(self) -> dict[str, Any]:
-        rows = self.matrix.num_rows
+    def report(self, status: str = "RUNNING") -> RunReport:
+        rows = self.finished
         metrics = self.matrix.summary(rows - 1) if rows else {"avg_acc": None, "forgetting": None, "bwt": None,
                                                               "fwt": None}
-        return {
-            **self.matrix.to_dict(),
-            "metrics": metrics,
-            "metrics_per_task": self._history,
-            "strategy": self.config.strategy.name,
-            "strategy_config": self.config.strategy.model_dump(mode="json", by_alias=True),
-            **({"note": "joint trains once, at the last task, on every task's data: only the final row "
-                        "(and avg_acc) is meaningful; forgetting, bwt and fwt are not defined for it"}
-               if self.config.strategy.name == "joint" else {}),
-            "experiment": self.config.experiment,
-            "seed": self.config.seed,
-            "complete": rows == len(self.stream),
-            "train": self._train_stats,
-            "between_task_overhead_s": self.between_task_overhead(),
-            "checkpoints": self._checkpoints,
-            "mlflow": {"tracking_uri": self.sink.tracking_uri, "run_id": self.sink.run_id},
-            "output_dir": str(self.output_dir),
-            "seconds": round(time.time() - self._started, 1),
-        }
+        data = self.matrix.to_dict()
+        return RunReport(
+            tasks=data["tasks"], acc_matrix=data["acc_matrix"], baseline=data["baseline"], metrics=metrics,
+            metrics_per_task=self._history, strategy=self.config.strategy.name,
+            strategy_config=self.config.strategy.model_dump(mode="json", by_alias=True),
+            note=("trains once, at the last task, on every task's data: only the final row (and avg_acc) is "
+                  "meaningful; forgetting, bwt and fwt are not defined for it") if self.planning.trains_only_at_end
+            else None,
+            experiment=self.config.experiment, seed=self.config.seed, status=status, error=self._failure,
+            finished_tasks=rows, complete=rows == len(self.stream), train=self._train_stats,
+            between_task_overhead_s=self.between_task_overhead(), checkpoints=self._checkpoints,
+            mlflow=MlflowRef(tracking_uri=self.sink.tracking_uri, run_id=self.sink.run_id),
+            output_dir=str(self.output_dir), seconds=round(time.time() - self._started, 1),
+            resumes=self._resumes,
+            resume=ResumePoint(training_state=self._training_state, replay_checkpoint=self._replay_checkpoint
+                               if self.replay is not None else None, data_fingerprints=self.fingerprints),
+        )
+
+    def _write_report(self, report: RunReport | None = None) -> RunReport:
+        report = report or self.report()
+        write_atomic(self.output.report, report.to_json())
+        return report
 
     def between_task_overhead(self) -> list[float]:
         """Seconds from the end of training task t to the start of task t+1, minus t's evaluation.
@@ -213,45 +350,37 @@ class Scheduler:
         What is left is the cost of scheduling: checkpointing, reporting, fetching the next plan.
         """
         stats = [self._train_stats[name] for name in self.stream.names if name in self._train_stats]
-        return [round(nxt["started_at"] - cur["ended_at"] - cur.get("eval_seconds", 0.0), 4)
-                for cur, nxt in zip(stats, stats[1:])]
+        return [round(nxt.started_at - cur.ended_at - cur.eval_seconds, 4) for cur, nxt in zip(stats, stats[1:])]
 
-    def finish(self, status: str = "FINISHED", reason: str | None = None) -> dict[str, Any]:
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> RunReport:
         """Write artifacts, end the MLflow run with ``status``; idempotent. Returns the report."""
-        if self._finished is not None:
-            return self._finished
+        if self._finished_report is not None:
+            return self._finished_report
         if reason:
             self.fail(reason)
-        report = self.report()
-        report["status"] = status
-        if self._failure:
-            report["error"] = self._failure
+        report = self.report(status)
         try:
-            if self.replay is not None:  # snapshots stay in the output dir; the actors go
-                report["replay"] = self.replay_stats()
-                self.replay.snapshot()
+            if self.replay is not None:  # the store stays on disk; the actors go
+                report.replay = self.replay_summary()
                 self.replay.shutdown()
-            matrix_path, heatmap_path = self._write_matrix()
-            config_path = self.output_dir / "config.yaml"
-            config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-            report_path = self.output_dir / "report.json"
-            report_path.write_text(json.dumps(report, indent=2))
-            for path in (matrix_path, heatmap_path, config_path, report_path):
-                self.sink.log_artifact(path)
+            self._write_matrix()
+            self._write_report(report)
+            for name in ("acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"):
+                self.sink.log_artifact(self.output_dir / name)
             if self._failure:
                 self.sink.set_tags({"forgetless.error": self._failure[:5000]})
         finally:
-            self.sink.end(status)  # never leave the run RUNNING
+            pending = self.sink.end(status, timeout_s=self.config.mlflow.flush_timeout_s)  # never left RUNNING
+        if pending:
+            report.mlflow.pending_records = pending
+            self._write_report(report)
         self._progress["phase"] = "done" if status == "FINISHED" else "failed"
-        self._finished = report
+        self._finished_report = report
         return report
 
 
-def format_exception(exc: BaseException) -> str:
-    """One line for the user, with the innermost frame for whoever debugs it."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2)
 
 
 # Thin actor: same class, scheduled with no CPU so it never competes with the trainers.

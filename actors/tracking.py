@@ -2,11 +2,26 @@
 
 Using the client rather than ``mlflow.start_run`` means a run never collides with a run some other
 code left active in the process, and a run can be resumed by id.
+
+MLflow is a window onto a run, not part of it: ``BufferedSink`` writes from a background thread,
+so a slow or unreachable tracking server never stalls training. Records wait in order and are
+retried until the server is back; whatever is still unwritten when the run ends goes to a file
+beside the report, which ``forgetless resume`` sends later. The local files (matrix, report) are
+always written first.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -15,8 +30,19 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from pipelines.errors import ForgetlessError
+from storage.files import write_atomic
+
+log = logging.getLogger("forgetless")
 _MAX_PARAM_CHARS = 6000
 _BATCH = 100
+# A call to an unreachable server fails after one retry and 10 s, not MLflow's default of
+# minutes; the buffered sink retries on its own schedule.
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+class TrackingUnreachableError(ForgetlessError, ConnectionError):
+    """The MLflow tracking store cannot be reached or written; the message names its URI."""
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
@@ -32,8 +58,45 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
+    """Fail within seconds when the tracking store cannot be used, naming it.
+
+    An HTTP server must answer its ``/health`` endpoint; a SQLite store's directory must exist (or
+    be creatable) and be writable. Other schemes are left to MLflow.
+
+    Raises:
+        TrackingUnreachableError: with the URI and what went wrong.
+    """
+    parsed = urlparse(tracking_uri)
+    fix = "start it, or set mlflow.tracking_uri to a reachable server (or sqlite:///path/to/mlflow.db)"
+    if parsed.scheme in ("http", "https"):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                if response.status != 200:
+                    raise TrackingUnreachableError(f"MLflow tracking server {tracking_uri} answered "
+                                                   f"{response.status} on /health; {fix}")
+        except urllib.error.HTTPError as exc:
+            raise TrackingUnreachableError(f"MLflow tracking server {tracking_uri} answered {exc.code} on /health "
+                                           f"({exc.reason}); {fix}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnreachableError(f"MLflow tracking server {tracking_uri} is unreachable ({reason}); "
+                                           f"{fix}") from None
+    elif parsed.scheme == "sqlite":
+        db_path = Path(tracking_uri.removeprefix("sqlite:///"))
+        directory = db_path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingUnreachableError(f"MLflow store {tracking_uri}: cannot create {directory} ({exc}); "
+                                           f"{fix}") from None
+        if not os.access(directory, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK)):
+            raise TrackingUnreachableError(f"MLflow store {tracking_uri}: {db_path} is not writable; {fix}")
+
+
 class MlflowSink:
-    """Writes one MLflow run. Create with ``start`` (new run) or ``resume`` (existing run_id)."""
+    """Writes one MLflow run, synchronously. Create with ``start`` (new run) or ``resume`` (by run_id)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri = tracking_uri
@@ -63,14 +126,25 @@ class MlflowSink:
         client.update_run(run_id, status="RUNNING")
         return cls(tracking_uri, run_id)
 
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def params(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.params)
+
+    def last_step(self, key: str) -> int | None:
+        """The highest step logged for metric ``key`` (None: never logged)."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=None)
+
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
 
-    def log_metrics(self, metrics: dict[str, float | None], *, step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float | None], *, step: int, timestamp: int | None = None) -> None:
         """Log finite values; undefined (None) or NaN metrics are skipped, not logged as 0."""
-        now = mlflow.utils.time.get_current_time_millis()
+        now = timestamp or mlflow.utils.time.get_current_time_millis()
         items = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
@@ -90,3 +164,219 @@ class MlflowSink:
         """Terminate the run: FINISHED, FAILED or KILLED."""
         RunStatus.from_string(status)  # raises on a typo
         self.client.set_terminated(self.run_id, status=status)
+
+
+def mark_orphaned_runs(tracking_uri: str, experiment_name: str) -> list[str]:
+    """Mark KILLED the runs of this experiment that say RUNNING but whose process is gone.
+
+    A run killed with SIGKILL (or whose machine died) cannot end its own MLflow run. Runs started
+    on this host carry their output_dir in a tag; when nothing holds that directory's lock any
+    more, nothing is running there. Runs of other hosts are left alone (their lock cannot be
+    seen from here). Returns the run ids marked.
+    """
+    from pipelines.rundir import OutputDir
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=200)
+    except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a run
+        log.debug("could not look for orphaned MLflow runs: %s", exc)
+        return []
+    marked = []
+    host = socket.gethostname()
+    for run in runs:
+        directory = run.data.tags.get("forgetless.output_dir")
+        if run.data.tags.get("forgetless.host") != host or not directory or not Path(directory).is_dir():
+            continue
+        if OutputDir(directory).is_locked_elsewhere():
+            continue  # alive
+        try:
+            report = json.loads((Path(directory) / "report.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if report.get("status") != "RUNNING" or report.get("mlflow", {}).get("run_id") != run.info.run_id:
+            continue  # it ended, and only MLflow has not heard yet (records wait in mlflow-pending.jsonl)
+        client.set_tag(run.info.run_id, "forgetless.error",
+                       f"the process ended without a word (killed) while the run was in progress; noticed at "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Continue it with `forgetless resume {directory}`")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        marked.append(run.info.run_id)
+    if marked:
+        log.warning("marked %d MLflow run(s) KILLED whose process had died: %s", len(marked), ", ".join(marked))
+    return marked
+
+
+class BufferedSink:
+    """An ``MlflowSink`` behind a queue and a writer thread: callers never wait on MLflow.
+
+    Records are written in the order they were given; a failed write is retried (backing off to
+    ``max_backoff_s``) until it succeeds, so an outage delays records but never drops or reorders
+    them. ``end`` waits up to a deadline; records it could not write are saved to ``pending_path``.
+    """
+
+    def __init__(self, sink: MlflowSink, *, pending_path: str | Path | None = None, max_backoff_s: float = 15.0):
+        self.sink = sink
+        self.pending_path = Path(pending_path) if pending_path else None
+        self.max_backoff_s = max_backoff_s
+        self._records: deque[dict[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._outage: str | None = None
+        self._thread = threading.Thread(target=self._write_forever, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.sink.tracking_uri
+
+    @property
+    def run_id(self) -> str:
+        return self.sink.run_id
+
+    @property
+    def outage(self) -> str | None:
+        """Since when and why writes are failing (None while MLflow is keeping up)."""
+        return self._outage
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._records)
+
+    # ------------------------------------------------------------------ what callers use
+    def _put(self, record: dict[str, Any]) -> None:
+        with self._cond:
+            self._records.append(record)
+            self._cond.notify_all()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._put({"kind": "params", "values": {k: str(v)[:_MAX_PARAM_CHARS] for k, v in params.items()}})
+
+    def log_metrics(self, metrics: dict[str, float | None], *, step: int) -> None:
+        values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if values:
+            self._put({"kind": "metrics", "values": values, "step": step,
+                       "timestamp": mlflow.utils.time.get_current_time_millis()})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put({"kind": "tags", "values": dict(tags)})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._put({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    # ------------------------------------------------------------------ the writer
+    def _write_forever(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cond:
+                while not self._records and not self._closing:
+                    self._cond.wait()
+                if not self._records:
+                    return
+                record = self._records[0]
+            try:
+                write_record(self.sink, record)
+            except Exception as exc:  # noqa: BLE001 - any failure of the server: wait and retry
+                if self._outage is None:
+                    self._outage = f"since {time.strftime('%H:%M:%S')}: {type(exc).__name__}: {str(exc)[:300]}"
+                    log.warning("MLflow at %s is not taking writes (%s); training goes on, records are kept "
+                                "and retried", self.sink.tracking_uri, self._outage)
+                with self._cond:
+                    if self._closing:
+                        return
+                    self._cond.wait(timeout=backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            if self._outage is not None:
+                log.warning("MLflow at %s is back after an outage %s", self.sink.tracking_uri, self._outage)
+                self._outage = None
+            backoff = 0.5
+            with self._cond:
+                self._records.popleft()
+                self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait until every record is written or ``timeout_s`` passed; returns how many are left."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._records and time.monotonic() < deadline:
+                self._cond.notify_all()
+                self._cond.wait(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
+            return len(self._records)
+
+    def end(self, status: str = "FINISHED", *, timeout_s: float = 60.0) -> int:
+        """Write what is queued, then end the run with ``status``. Returns the records left unwritten
+        (saved to ``pending_path``, with the status, for ``forgetless resume`` to send); 0 when all is in."""
+        RunStatus.from_string(status)
+        self._put({"kind": "end", "status": status})
+        left = self.flush(timeout_s)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            records = list(self._records)
+            self._records.clear()
+        self._thread.join(timeout=15)
+        if records and self.pending_path is not None:
+            save_pending(self.pending_path, records)
+        return left
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=15)
+
+
+def write_record(sink: MlflowSink, record: dict[str, Any]) -> None:
+    """Send one queued record (params, metrics, tags, an artifact, or the run's end)."""
+    kind = record["kind"]
+    if kind == "params":
+        sink.log_params(record["values"])
+    elif kind == "metrics":
+        sink.log_metrics(record["values"], step=record["step"], timestamp=record["timestamp"])
+    elif kind == "tags":
+        sink.set_tags(record["values"])
+    elif kind == "artifact":
+        if Path(record["path"]).exists():
+            sink.log_artifact(record["path"], record["artifact_path"])
+    elif kind == "end":
+        sink.end(record["status"])
+    else:
+        raise ValueError(f"unknown MLflow record kind {kind!r}")
+
+
+def save_pending(path: Path, records: list[dict[str, Any]]) -> None:
+    existing = load_pending(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in [*existing, *records]))
+
+
+def load_pending(path: Path) -> list[dict[str, Any]]:
+    """Records a run could not send to MLflow (a file per output_dir; unreadable lines are named)."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            log.warning("%s:%d is not a JSON record; skipped", path, number)
+    return records
+
+
+def send_pending(sink: MlflowSink, path: Path) -> int:
+    """Write the records saved in ``path`` to ``sink``'s run (in order), then remove the file.
+    Returns how many were sent. Raises what MLflow raises; the file stays until all went through."""
+    records = load_pending(path)
+    for sent, record in enumerate(records):
+        try:
+            write_record(sink, record)
+        except Exception:
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in records[sent:]))  # never send one twice
+            raise
+    path.unlink(missing_ok=True)
+    return len(records)

@@ -5,6 +5,7 @@ Everything downstream takes these typed objects; defaults live here and nowhere 
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from pipelines.errors import ConfigError
 
@@ -174,6 +175,9 @@ class MlflowConfig(Schema):
     experiment_name: str = "forgetless"
     run_name: str | None = None
     parent_run_id: str | None = None  # set by `forgetless compare`: runs become children of it
+    # At the end of a run, how long to wait for an unreachable tracking server before leaving the
+    # unsent records in <output_dir>/mlflow-pending.jsonl (sent by `forgetless resume`).
+    flush_timeout_s: float = Field(default=60.0, ge=0)
 
 
 class RayConfig(Schema):
@@ -227,29 +231,26 @@ class EwcStrategyConfig(Schema):
     fisher_examples: int = Field(default=256, gt=0)
 
 
-STRATEGY_CONFIGS: dict[str, type[Schema]] = {
-    "naive": NaiveStrategyConfig, "joint": JointStrategyConfig, "cumulative": CumulativeStrategyConfig,
-    "replay": ReplayStrategyConfig, "lwf": LwfStrategyConfig, "ewc": EwcStrategyConfig,
-}
-StrategyConfig = Annotated[
-    Union[NaiveStrategyConfig, JointStrategyConfig, CumulativeStrategyConfig, ReplayStrategyConfig,
-          LwfStrategyConfig, EwcStrategyConfig],
-    Field(discriminator="name"),
-]
+# Each strategy's name is written once: in its config class's ``name`` literal. Everything else
+# (the registry, the union, ``strategies:`` settings, the trainers' table) is keyed by the class.
+_STRATEGY_TYPES = (NaiveStrategyConfig, JointStrategyConfig, CumulativeStrategyConfig, ReplayStrategyConfig,
+                   LwfStrategyConfig, EwcStrategyConfig)
+STRATEGY_CONFIGS: dict[str, type[Schema]] = {cls.model_fields["name"].default: cls for cls in _STRATEGY_TYPES}
+StrategyConfig = Annotated[Union[_STRATEGY_TYPES], Field(discriminator="name")]
+DEFAULT_STRATEGY = NaiveStrategyConfig().name
 
-
-class StrategySettings(Schema):
-    """Settings per strategy, for ``forgetless compare`` (each entry is that strategy's block)."""
-
-    naive: NaiveStrategyConfig = NaiveStrategyConfig()
-    joint: JointStrategyConfig = JointStrategyConfig()
-    cumulative: CumulativeStrategyConfig = CumulativeStrategyConfig()
-    replay: ReplayStrategyConfig = ReplayStrategyConfig()
-    lwf: LwfStrategyConfig = LwfStrategyConfig()
-    ewc: EwcStrategyConfig = EwcStrategyConfig()
+StrategySettings = create_model(
+    "StrategySettings", __base__=Schema,
+    __doc__="Settings per strategy, for ``forgetless compare`` (each entry is that strategy's block).",
+    **{name: (cls, cls()) for name, cls in STRATEGY_CONFIGS.items()},
+)
 
 
 class RunConfig(Schema):
+    # Run control, not part of the experiment (never logged, never compared on resume):
+    # resume=true continues the stream in output_dir; overwrite=true empties output_dir first.
+    resume: bool = False
+    overwrite: bool = False
     experiment: str = "forgetless"
     seed: int = 0
     output_dir: str = "runs/default"
@@ -269,17 +270,20 @@ class RunConfig(Schema):
     def _known_strategy(cls, data: Any) -> Any:
         strategy = data.get("strategy") if isinstance(data, dict) else None
         if isinstance(strategy, dict):
-            if strategy.get("name", "naive") not in STRATEGY_CONFIGS:
+            if strategy.get("name", DEFAULT_STRATEGY) not in STRATEGY_CONFIGS:
                 raise ValueError(
                     f"unknown strategy {strategy.get('name')!r}; choose one of {sorted(STRATEGY_CONFIGS)}"
                 )
-            data = {**data, "strategy": {"name": "naive", **strategy}}
+            data = {**data, "strategy": {"name": DEFAULT_STRATEGY, **strategy}}
         return data
 
     @model_validator(mode="after")
     def _strategy_needs(self) -> RunConfig:
-        if self.strategy.name == "ewc" and self.training.zero_stage == 3:
-            raise ValueError("strategy ewc needs full parameters on every worker: use training.zero_stage <= 2")
+        if isinstance(self.strategy, EwcStrategyConfig) and self.training.zero_stage == 3:
+            raise ValueError(f"strategy {self.strategy.name} needs full parameters on every worker: "
+                             "use training.zero_stage <= 2")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true continues what is in output_dir and overwrite=true empties it: choose one")
         return self
 
     def with_strategy(self, name: str, *, seed: int | None = None, output_dir: str | None = None,
@@ -296,6 +300,14 @@ class RunConfig(Schema):
         if parent_run_id is not None:
             data["mlflow"]["parent_run_id"] = parent_run_id
         return validate_config(data, origin=f"strategy {name}")
+
+
+RUN_CONTROL = ("resume", "overwrite")  # RunConfig keys that steer this invocation, not the experiment
+
+
+def experiment_dict(config: RunConfig) -> dict[str, Any]:
+    """The config as JSON-ready data without the run-control keys: what a run is, not how it was started."""
+    return config.model_dump(mode="json", by_alias=True, exclude=set(RUN_CONTROL))
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -354,10 +366,25 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        cfg = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-encode it as "
+                          "UTF-8") from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # YAML errors then say where: in "<file>", line 3, column 5
+    try:
+        loaded = yaml.safe_load(stream)
+    except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, (dict, type(None))):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not a {type(loaded).__name__}")
+    try:
+        cfg = OmegaConf.create(loaded or {})
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file {path} cannot be loaded: {exc}") from None
     for item in overrides:
         key, value = _parse_override(item)
         try:
@@ -389,7 +416,8 @@ def resolve_paths(config: RunConfig, *, cwd: str | os.PathLike | None = None) ->
     """Make every path absolute (workers run in other directories) and fill the MLflow default.
 
     The default tracking store is ``sqlite:///<cwd>/mlflow.db``: one store for every run started
-    from the same directory, which ``mlflow ui`` opens directly.
+    from the same directory, which ``mlflow ui`` opens directly. The config was validated when it
+    was loaded; only path strings change here, so nothing is validated again.
     """
     base = Path(cwd or os.getcwd())
 
@@ -397,22 +425,32 @@ def resolve_paths(config: RunConfig, *, cwd: str | os.PathLike | None = None) ->
         path = Path(p).expanduser()
         return str(path if path.is_absolute() else (base / path).resolve())
 
-    data = config.model_dump()
-    data["output_dir"] = absolute(data["output_dir"])
-    if data["replay"]["directory"]:
-        data["replay"]["directory"] = absolute(data["replay"]["directory"])
-    data["stream"]["cache_dir"] = absolute(data["stream"]["cache_dir"])
-    for task in data["stream"]["tasks"]:
-        source = task["source"]
-        if source["kind"] == "file" or (source["kind"] == "hf" and (base / source["path"]).exists()):
-            source["path"] = absolute(source["path"])
-    for section, key in (("model", "name_or_path"), ("training", "deepspeed_config")):
-        value = data[section][key]
-        if value and (base / Path(value).expanduser()).exists():
-            data[section][key] = absolute(value)
-    tokenizer = data["model"]["tokenizer"]
-    if tokenizer["name_or_path"] and (base / Path(tokenizer["name_or_path"]).expanduser()).exists():
-        tokenizer["name_or_path"] = absolute(tokenizer["name_or_path"])
-    if data["mlflow"]["tracking_uri"] is None:
-        data["mlflow"]["tracking_uri"] = f"sqlite:///{base.resolve() / 'mlflow.db'}"
-    return RunConfig.model_validate(data)
+    def absolute_if_local(p: str | None) -> str | None:
+        return absolute(p) if p and (base / Path(p).expanduser()).exists() else p
+
+    tasks = []
+    for task in config.stream.tasks:
+        source = task.source
+        if isinstance(source, FileSource) or (isinstance(source, HFSource) and (base / source.path).exists()):
+            task = task.model_copy(update={"source": source.model_copy(update={"path": absolute(source.path)})})
+        tasks.append(task)
+    model = config.model.model_copy(update={
+        "name_or_path": absolute_if_local(config.model.name_or_path),
+        "tokenizer": config.model.tokenizer.model_copy(
+            update={"name_or_path": absolute_if_local(config.model.tokenizer.name_or_path)}),
+    })
+    replay = config.replay
+    if replay.directory:
+        replay = replay.model_copy(update={"directory": absolute(replay.directory)})
+    mlflow = config.mlflow
+    if mlflow.tracking_uri is None:
+        mlflow = mlflow.model_copy(update={"tracking_uri": f"sqlite:///{base.resolve() / 'mlflow.db'}"})
+    return config.model_copy(update={
+        "output_dir": absolute(config.output_dir),
+        "stream": config.stream.model_copy(update={"tasks": tasks, "cache_dir": absolute(config.stream.cache_dir)}),
+        "model": model,
+        "training": config.training.model_copy(
+            update={"deepspeed_config": absolute_if_local(config.training.deepspeed_config)}),
+        "replay": replay,
+        "mlflow": mlflow,
+    })

@@ -31,9 +31,11 @@ def resolve_precision(training: TrainingConfig, *, on_cuda: bool) -> str:
 def load_deepspeed_file(path: Path) -> dict[str, Any]:
     """A DeepSpeed config as JSON (``.json``) or YAML (anything else)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"training.deepspeed_config: file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"training.deepspeed_config: cannot read {path} as UTF-8 text ({exc})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:

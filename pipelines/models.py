@@ -118,8 +118,8 @@ def _canonicalize_unigram(tok: Tokenizer) -> None:
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own bare Exception for a damaged file
+        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}: {type(exc).__name__}: {exc}") from None
 
 
 def build_tokenizer(config: ModelConfig, texts: Iterable[str]) -> PreTrainedTokenizerBase:

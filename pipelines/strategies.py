@@ -1,121 +1,90 @@
-"""Continual-learning strategies: what a task trains on, and the loss it trains with.
+"""Continual-learning strategies, training side: the loss a worker trains with and the state it
+keeps across tasks.
 
-A strategy is split where the processes are. In the scheduler, ``training_examples`` sees the whole
-stream and returns plain data (None: no training at this task). In every trainer worker,
-``before_task`` / ``loss`` / ``after_task`` run around the training loop; state that a strategy
-keeps across tasks (EWC's Fisher, LwF's teacher) lives in the worker's strategy object, which
-lives as long as the worker group (the whole stream).
+A strategy is split where the processes are. The planning side (what each task trains on, which
+teacher, how much replay) is plain data in ``pipelines.plan``, used by the scheduler. Here, in
+every trainer worker, ``before_task`` / ``loss`` / ``after_task`` run around the training loop and
+get a small ``TrainingContext`` — the model, the task's batches, the collectives — never the
+whole learner. State kept across tasks (EWC's Fisher) is saved with the training state, so a
+resumed run carries it on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import EwcStrategyConfig, LwfStrategyConfig, ReplayStrategyConfig, Schema, TrainingConfig
-from pipelines.tasks import TaskStream
-
-if TYPE_CHECKING:
-    from pipelines.learner import Learner, TaskPlan
+from pipelines.config import (
+    CumulativeStrategyConfig,
+    EwcStrategyConfig,
+    JointStrategyConfig,
+    LwfStrategyConfig,
+    NaiveStrategyConfig,
+    ReplayStrategyConfig,
+    RunConfig,
+    Schema,
+)
+from pipelines.distributed import Collectives
+from pipelines.plan import TaskPlan
 
 Batch = dict[str, torch.Tensor]
+IGNORE_INDEX = -100  # label value the loss skips (PyTorch's ignore_index): padding of the targets
 
 
-class Strategy(Protocol):
-    name: str
-    replay_ratio: float  # share of each micro-batch drawn from the replay store (0: none)
-    needs_teacher: bool  # the model after the previous task must be saved and handed over
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a strategy's training side may use."""
 
-    def training_examples(self, stream: TaskStream, task_index: int) -> pa.Table | None:
-        """(source, target) rows to train on at task ``task_index``, prefixes applied; None: skip."""
-        ...
+    module: torch.nn.Module  # the model itself (full parameters under ZeRO <= 2)
+    device: torch.device
+    dtype: torch.dtype
+    comm: Collectives
+    batches: Callable[[], Iterator[Batch]]  # a fresh iterator over this rank's micro-batches of the task
 
-    def plan_max_steps(self, stream: TaskStream, task_index: int, training: TrainingConfig) -> int | None:
-        """Steps for this task when the strategy decides them (else None: the learner's rule)."""
-        ...
 
-    def before_task(self, learner: Learner, plan: TaskPlan) -> None: ...
+class TrainingStrategy(Protocol):
+    def before_task(self, context: TrainingContext, plan: TaskPlan) -> None: ...
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The scalar training loss of one micro-batch."""
+        """The scalar training loss of one micro-batch (``model`` is the engine: call it to run forward)."""
         ...
 
-    def after_task(self, learner: Learner, plan: TaskPlan) -> None: ...
+    def after_task(self, context: TrainingContext, plan: TaskPlan) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across tasks, saved with the training state (empty: none)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def task_examples(stream: TaskStream, task_indices: range | list[int]) -> pa.Table:
-    return pa.concat_tables(
-        pa.table({"source": stream[i].sources("train"), "target": stream[i].targets("train")}) for i in task_indices
-    )
+class CrossEntropy:
+    """Plain cross-entropy on whatever the plan holds: naive, cumulative, joint and replay differ
+    only in their plans (own task, all seen, all at the end, replayed rows mixed in)."""
 
-
-class Naive:
-    """Sequential fine-tuning: each task's own data, plain cross-entropy. Forgets; the lower bound."""
-
-    name = "naive"
-    replay_ratio = 0.0
-    needs_teacher = False
-
-    def __init__(self, config: Schema):
+    def __init__(self, config: Schema, run: RunConfig):
         self.config = config
 
-    def training_examples(self, stream: TaskStream, task_index: int) -> pa.Table | None:
-        return task_examples(stream, [task_index])
-
-    def plan_max_steps(self, stream: TaskStream, task_index: int, training: TrainingConfig) -> int | None:
-        return None
-
-    def before_task(self, learner: Learner, plan: TaskPlan) -> None:
+    def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         pass
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return model(**batch).loss
 
-    def after_task(self, learner: Learner, plan: TaskPlan) -> None:
+    def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         pass
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-class Cumulative(Naive):
-    """At task t, train on the union of tasks 0..t (the same number of steps per task as naive)."""
-
-    name = "cumulative"
-
-    def training_examples(self, stream: TaskStream, task_index: int) -> pa.Table | None:
-        return task_examples(stream, range(task_index + 1))
-
-
-class Joint(Naive):
-    """Multitask training, the upper bound: nothing until the last task, then one training on
-    every task's data with the steps all tasks would have had together. Only the final row of
-    its matrix is meaningful (earlier rows are the untrained model)."""
-
-    name = "joint"
-
-    def training_examples(self, stream: TaskStream, task_index: int) -> pa.Table | None:
-        return task_examples(stream, range(len(stream))) if task_index == len(stream) - 1 else None
-
-    def plan_max_steps(self, stream: TaskStream, task_index: int, training: TrainingConfig) -> int | None:
-        per_task = [t.max_steps or (None if t.epochs else training.max_steps) for t in stream]
-        if all(per_task):
-            return sum(per_task)  # same budget as the sequential strategies
-        return None  # epoch-based: the union's size already gives the summed budget
-
-
-class Replay(Naive):
-    """Each micro-batch mixes ``replay_ratio`` examples of earlier tasks, sampled from the replay
-    store, with the new task's. The scheduler inserts each task's examples after it is trained."""
-
-    name = "replay"
-
-    def __init__(self, config: ReplayStrategyConfig):
-        super().__init__(config)
-        self.replay_ratio = config.replay_ratio
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -127,7 +96,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     root of the probabilities does. ``mse``: mean squared difference of the logits (the lecture's
     "analog" loss). Positions where ``labels == -100`` (padding) count for nothing.
     """
-    mask = (labels != -100).to(student_logits.dtype)
+    mask = (labels != IGNORE_INDEX).to(student_logits.dtype)
     if variant == "kl":
         log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
         log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
@@ -139,37 +108,31 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-class LwF(Naive):
+class LwF:
     """Learning without Forgetting (Li & Hoiem 2016): the model saved at the previous task boundary,
     loaded frozen, is distilled into the student on the new task's inputs with the same decoder
     inputs. loss = (1 - alpha) * CE + alpha * distillation; on the first task, CE alone."""
 
-    name = "lwf"
-    needs_teacher = True
-
-    def __init__(self, config: LwfStrategyConfig):
-        super().__init__(config)
+    def __init__(self, config: LwfStrategyConfig, run: RunConfig):
+        self.config = config
+        self.max_target_tokens = run.stream.max_target_tokens
         self.teacher: torch.nn.Module | None = None
-        self._max_target_tokens = 32
 
-    def before_task(self, learner: Learner, plan: TaskPlan) -> None:
+    def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         self.teacher = None
         if plan.teacher_dir:
-            self.teacher = load_frozen(plan.teacher_dir, device=learner.engine.device,
-                                       dtype=next(learner.model.parameters()).dtype)
-        self._max_target_tokens = learner.config.stream.max_target_tokens
+            self.teacher = load_frozen(plan.teacher_dir, device=context.device, dtype=context.dtype)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        config: LwfStrategyConfig = self.config  # type: ignore[assignment]
+        config = self.config
         if self.teacher is None or config.alpha == 0:
             return model(**batch).loss
         if config.variant == "pseudo_labels":
             with torch.no_grad():
                 generated = self.teacher.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                                  max_new_tokens=self._max_target_tokens, do_sample=False, num_beams=1)
+                                                  max_new_tokens=self.max_target_tokens, do_sample=False, num_beams=1)
             pseudo = generated[:, 1:].clone()  # drop the decoder start token
-            pad = self.teacher.config.pad_token_id
-            pseudo[pseudo == pad] = -100
+            pseudo[pseudo == self.teacher.config.pad_token_id] = IGNORE_INDEX
             own = model(**batch).loss
             theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=pseudo).loss
             return (1 - config.alpha) * own + config.alpha * theirs
@@ -180,8 +143,14 @@ class LwF(Naive):
                                     temperature=config.temperature)
         return (1 - config.alpha) * out.loss + config.alpha * distill
 
-    def after_task(self, learner: Learner, plan: TaskPlan) -> None:
+    def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         self.teacher = None  # free it; the next task loads the model just saved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the teacher is a checkpoint on disk, named by the next plan
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def load_frozen(directory: str | Path, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -194,7 +163,7 @@ def load_frozen(directory: str | Path, *, device: torch.device, dtype: torch.dty
     return model
 
 
-class EWC(Naive):
+class EWC:
     """Elastic weight consolidation (Kirkpatrick et al. 2017), diagonal Fisher.
 
     After each task: F = the empirical Fisher over ``fisher_examples`` of the task's examples (see
@@ -203,12 +172,13 @@ class EWC(Naive):
     (ZeRO <= 2), checked in the config.
     """
 
-    name = "ewc"
-
-    def __init__(self, config: EwcStrategyConfig):
-        super().__init__(config)
+    def __init__(self, config: EwcStrategyConfig, run: RunConfig):
+        self.config = config
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+
+    def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
+        pass
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         module = getattr(model, "module", model)
@@ -222,13 +192,19 @@ class EWC(Naive):
         loss = model(**batch).loss
         return loss + self.penalty(model) if self.fisher else loss
 
-    def after_task(self, learner: Learner, plan: TaskPlan) -> None:
-        per_rank = math.ceil(self.config.fisher_examples / learner.world_size)  # each rank its share
-        fisher = empirical_fisher(learner.model, learner.batches(plan), per_rank)
-        learner.all_reduce_mean(list(fisher.values()))
+    def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
+        per_rank = math.ceil(self.config.fisher_examples / context.comm.world_size)  # each rank its share
+        fisher = empirical_fisher(context.module, context.batches(), per_rank)
+        context.comm.all_reduce_mean(list(fisher.values()))
         for n, value in fisher.items():
             self.fisher[n] = self.fisher[n] + value if n in self.fisher else value
-        self.anchor = {n: p.detach().float().clone() for n, p in learner.model.named_parameters() if n in fisher}
+        self.anchor = {n: p.detach().float().clone() for n, p in context.module.named_parameters() if n in fisher}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fisher": self.fisher, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fisher, self.anchor = dict(state.get("fisher", {})), dict(state.get("anchor", {}))
 
 
 def empirical_fisher(module: torch.nn.Module, batches: Iterator[Batch], num_examples: int) -> dict[str, torch.Tensor]:
@@ -249,7 +225,7 @@ def empirical_fisher(module: torch.nn.Module, batches: Iterator[Batch], num_exam
             batch = next(batches)
             for i in range(min(len(batch["labels"]), num_examples - seen)):
                 one = {key: value[i : i + 1] for key, value in batch.items()}
-                tokens = (one["labels"] != -100).sum()
+                tokens = (one["labels"] != IGNORE_INDEX).sum()
                 nll = module(**one).loss * tokens  # the model's loss is the mean over target tokens
                 grads = torch.autograd.grad(nll, [p for _, p in named], allow_unused=True)
                 for (n, _), g in zip(named, grads):
@@ -261,12 +237,12 @@ def empirical_fisher(module: torch.nn.Module, batches: Iterator[Batch], num_exam
     return {n: f / seen for n, f in fisher.items()}
 
 
-STRATEGIES: dict[str, type] = {"naive": Naive, "joint": Joint, "cumulative": Cumulative, "replay": Replay,
-                               "lwf": LwF, "ewc": EWC}
+TRAINERS: dict[type[Schema], type] = {
+    NaiveStrategyConfig: CrossEntropy, JointStrategyConfig: CrossEntropy, CumulativeStrategyConfig: CrossEntropy,
+    ReplayStrategyConfig: CrossEntropy, LwfStrategyConfig: LwF, EwcStrategyConfig: EWC,
+}
 
 
-def build_strategy(config: Schema) -> Strategy:
-    name = getattr(config, "name", None)
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name](config)
+def build_training_strategy(run: RunConfig) -> TrainingStrategy:
+    """The training side of ``run.strategy``."""
+    return TRAINERS[type(run.strategy)](run.strategy, run)

@@ -12,7 +12,10 @@ tokenizer encodes a sampled batch in well under a millisecond. The schema metada
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from storage.files import fsync_directory, write_atomic
 from storage.tables import StorageError
+
+logger = logging.getLogger("forgetless.storage")
 
 SCHEMA_VERSION = "1"
 REPLAY_SCHEMA = pa.schema(
@@ -44,6 +50,18 @@ SAMPLERS = ("uniform", "task_balanced")
 
 class SchemaMismatchError(StorageError, TypeError):
     """An insert batch does not have the replay schema; nothing of it was stored."""
+
+
+class LogWriteError(StorageError, OSError):
+    """Appending to a shard's log failed: the insert or delete was not applied (nor acknowledged)."""
+
+
+class CorruptSnapshotError(StorageError, ValueError):
+    """A snapshot file fails its checks (size, CRC-32, rows, readability); the message names it."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
 
 
 class EmptyReplayError(StorageError, LookupError):
@@ -103,6 +121,8 @@ class ShardStats:
     evicted_rows: int
     sampled_rows: int
     restored_rows: int
+    # What the last restore could not use: corrupt snapshots it fell back from, torn log ends it skipped.
+    restore_warnings: tuple[str, ...] = ()
 
 
 class ReplayShard:
@@ -168,12 +188,16 @@ class ReplayShard:
         self._log: pa.RecordBatchStreamWriter | None = None
         self._log_file = None
         self._topology: tuple[int, Any] = (0, None)
+        self._memory_checkpoints: dict[str, dict[str, Any]] = {}
+        self.restore_report: dict[str, Any] | None = None  # what a restore used, fell back from and skipped
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._restore()
-            self._open_log()
-        # Sampling decisions need not replay; a restarted shard draws afresh.
+            if self._log is None:
+                self._open_log()
+        # Calls without a seed of their own draw from this generator (a restarted shard draws
+        # afresh); reproducible sampling passes a seed per call (see ``sample``).
         self._sample_rng = np.random.default_rng([seed, shard_id, 1, self._generation, self._restored])
 
     # ------------------------------------------------------------------ writes
@@ -285,8 +309,11 @@ class ReplayShard:
             self._combined = True
         return self._table
 
-    def sample(self, num_rows: int) -> pa.Table:
+    def sample(self, num_rows: int, seed: int | None = None) -> pa.Table:
         """``num_rows`` rows drawn with replacement by the shard's sampler.
+
+        With ``seed``, the draw depends only on the seed and the rows held: a retried call (after
+        the shard restarted) and a rerun of the same stream draw the same rows.
 
         Raises:
             EmptyReplayError: the shard holds no rows.
@@ -309,23 +336,24 @@ class ReplayShard:
         table = self._ready()
         if num_rows == 0:
             return table.slice(0, 0)
+        rng = self._sample_rng if seed is None else np.random.default_rng(seed)
         if self.sampler == "uniform":
-            index = self._sample_rng.integers(0, table.num_rows, num_rows)
+            index = rng.integers(0, table.num_rows, num_rows)
         else:
             tasks = table.column("task_name").to_numpy(zero_copy_only=False)
             names, inverse = np.unique(tasks, return_inverse=True)
-            chosen = self._sample_rng.integers(0, len(names), num_rows)
+            chosen = rng.integers(0, len(names), num_rows)
             index = np.empty(num_rows, dtype=np.int64)
             for t in np.unique(chosen):
                 members = np.flatnonzero(inverse == t)
                 picks = chosen == t
-                index[picks] = members[self._sample_rng.integers(0, len(members), int(picks.sum()))]
+                index[picks] = members[rng.integers(0, len(members), int(picks.sum()))]
         self._sampled += num_rows
         return table.take(pa.array(index, pa.int64()))
 
-    def sample_with_size(self, num_rows: int) -> tuple[pa.Table, int, int]:
+    def sample_with_size(self, num_rows: int, seed: int | None = None) -> tuple[pa.Table, int, int]:
         """``sample`` plus this shard's row count and topology version, in one actor round trip."""
-        rows = self.sample(num_rows) if num_rows else self._ready().slice(0, 0)
+        rows = self.sample(num_rows, seed) if num_rows else self._ready().slice(0, 0)
         return rows, self.num_rows, self._topology[0]
 
     def rows(self) -> pa.Table:
@@ -346,7 +374,14 @@ class ReplayShard:
             shard_id=self.shard_id, num_rows=self.num_rows, capacity_rows=self.capacity_rows,
             rows_per_task=dict(sorted(tasks.items())), bytes=self._table.nbytes, inserted_rows=self._next_seq,
             evicted_rows=self._evicted, sampled_rows=self._sampled, restored_rows=self._restored,
+            restore_warnings=self._restore_warnings(),
         )
+
+    def _restore_warnings(self) -> tuple[str, ...]:
+        report = self.restore_report or {}
+        return (*(f"fell back from a corrupt snapshot: {c['reason']}" for c in report.get("corrupt", ())),
+                *(f"skipped {s['bytes']} bytes of {s['file']} from byte {s['offset']}: {s['reason']}"
+                  for s in report.get("skipped", ())))
 
     def pid(self) -> int:
         return os.getpid()
@@ -372,7 +407,7 @@ class ReplayShard:
         table = state["table"]
         if table.schema.remove_metadata() != REPLAY_SCHEMA.remove_metadata():
             raise SchemaMismatchError(f"shard state has schema {table.schema}, expected {REPLAY_SCHEMA}")
-        counters = state["counters"]
+        counters = dict(state["counters"])
         self._table = table.cast(REPLAY_SCHEMA)
         self._ids = set(table.column("example_id").to_pylist())
         self._next_seq, self._evicted = counters["next_seq"], counters["evicted"]
@@ -381,6 +416,13 @@ class ReplayShard:
         self._combined = False
 
     # ------------------------------------------------------------------ durability
+    # Files in ``directory``: snapshot-G.arrow (rows + counters at generation G) with its manifest
+    # snapshot-G.json (rows, bytes, CRC-32, written once the snapshot was read back), and
+    # log-G-P.arrow (segment P of the inserts and deletes made after snapshot G). Restore =
+    # the newest snapshot that checks out + every log of its generation and later ones. A new
+    # snapshot removes only what is older than its predecessor: the predecessor and its logs stay
+    # as the fallback should the newest one turn out corrupt. checkpoint-TAG.arrow/.json are
+    # hard links to a snapshot, kept until dropped (a run's task boundaries).
     def _snapshot_path(self, generation: int) -> Path:
         return self.directory / f"snapshot-{generation:06d}.arrow"
 
@@ -388,32 +430,64 @@ class ReplayShard:
         return sorted(self.directory.glob(f"log-{generation:06d}-*.arrow"))
 
     def _open_log(self) -> None:
-        # One IPC stream per file, one record batch per insert; a restarted shard starts a new file,
-        # so a torn last batch (killed mid-write, never acknowledged) can only end a file.
+        # One IPC stream per segment, one record batch per insert. A restarted shard, or one whose
+        # append failed, starts a new segment, so a torn batch can only ever end a segment.
         part = len(self._log_paths(self._generation))
-        self._log_file = open(self.directory / f"log-{self._generation:06d}-{part:04d}.arrow", "wb")
-        self._log = pa.ipc.new_stream(self._log_file, _LOG_SCHEMA)
-        self._log_file.flush()
+        path = self.directory / f"log-{self._generation:06d}-{part:04d}.arrow"
+        try:
+            self._log_file = _LogFile(path)
+            self._log = pa.ipc.new_stream(self._log_file, _LOG_SCHEMA)
+            self._log_file.flush()
+        except OSError as exc:
+            self._abandon_log()
+            raise LogWriteError(f"replay shard {self.shard_id}: cannot start log segment {path}: {exc}") from exc
+
+    def _abandon_log(self) -> None:
+        """Stop writing the current segment (whatever state it is in); the next append starts a new one."""
+        for closer in (self._log, self._log_file):
+            try:
+                if closer is not None:
+                    closer.close()
+            except (OSError, pa.ArrowException):
+                pass
+        self._log = self._log_file = None
 
     def _append_log(self, rows: pa.Table | None, *, deleted: list[str] | None = None) -> None:
-        if self._log is None:
+        if self.directory is None:
             return
         if rows is not None:
-            batch = pa.RecordBatch.from_arrays([*(c.combine_chunks() for c in rows.columns), pa.nulls(rows.num_rows, pa.string())],
-                                               schema=_LOG_SCHEMA)
+            batch = pa.RecordBatch.from_arrays(
+                [*(c.combine_chunks() for c in rows.columns), pa.nulls(rows.num_rows, pa.string())],
+                schema=_LOG_SCHEMA)
         else:
             ids = pa.array(deleted, pa.string())
             n = len(ids)
             batch = pa.RecordBatch.from_arrays(
                 [ids, pa.array([0] * n, pa.int32()), pa.array([""] * n), pa.array([""] * n), pa.array([""] * n),
                  pa.array([-1] * n, pa.int64()), pa.array(["delete"] * n)], schema=_LOG_SCHEMA)
-        self._log.write_batch(batch)
-        self._log_file.flush()
-        if self.fsync:
-            os.fsync(self._log_file.fileno())
+        if self._log is None:
+            self._open_log()
+        path = self._log_file.path
+        try:
+            self._log.write_batch(batch)
+            self._log_file.flush()
+            if self.fsync:
+                os.fsync(self._log_file.fileno())
+        except (OSError, pa.ArrowException) as exc:
+            # Whatever part of the batch reached the file is a torn batch: nothing may follow it in
+            # this segment, or restore could not read past it.
+            self._abandon_log()
+            raise LogWriteError(
+                f"replay shard {self.shard_id}: appending to {path.name} failed ({exc}); the "
+                f"{'insert' if rows is not None else 'delete'} was not applied. The next one starts a new "
+                "log segment, and a restore skips the torn end of this one") from exc
 
     def snapshot(self) -> Path | None:
-        """Write rows and counters to a new snapshot (temp name, then rename), start a new log."""
+        """Write rows and counters to a new snapshot and start a new log generation.
+
+        The snapshot is written to a temporary name, fsynced, renamed, then read back and checked
+        before its manifest is written; only then are files older than its predecessor removed.
+        """
         if self.directory is None:
             return None
         generation = self._generation + 1
@@ -427,15 +501,50 @@ class ReplayShard:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        # The new snapshot is complete: later inserts go to a fresh log; older files can go.
+        manifest = {"generation": generation, "rows": table.num_rows, "bytes": path.stat().st_size,
+                    "crc32": _crc32(path)}
+        self._read_snapshot(path, manifest)  # read back: raises CorruptSnapshotError, keeping the old files
+        write_atomic(path.with_suffix(".json"), json.dumps(manifest))
         self._close_log()
         self._generation = generation
         self._since_snapshot = 0
         self._open_log()
-        for old in [*self.directory.glob("snapshot-*.arrow"), *self.directory.glob("log-*.arrow")]:
-            if int(old.stem.split("-")[1]) < generation:
+        for old in [*self.directory.glob("snapshot-*"), *self.directory.glob("log-*.arrow")]:
+            if _generation_of(old) < generation - 1:
                 old.unlink(missing_ok=True)
         return path
+
+    def _read_snapshot(self, path: Path, manifest: dict[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+        """A snapshot's rows and counters, checked against its manifest (size, CRC-32, rows).
+
+        Raises:
+            CorruptSnapshotError: naming the file and what is wrong with it.
+        """
+        if manifest is None:
+            manifest_path = path.with_suffix(".json")
+            try:
+                manifest = json.loads(manifest_path.read_text())
+            except FileNotFoundError:
+                manifest = {}  # renamed but never read back (killed in between): the checks below still run
+            except (OSError, ValueError) as exc:
+                raise CorruptSnapshotError(manifest_path, f"unreadable manifest ({exc})") from None
+        try:
+            if "bytes" in manifest and path.stat().st_size != manifest["bytes"]:
+                raise CorruptSnapshotError(path, f"{path.stat().st_size} bytes, its manifest says {manifest['bytes']}")
+            if "crc32" in manifest and _crc32(path) != manifest["crc32"]:
+                raise CorruptSnapshotError(path, "CRC-32 does not match its manifest (the file changed on disk)")
+            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+            table.validate(full=True)
+            counters = json.loads(table.schema.metadata[b"forgetless.counters"])
+        except CorruptSnapshotError:
+            raise
+        except (OSError, pa.ArrowException, KeyError, ValueError, TypeError) as exc:
+            raise CorruptSnapshotError(path, f"not a readable replay snapshot ({type(exc).__name__}: {exc})") from None
+        if "rows" in manifest and table.num_rows != manifest["rows"]:
+            raise CorruptSnapshotError(path, f"{table.num_rows} rows, its manifest says {manifest['rows']}")
+        if table.schema.remove_metadata() != REPLAY_SCHEMA.remove_metadata():
+            raise CorruptSnapshotError(path, f"schema {table.schema.remove_metadata()} is not the replay schema")
+        return table.replace_schema_metadata(REPLAY_SCHEMA.metadata), counters
 
     def _close_log(self) -> None:
         if self._log is not None:
@@ -449,25 +558,58 @@ class ReplayShard:
     def _restore(self) -> None:
         for tmp in self.directory.glob("*.tmp"):
             tmp.unlink()  # a snapshot that never finished
-        snapshots = sorted(self.directory.glob("snapshot-*.arrow"))
-        if snapshots:
-            latest = snapshots[-1]
-            table = pa.ipc.open_file(pa.memory_map(str(latest))).read_all()
-            counters = json.loads(table.schema.metadata[b"forgetless.counters"])
-            self._check_counters(counters, latest)
-            self.set_state({"table": table.replace_schema_metadata(REPLAY_SCHEMA.metadata), "counters": counters})
-            self._generation = int(latest.stem.split("-")[1])
+        report: dict[str, Any] = {"snapshot": None, "corrupt": [], "skipped": [], "replayed_batches": 0}
+        generations = sorted({_generation_of(p) for p in self.directory.glob("snapshot-*.arrow")}, reverse=True)
+        base = 0
+        for generation in generations:
+            path = self._snapshot_path(generation)
+            try:
+                table, counters = self._read_snapshot(path)
+            except CorruptSnapshotError as exc:
+                report["corrupt"].append({"file": str(path), "reason": str(exc)})
+                continue
+            self._check_counters(counters, path)
+            self.set_state({"table": table, "counters": counters})
+            report["snapshot"], base = path.name, generation
+            break
+        newest = max([base, *generations, *(_generation_of(p) for p in self.directory.glob("log-*.arrow"))])
+        if report["corrupt"]:
+            # Falling back is only sound if every generation since the base still has its log.
+            gaps = [g for g in range(base, newest + 1) if not self._log_paths(g)]
+            if gaps or (report["snapshot"] is None and base == 0 and generations and not self._log_paths(0)):
+                raise StorageError(
+                    f"replay shard {self.shard_id} cannot be restored: {'; '.join(c['reason'] for c in report['corrupt'])}; no "
+                    f"older snapshot with its logs is left to rebuild from (missing logs of generation(s) "
+                    f"{gaps or [0]}). Move {self.directory} aside to start this shard empty, or restore it "
+                    "from a backup")
         replayed = 0
-        for log in self._log_paths(self._generation):
-            for batch in _read_log(log):
-                if batch.column("op").null_count == batch.num_rows:  # op null: an insert
-                    rows = pa.Table.from_batches([batch]).drop_columns(["op"]).cast(REPLAY_SCHEMA)
-                    self._apply(rows)
-                    replayed += rows.num_rows
-                else:
-                    self._apply_delete(set(batch.column("example_id").to_pylist()))
+        for generation in range(base, newest + 1):
+            for log in self._log_paths(generation):
+                for batch in _read_log(log, report["skipped"]):
+                    report["replayed_batches"] += 1
+                    if batch.column("op").null_count == batch.num_rows:  # op null: an insert
+                        rows = pa.Table.from_batches([batch]).drop_columns(["op"]).cast(REPLAY_SCHEMA)
+                        self._apply(rows)
+                        replayed += rows.num_rows
+                    else:
+                        self._apply_delete(set(batch.column("example_id").to_pylist()))
+        self._generation = newest
         self._restored = self.num_rows
         self._since_snapshot = replayed
+        self.restore_report = report
+        for corrupt in report["corrupt"]:
+            logger.warning("replay shard %s: %s; restored from %s and the logs after it instead",
+                           self.shard_id, corrupt["reason"], report["snapshot"] or "its logs alone")
+        for skip in report["skipped"]:
+            logger.warning("replay shard %s: skipped %s bytes of %s from byte %s: %s", self.shard_id, skip["bytes"],
+                        skip["file"], skip["offset"], skip["reason"])
+        if report["corrupt"]:
+            for corrupt in report["corrupt"]:  # keep the evidence, out of the restore path
+                bad = Path(corrupt["file"])
+                os.replace(bad, bad.with_suffix(".arrow.corrupt"))
+                bad.with_suffix(".json").unlink(missing_ok=True)
+            self._open_log()
+            self.snapshot()  # a sound snapshot again, so the next restore needs no fallback
 
     def _check_counters(self, counters: dict[str, Any], path: Path) -> None:
         if counters["shard_id"] != self.shard_id or counters["remover"] != self.remover:
@@ -479,20 +621,136 @@ class ReplayShard:
                 f"{path} holds a shard of capacity {counters['capacity_rows']}; restoring into capacity "
                 f"{self.capacity_rows} would drop rows. Use capacity_rows >= {counters['capacity_rows']}")
 
+    # ------------------------------------------------------------------ checkpoints (task boundaries)
+    def checkpoint(self, tag: str) -> str:
+        """Keep the shard as it is now under ``tag`` until ``drop_checkpoints`` removes it.
+
+        On disk this is a snapshot plus a hard link to it (no second copy); in memory, the state.
+        """
+        if not _TAG.fullmatch(tag):
+            raise ValueError(f"checkpoint tag {tag!r} must match {_TAG.pattern}")
+        if self.directory is None:
+            self._memory_checkpoints[tag] = self.get_state()
+            return tag
+        path = self.snapshot()
+        for suffix in (".arrow", ".json"):
+            target = self.directory / f"checkpoint-{tag}{suffix}"
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.link(path.with_suffix(suffix), tmp)
+            os.replace(tmp, target)
+        fsync_directory(self.directory)
+        return tag
+
+    def checkpoints(self) -> list[str]:
+        if self.directory is None:
+            return sorted(self._memory_checkpoints)
+        return sorted(p.stem.removeprefix("checkpoint-") for p in self.directory.glob("checkpoint-*.arrow"))
+
+    def rollback(self, tag: str) -> int:
+        """Make the shard exactly what it was at ``checkpoint(tag)``; returns the rows it then holds.
+
+        Everything inserted or deleted since is dropped, from memory and from disk (a new snapshot
+        of the checkpoint replaces every later snapshot and log).
+
+        Raises:
+            KeyError: no checkpoint ``tag``.
+            CorruptSnapshotError: the checkpoint file is damaged (named).
+        """
+        if self.directory is None:
+            if tag not in self._memory_checkpoints:
+                raise KeyError(f"replay shard {self.shard_id} has no checkpoint {tag!r}; it has {self.checkpoints()}")
+            self.set_state(self._memory_checkpoints[tag])
+            return self.num_rows
+        path = self.directory / f"checkpoint-{tag}.arrow"
+        if not path.exists():
+            raise KeyError(f"replay shard {self.shard_id} has no checkpoint {tag!r} in {self.directory}; "
+                           f"it has {self.checkpoints()}")
+        table, counters = self._read_snapshot(path)
+        self._check_counters(counters, path)
+        self.set_state({"table": table, "counters": counters})
+        path = self.snapshot()
+        newest = _generation_of(path)
+        for old in [*self.directory.glob("snapshot-*"), *self.directory.glob("log-*.arrow")]:
+            if _generation_of(old) < newest:
+                old.unlink(missing_ok=True)  # the abandoned future, and snapshots it was built on
+        return self.num_rows
+
+    def drop_checkpoints(self, keep: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """Remove every checkpoint not named in ``keep``; returns the tags removed."""
+        dropped = [t for t in self.checkpoints() if t not in keep]
+        for tag in dropped:
+            if self.directory is None:
+                del self._memory_checkpoints[tag]
+            else:
+                for suffix in (".arrow", ".json"):
+                    (self.directory / f"checkpoint-{tag}{suffix}").unlink(missing_ok=True)
+        return dropped
+
+
+class _LogFile:
+    """The log segment being appended to: a file and its path (and one place a test can fail it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = open(path, "wb")
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def write(self, data: bytes) -> int:
+        return self._handle.write(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _generation_of(path: Path) -> int:
+    return int(path.name.split("-")[1].split(".")[0])
+
+
+_TAG = re.compile(r"[A-Za-z0-9_.-]+")
+
 
 _LOG_SCHEMA = pa.schema([*REPLAY_SCHEMA, pa.field("op", pa.string())])  # op: null = insert, "delete"
 
 
-def _read_log(path: Path):
-    """The record batches of one log file, stopping quietly at a torn tail."""
+def _read_log(path: Path, skipped: list[dict[str, Any]]):
+    """The record batches of one log segment; a torn or damaged end is recorded in ``skipped``.
+
+    A segment can only end torn (an append that failed, or the process died mid-write: never
+    acknowledged either way), because a failed append closes its segment for good.
+    """
+    size = path.stat().st_size
+    source = pa.memory_map(str(path))
+    offset = 0
     try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
-    except (pa.ArrowInvalid, OSError):
-        return  # killed before even the schema was written
-    while True:
-        try:
-            yield reader.read_next_batch()
-        except StopIteration:
-            return
-        except (pa.ArrowInvalid, OSError):
-            return  # torn last batch: never acknowledged
+        reader = pa.ipc.open_stream(source)
+        offset = source.tell()
+        while True:
+            batch = reader.read_next_batch()
+            batch.validate(full=True)
+            offset = source.tell()
+            yield batch
+    except StopIteration:
+        return
+    except (pa.ArrowException, OSError) as exc:
+        if size > offset:
+            skipped.append({"file": path.name, "offset": offset, "bytes": size - offset,
+                            "reason": f"torn or damaged batch ({type(exc).__name__}: {str(exc)[:200]}); an insert "
+                                      "that was never acknowledged"})

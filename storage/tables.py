@@ -7,8 +7,10 @@ half a file.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,60 +47,156 @@ def _select(table: pa.Table, path: Path, source_column: str, target_column: str,
             "Set the task's source.source_column / source.target_column."
         )
     _bad_rows(table, path, (source_column, target_column), first_row)
-    return pa.table(
-        {
-            "source": table.column(source_column).cast(pa.string()),
-            "target": table.column(target_column).cast(pa.string()),
-        }
-    )
+    columns = {}
+    for name, column in (("source", source_column), ("target", target_column)):
+        values = table.column(column)
+        if pa.types.is_nested(values.type):
+            raise ExampleFileError(f"{path}: column {column!r} holds {values.type} values, expected text")
+        try:
+            columns[name] = values.cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # e.g. bytes that are not UTF-8
+            raise _NotTextError(f"{path}: column {column!r} cannot be read as text ({exc})") from None
+    return pa.table(columns)
 
 
-def _read_jsonl(path: Path, source_column: str, target_column: str) -> pa.Table:
+class _NotTextError(ExampleFileError):
+    """A column's values cannot be cast to text (raised by ``_select``)."""
+
+
+_TEXT_TYPES = (str, int, float, bool)
+
+
+def _text(value: object, path: Path, line_no: int, column: str) -> str:
+    if value is None:
+        raise ExampleFileError(f"{path}:{line_no}: column {column!r} is null; every example needs a {column}")
+    if not isinstance(value, _TEXT_TYPES):
+        raise ExampleFileError(f"{path}:{line_no}: column {column!r} holds a JSON {type(value).__name__}, "
+                               "expected text")
+    return str(value)
+
+
+def _decode(raw: bytes, path: Path, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExampleFileError(
+            f"{path}:{line_no}: not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+            "re-encode the file as UTF-8") from None
+
+
+def _records(path: Path, source_column: str, target_column: str) -> tuple[list[str], list[str]]:
     sources, targets = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+
+    def add(record: object, line_no: int) -> None:
+        if not isinstance(record, dict):
+            raise ExampleFileError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        for column in (source_column, target_column):
+            if column not in record:
+                raise ExampleFileError(f"{path}:{line_no}: missing column {column!r} (the row has {sorted(record)})")
+        sources.append(_text(record[source_column], path, line_no, source_column))
+        targets.append(_text(record[target_column], path, line_no, target_column))
+
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        handle.seek(0)
+        if path.suffix.lower() == ".json" and head.startswith(b"["):  # one JSON array of objects
+            text = _decode(handle.read(), path, 1)
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ExampleFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+            for index, record in enumerate(records):
+                add(record, index + 1)
+            return sources, targets
+        for line_no, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, line_no)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ExampleFileError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ExampleFileError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            for column in (source_column, target_column):
-                if record.get(column) is None:
-                    raise ExampleFileError(
-                        f"{path}:{line_no}: missing column {column!r} (the row has {sorted(record)})"
-                    )
-            sources.append(str(record[source_column]))
-            targets.append(str(record[target_column]))
+            add(record, line_no)
+    return sources, targets
+
+
+def _read_jsonl(path: Path, source_column: str, target_column: str) -> pa.Table:
+    sources, targets = _records(path, source_column, target_column)
+    return pa.table({"source": sources, "target": targets}, schema=EXAMPLE_SCHEMA)
+
+
+def _read_csv_slowly(path: Path, source_column: str, target_column: str) -> pa.Table:
+    """Python's csv reader: no limit on a field's size, and the line of any bad row (what
+    pyarrow's fast reader cannot give)."""
+    csv.field_size_limit(sys.maxsize)
+    sources, targets = [], []
+    with path.open("rb") as handle:
+        lines = (_decode(raw, path, n) for n, raw in enumerate(handle, start=1))
+        reader = csv.reader(lines)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ExampleFileError(f"{path}: the file is empty; it needs a header line and examples") from None
+        except csv.Error as exc:
+            raise ExampleFileError(f"{path}:1: not a CSV header ({exc})") from None
+        missing = [c for c in (source_column, target_column) if c not in header]
+        if missing:
+            raise ExampleFileError(f"{path}: column(s) {missing} not found; the file has {header}. "
+                                   "Set the task's source.source_column / source.target_column.")
+        at = [header.index(source_column), header.index(target_column)]
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise ExampleFileError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+            if not row:
+                continue
+            if len(row) <= max(at):
+                raise ExampleFileError(f"{path}:{reader.line_num}: {len(row)} field(s), the header has {len(header)}")
+            for column, i in zip((source_column, target_column), at):
+                if row[i] == "":
+                    raise ExampleFileError(f"{path}: line {reader.line_num} has no value in column {column!r}")
+            sources.append(row[at[0]])
+            targets.append(row[at[1]])
     return pa.table({"source": sources, "target": targets}, schema=EXAMPLE_SCHEMA)
 
 
 def read_examples(path: str | os.PathLike, *, source_column: str = "source", target_column: str = "target") -> pa.Table:
-    """Read (source, target) pairs from a ``.jsonl``, ``.csv`` or ``.parquet`` file.
+    """Read (source, target) pairs from a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file.
 
     Rows are numbered as a person would find them: JSONL by line, CSV by line (header = line 1),
-    Parquet from 0.
+    Parquet from 0. A ``.json`` file may also hold one array of objects.
 
     Raises:
-        ExampleFileError: missing file, unknown suffix, missing column, or a row without a value.
+        ExampleFileError: missing or empty file, unknown suffix, text that is not UTF-8, a missing
+            column, a row without a value or with a value that is not text — naming file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise ExampleFileError(f"example file not found: {path}")
     suffix = path.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".json"):
-            return _read_jsonl(path, source_column, target_column)
-        if suffix == ".csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, source_column, target_column)
+    if suffix == ".csv":
+        if path.stat().st_size == 0:
+            raise ExampleFileError(f"{path}: the file is empty; it needs a header line and examples")
+        try:
+            table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 24),
+                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
             return _select(table, path, source_column, target_column, first_row=2)
-        if suffix == ".parquet":
-            return _select(pq.read_table(path), path, source_column, target_column, first_row=0)
-    except pa.ArrowInvalid as exc:
-        raise ExampleFileError(f"{path}: cannot be parsed: {exc}") from None
-    raise ExampleFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+        except (pa.ArrowException, _NotTextError):
+            # Bad bytes, a row longer than a block, a broken quote: read it again slowly, which names
+            # the line (or succeeds where only the fast reader's limits were the problem).
+            return _read_csv_slowly(path, source_column, target_column)
+    if suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise ExampleFileError(f"{path}: cannot be read as Parquet ({exc})") from None
+        return _select(table, path, source_column, target_column, first_row=0)
+    raise ExampleFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:

@@ -30,7 +30,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def make_toy_task(path: Path, kind: str, n: int = 64, seed: int = 0) -> Path:
-    """Small learnable tasks with disjoint labels: the first word's category, or the first word."""
+    """Small learnable tasks with disjoint labels: the first word's category, the first word, or the last."""
     rng = random.Random(seed)
     category = {"red": "color", "blue": "color", "green": "color", "cat": "animal", "dog": "animal",
                 "fish": "animal", "sun": "sky", "moon": "sky", "star": "sky"}
@@ -38,7 +38,8 @@ def make_toy_task(path: Path, kind: str, n: int = 64, seed: int = 0) -> Path:
     rows = []
     for _ in range(n):
         sentence = [rng.choice(words) for _ in range(rng.randint(2, 5))]
-        target = category[sentence[0]] if kind == "category" else sentence[0]
+        target = {"category": category[sentence[0]], "first_word": sentence[0], "last_word": sentence[-1],
+                  "count": ["two", "three", "four", "five"][len(sentence) - 2]}[kind]
         rows.append({"source": " ".join(sentence), "target": target})
     return write_jsonl(path, rows)
 

@@ -55,9 +55,91 @@ def test_scheduler_logs_to_a_tracking_server(mlflow_server, toy_stream_config):
     report = scheduler.finish()
 
     client = MlflowClient(mlflow_server)
-    run = client.get_run(report["mlflow"]["run_id"])
+    run = client.get_run(report.mlflow.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["forgetting"] == pytest.approx(0.5)
     assert {"acc_heatmap.png", "report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     local = client.download_artifacts(run.info.run_id, "acc_matrix.json")
     assert Path(local).read_text().count("0.9") == 1
+
+
+class RestartableServer:
+    """An `mlflow server` on a fixed loopback port and store, that a test can stop and start again."""
+
+    def __init__(self, tmp_path):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.tmp_path = tmp_path
+        self.process = None
+
+    def start(self):
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp_path / 'server.db'}",
+               "--artifacts-destination", str(self.tmp_path / "server-artifacts")]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                if time.time() > deadline or self.process.poll() is not None:
+                    pytest.fail(f"mlflow server did not come up on {self.uri}")
+                time.sleep(0.5)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # an outage, not a shutdown
+            self.process.wait(timeout=30)
+
+
+def test_an_outage_mid_run_neither_stalls_training_nor_loses_a_record(tmp_path, toy_stream_config):
+    from actors.launch import run_experiment
+    from pipelines.learner import Learner
+    from pipelines.loop import run_stream
+    from pipelines.models import build_tokenizer
+
+    server = RestartableServer(tmp_path).start()
+    try:
+        toy_stream_config["mlflow"].update(tracking_uri=server.uri, flush_timeout_s=2)
+        toy_stream_config["training"].update(max_steps=30, log_every_n_steps=1)
+        config = resolve_paths(validate_config(toy_stream_config))
+        stream = load_stream(config)
+        build_tokenizer(config.model, stream.training_text()).save_pretrained(f"{config.output_dir}/tokenizer")
+        scheduler = Scheduler(config, stream)
+        record_eval = scheduler.record_eval
+
+        def outage_after_the_first_task(index, *args, **kwargs):
+            metrics = record_eval(index, *args, **kwargs)
+            if index == 0:
+                server.stop()
+            return metrics
+
+        scheduler.record_eval = outage_after_the_first_task
+        learner = Learner(config, f"{config.output_dir}/tokenizer")
+        started = time.monotonic()
+        run_stream(learner, scheduler)  # task 1's 30 steps log into the void
+        second_task = time.monotonic() - started
+        report = scheduler.finish()
+        assert report.status == "FINISHED" and report.finished_tasks == 2  # the local files are complete
+        assert report.mlflow.pending_records > 30
+        assert second_task < 120  # no MLflow call held a step up (each would have waited 10 s or more)
+        pending = Path(config.output_dir) / "mlflow-pending.jsonl"
+        assert pending.exists()
+
+        server.start()  # back again: resuming the finished run sends what was missed, trains nothing
+        resumed = run_experiment(config.model_copy(update={"resume": True}), progress=False)
+        assert resumed.status == "FINISHED" and resumed.mlflow.pending_records == 0 and not pending.exists()
+        client = MlflowClient(server.uri)
+        run = client.get_run(report.mlflow.run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "acc/category")] == [0, 1]
+        losses = client.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(m.step for m in losses) == list(range(1, 61))  # every step of both tasks, once
+        assert {"report.json", "acc_heatmap.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    finally:
+        server.stop()

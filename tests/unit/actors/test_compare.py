@@ -7,13 +7,15 @@ import pytest
 
 from actors.compare import aggregate, comparison_matrices, format_table
 from pipelines.plots import plot_comparison
+from pipelines.report import RunReport
 
 TASKS = ["a", "b"]
 
 
 def _report(seed, acc, metrics, status="FINISHED"):
-    return {"seed": seed, "status": status, "acc_matrix": acc, "baseline": [0.0, 0.0], "metrics": metrics,
-            "mlflow": {"run_id": f"run-{seed}"}}
+    return RunReport(tasks=TASKS, seed=seed, status=status, acc_matrix=acc, baseline=[0.0, 0.0], metrics=metrics,
+                     mlflow={"tracking_uri": "sqlite:///x.db", "run_id": f"run-{seed}"}, strategy="naive",
+                     strategy_config={}, experiment="e", output_dir="/x", finished_tasks=len(acc))
 
 
 @pytest.fixture

@@ -48,11 +48,11 @@ def test_records_rows_logs_metrics_and_finishes(scheduler, mlflow_store):
     scheduler.record_eval(1, _row(0.3, 0.8), checkpoint="/x")
     report = scheduler.finish()
 
-    assert report["status"] == "FINISHED" and report["complete"]
-    assert report["metrics"]["forgetting"] == pytest.approx(0.6)
-    assert report["metrics"]["fwt"] == pytest.approx(0.0)
+    assert report.status == "FINISHED" and report.complete
+    assert report.metrics["forgetting"] == pytest.approx(0.6)
+    assert report.metrics["fwt"] == pytest.approx(0.0)
     client = MlflowClient(mlflow_store)
-    run = client.get_run(report["mlflow"]["run_id"])
+    run = client.get_run(report.mlflow.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["training.lr"] == "0.003"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "acc/category")] == [0.9, 0.3]
@@ -73,9 +73,9 @@ def test_failure_stops_the_stream_and_ends_the_run_failed(scheduler, mlflow_stor
     scheduler.fail("a later, secondary error")
     assert scheduler.next_task(0) is None
     report = scheduler.finish("FAILED")
-    assert report["error"].startswith("NonFiniteLossError")
-    assert report["complete"] is False
-    run = MlflowClient(mlflow_store).get_run(report["mlflow"]["run_id"])
+    assert report.error.startswith("NonFiniteLossError")
+    assert report.complete is False
+    run = MlflowClient(mlflow_store).get_run(report.mlflow.run_id)
     assert run.info.status == "FAILED"
     assert "step 3" in run.data.tags["forgetless.error"]
     assert scheduler.finish("FINISHED") is report  # idempotent: the first end wins
@@ -87,10 +87,10 @@ def test_a_run_left_active_elsewhere_in_the_process_does_not_interfere(toy_strea
         config = resolve_paths(validate_config(toy_stream_config))
         scheduler = Scheduler(config, load_stream(config))
         report = scheduler.finish()
-        assert report["mlflow"]["run_id"] != outer.info.run_id
+        assert report.mlflow.run_id != outer.info.run_id
         assert mlflow.active_run().info.run_id == outer.info.run_id
     client = MlflowClient(mlflow_store)
-    assert client.get_run(report["mlflow"]["run_id"]).info.status == "FINISHED"
+    assert client.get_run(report.mlflow.run_id).info.status == "FINISHED"
 
 
 def test_sink_resumes_a_run_by_id(mlflow_store):

@@ -184,3 +184,18 @@ def test_offloading_stage_is_kept_with_one_worker(tmp_path, toy_stream_config):
     training = _training(toy_stream_config, zero_stage=2, deepspeed_config=str(path))
     ds = build_deepspeed_config(training, world_size=1, precision="fp32", on_cuda=False)
     assert ds["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b"experiment: caf\xe9\n", r"bad\.yaml:1: not UTF-8 \(byte 0xe9\)"),
+     (b"experiment: a\nstream:\n  tasks: [\n", r"(?s)bad\.yaml is not valid YAML: .*line \d"),
+     (b"- a\n- b\n", r"must hold a mapping at the top level, not a list"),
+     (b"\x00\x01", r"bad\.yaml is not valid YAML")],
+    ids=["latin1", "unclosed", "list", "nul-bytes"],
+)
+def test_a_config_file_that_is_not_yaml_text_names_the_file(tmp_path, data, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -5,11 +5,13 @@ import math
 import pytest
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+import dataclasses
+
 from pipelines.config import validate_config
 from pipelines.errors import NonFiniteLossError
-from pipelines.learner import EvalSet, Learner, TaskPlan, lr_at, num_steps, silence_library_noise
+from pipelines.learner import Learner, lr_at, silence_library_noise
 from pipelines.models import build_tokenizer
-from pipelines.strategies import build_strategy
+from pipelines.plan import EvalSet, build_plan, num_steps
 from pipelines.tasks import load_stream
 
 silence_library_noise()
@@ -20,31 +22,32 @@ def _learner(config_dict, tmp_path):
     stream = load_stream(config)
     tokenizer_dir = tmp_path / "tokenizer"
     build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
-    return Learner(config, tokenizer_dir), stream, build_strategy(config.strategy)
+    return Learner(config, tokenizer_dir), stream, config
 
 
-def _plan(stream, strategy, index):
-    return TaskPlan(index, stream[index].name, strategy.training_examples(stream, index))
+def _plan(stream, config, index, **changes):
+    return dataclasses.replace(build_plan(config, stream, index), **changes)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
 def test_training_lowers_the_loss_at_every_zero_stage(stage, toy_stream_config, tmp_path):
-    toy_stream_config["training"].update(zero_stage=stage, max_steps=30, single_worker_zero_as_stage0=False)
-    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    toy_stream_config["training"].update(zero_stage=stage, max_steps=30, single_worker_zero_as_stage0=False,
+                                         log_every_n_steps=1)
+    learner, stream, config = _learner(toy_stream_config, tmp_path)
     assert learner.engine.zero_optimization_stage() == stage
     losses = []
-    learner.train_task(_plan(stream, strategy, 0), on_step=lambda step, total, loss: losses.append(loss))
+    learner.train_task(_plan(stream, config, 0), on_step=lambda step, total, loss: losses.append(loss))
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
 def test_learns_a_task_then_forgets_it(toy_stream_config, tmp_path):
     toy_stream_config["training"].update(max_steps=60)
-    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = _learner(toy_stream_config, tmp_path)
     evals = [EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in stream]
-    learner.train_task(_plan(stream, strategy, 0))
+    learner.train_task(_plan(stream, config, 0))
     after_first = learner.evaluate(evals)
-    learner.train_task(_plan(stream, strategy, 1))
+    learner.train_task(_plan(stream, config, 1))
     after_second = learner.evaluate(evals)
     assert after_first["category"] >= 0.5  # three labels, given by the first word
     assert after_second["category"] < after_first["category"]
@@ -53,9 +56,9 @@ def test_learns_a_task_then_forgets_it(toy_stream_config, tmp_path):
 
 def test_non_finite_loss_names_task_and_step(toy_stream_config, tmp_path):
     toy_stream_config["training"].update(lr=1e30, grad_clip=None, max_steps=20)
-    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = _learner(toy_stream_config, tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* in task 'category' at step \d+") as info:
-        learner.train_task(_plan(stream, strategy, 0))
+        learner.train_task(_plan(stream, config, 0))
     assert info.value.task == "category" and 0 < info.value.step < 20
 
 
@@ -63,8 +66,8 @@ def test_non_finite_loss_names_task_and_step(toy_stream_config, tmp_path):
 def test_saved_checkpoint_reopens_with_plain_transformers(arch, stage, toy_stream_config, tmp_path):
     toy_stream_config["model"] = {"arch": arch, "preset": "tiny", "tokenizer": {"vocab_size": 300}}
     toy_stream_config["training"].update(zero_stage=stage, max_steps=3)
-    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
-    learner.train_task(_plan(stream, strategy, 0))
+    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner.train_task(_plan(stream, config, 0))
     directory = learner.save(tmp_path / "ckpt")
     model = AutoModelForSeq2SeqLM.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -94,12 +97,15 @@ def test_learning_rate_schedules(toy_stream_config):
 
 def test_gradient_accumulation_and_per_task_epochs(toy_stream_config, tmp_path):
     toy_stream_config["training"].update(grad_accum_steps=2, max_steps=None, epochs=1.0)
-    learner, stream, strategy = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = _learner(toy_stream_config, tmp_path)
     assert learner.engine.gradient_accumulation_steps() == 2
-    examples = strategy.training_examples(stream, 0)
-    one_epoch = learner.train_task(TaskPlan(0, "category", examples))
+    examples = build_plan(config, stream, 0).examples
+    one_epoch = learner.train_task(build_plan(config, stream, 0))
     assert one_epoch["steps"] == math.ceil(examples.num_rows / (8 * 2))
-    # a task's own epochs win over the run's
-    two_epochs = learner.train_task(TaskPlan(0, "category", examples, epochs=2.0))
-    assert two_epochs["steps"] == math.ceil(2 * examples.num_rows / (8 * 2))
-    assert learner.train_task(TaskPlan(0, "category", examples, max_steps=3))["steps"] == 3
+    # a task's own epochs win over the run's: the plan carries the steps
+    toy_stream_config["stream"]["tasks"][0]["epochs"] = 2.0
+    per_task = validate_config(toy_stream_config)
+    two_epochs = build_plan(per_task, load_stream(per_task), 0)
+    assert two_epochs.num_steps == math.ceil(2 * examples.num_rows / (8 * 2))
+    assert learner.train_task(two_epochs)["steps"] == two_epochs.num_steps
+    assert learner.train_task(_plan(stream, config, 0, num_steps=3))["steps"] == 3

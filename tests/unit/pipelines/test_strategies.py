@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import ReplayStrategyConfig, validate_config
+import dataclasses
+
+from pipelines.config import STRATEGY_CONFIGS, ReplayStrategyConfig, validate_config
 from pipelines.errors import ConfigError
-from pipelines.learner import Learner, TaskPlan, replayed_per_batch, silence_library_noise
+from pipelines.learner import Learner, silence_library_noise
 from pipelines.models import build_tokenizer
-from pipelines.strategies import EWC, STRATEGIES, build_strategy, distillation_loss, empirical_fisher
+from pipelines.plan import PLANNING, build_plan, planning_for, replayed_per_batch, training_examples
+from pipelines.strategies import EWC, TRAINERS, distillation_loss, empirical_fisher
 from pipelines.tasks import load_stream
 
 silence_library_noise()
@@ -45,10 +48,23 @@ def test_distillation_of_identical_logits_is_zero():
     assert distillation_loss(logits, logits, labels, variant="kl", temperature=2.0).item() == pytest.approx(0, abs=1e-6)
 
 
-def test_strategy_registry_matches_the_config_schema():
-    from pipelines.config import STRATEGY_CONFIGS
+def test_every_strategy_has_a_planning_and_a_training_side_keyed_by_its_config():
+    assert set(TRAINERS) == set(PLANNING) == set(STRATEGY_CONFIGS.values())
 
-    assert set(STRATEGIES) == set(STRATEGY_CONFIGS)
+
+def test_each_strategy_name_is_written_once_in_the_code():
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    lines = [line for d in ("pipelines", "actors", "storage") for p in sorted((repo / d).glob("*.py"))
+             for line in p.read_text().splitlines()]
+    # "replay" also names the replay store's directory and config block; those lines are not the strategy
+    store = ("replay_dir", '"replay": replay', '"state", "replay"')
+    for name in STRATEGY_CONFIGS:
+        found = [line.strip() for line in lines if re.search(rf"""["']{name}["']""", line)
+                 and not any(s in line for s in store)]
+        assert found == [f'name: Literal["{name}"] = "{name}"'], found
 
 
 def test_bad_strategy_settings_are_all_reported_before_training(toy_stream_config):
@@ -88,21 +104,22 @@ def test_joint_sees_every_task_in_one_training_with_the_summed_budget(toy_stream
     toy_stream_config["strategy"] = {"name": "joint"}
     config = validate_config(toy_stream_config)
     stream = load_stream(config)
-    joint = build_strategy(config.strategy)
-    assert joint.training_examples(stream, 0) is None
-    everything = joint.training_examples(stream, 1)
+    assert planning_for(config.strategy).trains_only_at_end
+    first, last = build_plan(config, stream, 0), build_plan(config, stream, 1)
+    assert first.examples is None and first.num_steps == 0
+    everything = last.examples
     assert everything.num_rows == sum(t.train.num_rows for t in stream)
     assert set(everything.column("target").to_pylist()) == set(stream[0].targets("train")) | set(
         stream[1].targets("train"))
-    assert joint.plan_max_steps(stream, 1, config.training) == 2 * config.training.max_steps
+    assert last.num_steps == 2 * config.training.max_steps
 
 
 def test_cumulative_trains_on_everything_so_far(toy_stream_config):
     config = validate_config({**toy_stream_config, "strategy": {"name": "cumulative"}})
     stream = load_stream(config)
-    cumulative = build_strategy(config.strategy)
-    assert cumulative.training_examples(stream, 0).num_rows == stream[0].train.num_rows
-    assert cumulative.training_examples(stream, 1).num_rows == stream[0].train.num_rows + stream[1].train.num_rows
+    cumulative = planning_for(config.strategy)
+    assert training_examples(cumulative, stream, 0).num_rows == stream[0].train.num_rows
+    assert training_examples(cumulative, stream, 1).num_rows == stream[0].train.num_rows + stream[1].train.num_rows
 
 
 def test_replayed_rows_per_batch():
@@ -121,7 +138,7 @@ def _learner(config_dict, tmp_path, strategy):
 
 
 def _plan(learner, stream, index, **kwargs):
-    return TaskPlan(index, stream[index].name, learner.strategy.training_examples(stream, index), **kwargs)
+    return dataclasses.replace(build_plan(learner.config, stream, index), **{"teacher_dir": None, **kwargs})
 
 
 def test_lwf_teacher_is_frozen_and_never_changes(toy_stream_config, tmp_path):
@@ -130,7 +147,7 @@ def test_lwf_teacher_is_frozen_and_never_changes(toy_stream_config, tmp_path):
     learner.train_task(_plan(learner, stream, 0))
     teacher_dir = learner.save(tmp_path / "after-0")
     plan = _plan(learner, stream, 1, teacher_dir=str(teacher_dir))
-    learner.strategy.before_task(learner, plan)
+    learner.strategy.before_task(learner.context(plan), plan)
     teacher = learner.strategy.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
@@ -138,6 +155,7 @@ def test_lwf_teacher_is_frozen_and_never_changes(toy_stream_config, tmp_path):
     learner.strategy.before_task = lambda *a: None
     losses = []
     learner.train_task(plan, on_step=lambda s, n, loss: losses.append(loss))
+    assert losses
     for key, value in teacher.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     student = learner.model.state_dict()
@@ -216,7 +234,9 @@ def test_replay_mixes_replayed_rows_into_each_batch(toy_stream_config, tmp_path)
     import pyarrow as pa
 
     replayed = pa.table({"source": ["category: red dog"] * 2, "target": ["color"] * 2})
-    batches = learner.batches(_plan(learner, stream, 1), replay=lambda: replayed)
+    plan = _plan(learner, stream, 1)
+    assert plan.replay_rows_per_batch == 2  # round(8 x 0.25), decided by the plan
+    batches = learner.batches(plan, replay=lambda: replayed)
     batch = next(batches)
     assert batch["input_ids"].shape[0] == 8  # 6 new + 2 replayed
     text = learner.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)

@@ -184,14 +184,128 @@ def test_restore_from_snapshot_and_log_reproduces_the_shard(tmp_path, remover):
     assert restored.rows().column("example_id").equals(shard_again.rows().column("example_id"))
 
 
-def test_snapshot_replaces_older_files(tmp_path):
+def test_a_snapshot_keeps_its_predecessor_and_logs_as_the_fallback(tmp_path):
     shard = ReplayShard(10, directory=tmp_path)
-    shard.insert(rows(0, 5))
-    shard.snapshot()
-    shard.insert(rows(5, 5))
-    shard.snapshot()
+    for start in (0, 3, 6):
+        shard.insert(rows(start, 3))
+        shard.snapshot()
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["log-000002-0000.arrow", "snapshot-000002.arrow"]
+    assert names == ["log-000002-0000.arrow", "log-000003-0000.arrow", "snapshot-000002.arrow",
+                     "snapshot-000002.json", "snapshot-000003.arrow", "snapshot-000003.json"]
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "flipped-byte": _flip_a_byte,
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "garbage": lambda p: p.write_bytes(b"\x00\xffnot arrow" * 100),
+    "empty": lambda p: p.write_bytes(b""),
+    "no-manifest-and-truncated": lambda p: (p.with_suffix(".json").unlink(),
+                                            p.write_bytes(p.read_bytes()[:100])),
+}
+
+
+@pytest.mark.parametrize("corrupt", list(CORRUPTIONS.values()), ids=list(CORRUPTIONS))
+def test_a_corrupt_snapshot_falls_back_to_the_previous_one_and_its_logs(tmp_path, corrupt):
+    shard = ReplayShard(30, remover="reservoir", seed=4, directory=tmp_path)
+    for k in range(6):
+        shard.insert(rows(k * 10, 10))
+        if k in (1, 3):
+            shard.snapshot()
+    before = shard.rows()
+    shard.close()
+    corrupt(tmp_path / "snapshot-000002.arrow")
+    restored = ReplayShard(30, remover="reservoir", seed=4, directory=tmp_path)
+    assert restored.rows().equals(before)
+    warnings = restored.stats().restore_warnings
+    assert len(warnings) == 1 and "snapshot-000002.arrow" in warnings[0] and "corrupt" in warnings[0]
+    assert (tmp_path / "snapshot-000002.arrow.corrupt").exists()  # kept for inspection, out of the way
+    # the restored shard wrote a sound snapshot: the next restore needs no fallback
+    restored.close()
+    again = ReplayShard(30, remover="reservoir", seed=4, directory=tmp_path)
+    assert again.rows().equals(before) and again.stats().restore_warnings == ()
+
+
+def test_a_corrupt_snapshot_with_nothing_to_fall_back_on_fails_naming_the_file(tmp_path):
+    shard = ReplayShard(10, directory=tmp_path)
+    for start in (0, 3):
+        shard.insert(rows(start, 3))
+        shard.snapshot()
+    shard.close()
+    _flip_a_byte(tmp_path / "snapshot-000002.arrow")
+    _flip_a_byte(tmp_path / "snapshot-000001.arrow")
+    with pytest.raises(StorageError, match=r"snapshot-000002.arrow: CRC-32 does not match.*Move .* aside"):
+        ReplayShard(10, directory=tmp_path)
+
+
+def test_a_failed_log_append_starts_a_new_segment_and_restore_skips_only_the_torn_batch(tmp_path, monkeypatch):
+    from storage import replay
+
+    shard = ReplayShard(100, directory=tmp_path)
+    shard.insert(rows(0, 10))
+    real_write = replay._LogFile.write
+
+    def half_then_fail(self, data):  # the disk filled up halfway through the batch
+        real_write(self, bytes(data)[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(replay._LogFile, "write", half_then_fail)
+    with pytest.raises(replay.LogWriteError, match=r"appending to log-000000-0000.arrow failed.*was not applied"):
+        shard.insert(rows(10, 10))
+    assert ids_of(shard) == [f"a:{i}" for i in range(10)]  # nothing of the failed insert
+    monkeypatch.setattr(replay._LogFile, "write", real_write)
+    shard.insert(rows(20, 10))  # acknowledged: lands in a new segment
+    assert sorted(p.name for p in tmp_path.glob("log-*")) == ["log-000000-0000.arrow", "log-000000-0001.arrow"]
+    shard.close()
+
+    restored = ReplayShard(100, directory=tmp_path)
+    assert ids_of(restored) == [f"a:{i}" for i in [*range(10), *range(20, 30)]]
+    report = restored.restore_report
+    assert [s["file"] for s in report["skipped"]] == ["log-000000-0000.arrow"]
+    assert report["skipped"][0]["offset"] > 0 and report["skipped"][0]["bytes"] > 0
+    assert any("skipped" in w and "log-000000-0000.arrow" in w for w in restored.stats().restore_warnings)
+
+
+def test_a_seeded_sample_depends_only_on_the_seed_and_the_rows():
+    shard, other = ReplayShard(100, seed=1), ReplayShard(100, seed=2)
+    for s in (shard, other):
+        s.insert(rows(0, 50))
+    shard.sample(7)  # an unseeded draw in between changes nothing for seeded ones
+    first = shard.sample(20, seed=11).column("example_id").to_pylist()
+    assert first == other.sample(20, seed=11).column("example_id").to_pylist()
+    assert first != shard.sample(20, seed=12).column("example_id").to_pylist()
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["disk", "memory"])
+def test_rollback_to_a_checkpoint_drops_everything_since(tmp_path, on_disk):
+    directory = tmp_path if on_disk else None
+    shard = ReplayShard(15, remover="reservoir", seed=5, directory=directory)
+    shard.insert(rows(0, 10, task="a"))
+    shard.checkpoint("task-00")
+    at_checkpoint = shard.rows()
+    shard.insert(rows(0, 10, task="b", task_id=1))  # evicts some of a, then the run is killed
+    shard.delete([ids_of(shard)[0]])
+    assert shard.stats().rows_per_task.get("b")
+    assert shard.rollback("task-00") == 10
+    assert shard.rows().equals(at_checkpoint)
+    shard.insert(rows(0, 10, task="b", task_id=1))  # the same task again: the same evictions
+    redone = shard.rows()
+    again = ReplayShard(15, remover="reservoir", seed=5)
+    again.insert(rows(0, 10, task="a"))
+    again.insert(rows(0, 10, task="b", task_id=1))
+    assert redone.column("example_id").equals(again.rows().column("example_id"))
+    if on_disk:  # and a restart restores the redone state, not the abandoned one
+        shard.close()
+        assert ReplayShard(15, remover="reservoir", seed=5, directory=tmp_path).rows().equals(redone)
+    assert shard.checkpoints() == ["task-00"]
+    assert shard.drop_checkpoints(keep=["task-01"]) == ["task-00"] and shard.checkpoints() == []
+    with pytest.raises(KeyError, match="no checkpoint 'task-00'"):
+        shard.rollback("task-00")
 
 
 def test_torn_log_tail_and_unfinished_snapshot_are_ignored(tmp_path):

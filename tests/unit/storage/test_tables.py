@@ -71,3 +71,59 @@ def test_split_keeps_one_row_each_side():
     table = pa.table({"source": ["a", "b"], "target": ["x", "y"]})
     train, evaluation = split_examples(table, eval_fraction=0.9, seed=0)
     assert (train.num_rows, evaluation.num_rows) == (1, 1)
+
+
+# ---------------------------------------------------------------- files nobody should have to debug
+GOOD = b'{"source": "a", "target": "b"}\n'
+BAD_FILES = {
+    # name: (file name, bytes, message the error must carry)
+    "jsonl-latin1-byte": ("t.jsonl", GOOD + '{"source": "caf\xe9", "target": "b"}\n'.encode("latin-1"),
+                          r"t\.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\); re-encode the file as UTF-8"),
+    "jsonl-null-source": ("t.jsonl", GOOD + b'{"source": null, "target": "b"}\n',
+                          r"t\.jsonl:2: column 'source' is null"),
+    "jsonl-list-target": ("t.jsonl", GOOD + b'{"source": "a", "target": ["x"]}\n',
+                          r"t\.jsonl:2: column 'target' holds a JSON list, expected text"),
+    "jsonl-raw-nul": ("t.jsonl", GOOD + b'{"source": "a\x00", "target": "b"}\n', r"t\.jsonl:2: not valid JSON"),
+    "jsonl-not-object": ("t.jsonl", GOOD + b'["a", "b"]\n', r"t\.jsonl:2: expected a JSON object, got list"),
+    "csv-latin1-byte": ("t.csv", b"source,target\nok,fine\ncaf\xe9,b\n", r"t\.csv:3: not UTF-8"),
+    "csv-broken-quote": ("t.csv", b'source,target\nok,fine\n"open,b\n', r"t\.csv:\d+: "),
+    "csv-short-row": ("t.csv", b"source,target\nok,fine\nalone\n", r"t\.csv:3: 1 field\(s\), the header has 2"),
+    "csv-empty": ("t.csv", b"", r"t\.csv: the file is empty"),
+    "parquet-empty": ("t.parquet", b"", r"t\.parquet: cannot be read as Parquet"),
+    "parquet-garbage": ("t.parquet", b"PAR1" + b"\x00" * 64 + b"PAR1", r"t\.parquet: cannot be read as Parquet"),
+}
+
+
+@pytest.mark.parametrize(("name", "data", "message"), list(BAD_FILES.values()), ids=list(BAD_FILES))
+def test_a_bad_file_is_an_error_naming_file_and_line(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ExampleFileError, match=message):
+        read_examples(path)
+
+
+def test_parquet_with_nested_or_binary_columns_is_refused_by_column(tmp_path):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"source": [["a"]], "target": ["b"]}), path)
+    with pytest.raises(ExampleFileError, match=r"column 'source' holds list<.*> values, expected text"):
+        read_examples(path)
+    pq.write_table(pa.table({"source": pa.array([b"\xff"], pa.binary()), "target": ["b"]}), path)
+    with pytest.raises(ExampleFileError, match=r"column 'source' cannot be read as text"):
+        read_examples(path)
+
+
+GOOD_FILES = {
+    "jsonl-bom": ("t.jsonl", b"\xef\xbb\xbf" + GOOD + GOOD),
+    "json-array": ("t.json", b'[{"source": "a", "target": "b"}, {"source": "a", "target": "b"}]'),
+    "jsonl-crlf": ("t.jsonl", GOOD.replace(b"\n", b"\r\n") * 2),
+    "jsonl-huge-line": ("t.jsonl", GOOD + b'{"source": "' + b"x" * 5_000_000 + b'", "target": "b"}\n'),
+    "csv-huge-field": ("t.csv", b"source,target\na,b\n" + b"x" * 20_000_000 + b",b\n"),
+}
+
+
+@pytest.mark.parametrize(("name", "data"), list(GOOD_FILES.values()), ids=list(GOOD_FILES))
+def test_unusual_but_valid_files_are_read(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    table = read_examples(path)
+    assert table.num_rows == 2 and table.column("target").to_pylist() == ["b", "b"]

@@ -1,0 +1,84 @@
+"""Clears away a local Ray whose driver died without shutting it down.
+
+A driver that starts its own Ray (``ray.init`` without an address) and is then SIGKILLed leaves
+some of that Ray's processes running for good: on this machine its dashboard agent and runtime-env
+agent outlive the raylet they should share their fate with (ray-project/ray#52385). So the driver
+starts this small watcher beside it, in a session of its own: it waits for the driver to die (the
+pipe it holds reaches end-of-file), gives Ray a moment to stop by itself, then ends every process
+that still has a file open in that Ray session's directory — and nothing else.
+
+  python -m actors.reaper SESSION_DIR     (stdin: a pipe the driver holds open)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GRACE_S = 3.0  # Ray's own processes notice a dead driver within a second or two
+
+
+def session_processes(session_dir: str | Path) -> list[int]:
+    """Processes (other than this one) with a file open under ``session_dir``: that Ray's processes."""
+    session_dir = str(Path(session_dir).resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd).startswith(session_dir + os.sep):
+                    found.append(int(entry.name))
+                    break
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
+
+
+def reap(session_dir: str | Path, *, grace_s: float = GRACE_S) -> list[int]:
+    """SIGTERM, then SIGKILL, every process of the Ray session; returns their pids."""
+    time.sleep(grace_s)
+    pids = session_processes(session_dir)
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait
+        while wait and time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch(session_dir: str | Path) -> subprocess.Popen | None:
+    """Start the watcher for this process's local Ray (None where /proc is not there to look in)."""
+    if not Path("/proc/self/fd").is_dir():
+        return None
+    return subprocess.Popen([sys.executable, "-m", "actors.reaper", str(session_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def main() -> None:
+    session_dir = sys.argv[1]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver's Ctrl-C is for the driver
+    sys.stdin.buffer.read()  # returns when the driver is gone, however it went
+    reap(session_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The process group and every collective the trainers run, in one place.
+
+Ray Train starts an NCCL group when workers use GPUs, and NCCL refuses tensors on the host: a CPU
+tensor handed to an all-reduce fails the run at its first step, but only on GPUs. So every
+collective goes through ``Collectives``, which holds the engine's device, builds tensors there and
+refuses a tensor from anywhere else with a message that names both devices — on a laptop too,
+where the device check is the only thing that can notice.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+class DeviceMismatchError(RuntimeError):
+    """A collective was handed a tensor on another device than the engine's."""
+
+
+def init_distributed() -> None:
+    """Join (or, alone, create) the process group DeepSpeed needs.
+
+    Ray Train and torchrun set RANK/WORLD_SIZE/MASTER_*; a plain ``python`` process gets a
+    one-process group on a free loopback port (else DeepSpeed reaches for mpi4py).
+    """
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices; an index left unset (``cuda``) matches any index of the same type."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+class Collectives:
+    """All-reduces and barriers over the engine's device.
+
+    With ``world_size == 1`` nothing is communicated, but tensors are still checked: a CPU tensor
+    in a GPU run fails here, with the same message, before it could reach NCCL.
+    """
+
+    def __init__(self, *, device: torch.device, world_size: int):
+        self.device = torch.device(device)
+        self.world_size = world_size
+
+    def tensor(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor on the engine's device, ready for a collective."""
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _check(self, tensor: torch.Tensor) -> None:
+        if not same_device(tensor.device, self.device):
+            raise DeviceMismatchError(
+                f"a collective was handed a tensor on {tensor.device}, but the engine runs on {self.device}; "
+                "NCCL refuses host tensors. Create it with Collectives.tensor() or move it with .to(device)")
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns the tensor."""
+        self._check(tensor)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._check(tensor)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors across ranks, in place."""
+        for tensor in tensors:
+            self.all_reduce_sum(tensor)
+            if self.world_size > 1:
+                tensor /= self.world_size
+
+    def barrier(self) -> None:
+        """Wait for every rank (an all-reduce of one element on the engine's device: NCCL-safe)."""
+        if self.world_size > 1:
+            self.all_reduce_sum(self.tensor([0.0]))

@@ -1,0 +1,111 @@
+"""One trainer worker's whole stream, as a plain function over a ``Learner`` and a coordinator.
+
+The coordinator is the scheduler: in a run, the Ray actor behind a thin proxy; in a test, the
+same class as a plain object in the same process. The loop asks it how to start and for plan after
+plan, executes each (train, evaluate, save) and reports back. It decides nothing itself.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipelines.learner import Learner
+from pipelines.plan import StreamStart, TaskPlan
+
+
+class Coordinator(Protocol):
+    """What the loop needs of the scheduler."""
+
+    def start(self) -> StreamStart: ...
+
+    def next_task(self, rank: int) -> TaskPlan | None: ...
+
+    def set_phase(self, phase: str) -> None: ...
+
+    def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int) -> None: ...
+
+    def record_baseline(self, accuracies: dict[str, float]) -> None: ...
+
+    def record_fill(self, row: int, accuracies: dict[str, float]) -> None: ...
+
+    def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any],
+                    checkpoint: str | None) -> Any: ...
+
+    def fail(self, reason: str) -> None: ...
+
+
+class ReplayFeed(Protocol):
+    """Replayed rows for one task: ``next_batch`` per micro-batch, ``close`` at the task's end."""
+
+    def next_batch(self): ...
+
+    def close(self) -> None: ...
+
+
+# (plan, rank) -> the replay feed for that plan, when it replays
+ReplayFactory = Callable[[TaskPlan, int], ReplayFeed]
+
+
+def format_exception(exc: BaseException) -> str:
+    """One line for the user, with the innermost frame for whoever debugs it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFactory | None = None) -> None:
+    """Baseline (or restore), then train / evaluate / save per plan until the stream ends.
+
+    Any error is reported to the coordinator (the first report wins), naming this worker, then
+    raised.
+    """
+    rank, leader = learner.rank, learner.rank == 0
+    try:
+        start = coordinator.start()
+        eval_sets = start.eval_sets
+        if start.baseline_tasks:
+            if leader:
+                coordinator.set_phase("baseline")
+            baseline = learner.evaluate([eval_sets[i] for i in start.baseline_tasks])
+            if leader:
+                coordinator.record_baseline(baseline)
+        if start.restore_dir:
+            learner.load_state(start.restore_dir)
+        if start.fill_row is not None:  # an extended stream: the restored model on the new tasks
+            accuracies = learner.evaluate([eval_sets[i] for i in start.fill_tasks])
+            if leader:
+                coordinator.record_fill(start.fill_row, accuracies)
+        while (plan := coordinator.next_task(rank)) is not None:
+            feed = replay(plan, rank) if replay is not None and plan.replay_rows_per_batch else None
+
+            def on_step(step: int, total: int, loss: float, index: int = plan.index) -> None:
+                if leader:
+                    coordinator.log_step(index, step, total, loss, learner.global_step)
+
+            try:
+                stats = learner.train_task(plan, on_step=on_step, replay=feed.next_batch if feed else None)
+            finally:
+                if feed is not None:
+                    feed.close()
+            started = time.perf_counter()
+            accuracies = learner.evaluate(eval_sets)
+            stats["eval_seconds"] = time.perf_counter() - started
+            if plan.model_dir:
+                learner.save(plan.model_dir)
+            if plan.state_dir:
+                learner.save_state(plan.state_dir)
+            if leader:
+                coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir)
+            # No rank asks for the next plan before this task is committed (its replay rows stored).
+            learner.comm.barrier()
+    except Exception as exc:
+        try:
+            coordinator.fail(f"worker {rank} of {learner.world_size}: {format_exception(exc)}")
+        except Exception:  # noqa: BLE001 - the scheduler may be gone too; the original error matters
+            pass
+        raise
+

@@ -1,0 +1,221 @@
+"""The contract between the scheduler and the trainers: plain data, no torch.
+
+The scheduler decides everything about task t once — what to train on, for how many optimizer
+steps, how many replayed rows per micro-batch, which teacher, where to save — and hands every
+worker the same ``TaskPlan``. A worker executes a plan; it never re-derives one. Plans, eval sets
+and the ``StreamStart`` cross process boundaries as they are (dataclasses and Arrow tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+
+from pipelines.config import (
+    CumulativeStrategyConfig,
+    EwcStrategyConfig,
+    JointStrategyConfig,
+    LwfStrategyConfig,
+    NaiveStrategyConfig,
+    ReplayStrategyConfig,
+    RunConfig,
+    Schema,
+)
+from pipelines.errors import DataError
+from pipelines.tasks import Task, TaskStream
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    metric: str
+    sources: list[str]  # prefix applied
+    targets: list[str]
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """Everything a worker needs for task ``index``; every rank gets the same plan."""
+
+    index: int
+    name: str
+    examples: pa.Table | None  # columns source (prefix applied), target; None: no training at this task
+    num_steps: int  # optimizer steps (0 when examples is None)
+    seed: int  # run seed: batch order is seeded by (seed, index, epoch), replay draws by (seed, index, rank)
+    replay_rows_per_batch: int = 0  # rows of each micro-batch drawn from the replay store
+    teacher_dir: str | None = None  # the model after the previous task, for distillation
+    model_dir: str | None = None  # save a plain transformers checkpoint here after the task (None: don't)
+    state_dir: str | None = None  # save the training state here (optimizer, RNG, strategy): what resume loads
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What a worker does before the first plan."""
+
+    eval_sets: list[EvalSet]
+    restore_dir: str | None = None  # training state to load first (a resumed or extended run)
+    baseline_tasks: tuple[int, ...] = ()  # tasks whose untrained accuracy is still to be measured
+    fill_row: int | None = None  # extension: the last finished row, whose missing columns the restored model fills
+    fill_tasks: tuple[int, ...] = ()  # ... on these tasks (new ones)
+
+
+# ------------------------------------------------------------------------ strategies, planning side
+@dataclass(frozen=True)
+class Planning:
+    """What a strategy trains on at each task, as the scheduler sees it.
+
+    ``data``: ``task`` (the task's own examples), ``seen`` (every task so far) or ``all_at_end``
+    (nothing until the last task, then every task with the summed step budget).
+    """
+
+    data: Literal["task", "seen", "all_at_end"] = "task"
+    needs_teacher: bool = False
+    replay_ratio: float = 0.0
+
+    @property
+    def trains_only_at_end(self) -> bool:
+        """Only the final row of such a run's matrix means anything (earlier rows: the untrained model)."""
+        return self.data == "all_at_end"
+
+
+PLANNING: dict[type[Schema], Callable[[Schema], Planning]] = {
+    NaiveStrategyConfig: lambda config: Planning(),
+    JointStrategyConfig: lambda config: Planning(data="all_at_end"),
+    CumulativeStrategyConfig: lambda config: Planning(data="seen"),
+    ReplayStrategyConfig: lambda config: Planning(replay_ratio=config.replay_ratio),
+    LwfStrategyConfig: lambda config: Planning(needs_teacher=True),
+    EwcStrategyConfig: lambda config: Planning(),
+}
+
+
+def planning_for(strategy: Schema) -> Planning:
+    return PLANNING[type(strategy)](strategy)
+
+
+def task_examples(stream: TaskStream, indices: range | list[int]) -> pa.Table:
+    """(source, target) rows of the given tasks' train splits, prefixes applied."""
+    return pa.concat_tables(
+        pa.table({"source": stream[i].sources("train"), "target": stream[i].targets("train")}) for i in indices
+    )
+
+
+def training_examples(planning: Planning, stream: TaskStream, index: int) -> pa.Table | None:
+    if planning.data == "seen":
+        return task_examples(stream, range(index + 1))
+    if planning.data == "all_at_end":
+        return task_examples(stream, range(len(stream))) if index == len(stream) - 1 else None
+    return task_examples(stream, [index])
+
+
+# ------------------------------------------------------------------------ numbers a plan carries
+def num_steps(num_examples: int, *, epochs: float, max_steps: int | None, global_batch: int) -> int:
+    """Optimizer steps for one task: ``max_steps`` if set, else ceil(epochs * examples / global batch)."""
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * num_examples / global_batch))
+
+
+def replayed_per_batch(micro_batch_size: int, replay_ratio: float) -> int:
+    """Rows of a micro-batch drawn from replay: round(size x ratio), at least 1, leaving 1 new row."""
+    if micro_batch_size <= 1 or replay_ratio <= 0:
+        return 0
+    return min(micro_batch_size - 1, max(1, round(micro_batch_size * replay_ratio)))
+
+
+def global_batch(config: RunConfig) -> int:
+    training = config.training
+    return training.micro_batch_size * training.grad_accum_steps * training.num_workers
+
+
+def _task_steps(config: RunConfig, task: Task, num_examples: int) -> int:
+    training = config.training
+    return num_steps(num_examples, epochs=task.epochs or training.epochs,
+                     max_steps=task.max_steps or (None if task.epochs else training.max_steps),
+                     global_batch=global_batch(config))
+
+
+def planned_steps(config: RunConfig, stream: TaskStream, index: int, planning: Planning,
+                  examples: pa.Table | None) -> int:
+    if examples is None:
+        return 0
+    if planning.trains_only_at_end:
+        budgets = [t.max_steps or (None if t.epochs else config.training.max_steps) for t in stream]
+        if all(budgets):
+            return sum(budgets)  # the budget the sequential strategies spend over the stream
+        # epoch-based: the union's size already gives the summed budget
+        return num_steps(examples.num_rows, epochs=config.training.epochs, max_steps=None,
+                         global_batch=global_batch(config))
+    return _task_steps(config, stream[index], examples.num_rows)
+
+
+# ------------------------------------------------------------------------ where things go
+def checkpoint_dir(output_dir: str | Path, index: int, name: str) -> Path:
+    """Where the model after task ``index`` is saved (the next task's teacher, for distillation)."""
+    return Path(output_dir) / "checkpoints" / f"task-{index:02d}-{name}"
+
+
+def state_dir(output_dir: str | Path, index: int) -> Path:
+    """Where the training state after task ``index`` is saved (DeepSpeed checkpoint, RNG, strategy)."""
+    return Path(output_dir) / "state" / f"task-{index:02d}"
+
+
+def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
+    """The plan of task ``index``: the one place where what happens at a task is decided."""
+    planning = planning_for(config.strategy)
+    task = stream[index]
+    examples = training_examples(planning, stream, index)
+    last = index == len(stream) - 1
+    teacher = None
+    if planning.needs_teacher and index:
+        teacher = str(checkpoint_dir(config.output_dir, index - 1, stream[index - 1].name))
+    saves_model = config.checkpoint.models == "all" or last or planning.needs_teacher
+    return TaskPlan(
+        index=index, name=task.name, examples=examples,
+        num_steps=planned_steps(config, stream, index, planning, examples),
+        seed=config.seed,
+        replay_rows_per_batch=(replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
+                               if index > 0 and examples is not None else 0),
+        teacher_dir=teacher,
+        model_dir=str(checkpoint_dir(config.output_dir, index, task.name)) if saves_model else None,
+        state_dir=str(state_dir(config.output_dir, index)),
+    )
+
+
+def check_stream(config: RunConfig, stream: TaskStream) -> None:
+    """Refuse, before any worker starts, a stream some task of which gives a worker no rows.
+
+    Each worker trains on every ``num_workers``-th row of a plan's examples: fewer rows than
+    workers would leave a worker with nothing to take a step on.
+
+    Raises:
+        DataError: naming every such task and the numbers.
+    """
+    workers = config.training.num_workers
+    planning = planning_for(config.strategy)
+    short = []
+    for index, task in enumerate(stream):
+        examples = training_examples(planning, stream, index)
+        if examples is not None and examples.num_rows < workers:
+            short.append(f"task {task.name!r} trains on {examples.num_rows} row(s)")
+    if short:
+        raise DataError(
+            f"too few training rows for training.num_workers={workers} (each worker needs at least one): "
+            + "; ".join(short) + ". Add data to the task, or lower training.num_workers")
+
+
+def fingerprint(task: Task) -> str:
+    """A digest of what a task is: its prefix, metric and every train and eval example."""
+    digest = hashlib.sha256(f"{task.prefix}\0{task.metric}\0".encode())
+    for table in (task.train, task.eval):
+        for column in ("source", "target"):
+            for value in table.column(column).to_pylist():
+                digest.update(value.encode("utf-8", "surrogatepass"))
+                digest.update(b"\0")
+        digest.update(b"\1")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,118 @@
+"""The run report: one typed object, written by the scheduler after every task, read by the CLI,
+``forgetless compare`` and ``forgetless resume``.
+
+``report.json`` is also the run's commit record: a task counts as finished once a report with its
+row has been written (atomically). A resumed run continues after the last such task.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipelines.errors import ConfigError
+
+Status = Literal["RUNNING", "FINISHED", "FAILED", "KILLED"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskStats(_Model):
+    """How one task's training went (steps 0: the strategy trained nothing at this task)."""
+
+    steps: int
+    mean_loss: float | None
+    seconds: float
+    eval_seconds: float = 0.0
+    started_at: float
+    ended_at: float
+    examples: int
+
+
+class MlflowRef(_Model):
+    tracking_uri: str
+    run_id: str | None
+    pending_records: int = 0  # metrics/params/tags not yet written (MLflow unreachable); flushed on resume
+
+
+class ReplaySummary(_Model):
+    num_shards: int
+    rows: int
+    rows_per_task: dict[str, int]
+    rows_per_shard: list[int]
+    bytes: int
+    directory: str | None
+    restore_warnings: list[str] = []
+
+
+class Resumption(_Model):
+    """One ``forgetless resume`` of this run."""
+
+    at: float  # unix time
+    finished_tasks: int  # rows already in the matrix when it resumed
+    previous_status: Status  # how the earlier attempt ended (RUNNING: it was killed without a word)
+    new_tasks: list[str] = []  # tasks the resume added to the stream (or changed before they were trained)
+    changed: list[str] = []  # settings it changed, as "key: old -> new"
+
+
+class ResumePoint(_Model):
+    """What a resume needs besides the matrix: where the committed state is."""
+
+    training_state: str | None = None  # the training state saved after the last finished task
+    replay_checkpoint: str | None = None  # the replay store's checkpoint tag at that moment
+    data_fingerprints: dict[str, str] = {}  # task -> digest of its examples (an extension must not change them)
+
+
+class RunReport(_Model):
+    tasks: list[str]
+    acc_matrix: list[list[float | None]]  # acc[t][j]: accuracy on task j after training task t; None: not measured
+    baseline: list[float | None]  # before any training
+    metrics: dict[str, float | None]  # avg_acc, forgetting, bwt, fwt after the last finished task; None: undefined
+    metrics_per_task: list[dict[str, Any]] = []
+    strategy: str
+    strategy_config: dict[str, Any]
+    note: str | None = None
+    experiment: str
+    seed: int
+    status: Status = "RUNNING"
+    error: str | None = None
+    finished_tasks: int = 0
+    complete: bool = False
+    train: dict[str, TaskStats] = {}
+    between_task_overhead_s: list[float] = []
+    checkpoints: dict[str, str] = {}
+    mlflow: MlflowRef
+    output_dir: str
+    seconds: float = 0.0
+    replay: ReplaySummary | None = None
+    resumes: list[Resumption] = []
+    resume: ResumePoint = ResumePoint()
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def read(cls, path: str | Path) -> RunReport:
+        """Load a report.json.
+
+        Raises:
+            ConfigError: the file is missing, not JSON, or not a report (naming the file).
+        """
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no run report here (was this directory written by `forgetless run`?)") from None
+        except (ValidationError, ValueError) as exc:
+            first = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc), "loc": ()}
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"{path}: not a readable run report ({where + ': ' if where else ''}{first['msg']})") from None
+
+
+def report_dict(report: RunReport) -> dict[str, Any]:
+    return json.loads(report.to_json())

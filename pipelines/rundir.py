@@ -1,0 +1,205 @@
+"""A run's output directory: one run at a time, never silently mixed with another's files.
+
+``OutputDir.claim`` takes an exclusive lock for the life of the run (a second run is told which
+process holds it), refuses a directory that already holds a run unless the run is resumed or
+``overwrite=true`` empties it first, and knows where each artifact lives. ``config_changes``
+decides what a resumed or extended run may change: anything that would make the finished rows
+mean something else is refused, with every difference listed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import ConfigError, ForgetlessError
+
+LOCK_NAME = ".forgetless.lock"
+# What a run writes into its output_dir (the replay store may live elsewhere: replay.directory).
+RUN_ARTIFACTS = ("report.json", "acc_matrix.json", "acc_heatmap.png", "config.yaml", "tokenizer", "checkpoints",
+                 "state", "replay", "ray", "mlflow-pending.jsonl")
+
+
+class OutputDirBusyError(ForgetlessError, RuntimeError):
+    """Another live process holds the output directory's lock."""
+
+
+class OutputDir:
+    """The output directory of one run, locked while the run lives."""
+
+    def __init__(self, path: str | Path, *, replay_dir: str | Path | None = None):
+        self.path = Path(path)
+        self.replay_dir = Path(replay_dir) if replay_dir else self.path / "replay"
+        self._lock_file = None
+
+    # ------------------------------------------------------------------ where things are
+    @property
+    def report(self) -> Path:
+        return self.path / "report.json"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def pending_mlflow(self) -> Path:
+        return self.path / "mlflow-pending.jsonl"
+
+    def holds_a_run(self) -> bool:
+        return any((self.path / name).exists() for name in RUN_ARTIFACTS) or self._replay_has_files()
+
+    def _replay_has_files(self) -> bool:
+        return self.replay_dir.is_dir() and any(self.replay_dir.iterdir())
+
+    # ------------------------------------------------------------------ the lock
+    def lock(self) -> None:
+        """Take the exclusive lock (released when this process ends, however it ends).
+
+        Raises:
+            OutputDirBusyError: naming the process that holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputDirBusyError(
+                f"output_dir {self.path} is in use by {holder}. One run per output_dir: wait for it to end, "
+                "stop it, or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:4])[:200]})")
+        handle.flush()
+        self._lock_file = handle
+
+    def is_locked_elsewhere(self) -> bool:
+        """True while some live process holds this directory's lock (False if none, or it died)."""
+        path = self.path / LOCK_NAME
+        if not path.exists():
+            return False
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ------------------------------------------------------------------ claiming it for a run
+    def claim(self, *, resume: bool, overwrite: bool) -> bool:
+        """Lock the directory for a run; returns True when there is a run to resume in it.
+
+        Raises:
+            OutputDirBusyError: another live process runs in it.
+            ConfigError: it holds a run, and neither ``resume`` nor ``overwrite`` was asked for.
+        """
+        self.lock()
+        try:
+            if not self.holds_a_run():
+                return False
+            if resume:
+                if not self.report.exists():
+                    raise ConfigError(f"{self.path} holds files of a run but no report.json to resume from; "
+                                      "start over with overwrite=true")
+                return True
+            if overwrite:
+                self.empty()
+                return False
+            raise ConfigError(
+                f"output_dir {self.path} already holds a run (report, checkpoints or replay store). Resume it "
+                f"with `forgetless resume {self.path}` (or resume=true), start over with overwrite=true (deletes "
+                "its checkpoints and replay store), or choose another output_dir")
+        except BaseException:
+            self.unlock()
+            raise
+
+    def empty(self) -> None:
+        """Remove every run artifact (checkpoints, training state, replay store, reports); other files stay."""
+        for name in RUN_ARTIFACTS:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        if self.replay_dir.exists():
+            shutil.rmtree(self.replay_dir)
+
+
+# ---------------------------------------------------------------------------- what a resume may change
+# Dotted prefixes a resumed run may change: how fast or where it runs, and the tasks it has not
+# finished. Everything else (seed, model, tokenizer, strategy, batch shape, precision, ZeRO stage,
+# replay store layout, evaluation length, where MLflow writes) would change what the finished rows
+# mean, or what the saved state can be loaded into.
+MAY_CHANGE = (
+    "stream.cache_dir", "training.lr", "training.weight_decay", "training.lr_schedule", "training.warmup_steps",
+    "training.grad_clip", "training.epochs", "training.max_steps", "training.log_every_n_steps",
+    "training.use_gpu", "training.cpus_per_worker", "evaluation.batch_size", "checkpoint.models",
+    "replay.snapshot_every_rows", "replay.fsync", "replay.num_cpus", "replay.memory_bytes", "replay.placement",
+    "replay.max_samples_per_insert", "replay.min_rows_to_sample", "ray.", "mlflow.run_name", "mlflow.flush_timeout_s",
+    "output_dir",
+)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): data}
+
+
+def config_changes(saved: dict[str, Any], given: dict[str, Any], *, finished_tasks: int) -> tuple[list[str], list[str]]:
+    """Compare a saved run's config with the one a resume brings (both as JSON-ready dicts).
+
+    Returns ``(refused, allowed)``: each a list of ``key: old -> new`` lines. Tasks are compared
+    by position: the first ``finished_tasks`` must be identical; later ones may change, be removed
+    or be added.
+    """
+    saved, given = dict(saved), dict(given)
+    saved_tasks = saved.get("stream", {}).get("tasks", [])
+    given_tasks = given.get("stream", {}).get("tasks", [])
+    refused, allowed = [], []
+    for index in range(finished_tasks):
+        old = saved_tasks[index] if index < len(saved_tasks) else None
+        new = given_tasks[index] if index < len(given_tasks) else None
+        if new is None:
+            refused.append(f"stream.tasks.{index}: finished task {old['name']!r} is missing from the new config")
+            continue
+        for key, (a, b) in _differences(old, new).items():
+            refused.append(f"stream.tasks.{index}.{key}: {a!r} -> {b!r} (task {old['name']!r} is finished)")
+    strip = lambda d: {**d, "stream": {k: v for k, v in d.get("stream", {}).items() if k != "tasks"}}  # noqa: E731
+    for key, (a, b) in _differences(strip(saved), strip(given)).items():
+        line = f"{key}: {a!r} -> {b!r}"
+        (allowed if key.startswith(MAY_CHANGE) else refused).append(line)
+    return refused, allowed
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    flat_a, flat_b = _flat(a), _flat(b)
+    missing = object()
+    return {key: (flat_a.get(key), flat_b.get(key)) for key in sorted(set(flat_a) | set(flat_b))
+            if flat_a.get(key, missing) != flat_b.get(key, missing)}

@@ -1,0 +1,187 @@
+"""Crashes through the real CLI: SIGKILL of the driver and its Ray, then `forgetless resume`;
+SIGTERM; a trainer worker killed; output_dir reuse and its lock; MLflow down at the start."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.rundir import OutputDir
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`forgetless` in a process session of its own, as a job scheduler would start it."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "actors.cli", *args, "--no-progress"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, *, timeout: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"the run ended (exit {process.returncode}) before {what}: {err[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def report_of(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def session_members(sid: int) -> list[str]:
+    """Processes still alive in process session ``sid`` (what a killed run left behind)."""
+    left = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                left.append(f"{entry.name} {(entry / 'cmdline').read_text().replace(chr(0), ' ')[:80]}")
+        except (OSError, ValueError, IndexError):
+            continue
+    return left
+
+
+@pytest.fixture
+def four_task_config(tmp_path, toy_stream_config, toy_task):
+    """Four toy tasks, replay: the third takes long enough to be killed in."""
+    config = toy_stream_config
+    for name, kind, seed in (("last_word", "last_word", 3), ("count", "count", 4)):
+        path = toy_task(tmp_path / "data" / f"{name}.jsonl", kind, seed=seed)
+        config["stream"]["tasks"].append({"name": name, "source": {"kind": "file", "path": str(path)}})
+    config["stream"]["tasks"][2]["max_steps"] = 150
+    config["strategy"] = {"name": "replay", "replay_ratio": 0.25}
+    config["replay"] = {"enabled": True, "num_shards": 2, "rows_per_task": 24}
+
+    def write(out: Path) -> Path:
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump({**config, "output_dir": str(out)}))
+        return path
+
+    return write
+
+
+def test_sigkill_after_task_1_then_resume_continues_in_the_same_mlflow_run(four_task_config, tmp_path,
+                                                                           mlflow_store, cli):
+    whole = cli("run", str(four_task_config(tmp_path / "whole")), "--no-progress", timeout=400)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    run = start_cli("run", str(four_task_config(out)))
+    wait_for(lambda: (report_of(out) or {}).get("finished_tasks", 0) >= 2, timeout=300, process=run,
+             what="task 1's row")
+    os.killpg(run.pid, signal.SIGKILL)  # the driver and its Ray, mid-way through task 2
+    run.wait(timeout=30)
+    before = report_of(out)
+    assert before["finished_tasks"] == 2 and before["status"] == "RUNNING", "the kill did not land in task 2"
+    # the run's Ray goes with it, agents included
+    wait_for(lambda: not session_members(run.pid), timeout=30, what="the killed run's processes to end")
+
+    resumed = cli("resume", str(out), "--no-progress", timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = report_of(out)
+    assert report["status"] == "FINISHED" and report["finished_tasks"] == 4
+    assert report["acc_matrix"][:2] == before["acc_matrix"][:2]  # finished rows, exactly as written before
+    assert json.loads((out / "acc_matrix.json").read_text())["acc_matrix"] == report["acc_matrix"]
+    assert np.allclose(report["acc_matrix"], report_of(tmp_path / "whole")["acc_matrix"], atol=0.05)
+    assert report["replay"]["rows_per_task"] == {name: 24 for name in report["tasks"]}
+    assert report["resumes"][0]["previous_status"] == "RUNNING"
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("forgetless").experiment_id
+    runs = client.search_runs([experiment], f"tags.`forgetless.output_dir` = '{out}'")
+    assert [r.info.run_id for r in runs] == [before["mlflow"]["run_id"]]  # one MLflow run for the stream
+    assert runs[0].info.status == "FINISHED"
+    for key in ["avg_acc", *(f"acc/{t}" for t in report["tasks"]), "train_loss"]:
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has a step logged twice: {sorted(steps)}"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "avg_acc")] == [0, 1, 2, 3]
+
+
+def test_sigterm_ends_the_run_killed_and_a_worker_killed_fails_it_naming_the_worker(toy_config_file, tmp_path,
+                                                                                    mlflow_store, cli):
+    config = toy_config_file(max_steps=400, num_workers=2, zero_stage=2)
+    out = tmp_path / "out"
+    run = start_cli("run", str(config))
+    wait_for(lambda: (report_of(out) or {}).get("mlflow"), timeout=200, process=run, what="the run to start")
+    workers = wait_for(lambda: [p for p in session_members(run.pid) if "RayTrainWorker" in p], timeout=200,
+                       process=run, what="the trainer workers")
+    time.sleep(3)  # into the baseline or the first steps
+    victim = int(workers[-1].split()[0])
+    os.kill(victim, signal.SIGKILL)
+    _, err = run.communicate(timeout=240)
+    assert run.returncode == 1, err[-3000:]
+    assert "run failed:" in err and f"(pid {victim} on" in err and "trainer worker" in err, err[-3000:]
+    client = MlflowClient(mlflow_store)
+    failed = client.get_run(report_of(out)["mlflow"]["run_id"])
+    assert failed.info.status == "FAILED" and f"pid {victim}" in failed.data.tags["forgetless.error"]
+
+    # the same directory, resumed, then stopped the way a job scheduler stops a job
+    run = start_cli("resume", str(out))
+    wait_for(lambda: [p for p in session_members(run.pid) if "RayTrainWorker" in p], timeout=200, process=run,
+             what="the resumed run's workers")
+    time.sleep(3)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode != 0
+    report = report_of(out)
+    assert report["status"] == "KILLED" and report["error"] == "interrupted by the user"
+    assert client.get_run(report["mlflow"]["run_id"]).info.status == "KILLED"
+    assert report["mlflow"]["run_id"] == failed.info.run_id
+
+
+def test_output_dir_holds_one_run_at_a_time(toy_config_file, tmp_path, mlflow_store, cli):
+    config = toy_config_file()
+    out = tmp_path / "out"
+    lock = OutputDir(out)
+    lock.lock()  # a live run holds it
+    try:
+        busy = cli("run", str(config), timeout=60)
+    finally:
+        lock.unlock()
+    assert busy.returncode == 2 and f"in use by process {os.getpid()} on {socket.gethostname()}" in busy.stderr
+
+    (out / "replay" / "shard-000").mkdir(parents=True)
+    (out / "replay" / "shard-000" / "log-000000-0000.arrow").write_bytes(b"rows of an older run")
+    (out / "notes.txt").write_text("mine")
+    again = cli("run", str(config), timeout=60)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "overwrite=true" in again.stderr
+    assert "Traceback" not in again.stderr
+
+    OutputDir(out).claim(resume=False, overwrite=True)  # what overwrite=true does before anything else
+    assert not (out / "replay").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_mlflow_down_at_the_start_fails_within_seconds_naming_the_uri(toy_config_file, tmp_path, cli):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here
+    uri = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    result = cli("run", str(toy_config_file()), f"mlflow.tracking_uri={uri}", timeout=60)
+    assert result.returncode == 2
+    assert f"MLflow tracking server {uri} is unreachable" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30  # interpreter start-up included
+    assert not (tmp_path / "out").exists()  # nothing was prepared: no data, no tokenizer, no Ray

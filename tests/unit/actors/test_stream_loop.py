@@ -1,0 +1,126 @@
+"""The per-worker stream loop in one process, with no Ray: the plain scheduler as its coordinator.
+
+This is where resume and extension are checked for exactness; the CLI tests check that the same
+holds across a real SIGKILL of the driver and its Ray.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from actors.scheduler import Scheduler
+from pipelines.config import resolve_paths, validate_config
+from pipelines.learner import Learner, silence_library_noise
+from pipelines.loop import run_stream
+from pipelines.models import build_tokenizer
+from pipelines.report import RunReport
+from pipelines.tasks import load_stream
+
+silence_library_noise()
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing catches it, nothing is finished or flushed."""
+
+
+def _prepare(config_dict, tokenizer_from=None):
+    config = resolve_paths(validate_config(config_dict))
+    stream = load_stream(config)
+    tokenizer_dir = tokenizer_from or f"{config.output_dir}/tokenizer"
+    if tokenizer_from is None:
+        build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
+    return config, stream, tokenizer_dir
+
+
+def _run(config_dict, *, previous=None, kill_before_task=None, tokenizer_from=None):
+    config, stream, tokenizer_dir = _prepare(config_dict, tokenizer_from)
+    scheduler = Scheduler(config, stream, previous=previous)
+    if kill_before_task is not None:
+        next_task = scheduler.next_task
+
+        def dies(rank=0):
+            if scheduler.finished == kill_before_task:
+                scheduler.sink.close()  # the process is gone: its writer thread with it
+                raise Killed
+            return next_task(rank)
+
+        scheduler.next_task = dies
+    learner = Learner(config, tokenizer_dir)
+    run_stream(learner, scheduler)
+    return scheduler.finish()
+
+
+@pytest.fixture
+def three_tasks(toy_stream_config, toy_task, tmp_path):
+    third = toy_task(tmp_path / "data" / "last.jsonl", "last_word", seed=3)
+    toy_stream_config["stream"]["tasks"].append({"name": "last_word", "source": {"kind": "file", "path": str(third)}})
+    toy_stream_config["training"].update(max_steps=8)
+    return toy_stream_config
+
+
+def test_the_loop_trains_a_stream_in_one_process(toy_stream_config, tmp_path):
+    report = _run(toy_stream_config)
+    assert report.status == "FINISHED" and report.complete and report.finished_tasks == 2
+    acc = np.array(report.acc_matrix, dtype=float)
+    assert acc.shape == (2, 2) and not np.isnan(acc).any()
+    out = tmp_path / "out"
+    # the training state of the last finished task only; every model checkpoint
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["task-01"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["task-00-category", "task-01-first_word"]
+    assert RunReport.read(out / "report.json") == report
+
+
+@pytest.mark.parametrize("strategy", [{"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, {"name": "lwf"}],
+                         ids=["ewc", "lwf"])
+def test_a_run_killed_between_tasks_resumes_to_the_uninterrupted_result(three_tasks, tmp_path, strategy,
+                                                                         mlflow_store):
+    three_tasks["strategy"] = strategy
+    whole = _run({**three_tasks, "output_dir": str(tmp_path / "whole")})
+
+    killed_dir = tmp_path / "killed"
+    with pytest.raises(Killed):
+        _run({**three_tasks, "output_dir": str(killed_dir)}, kill_before_task=2)
+    before = RunReport.read(killed_dir / "report.json")
+    assert before.status == "RUNNING" and before.finished_tasks == 2
+    resumed = _run({**three_tasks, "output_dir": str(killed_dir), "resume": True}, previous=before,
+                   tokenizer_from=str(killed_dir / "tokenizer"))
+
+    assert resumed.acc_matrix[:2] == before.acc_matrix[:2]  # finished rows are kept as they were
+    assert resumed.acc_matrix == whole.acc_matrix  # one process, same seed: exactly the same
+    assert resumed.metrics == whole.metrics
+    # the loss of the task trained after the resume: weights, optimizer state, RNG and the strategy's
+    # state (EWC's Fisher) all came back, or this would differ
+    assert resumed.train["last_word"].mean_loss == pytest.approx(whole.train["last_word"].mean_loss, rel=1e-6)
+    assert [r.previous_status for r in resumed.resumes] == ["RUNNING"]
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(resumed.mlflow.run_id)
+    assert run.info.run_id == before.mlflow.run_id and run.info.status == "FINISHED"
+    for key in ("avg_acc", "acc/category", "train_loss"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} logged twice at some step: {steps}"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc/category")] == [0, 1, 2]
+    assert "forgetless.resume.1" in run.data.tags
+
+
+def test_a_finished_stream_extended_with_a_task_trains_only_that_task(three_tasks, tmp_path, mlflow_store):
+    two = {**three_tasks, "stream": {**three_tasks["stream"], "tasks": three_tasks["stream"]["tasks"][:2]}}
+    first = _run(two)
+    assert first.complete and len(first.tasks) == 2
+    extended = _run({**three_tasks, "resume": True}, previous=first,
+                    tokenizer_from=str(tmp_path / "out" / "tokenizer"))
+
+    assert extended.tasks == ["category", "first_word", "last_word"] and extended.complete
+    assert [row[:2] for row in extended.acc_matrix[:2]] == first.acc_matrix  # old rows, old columns: untouched
+    assert extended.acc_matrix[0][2] is None  # the model after task 0 is gone: never measured on the new task
+    assert extended.acc_matrix[1][2] is not None  # the restored model, measured before training the new task
+    assert extended.baseline[:2] == first.baseline and extended.baseline[2] is not None
+    assert extended.train["category"] == first.train["category"]  # not trained again
+    assert extended.train["last_word"].steps == 8
+    assert extended.resumes[-1].new_tasks == ["last_word"]
+    assert extended.metrics["forgetting"] is not None and extended.metrics["fwt"] is not None
+    client = MlflowClient(mlflow_store)
+    assert [m.step for m in client.get_metric_history(extended.mlflow.run_id, "acc/last_word")] == [1, 2]
+    assert client.get_run(extended.mlflow.run_id).info.status == "FINISHED"
+    assert json.loads((tmp_path / "out" / "acc_matrix.json").read_text())["tasks"][-1] == "last_word"
