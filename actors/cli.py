@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,11 @@ def _train_and_print(config: Any, progress: bool) -> int:
 
     try:
         report = run_experiment(config, progress=progress)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run was ended KILLED on the way out
+        out = Path(config.output_dir).resolve()
+        print(f"\nstopped: the run is marked KILLED; its finished tasks are kept. Continue it with "
+              f"`forgetless resume {out}`", file=sys.stderr)
+        return 130
     except RunFailedError as exc:
         print(f"\n{exc}", file=sys.stderr)
         if exc.report.finished_tasks:
@@ -141,13 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    signal.signal(signal.SIGTERM, _terminate)  # a killed job ends its MLflow run KILLED, not RUNNING
+    from actors.signals import install_stop_signal
+
+    install_stop_signal()  # a job stopped with SIGTERM ends its MLflow run KILLED, not RUNNING
     parser = build_parser()
     # key=value overrides may come before or after the options
     args, extra = parser.parse_known_args(argv)
@@ -160,9 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     except ForgetlessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the run was ended KILLED on the way out
-        print(f"\nstopped ({exc or 'interrupted'}); the run is marked KILLED. Continue it with "
-              f"`forgetless resume <output_dir>`", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a run
+        print("\nstopped", file=sys.stderr)
         return 130
 
 

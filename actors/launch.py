@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from actors import reaper
+from actors.signals import install_stop_signal
 from actors.scheduler import SchedulerActor
 from actors.tracking import MlflowSink, check_tracking, mark_orphaned_runs, send_pending
 from actors.trainer_group import build_trainer
@@ -52,6 +54,10 @@ class RunFailedError(ForgetlessError, RuntimeError):
         self.report = report
 
 
+class SchedulerStartError(ForgetlessError, RuntimeError):
+    """The scheduler actor failed in its constructor (the message carries why)."""
+
+
 def connect_ray(config: RunConfig) -> bool:
     """Join the configured cluster, or start a local Ray. True when the Ray is local to this run."""
     if ray.is_initialized():
@@ -61,6 +67,7 @@ def connect_ray(config: RunConfig) -> bool:
     address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
     if address:
         ray.init(address=address, **kwargs)
+        install_stop_signal()
         return False
     # A Ray started here serves this run alone and dies with it (dashboard on loopback): Ray 2.60's
     # token auth would only stand in the way. A cluster keeps whatever auth it was started with.
@@ -70,6 +77,7 @@ def connect_ray(config: RunConfig) -> bool:
     # (ray.address=auto joins that one instead).
     ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
              **kwargs)
+    install_stop_signal()
     _watch_local_ray()
     return True
 
@@ -179,19 +187,25 @@ def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir,
     return output.tokenizer
 
 
-def _worker_gone(scheduler: Any, exc: BaseException) -> str:
-    """Why the group failed when no worker could say it: name the workers whose process is gone."""
+def _why_it_failed(scheduler: Any, exc: BaseException) -> str:
+    """The reason a run failed: any trainer worker whose process is gone, named first (a peer of a
+    dead worker only sees its connection close), then what the first worker to fail reported."""
     try:
+        reported = ray.get(scheduler.failure.remote(), timeout=30)
         workers = ray.get(scheduler.workers.remote(), timeout=10)
     except ray.exceptions.RayError:
-        workers = {}
+        reported, workers = None, {}
     here = socket.gethostname()
-    gone = []
-    for rank, info in sorted(workers.items()):
-        if info["host"] == here and not _alive(info["pid"]):
-            gone.append(f"trainer worker {rank} (pid {info['pid']} on {info['host']}) died")
-    summary = format_exception(exc).splitlines()[0][:600]
-    return ("; ".join(gone) + f" ({summary})") if gone else summary
+    gone = [f"trainer worker {rank} (pid {info['pid']} on {info['host']}) died"
+            for rank, info in sorted(workers.items()) if info["host"] == here and not _alive(info["pid"])]
+    return "; ".join([*gone, reported or format_exception(exc).splitlines()[0][:600]])
+
+
+def _innermost_error(exc: BaseException) -> str:
+    """The ``SomeError: message`` line a Ray error's text ends its traceback with (else the whole text)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Warning)\b.*: ", line)]
+    return raised[-1] if raised else " ".join(lines)[:2000]
 
 
 def _alive(pid: int) -> bool:
@@ -267,26 +281,35 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
     scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}).remote(
         config, stream, previous=previous, changes=changes)
-    trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
-                            cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local))
-    first = previous.finished_tasks if previous else 0
-    if progress:
-        what = (f"resuming after task {first}/{len(stream)}" if previous else f"{len(stream)} tasks")
-        tqdm.write(f"{what} ({', '.join(stream.names)}); starting {config.training.num_workers} trainer worker(s) "
-                   f"on {'GPU' if use_gpu else 'CPU'} — Ray Train takes ~30 s to start")
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
-    poller.start()
-    try:
+    try:  # from here on, however the run ends, the scheduler records how
+        try:
+            ray.get(scheduler.progress.remote())  # up, or why not (MLflow, the replay store's files...)
+        except ray.exceptions.RayActorError as exc:
+            raise SchedulerStartError(f"the run could not start its scheduler: {_innermost_error(exc)}") from None
+        first = previous.finished_tasks if previous else 0
+        if progress:
+            what = (f"resuming after task {first}/{len(stream)}" if previous else f"{len(stream)} tasks")
+            tqdm.write(f"{what} ({', '.join(stream.names)}); starting {config.training.num_workers} trainer "
+                       f"worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train takes ~30 s to start")
+        poller.start()
+        trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
+                                cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local))
         trainer.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         stop.set()
-        ray.get(scheduler.finish.remote("KILLED", "interrupted by the user"))
+        try:
+            ray.get(scheduler.finish.remote("KILLED", "interrupted by the user"))
+        except ray.exceptions.RayError:
+            pass  # the scheduler never came up: there is no run to mark
+        raise
+    except SchedulerStartError:
         raise
     except Exception as exc:  # noqa: BLE001 - any worker failure ends the run as FAILED
         stop.set()
         try:
-            reason = ray.get(scheduler.failure.remote()) or _worker_gone(scheduler, exc)
+            reason = _why_it_failed(scheduler, exc)
             report = ray.get(scheduler.finish.remote("FAILED", reason))
             ray.kill(scheduler)
         except ray.exceptions.RayError as lost:  # the scheduler went down with the cluster
@@ -298,7 +321,8 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
                              f"`forgetless resume {config.output_dir}`)", report) from None
     finally:
         stop.set()
-        poller.join(timeout=5)
+        if poller.is_alive():
+            poller.join(timeout=5)
     try:
         return ray.get(scheduler.finish.remote("FINISHED"))
     finally:

@@ -104,6 +104,7 @@ class Scheduler:
                                           "step": 0, "num_steps": 0, "loss": None, "global_step": 0,
                                           "mlflow_outage": None}
         write_atomic(self.output.config, yaml.safe_dump(experiment_dict(config), sort_keys=False))
+        self._write_matrix()
         self._write_report()  # the commit record exists from the start: a run killed now resumes at task 0
 
     # ------------------------------------------------------------------ starting or resuming
@@ -356,8 +357,8 @@ class Scheduler:
         """Write artifacts, end the MLflow run with ``status``; idempotent. Returns the report."""
         if self._finished_report is not None:
             return self._finished_report
-        if reason:
-            self.fail(reason)
+        if reason:  # the driver's account, which includes what the workers reported
+            self._failure = reason
         report = self.report(status)
         try:
             if self.replay is not None:  # the store stays on disk; the actors go

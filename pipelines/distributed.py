@@ -53,6 +53,12 @@ class Collectives:
     def __init__(self, *, device: torch.device, world_size: int):
         self.device = torch.device(device)
         self.world_size = world_size
+        # True: communicate even alone (a one-GPU check of the NCCL paths; see infra/scripts/gpu_check.py)
+        self.force_communication = False
+
+    @property
+    def _communicate(self) -> bool:
+        return self.world_size > 1 or (self.force_communication and dist.is_initialized())
 
     def tensor(self, values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A tensor on the engine's device, ready for a collective."""
@@ -67,13 +73,13 @@ class Collectives:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns the tensor."""
         self._check(tensor)
-        if self.world_size > 1:
+        if self._communicate:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
         self._check(tensor)
-        if self.world_size > 1:
+        if self._communicate:
             dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return tensor
 
@@ -86,5 +92,5 @@ class Collectives:
 
     def barrier(self) -> None:
         """Wait for every rank (an all-reduce of one element on the engine's device: NCCL-safe)."""
-        if self.world_size > 1:
+        if self._communicate:
             self.all_reduce_sum(self.tensor([0.0]))

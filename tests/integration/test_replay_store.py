@@ -188,3 +188,32 @@ def test_prefetching_sampler_waits_out_the_rate_limit():
     assert sampler.next_batch().num_rows == 32
     assert time.monotonic() - started >= 0.5
     store.shutdown()
+
+
+def test_sampling_goes_on_through_a_shard_killed_mid_call_and_draws_the_same_rows(tmp_path):
+    store = make_store(tmp_path, num_shards=2, capacity_rows=100_000)
+    store.insert(rows([f"t:{i}" for i in range(20_000)]))
+    reference = [store.sample(20_000, np.random.default_rng(k)).column("example_id") for k in range(40)]
+    victim = store.shards[1]
+    pid = ray.get(victim.pid.remote())
+    killer = threading.Timer(0.3, os.kill, args=(pid, signal.SIGKILL))
+    killer.start()
+    for k in range(40):  # ~40 calls of 10k rows per shard: the kill lands in one, or between two
+        assert store.sample(20_000, np.random.default_rng(k)).column("example_id").equals(reference[k])
+        time.sleep(0.02)
+    killer.join()
+    assert ray.get(victim.pid.remote()) != pid and store.stats()[1].restored_rows > 0
+    store.shutdown()
+
+
+def test_prefetching_samplers_with_the_same_seed_hand_out_the_same_batches():
+    store = make_store()
+    store.insert(rows([f"t:{i}" for i in range(500)]))
+    first, second, other = (PrefetchingSampler(store, batch_size=16, seed=seed, batches_per_call=4)
+                            for seed in ([0, 1, 0], [0, 1, 0], [0, 1, 1]))
+    batches = [(first.next_batch(), second.next_batch(), other.next_batch()) for _ in range(10)]
+    assert all(a.equals(b) for a, b, _ in batches)
+    assert not all(a.equals(c) for a, _, c in batches)  # another rank (or task) draws its own rows
+    for sampler in (first, second, other):
+        sampler.close()
+    store.shutdown()

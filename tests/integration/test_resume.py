@@ -48,6 +48,14 @@ def report_of(out: Path) -> dict | None:
         return None
 
 
+def baseline_of(out: Path) -> list | None:
+    try:
+        baseline = json.loads((out / "acc_matrix.json").read_text())["baseline"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return baseline if all(v is not None for v in baseline) else None
+
+
 def session_members(sid: int) -> list[str]:
     """Processes still alive in process session ``sid`` (what a killed run left behind)."""
     left = []
@@ -125,10 +133,9 @@ def test_sigterm_ends_the_run_killed_and_a_worker_killed_fails_it_naming_the_wor
     config = toy_config_file(max_steps=400, num_workers=2, zero_stage=2)
     out = tmp_path / "out"
     run = start_cli("run", str(config))
-    wait_for(lambda: (report_of(out) or {}).get("mlflow"), timeout=200, process=run, what="the run to start")
-    workers = wait_for(lambda: [p for p in session_members(run.pid) if "RayTrainWorker" in p], timeout=200,
-                       process=run, what="the trainer workers")
-    time.sleep(3)  # into the baseline or the first steps
+    wait_for(lambda: baseline_of(out), timeout=200, process=run, what="the baseline (training under way)")
+    workers = [p for p in session_members(run.pid) if "RayTrainWorker" in p]
+    assert len(workers) == 2, workers
     victim = int(workers[-1].split()[0])
     os.kill(victim, signal.SIGKILL)
     _, err = run.communicate(timeout=240)
@@ -139,10 +146,9 @@ def test_sigterm_ends_the_run_killed_and_a_worker_killed_fails_it_naming_the_wor
     assert failed.info.status == "FAILED" and f"pid {victim}" in failed.data.tags["forgetless.error"]
 
     # the same directory, resumed, then stopped the way a job scheduler stops a job
+    (out / "acc_matrix.json").unlink()
     run = start_cli("resume", str(out))
-    wait_for(lambda: [p for p in session_members(run.pid) if "RayTrainWorker" in p], timeout=200, process=run,
-             what="the resumed run's workers")
-    time.sleep(3)
+    wait_for(lambda: baseline_of(out), timeout=200, process=run, what="the resumed run's baseline")
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=120)
     assert run.returncode != 0

@@ -1,0 +1,67 @@
+"""What a resumed or extended run may change, and the output directory's lock."""
+
+import pytest
+
+from pipelines.config import experiment_dict, validate_config
+from pipelines.errors import ConfigError
+from pipelines.rundir import OutputDir, OutputDirBusyError, config_changes
+
+
+def _pair(toy_stream_config, **changes):
+    saved = experiment_dict(validate_config(toy_stream_config))
+    given = experiment_dict(validate_config({**toy_stream_config, **changes}))
+    return saved, given
+
+
+def test_nothing_changed_is_nothing_refused(toy_stream_config):
+    assert config_changes(*_pair(toy_stream_config), finished_tasks=2) == ([], [])
+
+
+def test_changes_to_finished_tasks_the_model_or_the_seed_are_all_listed(toy_stream_config):
+    tasks = [dict(t) for t in toy_stream_config["stream"]["tasks"]]
+    tasks[0] = {**tasks[0], "max_train_examples": 10}
+    tasks[1] = {**tasks[1], "prefix": "w: "}  # not finished yet: may change
+    saved, given = _pair(toy_stream_config, seed=7, model={**toy_stream_config["model"], "arch": "bart"},
+                         stream={**toy_stream_config["stream"], "tasks": tasks},
+                         training={**toy_stream_config["training"], "lr": 1e-4, "zero_stage": 3})
+    refused, allowed = config_changes(saved, given, finished_tasks=1)
+    assert refused == ["stream.tasks.0.max_train_examples: None -> 10 (task 'category' is finished)",
+                       "model.arch: 't5' -> 'bart'", "seed: 0 -> 7", "training.zero_stage: 0 -> 3"]
+    assert allowed == ["training.lr: 0.003 -> 0.0001"]
+
+
+def test_new_tasks_may_follow_the_finished_ones_but_a_finished_one_may_not_go(toy_stream_config):
+    tasks = toy_stream_config["stream"]["tasks"]
+    extra = {"name": "third", "source": dict(tasks[0]["source"])}
+    saved, given = _pair(toy_stream_config, stream={**toy_stream_config["stream"], "tasks": [*tasks, extra]})
+    assert config_changes(saved, given, finished_tasks=2) == ([], [])
+    saved, given = _pair(toy_stream_config, stream={**toy_stream_config["stream"], "tasks": tasks[:1]})
+    refused, _ = config_changes(saved, given, finished_tasks=2)
+    assert refused == ["stream.tasks.1: finished task 'first_word' is missing from the new config"]
+
+
+def test_a_directory_with_a_run_in_it_is_resumed_overwritten_or_refused(tmp_path):
+    out = OutputDir(tmp_path / "out")
+    assert out.claim(resume=False, overwrite=False) is False  # empty: a new run
+    out.report.write_text("{}")
+    (out.path / "checkpoints" / "task-00-a").mkdir(parents=True)
+    out.unlock()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        out.claim(resume=False, overwrite=False)
+    assert out.claim(resume=True, overwrite=False) is True
+    out.unlock()
+    assert out.claim(resume=False, overwrite=True) is False
+    assert not out.report.exists() and not (out.path / "checkpoints").exists()
+    out.unlock()
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    first, second = OutputDir(tmp_path), OutputDir(tmp_path)
+    first.lock()
+    with pytest.raises(OutputDirBusyError, match=r"in use by process \d+ on .* since"):
+        second.lock()
+    assert second.is_locked_elsewhere()
+    first.unlock()
+    assert not second.is_locked_elsewhere()
+    second.lock()
+    second.unlock()
