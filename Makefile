@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The demo starts over each time it runs (overwrite=true: the last demo's checkpoints and replay store go).
 demo: $(STAMP)
-	$(BIN)/forgetless run configs/demo.yaml
+	$(BIN)/forgetless run configs/demo.yaml overwrite=true
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra
@@ -33,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
 	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
 	$(BIN)/python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json
+	$(BIN)/python bench/replay_soak.py --json runs/bench/replay_soak.json
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from actors.launch import RunFailedError, run_experiment
-from actors.tracking import MlflowSink
+from actors.tracking import MlflowSink, check_tracking
 from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
 from pipelines.metrics import ForgettingMatrix
@@ -111,6 +111,7 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, progress: b
     if seeds < 1:
         raise ConfigError(f"--seeds ({seeds}) must be at least 1")
     config = resolve_paths(config)
+    check_tracking(config.mlflow.tracking_uri)
     base = Path(config.output_dir)
     base.mkdir(parents=True, exist_ok=True)
     parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,

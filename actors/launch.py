@@ -197,7 +197,7 @@ def _why_it_failed(scheduler: Any, exc: BaseException) -> str:
         reported, workers = None, {}
     here = socket.gethostname()
     gone = [f"trainer worker {rank} (pid {info['pid']} on {info['host']}) died"
-            for rank, info in sorted(workers.items()) if info["host"] == here and not _alive(info["pid"])]
+            for rank, info in sorted(workers.items()) if info["host"] == here and not reaper.alive(info["pid"])]
     return "; ".join([*gone, reported or format_exception(exc).splitlines()[0][:600]])
 
 
@@ -206,16 +206,6 @@ def _innermost_error(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines()]
     raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Warning)\b.*: ", line)]
     return raised[-1] if raised else " ".join(lines)[:2000]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _nothing_to_train(previous: RunReport, config: RunConfig, output: OutputDir) -> RunReport:

@@ -50,12 +50,13 @@ def reap(session_dir: str | Path, *, grace_s: float = GRACE_S) -> list[int]:
             except OSError:
                 pass
         deadline = time.monotonic() + wait
-        while wait and time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while wait and time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.1)
     return pids
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

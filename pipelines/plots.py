@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipelines.metrics import ForgettingMatrix  # noqa: E402
+from storage.files import write_atomic  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Write the figure whole (temp + rename): a reader never sees half a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return write_atomic(path, buffer.getvalue(), durable=False)
 
 
 def plot_heatmap(matrix: ForgettingMatrix, path: str | Path, *, title: str = "") -> Path:
@@ -30,11 +40,7 @@ def plot_heatmap(matrix: ForgettingMatrix, path: str | Path, *, title: str = "")
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title or "accuracy matrix")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, Path(path))
 
 
 def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path) -> list[Path]:
@@ -56,9 +62,7 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
     ax.set_title("the first task across the stream")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    first_task = directory / "first_task_accuracy.png"
-    fig.savefig(first_task, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    first_task = _save(fig, directory / "first_task_accuracy.png")
 
     fig, axes = plt.subplots(1, len(names), figsize=(0.6 + 2.2 * len(names) * max(1, len(tasks) / 3), 3.4),
                              squeeze=False)
@@ -77,7 +81,5 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
                       fontsize=7)
     fig.suptitle("accuracy matrices (rows: trained up to; columns: evaluated on)", fontsize=9)
     fig.tight_layout()
-    heatmaps = directory / "heatmaps.png"
-    fig.savefig(heatmaps, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    heatmaps = _save(fig, directory / "heatmaps.png")
     return [first_task, heatmaps]

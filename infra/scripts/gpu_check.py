@@ -154,6 +154,8 @@ def main() -> int:
         print("no CUDA device: run with --smoke to check the script on a CPU", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # one process, its own group on a free port, whoever started it
     from pipelines.learner import silence_library_noise
 
     silence_library_noise()

@@ -127,6 +127,17 @@ def test_sigkill_after_task_1_then_resume_continues_in_the_same_mlflow_run(four_
         assert len(steps) == len(set(steps)), f"{key} has a step logged twice: {sorted(steps)}"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "avg_acc")] == [0, 1, 2, 3]
 
+    # the finished stream cannot be "extended" with a config that changes what it finished
+    changed = yaml.safe_load(four_task_config(out).read_text())
+    changed["seed"] = 5
+    changed["stream"]["tasks"][0]["max_train_examples"] = 10
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    refused = cli("resume", str(out), str(path), timeout=60)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "2 change(s)" in refused.stderr and "seed: 0 -> 5" in refused.stderr
+    assert "stream.tasks.0.max_train_examples: None -> 10 (task 'category' is finished)" in refused.stderr
+
 
 def test_sigterm_ends_the_run_killed_and_a_worker_killed_fails_it_naming_the_worker(toy_config_file, tmp_path,
                                                                                     mlflow_store, cli):
