@@ -85,6 +85,15 @@ class Scheduler:
         if previous is not None:
             self._carry_over(previous, changes)
         self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
+        try:
+            self._start(previous)
+        except BaseException as exc:  # the MLflow run exists by now: it must not be left RUNNING
+            self.sink.set_tags({"forgetless.error": f"the scheduler could not start: {type(exc).__name__}: {exc}"})
+            self.sink.end("FAILED", timeout_s=10)
+            raise
+
+    def _start(self, previous: RunReport | None) -> None:
+        config = self.config
         self.replay: ReplayStore | None = None
         self._replay_checkpoint = START_TAG
         if config.replay.enabled or self.planning.replay_ratio > 0:
