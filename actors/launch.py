@@ -30,7 +30,7 @@ from pipelines.loop import format_exception
 from pipelines.models import build_model, build_tokenizer, check_precision
 from pipelines.plan import check_stream, fingerprint
 from pipelines.report import RunReport
-from pipelines.rundir import OutputDir, config_changes
+from pipelines.rundir import REPORT_FILES, OutputDir, config_changes
 from pipelines.tasks import TaskStream, load_stream
 from storage.files import atomic_directory, write_atomic
 
@@ -214,21 +214,21 @@ def _nothing_to_train(previous: RunReport, config: RunConfig, output: OutputDir)
     if previous.mlflow.run_id is None:
         return previous
     sink = MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id)
-    if output.pending_mlflow.exists():
-        sent = send_pending(sink, output.pending_mlflow)
+    sent = send_pending(sink, output.pending_mlflow) if output.pending_mlflow.exists() else 0
+    if sent:
         log.warning("sent %d record(s) MLflow had missed to run %s", sent, previous.mlflow.run_id)
-        previous.mlflow.pending_records = 0
-    if previous.status != "FINISHED":  # killed after its last row was committed, while finishing
-        sink.set_tags({f"forgetless.resume.{len(previous.resumes) + 1}": (
-            f"every task was finished; the previous attempt ended {previous.status} while finishing; "
-            "finished on resume")})
-        previous.status = "FINISHED"
+    finishing = previous.status != "FINISHED"  # killed after its last row was committed, while finishing
+    previous.mlflow.pending_records = 0
+    previous.status = "FINISHED"
+    if sent or finishing:
         write_atomic(output.report, previous.to_json())
-        for name in ("acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"):
+    if finishing:
+        sink.set_tags({f"forgetless.resume.{len(previous.resumes) + 1}": (
+            "every task was finished; the previous attempt ended without finishing its run; finished on resume")})
+        for name in REPORT_FILES:
             if (output.path / name).exists():
                 sink.log_artifact(output.path / name)
         sink.end("FINISHED")
-    write_atomic(output.report, previous.to_json())
     return previous
 
 

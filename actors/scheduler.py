@@ -40,7 +40,7 @@ from pipelines.plan import (
 )
 from pipelines.plots import plot_heatmap
 from pipelines.report import MlflowRef, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
-from pipelines.rundir import OutputDir
+from pipelines.rundir import REPORT_FILES, OutputDir
 from pipelines.tasks import TaskStream
 from storage.files import write_atomic
 
@@ -375,7 +375,7 @@ class Scheduler:
                 self.replay.shutdown()
             self._write_matrix()
             self._write_report(report)
-            for name in ("acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"):
+            for name in REPORT_FILES:
                 self.sink.log_artifact(self.output_dir / name)
             if self._failure:
                 self.sink.set_tags({"forgetless.error": self._failure[:5000]})

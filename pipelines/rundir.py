@@ -22,6 +22,8 @@ from typing import Any
 from pipelines.errors import ConfigError, ForgetlessError
 
 LOCK_NAME = ".forgetless.lock"
+# What a run hands MLflow as artifacts when it ends.
+REPORT_FILES = ("acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json")
 # What a run writes into its output_dir (the replay store may live elsewhere: replay.directory).
 RUN_ARTIFACTS = ("report.json", "acc_matrix.json", "acc_heatmap.png", "config.yaml", "tokenizer", "checkpoints",
                  "state", "replay", "ray", "mlflow-pending.jsonl")

@@ -124,3 +124,22 @@ def test_a_finished_stream_extended_with_a_task_trains_only_that_task(three_task
     assert [m.step for m in client.get_metric_history(extended.mlflow.run_id, "acc/last_word")] == [1, 2]
     assert client.get_run(extended.mlflow.run_id).info.status == "FINISHED"
     assert json.loads((tmp_path / "out" / "acc_matrix.json").read_text())["tasks"][-1] == "last_word"
+
+
+def test_a_run_killed_while_finishing_is_finished_by_resume_without_training(toy_stream_config, tmp_path,
+                                                                             mlflow_store):
+    from actors.launch import run_experiment
+
+    with pytest.raises(Killed):
+        _run(toy_stream_config, kill_before_task=2)  # both rows committed, then the process died
+    out = tmp_path / "out"
+    killed = RunReport.read(out / "report.json")
+    assert killed.finished_tasks == 2 and killed.status == "RUNNING"
+    config = resolve_paths(validate_config({**toy_stream_config, "resume": True}))
+    report = run_experiment(config, progress=False)  # no Ray is started: there is nothing to train
+    assert report.status == "FINISHED" and report.acc_matrix == killed.acc_matrix
+    assert RunReport.read(out / "report.json").status == "FINISHED"
+    run = MlflowClient(mlflow_store).get_run(killed.mlflow.run_id)
+    assert run.info.status == "FINISHED" and "forgetless.resume.1" in run.data.tags
+    assert {"report.json", "acc_heatmap.png"} <= {a.path for a in MlflowClient(mlflow_store).list_artifacts(
+        run.info.run_id)}
