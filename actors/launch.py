@@ -166,10 +166,9 @@ def prepare_resume(config: RunConfig, output: OutputDir) -> tuple[RunReport, lis
 def _check_finished_data(previous: RunReport, stream: TaskStream, output: OutputDir) -> None:
     changed = []
     for task in stream.tasks[: previous.finished_tasks]:
-        digest = previous.resume.data_fingerprints.get(task.name)
-        if digest is not None and digest != fingerprint(task):
-            changed.append(f"task {task.name!r}: its examples changed since it was trained ({digest} -> "
-                           f"{fingerprint(task)})")
+        digest, now = previous.resume.data_fingerprints.get(task.name), fingerprint(task)
+        if digest is not None and digest != now:
+            changed.append(f"task {task.name!r}: its examples changed since it was trained ({digest} -> {now})")
     if changed:
         raise DataError(f"cannot resume {output.path}: the data of finished tasks changed:\n  " + "\n  ".join(changed)
                         + "\nRestore the original data, or start a new run in another output_dir")

@@ -95,16 +95,17 @@ class ReplayStore:
                 time.sleep(min(0.05 * 2**attempt, 1.0))
         raise AssertionError("unreachable")
 
+    def _reply(self, shard_index: int, ref: ray.ObjectRef, method: str, *args: Any) -> Any:
+        """The reply to a call in flight; if the shard died with it, the call again once it is back."""
+        try:
+            return ray.get(ref)
+        except _RETRYABLE:
+            return self._call(shard_index, method, *args)
+
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         """Call every shard at once; a shard that died with the call in flight is retried alone."""
         refs = [getattr(shard, method).remote(*args) for shard in self.shards]
-        replies = []
-        for i, ref in enumerate(refs):
-            try:
-                replies.append(ray.get(ref))
-            except _RETRYABLE:
-                replies.append(self._call(i, method, *args))
-        return replies
+        return [self._reply(i, ref, method, *args) for i, ref in enumerate(refs)]
 
     def _send(self, table: pa.Table) -> list[tuple[int, pa.Table, ray.ObjectRef]]:
         table = check_batch(table)
@@ -116,13 +117,7 @@ class ReplayStore:
         return [(i, part, self.shards[i].insert.remote(part)) for i, part in parts]
 
     def _acknowledge(self, sent: list[tuple[int, pa.Table, ray.ObjectRef]]) -> int:
-        stored = 0
-        for i, part, ref in sent:
-            try:
-                stored += ray.get(ref)
-            except _RETRYABLE:  # the shard died with the call in flight: retry once it is back
-                stored += self._call(i, "insert", part)
-        return stored
+        return sum(self._reply(i, ref, "insert", part) for i, part, ref in sent)
 
     def insert(self, table: pa.Table) -> int:
         """Route rows by example id and insert them; returns rows newly stored.
@@ -209,12 +204,8 @@ class ReplayStore:
         A shard that died with the call in flight is asked again once Ray has restarted it, with
         the same seed: the rows are those the first call would have returned.
         """
-        replies = []
-        for (shard_index, count, seed), ref in zip(pending.parts, pending.refs):
-            try:
-                replies.append(ray.get(ref))
-            except _RETRYABLE:
-                replies.append(self._call(shard_index, "sample_with_size", count, seed))
+        replies = [self._reply(shard_index, ref, "sample_with_size", count, seed)
+                   for (shard_index, count, seed), ref in zip(pending.parts, pending.refs)]
         if any(version > self.version for _, _, version in replies):
             self._refresh()
         else:

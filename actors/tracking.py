@@ -349,8 +349,11 @@ def write_record(sink: MlflowSink, record: dict[str, Any]) -> None:
 
 
 def save_pending(path: Path, records: list[dict[str, Any]]) -> None:
-    existing = load_pending(path)
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in [*existing, *records]))
+    _write_pending(path, [*load_pending(path), *records])
+
+
+def _write_pending(path: Path, records: list[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def load_pending(path: Path) -> list[dict[str, Any]]:
@@ -376,7 +379,7 @@ def send_pending(sink: MlflowSink, path: Path) -> int:
         try:
             write_record(sink, record)
         except Exception:
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in records[sent:]))  # never send one twice
+            _write_pending(path, records[sent:])  # never send one twice
             raise
     path.unlink(missing_ok=True)
     return len(records)

@@ -509,10 +509,14 @@ class ReplayShard:
         self._generation = generation
         self._since_snapshot = 0
         self._open_log()
-        for old in [*self.directory.glob("snapshot-*"), *self.directory.glob("log-*.arrow")]:
-            if _generation_of(old) < generation - 1:
-                old.unlink(missing_ok=True)
+        self._remove_generations_before(generation - 1)  # the predecessor stays: the fallback
         return path
+
+    def _remove_generations_before(self, generation: int) -> None:
+        """Delete snapshots (with manifests) and logs of every generation older than ``generation``."""
+        for old in [*self.directory.glob("snapshot-*"), *self.directory.glob("log-*.arrow")]:
+            if _generation_of(old) < generation:
+                old.unlink(missing_ok=True)
 
     def _read_snapshot(self, path: Path, manifest: dict[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
         """A snapshot's rows and counters, checked against its manifest (size, CRC-32, rows).
@@ -670,10 +674,7 @@ class ReplayShard:
         self._check_counters(counters, path)
         self.set_state({"table": table, "counters": counters})
         path = self.snapshot()
-        newest = _generation_of(path)
-        for old in [*self.directory.glob("snapshot-*"), *self.directory.glob("log-*.arrow")]:
-            if _generation_of(old) < newest:
-                old.unlink(missing_ok=True)  # the abandoned future, and snapshots it was built on
+        self._remove_generations_before(_generation_of(path))  # the abandoned future, and what it was built on
         return self.num_rows
 
     def drop_checkpoints(self, keep: list[str] | tuple[str, ...] = ()) -> list[str]:
