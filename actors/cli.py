@@ -6,6 +6,8 @@
                                             task; with a CONFIG that adds tasks, extend a finished one
   forgetless compare CONFIG --strategies naive,replay --seeds 3 [key=value ...]
   forgetless validate CONFIG [key=value ...] check a config (and its data) without training
+  forgetless pretrain CONFIG [key=value ...] pretrain our own T5 (span corruption) or BART (text
+                                            infilling) on real text; writes a save_pretrained directory
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ def format_matrix(report: RunReport) -> str:
     lines.append("before training".ljust(label_width) + "".join(fmt(v) for v in report.baseline))
     for task, row in zip(tasks[: report.finished_tasks], report.acc_matrix):
         lines.append(f"after {task}".ljust(label_width) + "".join(fmt(v) for v in row))
+    if report.recovery:
+        lines.append("\nrecovery probe (output head retrained on each earlier task):")
+        for task, r in report.recovery.items():
+            fmt2 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            lines.append(f"  {task}: just after training {fmt2(r['before'])}, after the stream "
+                         f"{fmt2(r['after_stream'])}, after the head retrain {fmt2(r['after_head_retrain'])}")
+    if report.init is not None:
+        lines.append(f"\nstarted from: {report.init.kind} ({report.init.source})")
     metrics = report.metrics
-    shown = ", ".join(f"{k} {'undefined' if v is None else f'{v:+.3f}' if k != 'avg_acc' else f'{v:.3f}'}"
+    shown = ", ".join(f"{k} {'undefined' if v is None else f'{v:+.3f}' if k not in ('avg_acc', 'learning_acc') else f'{v:.3f}'}"
                       for k, v in metrics.items())
     lines.append(f"\n{report.strategy}: {shown}")
     return "\n".join(lines)
@@ -106,6 +116,21 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from actors.pretrain import run_pretrain
+    from pipelines.config import load_pretrain_config
+    from pipelines.pretraining import read_manifest
+
+    directory = run_pretrain(load_pretrain_config(args.config, args.overrides), progress=not args.no_progress)
+    manifest = read_manifest(directory) or {}
+    heldout = manifest.get("heldout", {})
+    print(f"\npretrained {manifest.get('arch')}/{manifest.get('preset')}: {manifest.get('steps')} steps, "
+          f"{manifest.get('tokens_seen', 0):,} tokens, {manifest.get('seconds')} s; held-out loss "
+          f"{heldout.get('loss', float('nan')):.3f}, masked-token accuracy {heldout.get('masked_token_accuracy', float('nan')):.3f}")
+    print(f"checkpoint: {directory}  (model.name_or_path={directory}, or model.pretrain={args.config})")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from pipelines.config import load_config, resolve_paths
     from pipelines.plan import check_stream
@@ -124,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (("run", _run, "train a task stream and measure forgetting"),
                                   ("compare", _compare, "run several strategies on the same stream and seeds"),
-                                  ("validate", _validate, "check a config and load its data, no training")):
+                                  ("validate", _validate, "check a config and load its data, no training"),
+                                  ("pretrain", _pretrain, "pretrain a T5 or BART on real text (denoising)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="experiment YAML, e.g. configs/tiny/naive.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=1e-4")
-        if name in ("run", "compare"):
+        if name in ("run", "compare", "pretrain"):
             p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
         if name == "compare":
             p.add_argument("--strategies", default="naive,cumulative,replay,lwf,ewc,joint",

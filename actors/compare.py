@@ -24,7 +24,7 @@ from pipelines.report import RunReport
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
-METRICS = ("avg_acc", "forgetting", "bwt", "fwt")
+METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc")
 ONLY_AT_END = ("forgetting", "bwt", "fwt")  # undefined for a strategy that trains once, at the end
 
 
@@ -95,13 +95,14 @@ def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int) -> st
         return f"{mean} ± {stat['std']:.3f}" if stat["n"] > 1 else mean
 
     lines = [f"Stream: {' -> '.join(tasks)}; {seeds} seed(s); mean ± sample std over seeds.", "",
-             "| strategy | avg_acc | forgetting | bwt | fwt | final row |", "|---|---|---|---|---|---|"]
+             "| strategy | avg_acc | forgetting | bwt | fwt | learning_acc | final row |", "|---|---|---|---|---|---|---|"]
     for name, entry in summary.items():
         final = entry.get("acc_matrix_mean", [[]])[-1]
         row = ", ".join(f"{v:.2f}" for v in final)
-        lines.append(f"| {name} | " + " | ".join(cell(entry[m], m != "avg_acc") for m in METRICS) + f" | [{row}] |")
+        lines.append(f"| {name} | " + " | ".join(cell(entry[m], m not in ("avg_acc", "learning_acc")) for m in METRICS) + f" | [{row}] |")
     lines += ["", "forgetting = mean over earlier tasks of (best accuracy before the last task - accuracy after it);",
-              "bwt = mean of acc[T-1, i] - acc[i, i]; fwt = mean of acc[i-1, i] - baseline[i]. "
+              "bwt = mean of acc[T-1, i] - acc[i, i]; fwt = mean of acc[i-1, i] - baseline[i]; "
+              "learning_acc = mean of acc[i, i] (each task just after training it). "
               "joint: only avg_acc is defined."]
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,13 @@ from actors.signals import install_stop_signal
 from actors.scheduler import SchedulerActor
 from actors.tracking import MlflowSink, check_tracking, mark_orphaned_runs, send_pending
 from actors.trainer_group import build_trainer
-from pipelines.config import RunConfig, experiment_dict, resolve_paths
+from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict, resolve_paths
 from pipelines.errors import ConfigError, DataError, ForgetlessError
 from pipelines.loop import format_exception
-from pipelines.models import build_model, build_tokenizer, check_precision
+from pipelines.models import build_model, build_tokenizer, check_precision, fetch_encoder, load_tokenizer
 from pipelines.plan import check_stream, fingerprint
-from pipelines.report import RunReport
+from pipelines.pretraining import pretraining_task, read_manifest
+from pipelines.report import ModelInit, RunReport
 from pipelines.rundir import REPORT_FILES, OutputDir, config_changes
 from pipelines.tasks import TaskStream, load_stream
 from storage.files import atomic_directory, write_atomic
@@ -174,16 +176,73 @@ def _check_finished_data(previous: RunReport, stream: TaskStream, output: Output
                         + "\nRestore the original data, or start a new run in another output_dir")
 
 
-def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir, *, resuming: bool) -> Path:
+def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir, *, resuming: bool,
+                       start: ModelStart) -> Path:
     """A resumed run keeps its tokenizer (the model's vocabulary); a new one builds and saves it."""
     if resuming and output.tokenizer.is_dir():
         return output.tokenizer
-    tokenizer = build_tokenizer(config.model, stream.training_text())
+    tokenizer = build_tokenizer(config.model, stream.training_text(), start.checkpoint)
     with atomic_directory(output.tokenizer) as tmp:
         tokenizer.save_pretrained(tmp)
     if config.model.name_or_path:
         build_model(config.model, tokenizer)  # a bad directory fails here, not in every worker
     return output.tokenizer
+
+
+@dataclass(frozen=True)
+class ModelStart:
+    """Where a stream's weights come from, resolved on the driver: the ``init`` record of the report,
+    the directory workers load, and (our own pretrained T5/BART) the objective and pretrain config."""
+
+    init: ModelInit
+    checkpoint: str | None = None
+    objective: dict[str, Any] | None = None
+    pretrain: PretrainConfig | None = None
+
+
+def _objective(manifest: dict[str, Any] | None, seed: int | None = None) -> dict[str, Any] | None:
+    if not manifest or "objective" not in manifest:
+        return None
+    fields = {k: v for k, v in manifest["objective"].items() if k in ObjectiveConfig.model_fields}
+    return {"arch": manifest["arch"], "objective": fields, "seed": manifest.get("seed", 0) if seed is None else seed}
+
+
+def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
+    """The stream's starting weights: a pretrain config built (once) into the cache, the named encoder
+    fetched, a checkpoint directory's manifest read.
+
+    Raises:
+        ConfigError: the pretrain config or the checkpoint cannot be used.
+    """
+    model = config.model
+    kind = "random" if model.weights == "random" else "pretrained"
+    if model.preset is not None:
+        return ModelStart(ModelInit(kind="random", source=f"preset {model.arch}/{model.preset}"))
+    if model.pretrain is not None:
+        from actors.pretrain import ensure_pretrained
+
+        directory, pretrain = ensure_pretrained(model.pretrain, cache_dir=config.stream.cache_dir, progress=progress,
+                                                tracking_uri=config.mlflow.tracking_uri)
+        manifest = read_manifest(directory)
+        return ModelStart(ModelInit(kind=kind, source=f"pretrain {model.pretrain}", checkpoint=str(directory),
+                                    pretrain=manifest), str(directory), _objective(manifest, pretrain.seed), pretrain)
+    if model.encoder is not None:
+        directory = fetch_encoder(model.encoder, config.stream.cache_dir)
+        return ModelStart(ModelInit(kind=kind, source=f"encoder {model.encoder}", checkpoint=directory), directory)
+    manifest = read_manifest(model.name_or_path) if Path(model.name_or_path).is_dir() else None
+    return ModelStart(ModelInit(kind=kind, source=f"name_or_path {model.name_or_path}",
+                                checkpoint=model.name_or_path, pretrain=manifest),
+                      model.name_or_path, _objective(manifest))
+
+
+def _with_pretraining_task(config: RunConfig, stream: TaskStream, start: ModelStart) -> TaskStream:
+    spec = config.stream.pretraining_task
+    if spec is None or not spec.enabled:
+        return stream
+    if start.pretrain is None:
+        raise ConfigError("stream.pretraining_task needs model.pretrain (the pretraining it measures)")
+    task = pretraining_task(spec, start.pretrain, load_tokenizer(start.checkpoint))
+    return TaskStream((task, *stream.tasks))
 
 
 def _why_it_failed(scheduler: Any, exc: BaseException) -> str:
@@ -249,6 +308,8 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> RunReport:
         previous, changes = prepare_resume(config, output) if resuming else (None, [])
         mark_orphaned_runs(config.mlflow.tracking_uri, config.mlflow.experiment_name)
         stream = load_stream(config)
+        start = resolve_start(config, progress=progress)
+        stream = _with_pretraining_task(config, stream, start)
         if previous is not None:
             _check_finished_data(previous, stream, output)
             if previous.finished_tasks == len(stream) and previous.tasks == stream.names:
@@ -256,20 +317,21 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> RunReport:
                     tqdm.write(f"nothing to train: the {len(stream)} tasks of {output.path} are finished")
                 return _nothing_to_train(previous, config, output)
         check_stream(config, stream)
-        tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming)
-        return _train(config, stream, tokenizer_dir, previous=previous, changes=changes, progress=progress)
+        tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming, start=start)
+        return _train(config, stream, tokenizer_dir, previous=previous, changes=changes, progress=progress,
+                      start=start)
     finally:
         output.unlock()
 
 
 def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previous: RunReport | None,
-           changes: list[str], progress: bool) -> RunReport:
+           changes: list[str], progress: bool, start: ModelStart) -> RunReport:
     local = connect_ray(config)
     use_gpu = config.training.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
     scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}).remote(
-        config, stream, previous=previous, changes=changes)
+        config, stream, previous=previous, changes=changes, init=start.init)
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
     try:  # from here on, however the run ends, the scheduler records how
@@ -284,7 +346,8 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
                        f"worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train takes ~30 s to start")
         poller.start()
         trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
-                                cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local))
+                                cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local),
+                                checkpoint=start.checkpoint, objective=start.objective)
         trainer.fit()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         stop.set()

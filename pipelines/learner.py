@@ -14,18 +14,26 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.config import RunConfig, TrainingConfig
+from pipelines.config import ModelConfig, RunConfig, TrainingConfig
 from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
+from pipelines.denoising import (
+    MASKED_TOKEN_ACCURACY,
+    Corruptor,
+    collate_denoised,
+    denoising_examples,
+    score_denoising,
+)
 from pipelines.distributed import Collectives, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.models import build_model, check_precision, load_tokenizer, save_pretrained
-from pipelines.plan import EvalSet, TaskPlan
+from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.scoring import METRICS
 from pipelines.strategies import IGNORE_INDEX, TrainingContext, build_training_strategy
 from storage.files import atomic_directory
@@ -46,19 +54,20 @@ def lr_at(step: int, total: int, training: TrainingConfig) -> float:
     return training.lr
 
 
-class Learner:
-    """One rank's share of a run: model, DeepSpeed engine, strategy loss, evaluation, state."""
+class Engine:
+    """A model in a DeepSpeed engine with its AdamW optimizer, on one rank: what a stream's
+    ``Learner`` and a pretraining's ``Pretrainer`` both train."""
 
-    def __init__(self, config: RunConfig, tokenizer_dir: str | Path, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, model_config: ModelConfig, training: TrainingConfig, tokenizer_dir: str | Path, *, seed: int,
+                 rank: int = 0, world_size: int = 1, checkpoint: str | None = None):
         init_distributed()
-        self.config, self.rank, self.world_size = config, rank, world_size
-        training = config.training
+        self.training, self.zero_stage, self.rank, self.world_size = training, training.zero_stage, rank, world_size
         on_cuda = torch.cuda.is_available() and training.use_gpu is not False
         self.precision = resolve_precision(training, on_cuda=on_cuda)
-        check_precision(config.model.arch, self.precision)
+        check_precision(model_config.arch, self.precision)
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        torch.manual_seed(config.seed)  # identical init on every rank, and in a resumed run
-        model = build_model(config.model, self.tokenizer)
+        torch.manual_seed(seed)  # identical init on every rank, and in a resumed run
+        model = build_model(model_config, self.tokenizer, checkpoint)
         self.ds_config = build_deepspeed_config(training, world_size=world_size, precision=self.precision,
                                                 on_cuda=on_cuda)
         optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
@@ -68,8 +77,6 @@ class Learner:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.comm = Collectives(device=self.engine.device, world_size=world_size)
-        self.strategy = build_training_strategy(config)
-        self.global_step = 0
 
     @property
     def model(self) -> torch.nn.Module:
@@ -84,6 +91,49 @@ class Learner:
         zero3 = lambda p: getattr(p, "ds_numel", None)  # noqa: E731 - partitioned under ZeRO-3
         return sum(zero3(p) or p.numel() for p in self.model.parameters())
 
+    def save(self, directory: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+        """Write a plain transformers checkpoint (model + tokenizer, and what ``extra`` writes into
+        the directory), whole or not at all.
+
+        Collective: every rank calls it (ZeRO-3 gathers the weights for rank 0).
+        """
+        directory = Path(directory)
+
+        def write() -> None:
+            with atomic_directory(directory) as tmp:
+                save_pretrained(self.model, self.tokenizer, tmp)
+                if extra is not None:
+                    extra(tmp)
+
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    write()
+        elif self.rank == 0:
+            write()
+        self.comm.barrier()
+        return directory
+
+
+class Learner(Engine):
+    """One rank's share of a run: model, DeepSpeed engine, strategy loss, evaluation, state.
+
+    ``checkpoint``: the directory the model's weights come from when the config names them
+    indirectly (a built pretrain config, a fetched encoder); see ``pipelines.models.build_model``.
+    """
+
+    def __init__(self, config: RunConfig, tokenizer_dir: str | Path, *, rank: int = 0, world_size: int = 1,
+                 checkpoint: str | None = None, objective: dict[str, Any] | None = None):
+        super().__init__(config.model, config.training, tokenizer_dir, seed=config.seed, rank=rank,
+                         world_size=world_size, checkpoint=checkpoint)
+        self.config = config
+        self.objective = objective  # the pretraining objective (its task's eval corrupts text the same way)
+        self._heldout: tuple[str, list] | None = None
+        self.strategy = build_training_strategy(config)
+        self.global_step = 0
+
     def context(self, plan: TaskPlan) -> TrainingContext:
         return TrainingContext(module=self.model, device=self.device, dtype=next(self.model.parameters()).dtype,
                                comm=self.comm, batches=lambda: self.batches(plan))
@@ -93,6 +143,9 @@ class Learner:
         stream = self.config.stream
         inputs = self.tokenizer(sources, truncation=True, max_length=stream.max_source_tokens)["input_ids"]
         labels = self.tokenizer(text_target=targets, truncation=True, max_length=stream.max_target_tokens)["input_ids"]
+        if self.config.model.arch == "encoder_decoder":  # BERT writes [CLS] first: the decoder starts with it already
+            start = self.model.config.decoder_start_token_id
+            labels = [y[1:] if y and y[0] == start else y for y in labels]
         return inputs, labels
 
     def _collate(self, inputs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -192,33 +245,60 @@ class Learner:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _generate(self, sources: list[str]) -> list[str]:
+    def _generate(self, sources: list[str], model: torch.nn.Module | None = None) -> list[str]:
         stream = self.config.stream
         enc = self.tokenizer(sources, truncation=True, max_length=stream.max_source_tokens, padding=True,
                              return_tensors="pt").to(self.device)
-        out = self.model.generate(
+        out = (model or self.model).generate(
             **enc, max_new_tokens=self.config.evaluation.max_new_tokens, do_sample=False, num_beams=1,
             # ZeRO-3 partitions the weights: every rank must run every forward pass together.
-            synced_gpus=self.config.training.zero_stage == 3 and self.world_size > 1,
+            synced_gpus=model is None and self.config.training.zero_stage == 3 and self.world_size > 1,
         )
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
-    def _score(self, eval_set: EvalSet) -> tuple[float, int]:
+    def _score(self, eval_set: EvalSet, model: torch.nn.Module | None = None) -> tuple[float, int]:
         """This rank's summed score and count: an equal share of the examples, padded so every rank
-        generates the same number of batches (ZeRO-3 needs them in lockstep)."""
+        generates the same number of batches (ZeRO-3 needs them in lockstep). With ``model`` (a
+        plain module on this rank alone), every example."""
         n, size = len(eval_set.sources), self.config.evaluation.batch_size
-        per_rank = -(-n // self.world_size)
-        mine = [self.rank + self.world_size * k for k in range(per_rank)]  # indices >= n are padding
+        ranks, rank = (1, 0) if model is not None else (self.world_size, self.rank)
+        per_rank = -(-n // ranks)
+        mine = [rank + ranks * k for k in range(per_rank)]  # indices >= n are padding
+        if eval_set.metric == MASKED_TOKEN_ACCURACY:
+            return self._score_denoising(eval_set, mine, model)
         score = METRICS[eval_set.metric]
         total, count = 0.0, 0
         for start in range(0, per_rank, size):
             chunk = mine[start : start + size]
-            predictions = self._generate([eval_set.sources[min(i, n - 1)] for i in chunk])
+            predictions = self._generate([eval_set.sources[min(i, n - 1)] for i in chunk], model)
             for i, prediction in zip(chunk, predictions):
                 if i < n:
                     total += score(prediction, eval_set.targets[i])
                     count += 1
         return total, count
+
+    def _corruptor(self, task: str) -> Corruptor:
+        if self.objective is None:
+            raise DataError(f"task {task!r} is scored by masked-token accuracy, but the model's pretraining "
+                            "objective is unknown (the stream's model.pretrain sets it)")
+        return Corruptor.build(self.objective["arch"], self.objective["objective"], self.tokenizer)
+
+    def _score_denoising(self, eval_set: EvalSet, mine: list[int],
+                         model: torch.nn.Module | None = None) -> tuple[float, int]:
+        """The pretraining task: masked-token accuracy on its held-out texts, corrupted as the
+        pretraining's held-out set was (same objective, same seeds)."""
+        if self._heldout is None or self._heldout[0] != eval_set.name:
+            self._heldout = (eval_set.name, denoising_examples(eval_set.sources, self.tokenizer,
+                                                               self._corruptor(eval_set.name),
+                                                               seed=self.objective["seed"]))
+        examples = self._heldout[1]
+        n = len(examples)
+        real = sum(1 for i in mine if i < n)
+        ordered = [examples[i] for i in mine if i < n] + [examples[-1]] * (len(mine) - real)
+        totals = score_denoising(model or self.model, ordered, batch_size=self.config.evaluation.batch_size,
+                                 pad_id=self.tokenizer.pad_token_id, device=self.device, counted=real)
+        correct, masked = totals[:2].tolist()
+        return correct, int(masked)
 
     def evaluate(self, eval_sets: list[EvalSet]) -> dict[str, float]:
         """Mean score on each eval set; one all-reduce for all of them."""
@@ -230,26 +310,60 @@ class Learner:
         totals = self.comm.all_reduce_sum(self.comm.tensor(local, dtype=torch.float64)).view(-1, 2).tolist()
         return {s.name: total / count for s, (total, count) in zip(eval_sets, totals)}
 
+    # ------------------------------------------------------------------ the recovery probe
+    def recovery_probe(self, plan: RecoveryPlan) -> dict[str, float]:
+        """For each earlier task: the final model with only its output head (untied from the input
+        embeddings; and the last decoder block, if the plan says so) retrained for ``plan.steps``
+        steps on that task, then that task's score. Runs on this rank alone, outside the engine: the
+        stream's model and optimizer are untouched. Returns {task: score after the head retrain}."""
+        from transformers import AutoModelForSeq2SeqLM
+
+        results = {}
+        for task in plan.tasks:
+            torch.manual_seed(plan.seed)
+            model = AutoModelForSeq2SeqLM.from_pretrained(plan.checkpoint).to(self.device)
+            head = model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())  # its own copy: inputs stay as they were
+            model.requires_grad_(False)
+            trained = [head.weight]
+            if plan.last_decoder_block:
+                block = _last_decoder_block(model)
+                block.requires_grad_(True)
+                trained += list(block.parameters())
+            head.weight.requires_grad_(True)
+            optimizer = torch.optim.AdamW(trained, lr=plan.lr)
+            batches = self._probe_batches(task, plan.seed)
+            model.train()
+            for _ in range(plan.steps):
+                loss = model(**next(batches)).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            model.eval()
+            total, count = self._score(task.eval_set, model)
+            results[task.name] = total / max(count, 1)
+        return results
+
+    def _probe_batches(self, task: RecoveryTask, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        size = self.config.training.micro_batch_size
+        sources, targets = task.examples.column("source").to_pylist(), task.examples.column("target").to_pylist()
+        corruptor = self._corruptor(task.name) if task.eval_set.metric == MASKED_TOKEN_ACCURACY else None
+        if corruptor is None:
+            inputs, labels = self._encode(sources, targets)
+        else:
+            encoded = self.tokenizer(sources, add_special_tokens=False)["input_ids"]
+        rng = np.random.default_rng([seed, task.index, 0xC0DE])
+        while True:
+            chosen = rng.choice(len(sources), size=min(size, len(sources)), replace=False)
+            if corruptor is None:
+                yield self._collate([inputs[i] for i in chosen], [labels[i] for i in chosen])
+            else:
+                batch = collate_denoised([corruptor(encoded[i], rng) for i in chosen if len(encoded[i]) >= 2],
+                                         self.tokenizer.pad_token_id, self.device)
+                batch.pop("masked")
+                yield batch
+
     # ------------------------------------------------------------------ checkpoints and state
-    def save(self, directory: str | Path) -> Path:
-        """Write a plain transformers checkpoint (model + tokenizer), whole or not at all.
-
-        Collective: every rank calls it (ZeRO-3 gathers the weights for rank 0).
-        """
-        directory = Path(directory)
-        if self.config.training.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-                if self.rank == 0:
-                    with atomic_directory(directory) as tmp:
-                        save_pretrained(self.model, self.tokenizer, tmp)
-        elif self.rank == 0:
-            with atomic_directory(directory) as tmp:
-                save_pretrained(self.model, self.tokenizer, tmp)
-        self.comm.barrier()
-        return directory
-
     def save_state(self, directory: str | Path) -> Path:
         """Save what a resumed run needs to continue exactly: the DeepSpeed checkpoint (weights,
         optimizer state, ZeRO partitions), and per rank the RNG states and step count, plus the
@@ -296,6 +410,15 @@ class Learner:
         self.global_step = extra["global_step"]
         self.strategy.load_state_dict(torch.load(directory / "strategy.pt", weights_only=False,
                                                  map_location=self.device))
+
+
+def _last_decoder_block(model: torch.nn.Module) -> torch.nn.Module:
+    """The last block of the decoder stack of a T5, BART or BERT2BERT model."""
+    decoder = model.get_decoder()
+    for name in ("block", "layers"):  # T5, BART
+        if hasattr(decoder, name):
+            return getattr(decoder, name)[-1]
+    return decoder.bert.encoder.layer[-1] if hasattr(decoder, "bert") else decoder.encoder.layer[-1]
 
 
 def _rng_state() -> dict:

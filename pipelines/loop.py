@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipelines.learner import Learner
-from pipelines.plan import StreamStart, TaskPlan
+from pipelines.plan import RecoveryPlan, StreamStart, TaskPlan
 
 
 class Coordinator(Protocol):
@@ -34,6 +34,10 @@ class Coordinator(Protocol):
 
     def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any],
                     checkpoint: str | None) -> Any: ...
+
+    def recovery_plan(self) -> RecoveryPlan | None: ...
+
+    def record_recovery(self, after: dict[str, float]) -> None: ...
 
     def fail(self, reason: str) -> None: ...
 
@@ -102,6 +106,10 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
                 coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir)
             # No rank asks for the next plan before this task is committed (its replay rows stored).
             learner.comm.barrier()
+        probe = coordinator.recovery_plan() if leader else None
+        if probe is not None:  # measured on rank 0 alone, from the saved final model
+            coordinator.record_recovery(learner.recovery_probe(probe))
+        learner.comm.barrier()
     except Exception as exc:
         try:
             coordinator.fail(f"worker {rank} of {learner.world_size}: {format_exception(exc)}")

@@ -71,13 +71,22 @@ def forward_transfer(acc: np.ndarray, baseline: np.ndarray, upto: int) -> float 
     return _mean([float(acc[i - 1, i] - baseline[i]) for i in range(1, upto + 1)])
 
 
-def summary(acc: np.ndarray, baseline: np.ndarray, upto: int) -> dict[str, float | None]:
-    """All four metrics after task ``upto``: keys avg_acc, forgetting, bwt, fwt."""
+def learning_accuracy(acc: np.ndarray, upto: int, *, skip: tuple[int, ...] = ()) -> float | None:
+    """Mean over j <= upto (not in ``skip``) of acc[j, j]: how well each task was learned, measured
+    right after training it (Riemer et al. 2019). A strategy that does not learn cannot hide behind
+    low forgetting here. ``skip``: tasks the stream measures but does not train (the pretraining task)."""
+    acc = _check(acc, upto)
+    return _mean([float(acc[j, j]) for j in range(upto + 1) if j not in skip])
+
+
+def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int, ...] = ()) -> dict[str, float | None]:
+    """All metrics after task ``upto``: keys avg_acc, forgetting, bwt, fwt, learning_acc."""
     return {
         "avg_acc": average_accuracy(acc, upto),
         "forgetting": forgetting(acc, upto),
         "bwt": backward_transfer(acc, upto),
         "fwt": forward_transfer(acc, baseline, upto),
+        "learning_acc": learning_accuracy(acc, upto, skip=skip),
     }
 
 
@@ -91,6 +100,7 @@ class ForgettingMatrix:
     tasks: list[str]
     acc: np.ndarray = field(default=None)  # type: ignore[assignment]
     baseline: np.ndarray = field(default=None)  # type: ignore[assignment]
+    untrained: tuple[int, ...] = ()  # tasks measured but not trained (left out of learning_acc)
 
     def __post_init__(self) -> None:
         n = len(self.tasks)
@@ -133,7 +143,7 @@ class ForgettingMatrix:
         upto = self.num_rows - 1 if upto is None else upto
         if upto < 0:
             raise ValueError("no row recorded yet")
-        return summary(self.acc, self.baseline, upto)
+        return summary(self.acc, self.baseline, upto, skip=self.untrained)
 
     def to_dict(self) -> dict[str, Any]:
         return {

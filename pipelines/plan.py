@@ -65,6 +65,27 @@ class StreamStart:
     fill_tasks: tuple[int, ...] = ()  # ... on these tasks (new ones)
 
 
+@dataclass(frozen=True)
+class RecoveryTask:
+    index: int
+    name: str
+    examples: pa.Table  # its training rows (source with prefix, target; the pretraining task: text only)
+    eval_set: EvalSet
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """The recovery probe after the stream: retrain only the output head of the final model on each
+    earlier task, then evaluate that task again (the stream's model is left as it is)."""
+
+    checkpoint: str  # the final model (a plain transformers directory)
+    tasks: list[RecoveryTask]
+    steps: int
+    lr: float
+    last_decoder_block: bool
+    seed: int
+
+
 # ------------------------------------------------------------------------ strategies, planning side
 @dataclass(frozen=True)
 class Planning:
@@ -98,14 +119,17 @@ def planning_for(strategy: Schema) -> Planning:
     return PLANNING[type(strategy)](strategy)
 
 
-def task_examples(stream: TaskStream, indices: range | list[int]) -> pa.Table:
-    """(source, target) rows of the given tasks' train splits, prefixes applied."""
-    return pa.concat_tables(
-        pa.table({"source": stream[i].sources("train"), "target": stream[i].targets("train")}) for i in indices
-    )
+def task_examples(stream: TaskStream, indices: range | list[int]) -> pa.Table | None:
+    """(source, target) rows of the given tasks' train splits, prefixes applied; tasks that are
+    measured only (the pretraining task) give none. None: no rows at all."""
+    tables = [pa.table({"source": stream[i].sources("train"), "target": stream[i].targets("train")})
+              for i in indices if stream[i].trainable]
+    return pa.concat_tables(tables) if tables else None
 
 
 def training_examples(planning: Planning, stream: TaskStream, index: int) -> pa.Table | None:
+    if not stream[index].trainable:
+        return None
     if planning.data == "seen":
         return task_examples(stream, range(index + 1))
     if planning.data == "all_at_end":
@@ -145,7 +169,7 @@ def planned_steps(config: RunConfig, stream: TaskStream, index: int, planning: P
     if examples is None:
         return 0
     if planning.trains_only_at_end:
-        budgets = [t.max_steps or (None if t.epochs else config.training.max_steps) for t in stream]
+        budgets = [t.max_steps or (None if t.epochs else config.training.max_steps) for t in stream if t.trainable]
         if all(budgets):
             return sum(budgets)  # the budget the sequential strategies spend over the stream
         # epoch-based: the union's size already gives the summed budget
@@ -179,12 +203,28 @@ def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
         index=index, name=task.name, examples=examples,
         num_steps=planned_steps(config, stream, index, planning, examples),
         seed=config.seed,
+        # Replay draws from earlier trained tasks' rows: none before the first one.
         replay_rows_per_batch=(replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
-                               if index > 0 and examples is not None else 0),
+                               if examples is not None and any(t.trainable for t in stream.tasks[:index]) else 0),
         teacher_dir=teacher,
         model_dir=str(checkpoint_dir(config.output_dir, index, task.name)) if saves_model else None,
         state_dir=str(state_dir(config.output_dir, index)),
     )
+
+
+def recovery_plan(config: RunConfig, stream: TaskStream, eval_sets: list[EvalSet], checkpoint: str) -> RecoveryPlan:
+    """Every task but the last, with its training rows and eval set (capped by recovery.max_eval_examples)."""
+    probe = config.recovery
+    tasks = []
+    for index, task in enumerate(stream.tasks[:-1]):
+        rows = pa.table({"source": task.sources("train"), "target": task.targets("train")})
+        eval_set = eval_sets[index]
+        if probe.max_eval_examples:
+            cap = probe.max_eval_examples
+            eval_set = EvalSet(eval_set.name, eval_set.metric, eval_set.sources[:cap], eval_set.targets[:cap])
+        tasks.append(RecoveryTask(index, task.name, rows, eval_set))
+    return RecoveryPlan(checkpoint=checkpoint, tasks=tasks, steps=probe.steps, lr=probe.lr,
+                        last_decoder_block=probe.last_decoder_block, seed=config.seed)
 
 
 def check_stream(config: RunConfig, stream: TaskStream) -> None:

@@ -68,6 +68,15 @@ class ResumePoint(_Model):
     data_fingerprints: dict[str, str] = {}  # task -> digest of its examples (an extension must not change them)
 
 
+class ModelInit(_Model):
+    """Where the stream's weights started."""
+
+    kind: Literal["pretrained", "random"]
+    source: str  # what the config named: "preset t5/tiny", "pretrain <file>", "encoder minilm", "name_or_path <dir>"
+    checkpoint: str | None = None  # the directory the weights (kind random: only the architecture) came from
+    pretrain: dict[str, Any] | None = None  # the pretraining's manifest (our own T5/BART)
+
+
 class RunReport(_Model):
     tasks: list[str]
     acc_matrix: list[list[float | None]]  # acc[t][j]: accuracy on task j after training task t; None: not measured
@@ -92,6 +101,9 @@ class RunReport(_Model):
     replay: ReplaySummary | None = None
     resumes: list[Resumption] = []
     resume: ResumePoint = ResumePoint()
+    init: ModelInit | None = None
+    # The recovery probe: task -> before (acc[t, t]), after_stream (acc[T-1, t]), after_head_retrain
+    recovery: dict[str, dict[str, float | None]] = {}
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

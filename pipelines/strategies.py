@@ -30,11 +30,11 @@ from pipelines.config import (
     RunConfig,
     Schema,
 )
+from pipelines.denoising import IGNORE_INDEX
 from pipelines.distributed import Collectives
 from pipelines.plan import TaskPlan
 
 Batch = dict[str, torch.Tensor]
-IGNORE_INDEX = -100  # label value the loss skips (PyTorch's ignore_index): padding of the targets
 
 
 @dataclass(frozen=True)

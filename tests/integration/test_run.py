@@ -24,7 +24,7 @@ def test_tiny_config_end_to_end(cli, tmp_path, mlflow_store):
     acc = np.array(report["acc_matrix"], dtype=float)
     assert acc.shape == (3, 3) and not np.isnan(acc).any()
     assert len(report["baseline"]) == 3
-    assert set(report["metrics"]) == {"avg_acc", "forgetting", "bwt", "fwt"}
+    assert set(report["metrics"]) == {"avg_acc", "forgetting", "bwt", "fwt", "learning_acc"}
     assert report["strategy"] == "naive"
     # sequential fine-tuning on disjoint labels: the first task is learned, then forgotten
     assert acc[0, 0] > 0.1 and acc[2, 0] < acc[0, 0]

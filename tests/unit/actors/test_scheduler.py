@@ -43,7 +43,8 @@ def test_records_rows_logs_metrics_and_finishes(scheduler, mlflow_store):
     scheduler.log_step(0, 0, 2, 1.5, 1)
     scheduler.log_step(0, 1, 2, 1.0, 2)
     metrics = scheduler.record_eval(0, _row(0.9, 0.0))
-    assert metrics == {"avg_acc": pytest.approx(0.9), "forgetting": None, "bwt": None, "fwt": None}
+    assert metrics == {"avg_acc": pytest.approx(0.9), "forgetting": None, "bwt": None, "fwt": None,
+                       "learning_acc": pytest.approx(0.9)}
     scheduler.next_task(0)
     scheduler.record_eval(1, _row(0.3, 0.8), checkpoint="/x")
     report = scheduler.finish()

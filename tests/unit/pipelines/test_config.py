@@ -3,13 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import flatten, load_config, resolve_paths, validate_config
+from pipelines.config import flatten, load_config, load_pretrain_config, resolve_paths, validate_config
 from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
 from pipelines.errors import ConfigError
 from pipelines.models import check_precision
 
 REPO = Path(__file__).resolve().parents[3]
-EXPERIMENT_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "deepspeed")
+EXPERIMENT_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("deepspeed", "pretrain"))
+PRETRAIN_FILES = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 DEEPSPEED_FILES = sorted((REPO / "configs" / "deepspeed").glob("*.yaml"))
 
 
@@ -21,6 +22,12 @@ def test_there_are_experiment_files():
 def test_every_config_file_validates(path):
     config = load_config(path)
     assert config.stream.tasks
+
+
+@pytest.mark.parametrize("path", PRETRAIN_FILES, ids=[p.name for p in PRETRAIN_FILES])
+def test_every_pretrain_config_validates(path):
+    config = load_pretrain_config(path)
+    assert config.model.arch in ("t5", "bart") and config.training.max_steps
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=[p.name for p in DEEPSPEED_FILES])

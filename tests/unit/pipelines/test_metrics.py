@@ -62,7 +62,8 @@ def test_first_task_has_nothing_to_forget_undefined_not_zero(fn):
 def test_one_task_stream():
     acc = np.array([[0.7]])
     result = summary(acc, np.array([0.1]), 0)
-    assert result == {"avg_acc": pytest.approx(0.7), "forgetting": None, "bwt": None, "fwt": None}
+    assert result == {"avg_acc": pytest.approx(0.7), "forgetting": None, "bwt": None, "fwt": None,
+                      "learning_acc": pytest.approx(0.7)}
 
 
 def test_two_task_stream():
@@ -105,3 +106,13 @@ def test_row_missing_a_task_is_rejected():
     m = ForgettingMatrix(["a", "b"])
     with pytest.raises(ValueError, match=r"missing for tasks \['b'\]"):
         m.record(0, {"a": 1.0})
+
+
+def test_learning_accuracy_is_the_diagonal_and_skips_untrained_tasks():
+    from pipelines.metrics import learning_accuracy
+
+    acc = np.array([[0.5, 0.0, 0.0], [0.4, 0.9, 0.1], [0.2, 0.3, 0.7]])
+    assert learning_accuracy(acc, 2) == pytest.approx((0.5 + 0.9 + 0.7) / 3)
+    assert learning_accuracy(acc, 1) == pytest.approx(0.7)
+    assert learning_accuracy(acc, 2, skip=(0,)) == pytest.approx(0.8)
+    assert learning_accuracy(acc, 0, skip=(0,)) is None

@@ -35,7 +35,7 @@ def test_t5_tokenizer_training_is_reproducible():
 
 
 def test_bpe_vocabulary_too_small_for_bytes():
-    with pytest.raises(ConfigError, match="vocab_size \\(100\\) is too small for byte-level BPE"):
+    with pytest.raises(ConfigError, match="vocab_size \\(100\\) is too small for a byte-level vocabulary"):
         train_tokenizer(TEXTS, arch="bart", vocab_size=100)
 
 
