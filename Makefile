@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The demo starts over each time it runs (overwrite=true: the last demo's checkpoints and replay store go).
 demo: $(STAMP)
-	$(BIN)/forgetless run configs/demo.yaml overwrite=true
+	$(BIN)/forgetless compare configs/demo.yaml --strategies naive,replay --seeds 1 overwrite=true
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra

@@ -109,6 +109,10 @@ def _compare(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = compare(config, strategies, seeds=args.seeds, progress=not args.no_progress)
     out = Path(config.output_dir).resolve()
+    for name in strategies:  # each strategy's matrix (its first seed), then the table over seeds
+        report_path = out / name / f"seed-{config.seed}" / "report.json"
+        if report_path.is_file():
+            print(f"\n== {name} (seed {config.seed}) ==\n{format_matrix(RunReport.read(report_path))}")
     print("\n" + (out / "comparison.md").read_text())
     print(f"comparison: {out / 'comparison.json'}\nplots:      {out / 'first_task_accuracy.png'}, {out / 'heatmaps.png'}")
     print(f"MLflow:     parent run {result['mlflow']['parent_run_id']} in {result['mlflow']['tracking_uri']}")

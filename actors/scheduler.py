@@ -39,6 +39,7 @@ from pipelines.plan import (
     planning_for,
     recovery_plan,
     state_dir,
+    stores_rows,
 )
 from pipelines.plots import plot_heatmap
 from pipelines.report import MlflowRef, ModelInit, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
@@ -283,11 +284,11 @@ class Scheduler:
         """Insert task ``task_index``'s training examples into the replay store (a seeded subset
         of ``replay.rows_per_task`` rows, or all)."""
         task = self.stream[task_index]
-        if not task.trainable:  # the pretraining task: nothing the stream trained on
+        if not stores_rows(self.config, task):  # the pretraining task, without general-sample replay
             return
         sources, targets = task.sources("train"), task.targets("train")
         chosen = np.arange(len(sources))
-        limit = self.config.replay.rows_per_task
+        limit = self.config.replay.rows_per_task if task.trainable else self.config.replay.pretraining_rows
         if limit and limit < len(chosen):
             chosen = np.sort(np.random.default_rng([self.config.seed, task_index]).choice(len(chosen), limit,
                                                                                           replace=False))

@@ -127,6 +127,9 @@ class TaskConfig(Schema):
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
     epochs: float | None = Field(default=None, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
+    # The order training examples are seen in: shuffled each epoch, or grouped class by class
+    # (targets sorted; the lecture's Box 2 — forgetting inside one task).
+    order: Literal["shuffled", "by_class"] = "shuffled"
 
 
 class PretrainingTaskConfig(Schema):
@@ -224,6 +227,9 @@ class ReplayConfig(Schema):
     num_cpus: float = Field(default=0.0, ge=0)  # per shard; 0 keeps shards off the trainers' CPUs
     memory_bytes: int | None = Field(default=None, gt=0)  # per shard, for Ray's scheduler
     placement: Literal["SPREAD", "DEFAULT"] = "SPREAD"  # SPREAD: shards across nodes
+    # General-sample replay (GeRe, arXiv 2508.04676): rows of the pretraining corpus kept in the store
+    # beside the tasks' rows and replayed with the pretraining objective. Needs stream.pretraining_task.
+    pretraining_rows: int = Field(default=0, ge=0)
 
 
 class RecoveryConfig(Schema):
@@ -352,6 +358,9 @@ class RunConfig(Schema):
         if isinstance(self.strategy, EwcStrategyConfig) and self.training.zero_stage == 3:
             raise ValueError(f"strategy {self.strategy.name} needs full parameters on every worker: "
                              "use training.zero_stage <= 2")
+        if self.replay.pretraining_rows and not self.stream.has_pretraining_task:
+            raise ValueError("replay.pretraining_rows replays the pretraining corpus: it needs stream.pretraining_task "
+                             "(and model.pretrain)")
         if self.stream.has_pretraining_task and self.model.pretrain is None:
             raise ValueError("stream.pretraining_task needs model.pretrain: the pretraining objective, corpus and "
                              "held-out split come from the pretrain config the model was built by")

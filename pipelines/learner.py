@@ -175,19 +175,44 @@ class Learner(Engine):
             raise DataError(f"task {plan.name!r} has {len(inputs)} training row(s) for {self.world_size} workers: "
                             f"worker {self.rank} has none to train on; lower training.num_workers")
         num_replayed = plan.replay_rows_per_batch if replay is not None else 0
+        denoise_rng = np.random.default_rng([plan.seed, plan.index, self.rank, 0xDE])
         size = self.config.training.micro_batch_size - num_replayed
+        by_class = (np.argsort(np.asarray(plan.examples.column("target").to_pylist(), dtype=object), kind="stable")
+                    if plan.order == "by_class" else None)
         for epoch in range(10**9):
             rng = np.random.default_rng([plan.seed, plan.index, epoch])
-            order = rng.permutation(len(inputs))[self.rank :: self.world_size]
+            everything = by_class if plan.order == "by_class" else rng.permutation(len(inputs))
+            order = everything[self.rank :: self.world_size]
             for start in range(0, len(order), size):
                 chosen = order[start : start + size]
                 batch_inputs, batch_labels = [inputs[i] for i in chosen], [labels[i] for i in chosen]
                 if num_replayed:
-                    rows = replay()
-                    more_inputs, more_labels = self._encode(rows.column("source").to_pylist(),
-                                                            rows.column("target").to_pylist())
+                    more_inputs, more_labels = self._replayed(replay(), plan, denoise_rng)
                     batch_inputs, batch_labels = batch_inputs + more_inputs, batch_labels + more_labels
                 yield self._collate(batch_inputs, batch_labels)
+
+    def _replayed(self, rows: pa.Table, plan: TaskPlan,
+                  rng: np.random.Generator) -> tuple[list[list[int]], list[list[int]]]:
+        """Encoded replayed rows; rows of the pretraining corpus (general-sample replay) are
+        corrupted with the pretraining objective instead."""
+        sources, targets = rows.column("source").to_pylist(), rows.column("target").to_pylist()
+        if not plan.denoised_tasks or "task_id" not in rows.column_names:
+            return self._encode(sources, targets)
+        corpus = set(np.flatnonzero(np.isin(rows.column("task_id").to_numpy(), plan.denoised_tasks)).tolist())
+        inputs, labels = [], []
+        if len(corpus) < len(sources):
+            inputs, labels = self._encode([s for i, s in enumerate(sources) if i not in corpus],
+                                          [t for i, t in enumerate(targets) if i not in corpus])
+        if corpus:
+            corruptor = self._corruptor("pretraining")
+            encoded = self.tokenizer([sources[i] for i in sorted(corpus)], add_special_tokens=False)["input_ids"]
+            limit = self.config.stream.max_source_tokens - 1
+            for ids in encoded:
+                if len(ids) >= 2:
+                    example = corruptor(ids[:limit], rng)
+                    inputs.append(example.input_ids)
+                    labels.append(example.labels)
+        return inputs, labels
 
     # ------------------------------------------------------------------ training
     def train_task(self, plan: TaskPlan, on_step: StepCallback | None = None,

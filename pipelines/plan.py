@@ -52,6 +52,8 @@ class TaskPlan:
     teacher_dir: str | None = None  # the model after the previous task, for distillation
     model_dir: str | None = None  # save a plain transformers checkpoint here after the task (None: don't)
     state_dir: str | None = None  # save the training state here (optimizer, RNG, strategy): what resume loads
+    order: str = "shuffled"  # "by_class": the examples in target order, every epoch (no shuffling)
+    denoised_tasks: tuple[int, ...] = ()  # replayed rows of these tasks are corpus text: corrupt them (pretraining)
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,12 @@ def state_dir(output_dir: str | Path, index: int) -> Path:
     return Path(output_dir) / "state" / f"task-{index:02d}"
 
 
+def stores_rows(config: RunConfig, task: Task) -> bool:
+    """Whether the replay store gets rows of ``task`` after it: every trained task; the pretraining
+    task when ``replay.pretraining_rows`` asks for corpus rows."""
+    return task.trainable or config.replay.pretraining_rows > 0
+
+
 def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
     """The plan of task ``index``: the one place where what happens at a task is decided."""
     planning = planning_for(config.strategy)
@@ -203,12 +211,15 @@ def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
         index=index, name=task.name, examples=examples,
         num_steps=planned_steps(config, stream, index, planning, examples),
         seed=config.seed,
-        # Replay draws from earlier trained tasks' rows: none before the first one.
+        # Replay draws from earlier tasks' rows: none before the first task that put rows in the store.
         replay_rows_per_batch=(replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
-                               if examples is not None and any(t.trainable for t in stream.tasks[:index]) else 0),
+                               if examples is not None and any(stores_rows(config, t) for t in stream.tasks[:index])
+                               else 0),
         teacher_dir=teacher,
         model_dir=str(checkpoint_dir(config.output_dir, index, task.name)) if saves_model else None,
         state_dir=str(state_dir(config.output_dir, index)),
+        order=task.order if planning.data == "task" else "shuffled",
+        denoised_tasks=tuple(i for i, t in enumerate(stream.tasks[:index]) if not t.trainable and stores_rows(config, t)),
     )
 
 

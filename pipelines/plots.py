@@ -15,7 +15,7 @@ from pipelines.metrics import ForgettingMatrix  # noqa: E402
 from storage.files import write_atomic  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     """Write the figure whole (temp + rename): a reader never sees half a PNG."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -40,7 +40,7 @@ def plot_heatmap(matrix: ForgettingMatrix, path: str | Path, *, title: str = "")
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title or "accuracy matrix")
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path) -> list[Path]:
@@ -62,7 +62,7 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
     ax.set_title("the first task across the stream")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    first_task = _save(fig, directory / "first_task_accuracy.png")
+    first_task = save_figure(fig, directory / "first_task_accuracy.png")
 
     fig, axes = plt.subplots(1, len(names), figsize=(0.6 + 2.2 * len(names) * max(1, len(tasks) / 3), 3.4),
                              squeeze=False)
@@ -81,5 +81,5 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
                       fontsize=7)
     fig.suptitle("accuracy matrices (rows: trained up to; columns: evaluated on)", fontsize=9)
     fig.tight_layout()
-    heatmaps = _save(fig, directory / "heatmaps.png")
+    heatmaps = save_figure(fig, directory / "heatmaps.png")
     return [first_task, heatmaps]

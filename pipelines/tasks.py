@@ -42,6 +42,7 @@ class Task:
     epochs: float | None = None
     max_steps: int | None = None
     trainable: bool = True  # False: measured only (the pretraining task: its training was the pretraining)
+    order: str = "shuffled"  # or "by_class": training examples grouped by target
 
     def sources(self, split: str) -> list[str]:
         """Model inputs of ``split`` ("train" or "eval") with the task prefix applied."""
@@ -269,6 +270,7 @@ def build_task(task: TaskConfig, *, seed: int, cache_dir: str | Path) -> Task:
         eval=evaluation.combine_chunks(),
         epochs=task.epochs,
         max_steps=task.max_steps,
+        order=task.order,
     )
 
 

@@ -53,6 +53,9 @@ def test_a_stream_from_a_pretrained_checkpoint_with_its_pretraining_task(cli, tm
     assert report["metrics"]["learning_acc"] == pytest.approx((acc[1, 1] + acc[2, 2]) / 2)  # task 0 left out
     assert report["metrics"]["forgetting"] == pytest.approx(np.mean([acc[:2, j].max() - acc[2, j] for j in (0, 1)]))
 
+    # general-sample replay: corpus rows in the store beside the first task's
+    assert report["replay"]["rows_per_task"] == {"pretraining": 64, "question_type": 64, "sms_spam": 64}
+
     recovery = report["recovery"]
     assert set(recovery) == {"pretraining", "question_type"}
     for j, name in enumerate(["pretraining", "question_type"]):

@@ -109,3 +109,17 @@ def test_gradient_accumulation_and_per_task_epochs(toy_stream_config, tmp_path):
     assert two_epochs.num_steps == math.ceil(2 * examples.num_rows / (8 * 2))
     assert learner.train_task(two_epochs)["steps"] == two_epochs.num_steps
     assert learner.train_task(_plan(stream, config, 0, num_steps=3))["steps"] == 3
+
+
+def test_by_class_order_feeds_a_task_class_by_class(toy_stream_config, tmp_path):
+    toy_stream_config["stream"]["tasks"][0]["order"] = "by_class"
+    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    plan = build_plan(config, stream, 0)
+    assert plan.order == "by_class" and build_plan(config, stream, 1).order == "shuffled"
+    pad = learner.tokenizer.pad_token_id
+    decode = lambda batch: learner.tokenizer.batch_decode(batch["labels"].clamp(min=pad), skip_special_tokens=True)  # noqa: E731
+    batches = learner.batches(plan)
+    seen = [t for _ in range(-(-plan.examples.num_rows // 8)) for t in decode(next(batches))]
+    assert seen == sorted(plan.examples.column("target").to_pylist())
+    shuffled = learner.batches(dataclasses.replace(plan, order="shuffled"))
+    assert [t for _ in range(3) for t in decode(next(shuffled))] != seen[:24]
