@@ -29,7 +29,7 @@ def test_a_plan_is_plain_data_with_every_decision_in_it(toy_stream_config):
     first, second = build_plan(config, stream, 0), build_plan(config, stream, 1)
     assert {f.name for f in dataclasses.fields(TaskPlan)} == {
         "index", "name", "examples", "num_steps", "seed", "replay_rows_per_batch", "teacher_dir", "model_dir",
-        "state_dir"}
+        "state_dir", "order", "denoised_tasks"}
     assert (first.num_steps, first.replay_rows_per_batch) == (6, 0)  # nothing to replay before task 1
     assert (second.num_steps, second.replay_rows_per_batch) == (6, 2)
     assert second.state_dir.endswith("state/task-01") and second.model_dir.endswith("checkpoints/task-01-first_word")
@@ -52,3 +52,37 @@ def test_a_fingerprint_changes_with_any_example(toy_stream_config, tmp_path):
     path.write_text(path.read_text().replace("color", "colour", 1))
     changed = load_stream(config)
     assert fingerprint(stream[0]) != fingerprint(changed[0]) and fingerprint(stream[1]) == fingerprint(changed[1])
+
+
+def _with_measured_task(config, stream):
+    """The stream with a pretraining-like task 0: measured, never trained."""
+    from pipelines.tasks import TaskStream
+
+    first = dataclasses.replace(stream[0], name="pretraining", trainable=False, max_steps=0)
+    return TaskStream((first, *stream.tasks))
+
+
+@pytest.mark.parametrize("corpus_rows", [0, 32])
+def test_a_measured_only_task_is_never_trained_and_replayed_only_as_corpus(toy_stream_config, corpus_rows):
+    toy_stream_config["strategy"] = {"name": "replay", "replay_ratio": 0.25}
+    config = validate_config(toy_stream_config)
+    config = config.model_copy(update={"replay": config.replay.model_copy(update={"pretraining_rows": corpus_rows})})
+    stream = _with_measured_task(config, load_stream(config))
+    plans = [build_plan(config, stream, i) for i in range(3)]
+    assert plans[0].examples is None and plans[0].num_steps == 0
+    assert plans[1].examples.num_rows == stream[1].train.num_rows
+    # with corpus rows in the store, the first trained task already replays them (denoised)
+    assert plans[1].replay_rows_per_batch == (2 if corpus_rows else 0)
+    assert plans[1].denoised_tasks == ((0,) if corpus_rows else ())
+    assert plans[2].replay_rows_per_batch == 2
+
+
+def test_joint_and_cumulative_leave_a_measured_only_task_out(toy_stream_config):
+    for name in ("joint", "cumulative"):
+        toy_stream_config["strategy"] = {"name": name}
+        config = validate_config(toy_stream_config)
+        stream = _with_measured_task(config, load_stream(config))
+        last = build_plan(config, stream, 2)
+        assert last.examples.num_rows == stream[1].train.num_rows + stream[2].train.num_rows
+        if name == "joint":
+            assert last.num_steps == 2 * config.training.max_steps  # the two trained tasks' budgets

@@ -131,9 +131,10 @@ def tiny_bert(tmp_path_factory):
     """A small BERT written the way a hub checkpoint is (config, weights, WordPiece vocabulary)."""
     directory = tmp_path_factory.mktemp("bert")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "positive", "negative", "neutral", "great", "bad",
-             "movie", "sentiment", ":", "a", "the", "film", "was"]
-    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+             "movie", "sentiment", ":", "a", "the", "film", "was", "red", "blue", "green", "cat", "dog", "fish",
+             "sun", "moon", "star", "color", "animal", "sky", "category", "first", "word", "_"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    assert len(tokenizer) == len(words)
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(directory)
@@ -175,3 +176,32 @@ def test_model_sources_are_one_of_four(tmp_path):
         load_config(config)
     loaded = load_config(config, ["model.pretrain=p.yaml"])
     assert loaded.stream.has_pretraining_task and loaded.stream.pretraining_task.name == "pretraining"
+
+
+def test_the_warm_start_trains_and_evaluates_through_the_learner(tiny_bert, toy_stream_config, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from pipelines.config import validate_config
+    from pipelines.learner import Learner
+    from pipelines.plan import EvalSet, build_plan
+    from pipelines.tasks import load_stream
+
+    directory, tokenizer = tiny_bert
+    toy_stream_config["model"] = {"arch": "encoder_decoder", "encoder": str(directory)}
+    toy_stream_config["training"].update(max_steps=40, lr=3e-3)
+    config = validate_config(toy_stream_config)
+    stream = load_stream(config)
+    learner = Learner(config, directory)
+    plan = build_plan(config, stream, 0)
+    batch = next(learner.batches(plan))
+    assert (batch["labels"][:, 0] != tokenizer.cls_token_id).all()  # the decoder starts with [CLS] already
+    losses = []
+    learner.train_task(plan, on_step=lambda step, total, loss: losses.append(loss))
+    assert losses[-1] < losses[0]
+    task = stream[0]
+    scores = learner.evaluate([EvalSet(task.name, task.metric, task.sources("train")[:32], task.targets("train")[:32])])
+    assert scores[task.name] > 0.3  # the category of the first word, on rows it trained on
+    saved = learner.save(tmp_path / "ckpt")
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(saved)
+    assert type(reloaded).__name__ == "EncoderDecoderModel"
+    assert reloaded.generation_config.decoder_start_token_id == tokenizer.cls_token_id
