@@ -99,10 +99,18 @@ def pretrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sink = MlflowSink(config.mlflow.tracking_uri, loop_config["run_id"]) if rank == 0 else None
     started = time.perf_counter()
 
+    missed = []
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
         if sink is None:
             return
-        sink.log_metrics(metrics, step=step)
+        try:
+            sink.log_metrics(metrics, step=step)
+        except Exception as exc:  # noqa: BLE001 - an MLflow outage must not stop the pretraining
+            if not missed:
+                print(f"MLflow is not taking writes ({type(exc).__name__}: {exc}); pretraining goes on, the "
+                      "manifest keeps the final held-out metrics", flush=True)
+            missed.append(step)
         if "heldout_loss" in metrics:
             print(f"pretrain step {step}/{config.training.max_steps}: held-out loss {metrics['heldout_loss']:.3f}, "
                   f"masked-token accuracy {metrics['heldout_masked_token_accuracy']:.3f} "
@@ -115,7 +123,7 @@ def pretrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "masked_token_accuracy": result.get("heldout_masked_token_accuracy"),
                             "examples": len(loop_config["heldout"])},
                 "parameters": pretrainer.num_parameters, "seconds": round(seconds, 1),
-                "workers": world_size, "finished_at": time.time()}
+                "workers": world_size, "finished_at": time.time(), "mlflow_missed_steps": len(missed)}
     pretrainer.save(config.output_dir, extra=lambda d: write_atomic(d / MANIFEST, json.dumps(manifest, indent=2)))
 
 

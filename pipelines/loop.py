@@ -106,10 +106,11 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
                 coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir)
             # No rank asks for the next plan before this task is committed (its replay rows stored).
             learner.comm.barrier()
+        # The recovery probe runs on rank 0 alone, from the saved final model: no collective, so the
+        # other ranks are done (and no rank waits on one that failed).
         probe = coordinator.recovery_plan() if leader else None
-        if probe is not None:  # measured on rank 0 alone, from the saved final model
+        if probe is not None:
             coordinator.record_recovery(learner.recovery_probe(probe))
-        learner.comm.barrier()
     except Exception as exc:
         try:
             coordinator.fail(f"worker {rank} of {learner.world_size}: {format_exception(exc)}")

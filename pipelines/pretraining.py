@@ -224,8 +224,8 @@ class Pretrainer(Engine):
         every, eval_every = training.log_every_n_steps, self.config.eval_every_n_steps
         batches = self._batches(chunks)
         pad = self.tokenizer.pad_token_id
-        window = torch.zeros(2, device=self.device)  # summed losses, tokens seen
-        tokens_seen, last_eval = 0.0, {}
+        window = torch.zeros((), device=self.device)  # summed losses: stays on the device between syncs
+        window_tokens, tokens_seen, last_eval = 0, 0.0, {}
         self.engine.train()
         for step in range(total):
             for group in self.engine.optimizer.param_groups:
@@ -235,13 +235,14 @@ class Pretrainer(Engine):
                 batch = collate_denoised(examples, pad, self.device)
                 batch.pop("masked")
                 loss = self.engine(**batch).loss
-                window += torch.stack([loss.detach().float() / training.grad_accum_steps,
-                                       torch.tensor(float(tokens), device=self.device)])
+                window += loss.detach().float() / training.grad_accum_steps
+                window_tokens += tokens
                 self.engine.backward(loss)
                 self.engine.step()
             logged: dict[str, float] = {}
             if (step + 1) % every == 0 or step + 1 == total:
-                summed, tokens = self.comm.all_reduce_sum(window).tolist()  # the loop's one host sync
+                both = torch.stack([window, torch.tensor(float(window_tokens), device=self.device)])
+                summed, tokens = self.comm.all_reduce_sum(both).tolist()  # the loop's one host sync
                 steps_in_window = every if (step + 1) % every == 0 else (step + 1) % every
                 logged["train_loss"] = summed / (steps_in_window * self.world_size)
                 if not np.isfinite(logged["train_loss"]):
@@ -249,6 +250,7 @@ class Pretrainer(Engine):
                 tokens_seen += tokens
                 logged["tokens_seen"] = tokens_seen
                 window.zero_()
+                window_tokens = 0
             if (step + 1) % eval_every == 0 or step + 1 == total:
                 last_eval = self.evaluate(heldout)
                 logged.update(last_eval)

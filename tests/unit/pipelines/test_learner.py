@@ -123,3 +123,31 @@ def test_by_class_order_feeds_a_task_class_by_class(toy_stream_config, tmp_path)
     assert seen == sorted(plan.examples.column("target").to_pylist())
     shuffled = learner.batches(dataclasses.replace(plan, order="shuffled"))
     assert [t for _ in range(3) for t in decode(next(shuffled))] != seen[:24]
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_the_recovery_probe_retrains_a_copy_of_the_head_and_leaves_the_model_alone(arch, toy_stream_config,
+                                                                                   tmp_path):
+    import torch
+
+    from pipelines.learner import _last_decoder_block
+    from pipelines.plan import recovery_plan
+
+    toy_stream_config["model"] = {"arch": arch, "preset": "tiny", "tokenizer": {"vocab_size": 300}}
+    toy_stream_config["recovery"] = {"enabled": True, "steps": 15, "lr": 1e-2}
+    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner.train_task(_plan(stream, config, 0))
+    saved = learner.save(tmp_path / "final")
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    eval_sets = [EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in stream]
+    plan = recovery_plan(config, stream, eval_sets, str(saved))
+    assert [t.name for t in plan.tasks] == [stream[0].name]  # every task but the last
+    after = learner.recovery_probe(plan)
+    assert set(after) == {stream[0].name} and 0 <= after[stream[0].name] <= 1
+    assert all(torch.equal(v, learner.model.state_dict()[k]) for k, v in before.items())
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(saved)
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in learner.model.state_dict().items()
+               if k in reloaded.state_dict())
+    block = _last_decoder_block(reloaded)
+    stack = reloaded.get_decoder().block if arch == "t5" else reloaded.get_decoder().layers
+    assert block is stack[-1]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The runs behind docs/results.md, "Continuing from a pretrained model". Seed 0, 2 CPU cores.
+# Each block is independent; outputs go to runs/results/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+F=.venv/bin/forgetless
+OUT=runs/results
+
+warm_start() {  # the warm start (MiniLM encoder-decoder) vs the same architecture from random init
+  for w in pretrained random; do
+    $F run configs/domain_incremental.yaml model.weights=$w output_dir=$OUT/di-warm-$w overwrite=true --no-progress
+  done
+}
+
+own() {  # our own small T5 and BART: pretrain, then the domain-incremental stream from each
+  local arch=$1
+  $F pretrain configs/pretrain/${arch}_small.yaml --no-progress
+  local common=(model.arch=$arch model.encoder=null model.pretrain=configs/pretrain/${arch}_small.yaml
+                training.lr=1e-3 overwrite=true --no-progress)
+  # naive, replay and LwF from the checkpoint, with the pretraining task as task 0 and the recovery probe
+  $F compare configs/domain_incremental.yaml --strategies naive,replay,lwf --seeds 1 "${common[@]}" \
+     stream.pretraining_task=true recovery.enabled=true replay.rows_per_task=200 output_dir=$OUT/di-$arch-own
+  # the same architecture and tokenizer from random init, same steps and seed
+  $F run configs/domain_incremental.yaml "${common[@]}" model.weights=random output_dir=$OUT/di-$arch-random
+}
+
+box2() {
+  .venv/bin/python docs/experiments/box2_class_order.py configs/box2_class_order.yaml
+}
+
+"${@:-warm_start}"
