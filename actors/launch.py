@@ -28,7 +28,14 @@ from actors.trainer_group import build_trainer
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict, resolve_paths
 from pipelines.errors import ConfigError, DataError, ForgetlessError
 from pipelines.loop import format_exception
-from pipelines.models import build_model, build_tokenizer, check_precision, fetch_encoder, load_tokenizer
+from pipelines.models import (
+    build_model,
+    build_tokenizer,
+    check_precision,
+    fetch_encoder,
+    load_tokenizer,
+    long_targets,
+)
 from pipelines.plan import check_stream, fingerprint
 from pipelines.pretraining import pretraining_task, read_manifest
 from pipelines.report import ModelInit, RunReport
@@ -182,6 +189,9 @@ def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir,
     if resuming and output.tokenizer.is_dir():
         return output.tokenizer
     tokenizer = build_tokenizer(config.model, stream.training_text(), start.checkpoint)
+    for problem in long_targets(tokenizer, stream, config.stream.max_target_tokens):
+        log.warning("%s", problem)
+        tqdm.write(f"warning: {problem}")
     with atomic_directory(output.tokenizer) as tmp:
         tokenizer.save_pretrained(tmp)
     if config.model.name_or_path:

@@ -14,6 +14,7 @@ import warnings
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -278,6 +279,24 @@ def _build_encoder_decoder(source: str | None, tokenizer: PreTrainedTokenizerBas
         cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, eos, tokenizer.pad_token_id
     model.generation_config.bos_token_id = start
     return model
+
+
+def long_targets(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_tokens: int) -> list[str]:
+    """One line per task some of whose targets do not fit ``stream.max_target_tokens`` (end of
+    sequence included): they are cut in training, so the model can never produce them whole."""
+    problems = []
+    for task in stream:
+        if not task.trainable:
+            continue
+        targets = sorted(set(task.targets("train")) | set(task.targets("eval")))
+        lengths = [len(ids) for ids in tokenizer(text_target=targets)["input_ids"]] if targets else []
+        long = [(t, n) for t, n in zip(targets, lengths) if n > max_target_tokens]
+        if long:
+            example, n = max(long, key=lambda item: item[1])
+            problems.append(f"task {task.name!r}: {len(long)} of {len(targets)} distinct targets are longer than "
+                            f"stream.max_target_tokens={max_target_tokens} (e.g. {example[:40]!r} is {n} tokens); "
+                            f"they are cut in training and can never be produced whole — raise it to {n}")
+    return problems
 
 
 def check_precision(arch: str, precision: str) -> None:

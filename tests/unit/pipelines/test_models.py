@@ -57,3 +57,17 @@ def test_missing_model_directory_is_a_config_error(tmp_path):
 def test_preset_and_path_are_exclusive():
     with pytest.raises(ValueError, match="either model.preset"):
         ModelConfig(arch="t5", preset="tiny", name_or_path="x")
+
+
+def test_targets_longer_than_the_limit_are_named_with_the_length_they_need(toy_stream_config):
+    from pipelines.config import validate_config
+    from pipelines.models import build_tokenizer, long_targets
+    from pipelines.tasks import load_stream
+
+    config = validate_config(toy_stream_config)
+    stream = load_stream(config)
+    tokenizer = build_tokenizer(config.model, stream.training_text())
+    longest = max(len(tokenizer(text_target=t)["input_ids"]) for task in stream for t in task.targets("train"))
+    assert long_targets(tokenizer, stream, longest) == []
+    problems = long_targets(tokenizer, stream, 1)
+    assert len(problems) == 2 and all("stream.max_target_tokens=1" in p and "raise it to" in p for p in problems)
