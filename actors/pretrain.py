@@ -40,7 +40,7 @@ from pipelines.pretraining import (
     Pretrainer,
     chunk_tokens,
     default_output_dir,
-    heldout_texts,
+    chunk_texts,
     load_corpus,
     pack_chunks,
     pretrain_key,
@@ -140,7 +140,7 @@ def _prepare(config: PretrainConfig, work: Path, progress: bool) -> dict[str, An
         tokenizer.save_pretrained(tmp)
     chunks = chunk_tokens(tokenizer, train, config.corpus.seq_len)
     corruptor = Corruptor.build(config.model.arch, config.objective, tokenizer)
-    heldout_examples = denoising_examples(heldout_texts(tokenizer, heldout, config.corpus.seq_len,
+    heldout_examples = denoising_examples(chunk_texts(tokenizer, heldout, config.corpus.seq_len,
                                                         config.heldout_examples), tokenizer, corruptor, seed=config.seed)
     source = config.corpus.source
     manifest = {

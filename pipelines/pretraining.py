@@ -117,8 +117,9 @@ def chunk_tokens(tokenizer: Any, documents: Sequence[str], seq_len: int, *, min_
     return chunks
 
 
-def heldout_texts(tokenizer: Any, documents: Sequence[str], seq_len: int, count: int) -> list[str]:
-    """The held-out evaluation texts: the first ``count`` chunks of the held-out documents, as text."""
+def chunk_texts(tokenizer: Any, documents: Sequence[str], seq_len: int, count: int) -> list[str]:
+    """The first ``count`` chunks of ``documents`` as text (the held-out evaluation texts, when the
+    documents are the held-out ones)."""
     chunks = chunk_tokens(tokenizer, documents, seq_len)[:count]
     return tokenizer.batch_decode(chunks, skip_special_tokens=False)
 
@@ -129,8 +130,8 @@ def pretraining_task(spec: PretrainingTaskConfig, pretrain: PretrainConfig, toke
     documents = load_corpus(pretrain.corpus.source, pretrain.cache_dir)
     train, heldout = split_corpus(documents, pretrain.corpus, seed=pretrain.seed)
     seq_len = pretrain.corpus.seq_len
-    eval_texts = heldout_texts(tokenizer, heldout, seq_len, spec.max_eval_examples)
-    train_texts = heldout_texts(tokenizer, train[:2000], seq_len, 4000)
+    eval_texts = chunk_texts(tokenizer, heldout, seq_len, spec.max_eval_examples)
+    train_texts = chunk_texts(tokenizer, train[:2000], seq_len, 4000)
     table = lambda texts: pa.table({"source": texts, "target": [""] * len(texts)})  # noqa: E731
     return Task(name=spec.name, prefix="", metric=MASKED_TOKEN_ACCURACY, train=table(train_texts),
                 eval=table(eval_texts), max_steps=0, trainable=False)

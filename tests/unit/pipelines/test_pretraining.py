@@ -18,7 +18,7 @@ from pipelines.models import build_model, train_tokenizer
 from pipelines.pretraining import (
     Pretrainer,
     chunk_tokens,
-    heldout_texts,
+    chunk_texts,
     load_corpus,
     pack_chunks,
     pretrain_key,
@@ -111,8 +111,8 @@ def test_one_rank_of_pretraining_lowers_the_heldout_loss(arch, corpus_sample, tm
     tokenizer = train_tokenizer(train, arch=arch, vocab_size=600, lossless=True, num_sentinels=8 if arch == "t5" else 0)
     tokenizer.save_pretrained(tmp_path / "tok")
     corruptor = Corruptor.build(arch, config.objective, tokenizer)
-    examples = denoising_examples(heldout_texts(tokenizer, heldout, 32, 48), tokenizer, corruptor, seed=0)
-    assert examples == denoising_examples(heldout_texts(tokenizer, heldout, 32, 48), tokenizer, corruptor, seed=0)
+    examples = denoising_examples(chunk_texts(tokenizer, heldout, 32, 48), tokenizer, corruptor, seed=0)
+    assert examples == denoising_examples(chunk_texts(tokenizer, heldout, 32, 48), tokenizer, corruptor, seed=0)
     pretrainer = Pretrainer(config, tmp_path / "tok")
     before = pretrainer.evaluate(examples)
     logged = []
