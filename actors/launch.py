@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +191,7 @@ def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir,
         return output.tokenizer
     tokenizer = build_tokenizer(config.model, stream.training_text(), start.checkpoint)
     for problem in long_targets(tokenizer, stream, config.stream.max_target_tokens):
-        log.warning("%s", problem)
-        tqdm.write(f"warning: {problem}")
+        tqdm.write(f"warning: {problem}", file=sys.stderr)
     with atomic_directory(output.tokenizer) as tmp:
         tokenizer.save_pretrained(tmp)
     if config.model.name_or_path:

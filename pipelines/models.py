@@ -79,10 +79,10 @@ def train_tokenizer(
 
     ``lossless``: decoding an encoding gives back any UTF-8 text exactly, text it never saw
     included — what a tokenizer trained on a pretraining corpus needs to serve any later task.
-    The Unigram model then works on bytes (GPT-2's byte-to-character map, every byte in the
-    vocabulary) instead of NFKC-normalized characters, BPE keeps a leading space as it is, and
-    special-token strings in a text (``</s>``, ``<extra_id_0>``) are encoded as text, never as the
-    special token. ``num_sentinels``: T5 sentinels added after the trained vocabulary.
+    Both models then work on bytes (GPT-2's byte-to-character map, every byte in the vocabulary)
+    with one space put before each text and taken off again, instead of NFKC-normalized
+    characters; special-token strings in a text (``</s>``, ``<extra_id_0>``) are encoded as text,
+    never as the special token. ``num_sentinels``: T5 sentinels added after the trained vocabulary.
     """
     algorithm = algorithm or ("unigram" if arch == "t5" else "bpe")
     specials = T5_SPECIALS if arch == "t5" else BART_SPECIALS
@@ -94,8 +94,7 @@ def train_tokenizer(
     if algorithm == "unigram":
         tok = Tokenizer(models.Unigram())
         if lossless:
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
+            _byte_level_with_a_leading_space(tok)
             alphabet = pre_tokenizers.ByteLevel.alphabet()
         else:
             tok.normalizer = normalizers.NFKC()
@@ -106,8 +105,11 @@ def train_tokenizer(
                                           initial_alphabet=alphabet)
     else:
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=not lossless)
-        tok.decoder = decoders.ByteLevel()
+        if lossless:
+            _byte_level_with_a_leading_space(tok)
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+            tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
@@ -131,6 +133,15 @@ def train_tokenizer(
         tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
         mask_token="<mask>", **exact,
     )
+
+
+def _byte_level_with_a_leading_space(tok: Tokenizer) -> None:
+    """Bytes as characters (GPT-2's map), so every UTF-8 text is in the vocabulary, and one space
+    put before every text and taken off on decoding: a word at the start of a text (a label such as
+    "neutral") gets the same pieces as inside one, and any leading whitespace comes back as it was."""
+    tok.normalizer = normalizers.Prepend(" ")
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
 
 
 def _canonicalize_unigram(tok: Tokenizer) -> None:

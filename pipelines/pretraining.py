@@ -44,8 +44,9 @@ from storage.tables import ExampleFileError, read_examples, write_parquet_atomic
 
 CHITCHAT = "chitchat-dataset==0.9.0"
 CHITCHAT_MEMBER = "chitchat_dataset/dataset.json"
-# Bumped whenever the objective's code changes what a checkpoint learns: part of the cache key.
-OBJECTIVE_VERSION = 1
+# Bumped whenever the code changes what a checkpoint is (the objective, the tokenizer): part of the
+# cache key, so a checkpoint built by older code is not reused.
+OBJECTIVE_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -15,8 +15,9 @@ warm_start() {  # the warm start (MiniLM encoder-decoder) vs the same architectu
 own() {  # our own small T5 and BART: pretrain, then the domain-incremental stream from each
   local arch=$1
   $F pretrain configs/pretrain/${arch}_small.yaml --no-progress
+  # our byte-level tokenizer spends up to 4 pieces on "neutral": room for 8 (the warning names the need)
   local common=(model.arch=$arch model.encoder=null model.pretrain=configs/pretrain/${arch}_small.yaml
-                training.lr=1e-3 overwrite=true --no-progress)
+                training.lr=1e-3 stream.max_target_tokens=8 evaluation.max_new_tokens=8 overwrite=true --no-progress)
   # naive, replay and LwF from the checkpoint, with the pretraining task as task 0 and the recovery probe
   $F compare configs/domain_incremental.yaml --strategies naive,replay,lwf --seeds 1 "${common[@]}" \
      stream.pretraining_task=true recovery.enabled=true replay.rows_per_task=200 output_dir=$OUT/di-$arch-own

@@ -205,3 +205,12 @@ def test_the_warm_start_trains_and_evaluates_through_the_learner(tiny_bert, toy_
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(saved)
     assert type(reloaded).__name__ == "EncoderDecoderModel"
     assert reloaded.generation_config.decoder_start_token_id == tokenizer.cls_token_id
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_a_label_at_the_start_of_a_text_gets_the_pieces_it_gets_inside_one(arch, corpus_sample):
+    tokenizer = train_tokenizer(corpus_sample, arch=arch, vocab_size=1000, lossless=True)
+    for word in ("neutral", "positive", "spam"):
+        alone = tokenizer(word, add_special_tokens=False)["input_ids"]
+        inside = tokenizer(f"it is {word}", add_special_tokens=False)["input_ids"]
+        assert inside[-len(alone):] == alone
