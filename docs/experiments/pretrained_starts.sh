@@ -25,6 +25,15 @@ own() {  # our own small T5 and BART: pretrain, then the domain-incremental stre
   $F run configs/domain_incremental.yaml "${common[@]}" model.weights=random output_dir=$OUT/di-$arch-random
 }
 
+curves() {  # T5 vs BART pretraining curves, from MLflow (after `own t5` and `own bart`)
+  local dirs=()
+  for arch in t5 bart; do
+    dirs+=("$(.venv/bin/python -c "import json, sys; print(json.load(open(sys.argv[1]))['init']['checkpoint'])" \
+              $OUT/di-$arch-own/naive/seed-0/report.json)")
+  done
+  .venv/bin/python docs/experiments/pretraining_curves.py "${dirs[@]}"
+}
+
 box2() {
   .venv/bin/python docs/experiments/box2_class_order.py configs/box2_class_order.yaml
 }
