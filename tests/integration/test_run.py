@@ -84,7 +84,7 @@ def test_nan_loss_stops_the_run_naming_task_and_step(cli, toy_config_file, mlflo
     [
         ("stream.tasks.1.source.path=/nonexistent/data.jsonl", "task 'first_word': example file not found"),
         ("strategy.name=replya", "unknown strategy 'replya'"),
-        ("model.arch=gpt2", "model.arch: Input should be 't5' or 'bart'"),
+        ("model.arch=gpt2", "model.arch: Input should be 't5', 'bart' or 'encoder_decoder'"),
         ("training.precision=fp16", "fp16 is refused for T5"),
         ("model.preset=null", "set model.preset"),
     ],
