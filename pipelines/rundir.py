@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import experiment_dict, validate_config
 from pipelines.errors import ConfigError, ForgetlessError
 
 LOCK_NAME = ".forgetless.lock"
@@ -161,7 +162,7 @@ MAY_CHANGE = (
     "training.use_gpu", "training.cpus_per_worker", "evaluation.batch_size", "checkpoint.models",
     "replay.snapshot_every_rows", "replay.fsync", "replay.num_cpus", "replay.memory_bytes", "replay.placement",
     "replay.max_samples_per_insert", "replay.min_rows_to_sample", "ray.", "mlflow.run_name", "mlflow.flush_timeout_s",
-    "output_dir",
+    "output_dir", "recovery.",
 )
 
 
@@ -181,7 +182,7 @@ def config_changes(saved: dict[str, Any], given: dict[str, Any], *, finished_tas
     by position: the first ``finished_tasks`` must be identical; later ones may change, be removed
     or be added.
     """
-    saved, given = dict(saved), dict(given)
+    saved, given = _with_current_defaults(saved), dict(given)
     saved_tasks = saved.get("stream", {}).get("tasks", [])
     given_tasks = given.get("stream", {}).get("tasks", [])
     refused, allowed = [], []
@@ -198,6 +199,15 @@ def config_changes(saved: dict[str, Any], given: dict[str, Any], *, finished_tas
         line = f"{key}: {a!r} -> {b!r}"
         (allowed if key.startswith(MAY_CHANGE) else refused).append(line)
     return refused, allowed
+
+
+def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an older version, with the keys added since at their defaults (what that
+    version did), so they do not read as changes. Left as it is when it no longer validates."""
+    try:
+        return experiment_dict(validate_config(dict(saved), origin="the saved config"))
+    except ConfigError:
+        return dict(saved)
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -1,4 +1,5 @@
 """What a resumed or extended run may change, and the output directory's lock."""
+import json
 
 import pytest
 
@@ -65,3 +66,16 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     assert not second.is_locked_elsewhere()
     second.lock()
     second.unlock()
+
+
+def test_a_config_saved_before_keys_were_added_resumes_without_changes(toy_stream_config):
+    from pipelines.config import experiment_dict, validate_config
+
+    given = experiment_dict(validate_config(toy_stream_config))
+    saved = json.loads(json.dumps(given))
+    for key in ("pretrain", "encoder", "weights"):  # keys a newer version added, at their defaults
+        del saved["model"][key]
+    del saved["recovery"], saved["stream"]["pretraining_task"], saved["stream"]["tasks"][0]["order"]
+    assert config_changes(saved, given, finished_tasks=2) == ([], [])
+    given["recovery"]["enabled"] = True  # the probe runs after the stream: changing it changes no row
+    assert config_changes(saved, given, finished_tasks=2)[0] == []
