@@ -210,11 +210,12 @@ class ModelStart:
     pretrain: PretrainConfig | None = None
 
 
-def _objective(manifest: dict[str, Any] | None, seed: int | None = None) -> dict[str, Any] | None:
+def _objective(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pretraining objective a checkpoint's manifest records (its seed corrupts the held-out set)."""
     if not manifest or "objective" not in manifest:
         return None
     fields = {k: v for k, v in manifest["objective"].items() if k in ObjectiveConfig.model_fields}
-    return {"arch": manifest["arch"], "objective": fields, "seed": manifest.get("seed", 0) if seed is None else seed}
+    return {"arch": manifest["arch"], "objective": fields, "seed": manifest["seed"]}
 
 
 def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
@@ -235,7 +236,7 @@ def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
                                                 tracking_uri=config.mlflow.tracking_uri)
         manifest = read_manifest(directory)
         return ModelStart(ModelInit(kind=kind, source=f"pretrain {model.pretrain}", checkpoint=str(directory),
-                                    pretrain=manifest), str(directory), _objective(manifest, pretrain.seed), pretrain)
+                                    pretrain=manifest), str(directory), _objective(manifest), pretrain)
     if model.encoder is not None:
         directory = fetch_encoder(model.encoder, config.stream.cache_dir)
         return ModelStart(ModelInit(kind=kind, source=f"encoder {model.encoder}", checkpoint=directory), directory)
@@ -246,12 +247,9 @@ def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
 
 
 def _with_pretraining_task(config: RunConfig, stream: TaskStream, start: ModelStart) -> TaskStream:
-    spec = config.stream.pretraining_task
-    if spec is None or not spec.enabled:
+    if not config.stream.has_pretraining_task:  # the config's validation ties it to model.pretrain
         return stream
-    if start.pretrain is None:
-        raise ConfigError("stream.pretraining_task needs model.pretrain (the pretraining it measures)")
-    task = pretraining_task(spec, start.pretrain, load_tokenizer(start.checkpoint))
+    task = pretraining_task(config.stream.pretraining_task, start.pretrain, load_tokenizer(start.checkpoint))
     return TaskStream((task, *stream.tasks))
 
 
