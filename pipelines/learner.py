@@ -131,6 +131,7 @@ class Learner(Engine):
         self.config = config
         self.objective = objective  # the pretraining objective (its task's eval corrupts text the same way)
         self._heldout: tuple[str, list] | None = None
+        self._built_corruptor: Corruptor | None = None
         self.strategy = build_training_strategy(config)
         self.global_step = 0
 
@@ -303,10 +304,14 @@ class Learner(Engine):
         return total, count
 
     def _corruptor(self, task: str) -> Corruptor:
+        """The pretraining objective over this tokenizer, built once (replay asks for it every batch)."""
         if self.objective is None:
             raise DataError(f"task {task!r} is scored by masked-token accuracy, but the model's pretraining "
                             "objective is unknown (the stream's model.pretrain sets it)")
-        return Corruptor.build(self.objective["arch"], self.objective["objective"], self.tokenizer)
+        if self._built_corruptor is None:
+            self._built_corruptor = Corruptor.build(self.objective["arch"], self.objective["objective"],
+                                                    self.tokenizer)
+        return self._built_corruptor
 
     def _score_denoising(self, eval_set: EvalSet, mine: list[int],
                          model: torch.nn.Module | None = None) -> tuple[float, int]:
