@@ -4,7 +4,7 @@
   forgetless resume OUTPUT_DIR [CONFIG] [key=value ...]
                                             continue a killed or failed run after its last finished
                                             task; with a CONFIG that adds tasks, extend a finished one
-  forgetless compare CONFIG --strategies naive,replay --seeds 3 [key=value ...]
+  forgetless compare CONFIG --strategies naive,replay --seeds 3 [--orders 3] [key=value ...]
   forgetless validate CONFIG [key=value ...] check a config (and its data) without training
   forgetless pretrain CONFIG [key=value ...] pretrain our own T5 (span corruption) or BART (text
                                             infilling) on real text; writes a save_pretrained directory
@@ -102,15 +102,15 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from actors.compare import compare, parse_strategies
+    from actors.compare import compare, parse_strategies, run_dir
     from pipelines.config import load_config
 
     strategies = parse_strategies(args.strategies)
     config = load_config(args.config, args.overrides)
-    result = compare(config, strategies, seeds=args.seeds, progress=not args.no_progress)
+    result = compare(config, strategies, seeds=args.seeds, orders=args.orders, progress=not args.no_progress)
     out = Path(config.output_dir).resolve()
-    for name in strategies:  # each strategy's matrix (its first seed), then the table over seeds
-        report_path = out / name / f"seed-{config.seed}" / "report.json"
+    for name in strategies:  # each strategy's matrix (first order, first seed), then the table over runs
+        report_path = run_dir(out, name, config.seed, 0, args.orders) / "report.json"
         if report_path.is_file():
             print(f"\n== {name} (seed {config.seed}) ==\n{format_matrix(RunReport.read(report_path))}")
     print("\n" + (out / "comparison.md").read_text())
@@ -161,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "compare", "pretrain"):
             p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
         if name == "compare":
-            p.add_argument("--strategies", default="naive,cumulative,replay,lwf,ewc,joint",
+            p.add_argument("--strategies", default="naive,cumulative,replay,lwf,ewc,agem,derpp,joint",
                            help="comma-separated, e.g. naive,replay,lwf,joint")
             p.add_argument("--seeds", type=int, default=1, help="seeds per strategy: seed, seed+1, ...")
+            p.add_argument("--orders", type=int, default=1,
+                           help="task orders per strategy: the config's, then stream.orders, then seeded permutations")
         p.set_defaults(func=func)
     p = sub.add_parser("resume", help="continue a run after its last finished task, or extend a finished stream")
     p.add_argument("output_dir", help="the output_dir of the run to continue")

@@ -1,13 +1,15 @@
-"""``forgetless compare``: several strategies on the same stream and seeds, one comparison.
+"""``forgetless compare``: several strategies on the same stream, seeds and task orders, one comparison.
 
-One MLflow parent run holds a child run per (strategy, seed), the aggregated metrics and the
-plots; ``<output_dir>/comparison.json`` and ``comparison.md`` hold the table.
+One MLflow parent run holds a child run per (strategy, order, seed), the aggregated metrics and
+the plots; ``<output_dir>/comparison.json`` and ``comparison.md`` hold the table: per strategy,
+each metric's mean, sample std and 95% t interval over every (order, seed) run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,18 @@ import numpy as np
 
 from actors.launch import RunFailedError, run_experiment
 from actors.tracking import MlflowSink, check_tracking
-from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
+from pipelines.config import STRATEGY_CONFIGS, JointStrategyConfig, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
-from pipelines.metrics import ForgettingMatrix
+from pipelines.metrics import ForgettingMatrix, interval, intransigence
 from pipelines.plan import planning_for
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
-METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc")
-ONLY_AT_END = ("forgetting", "bwt", "fwt")  # undefined for a strategy that trains once, at the end
+METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "intransigence")
+ONLY_AT_END = ("forgetting", "bwt", "fwt", "learning_acc", "intransigence")  # undefined for joint
+REFERENCE = JointStrategyConfig().name  # intransigence is measured against it, when it is compared
 
 
 def _trains_only_at_end(name: str) -> bool:
@@ -42,31 +45,72 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
-def _mean_std(values: list[float | None]) -> dict[str, float | None]:
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(np.mean(defined)), "std": float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0,
-            "n": len(defined)}
+def task_orders(config: RunConfig, count: int) -> list[list[str]]:
+    """``count`` orders of the config's tasks: the config's own first, then ``stream.orders`` as
+    listed, then seeded permutations (the same for every run seed: order k is one order for all
+    seeds). The pretraining task, when there is one, stays first: it is not in ``stream.tasks``.
+
+    Raises:
+        ConfigError: more orders asked for than the tasks have.
+    """
+    names = [t.name for t in config.stream.tasks]
+    if count < 1:
+        raise ConfigError(f"--orders ({count}) must be at least 1")
+    possible = math.factorial(len(names))
+    if count > possible:
+        raise ConfigError(f"--orders {count}: {len(names)} task(s) have only {possible} order(s)")
+    orders = [names]
+    for listed in config.stream.orders or []:
+        if listed not in orders and len(orders) < count:
+            orders.append(list(listed))
+    k = 0
+    while len(orders) < count:
+        k += 1
+        candidate = [names[i] for i in np.random.default_rng([0x0DE5, k]).permutation(len(names))]
+        if candidate not in orders:
+            orders.append(candidate)
+    return orders
+
+
+def _untrained(report: RunReport) -> tuple[int, ...]:
+    """Tasks this run measured but never trained (the pretraining task)."""
+    return tuple(j for j, name in enumerate(report.tasks) if name in report.train and not report.train[name].steps)
+
+
+def _intransigence(report: RunReport, reference: RunReport | None) -> float | None:
+    if reference is None or reference.status != "FINISHED" or reference.tasks != report.tasks:
+        return None
+    acc = np.array([[np.nan if v is None else v for v in row] for row in report.acc_matrix], dtype=float)
+    final = np.array([np.nan if v is None else v for v in reference.acc_matrix[-1]], dtype=float)
+    return intransigence(acc, final, skip=_untrained(report))
 
 
 def aggregate(reports: dict[str, list[RunReport]]) -> dict[str, Any]:
-    """Per strategy: mean and sample std over seeds of each metric, and the mean matrix."""
+    """Per strategy: mean, sample std and 95% interval over (order, seed) runs of each metric
+    (and of each per-metric average the runs report), and the mean matrix over the runs in the
+    config's own order (other orders put other tasks in each row). Intransigence needs the joint
+    model of the same order and seed: it is there only when joint is compared."""
     out: dict[str, Any] = {}
+    joint = {(tuple(r.tasks), r.seed): r for r in reports.get(REFERENCE, [])}
     for name, runs in reports.items():
         finished = [r for r in runs if r.status == "FINISHED"]
         undefined = ONLY_AT_END if _trains_only_at_end(name) else ()
-        entry: dict[str, Any] = {}
-        for metric in METRICS:
-            values = [None if metric in undefined else r.metrics.get(metric) for r in finished]
-            entry[metric] = _mean_std(values)
-        if finished:
-            entry["acc_matrix_mean"] = np.mean([np.array(r.acc_matrix, dtype=float) for r in finished],
+        values: dict[str, list[float | None]] = {}
+        for r in finished:
+            metrics = {**r.metrics, "intransigence": _intransigence(r, joint.get((tuple(r.tasks), r.seed)))}
+            for metric, value in metrics.items():
+                values.setdefault(metric, []).append(None if metric.split("/")[0] in undefined else value)
+        entry: dict[str, Any] = {metric: interval(values.get(metric, [])) for metric in METRICS}
+        entry.update({metric: interval(v) for metric, v in sorted(values.items()) if "/" in metric})
+        in_order = [r for r in finished if r.tasks == finished[0].tasks] if finished else []
+        if in_order:
+            entry["acc_matrix_mean"] = np.mean([np.array(r.acc_matrix, dtype=float) for r in in_order],
                                                axis=0).tolist()
-            entry["baseline_mean"] = np.mean([np.array(r.baseline, dtype=float) for r in finished], axis=0).tolist()
-        entry["seeds"] = [r.seed for r in finished]
-        entry["runs"] = [{"seed": r.seed, "status": r.status, "run_id": r.mlflow.run_id, "metrics": r.metrics,
-                          "error": r.error} for r in runs]
+            entry["baseline_mean"] = np.mean([np.array(r.baseline, dtype=float) for r in in_order], axis=0).tolist()
+        entry["seeds"] = sorted({r.seed for r in finished})
+        entry["runs"] = [{"seed": r.seed, "order": r.tasks, "status": r.status, "run_id": r.mlflow.run_id,
+                          "metrics": r.metrics, "seconds": r.seconds, "error": r.error} for r in runs]
+        entry["seconds"] = interval([r.seconds for r in finished])
         if undefined:
             entry["note"] = "trained once, on every task at the end: only avg_acc is meaningful"
         out[name] = entry
@@ -87,30 +131,50 @@ def comparison_matrices(tasks: list[str], summary: dict[str, Any]) -> dict[str, 
     return matrices
 
 
-def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int) -> str:
+def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, orders: int = 1) -> str:
     def cell(stat: dict[str, Any], signed: bool) -> str:
         if stat["mean"] is None:
             return "n/a"
         mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
-        return f"{mean} ± {stat['std']:.3f}" if stat["n"] > 1 else mean
+        return f"{mean} ± {stat['ci95']:.3f}" if stat.get("ci95") is not None else mean
 
-    lines = [f"Stream: {' -> '.join(tasks)}; {seeds} seed(s); mean ± sample std over seeds.", "",
-             "| strategy | avg_acc | forgetting | bwt | fwt | learning_acc | final row |", "|---|---|---|---|---|---|---|"]
+    unsigned = ("avg_acc", "learning_acc")
+    lines = [f"Stream: {' -> '.join(tasks)}; {orders} task order(s) x {seeds} seed(s); mean ± half-width of a "
+             "95% t interval over the runs (the table's first order only for the final row).", "",
+             "| strategy | " + " | ".join(METRICS) + " | seconds | final row |",
+             "|---" * (len(METRICS) + 3) + "|"]
     for name, entry in summary.items():
         final = entry.get("acc_matrix_mean", [[]])[-1]
         row = ", ".join(f"{v:.2f}" for v in final)
-        lines.append(f"| {name} | " + " | ".join(cell(entry[m], m not in ("avg_acc", "learning_acc")) for m in METRICS) + f" | [{row}] |")
+        seconds = entry["seconds"]["mean"]
+        lines.append(f"| {name} | " + " | ".join(cell(entry[m], m not in unsigned) for m in METRICS)
+                     + f" | {'n/a' if seconds is None else f'{seconds:.0f}'} | [{row}] |")
+    by_metric = sorted({m for entry in summary.values() for m in entry if "/" in m})
+    if by_metric:
+        lines += ["", "Per scoring metric (the tasks mix them):", "",
+                  "| strategy | " + " | ".join(by_metric) + " |", "|---" * (len(by_metric) + 1) + "|"]
+        for name, entry in summary.items():
+            lines.append(f"| {name} | " + " | ".join(cell(entry[m], False) if m in entry else "n/a"
+                                                    for m in by_metric) + " |")
     lines += ["", "forgetting = mean over earlier tasks of (best accuracy before the last task - accuracy after it);",
               "bwt = mean of acc[T-1, i] - acc[i, i]; fwt = mean of acc[i-1, i] - baseline[i]; "
-              "learning_acc = mean of acc[i, i] (each task just after training it). "
+              "learning_acc = mean of acc[i, i] (each task just after training it); "
+              "intransigence = mean of joint's final acc on task i - acc[i, i] (only when joint is compared). "
               "joint: only avg_acc is defined."]
     return "\n".join(lines) + "\n"
 
 
-def compare(config: RunConfig, strategies: list[str], *, seeds: int, progress: bool = True) -> dict[str, Any]:
-    """Run every (strategy, seed) on the same stream; returns the comparison written to disk."""
+def run_dir(base: Path, name: str, seed: int, order: int, orders: int) -> Path:
+    """Where one run of a comparison goes: <base>/<strategy>[/order-<k>]/seed-<s>."""
+    return base / name / (f"order-{order}" if orders > 1 else "") / f"seed-{seed}"
+
+
+def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int = 1,
+            progress: bool = True) -> dict[str, Any]:
+    """Run every (strategy, order, seed) on the same tasks; returns the comparison written to disk."""
     if seeds < 1:
         raise ConfigError(f"--seeds ({seeds}) must be at least 1")
+    order_list = task_orders(config, orders)
     config = resolve_paths(config)
     check_tracking(config.mlflow.tracking_uri)
     base = Path(config.output_dir)
@@ -118,35 +182,37 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, progress: b
     parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
                               run_name=config.mlflow.run_name or f"{config.experiment}-compare",
                               tags={"forgetless.compare": ",".join(strategies)})
-    parent.log_params({**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies), "compare.seeds": seeds})
+    parent.log_params({**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies),
+                       "compare.seeds": seeds, "compare.orders": json.dumps(order_list)})
     reports: dict[str, list[RunReport]] = {name: [] for name in strategies}
     status = "FINISHED"
     try:
         for name in strategies:
-            for k in range(seeds):
-                run_config = config.with_strategy(name, seed=config.seed + k,
-                                                  output_dir=str(base / name / f"seed-{config.seed + k}"),
-                                                  parent_run_id=parent.run_id)
-                if progress:
-                    print(f"\n== {name}, seed {config.seed + k} ==", flush=True)
-                try:
-                    reports[name].append(run_experiment(run_config, progress=progress))
-                except RunFailedError as exc:  # one bad run does not sink the comparison
-                    log.error("%s seed %s failed: %s", name, config.seed + k, exc)
-                    reports[name].append(exc.report)
-                    status = "FAILED"
+            for o, order in enumerate(order_list):
+                for k in range(seeds):
+                    seed = config.seed + k
+                    run_config = config.with_strategy(name, seed=seed, order=order, parent_run_id=parent.run_id,
+                                                      output_dir=str(run_dir(base, name, seed, o, orders)))
+                    if progress:
+                        print(f"\n== {name}, order {o} ({' -> '.join(order)}), seed {seed} ==", flush=True)
+                    try:
+                        reports[name].append(run_experiment(run_config, progress=progress))
+                    except RunFailedError as exc:  # one bad run does not sink the comparison
+                        log.error("%s order %s seed %s failed: %s", name, o, seed, exc)
+                        reports[name].append(exc.report)
+                        status = "FAILED"
     except BaseException:
         parent.end("KILLED")
         raise
     first = next(r for runs in reports.values() for r in runs)
     tasks = first.tasks
     summary = aggregate(reports)
-    comparison = {"tasks": tasks, "seeds": seeds, "strategies": summary,
+    comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "strategies": summary,
                   "mlflow": {"tracking_uri": parent.tracking_uri, "parent_run_id": parent.run_id}}
     json_path = base / "comparison.json"
     write_atomic(json_path, json.dumps(comparison, indent=2))
     md_path = base / "comparison.md"
-    write_atomic(md_path, format_table(tasks, summary, seeds=seeds))
+    write_atomic(md_path, format_table(tasks, summary, seeds=seeds, orders=orders))
     plots = plot_comparison(comparison_matrices(tasks, summary), base)
     for name, entry in summary.items():
         parent.log_metrics({f"{name}/{m}": entry[m]["mean"] for m in METRICS}, step=0)

@@ -38,8 +38,8 @@ from pipelines.plan import (
     fingerprint,
     planning_for,
     recovery_plan,
+    rows_to_store,
     state_dir,
-    stores_rows,
 )
 from pipelines.plots import plot_heatmap
 from pipelines.report import MlflowRef, ModelInit, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
@@ -78,7 +78,7 @@ class Scheduler:
         self.output_dir = self.output.path
         self.fingerprints = {t.name: fingerprint(t) for t in stream}
         self.untrained = tuple(i for i, t in enumerate(stream) if not t.trainable)
-        self.matrix = ForgettingMatrix(stream.names, untrained=self.untrained)
+        self.matrix = ForgettingMatrix(stream.names, untrained=self.untrained, scored_by=[t.metric for t in stream])
         self.finished = 0  # tasks whose row is committed
         self._history: list[dict[str, Any]] = []
         self._train_stats: dict[str, TaskStats] = {}
@@ -103,7 +103,7 @@ class Scheduler:
         config = self.config
         self.replay: ReplayStore | None = None
         self._replay_checkpoint = START_TAG
-        if config.replay.enabled or self.planning.replay_ratio > 0:
+        if config.replay.enabled or self.planning.uses_replay:
             self.replay = ReplayStore.create(config.replay, seed=config.seed, directory=self.output.replay_dir)
             if previous is None:
                 self.replay.checkpoint(START_TAG)
@@ -137,7 +137,8 @@ class Scheduler:
                 column = [previous.acc_matrix[t][old] for t in range(self.finished)]
                 acc[: self.finished, j] = [np.nan if v is None else v for v in column]
                 baseline[j] = np.nan if previous.baseline[old] is None else previous.baseline[old]
-        self.matrix = ForgettingMatrix(self.stream.names, acc=acc, baseline=baseline, untrained=self.untrained)
+        self.matrix = ForgettingMatrix(self.stream.names, acc=acc, baseline=baseline, untrained=self.untrained,
+                                       scored_by=[t.metric for t in self.stream])
         self._history = [h for h in previous.metrics_per_task if h["task_index"] < self.finished]
         self._train_stats = {k: v for k, v in previous.train.items() if k in self.stream.names[: self.finished]}
         self._checkpoints = {k: v for k, v in previous.checkpoints.items() if k in self.stream.names[: self.finished]}
@@ -217,14 +218,15 @@ class Scheduler:
                                   loss=None)
         return self._plan
 
-    def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int) -> None:
+    def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int,
+                 metrics: dict[str, float] | None = None) -> None:
         self._progress.update(step=step + 1, num_steps=num_steps, loss=loss, global_step=global_step,
                               mlflow_outage=self.sink.outage)
         if step + 1 == num_steps:
             self._progress["phase"] = "eval"
         if global_step > self._logged_until:  # a redone task's steps were logged by the attempt that died
-            self.sink.log_metrics({"train_loss": loss, f"train_loss/{self.stream[task_index].name}": loss},
-                                  step=global_step)
+            self.sink.log_metrics({"train_loss": loss, f"train_loss/{self.stream[task_index].name}": loss,
+                                   **{f"train/{k}": v for k, v in (metrics or {}).items()}}, step=global_step)
 
     def record_baseline(self, accuracies: dict[str, float]) -> None:
         """The untrained model's accuracy on some or all tasks."""
@@ -242,7 +244,7 @@ class Scheduler:
         self.sink.log_metrics({f"acc/{k}": v for k, v in accuracies.items()}, step=row)
 
     def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any] | None = None,
-                    checkpoint: str | None = None) -> dict[str, float | None]:
+                    checkpoint: str | None = None, replay_logits: pa.Table | None = None) -> dict[str, float | None]:
         """Commit task ``task_index``: row, replay rows, report; then log acc/<task> and the metrics
         after it (step = task index)."""
         name = self.stream[task_index].name
@@ -255,7 +257,7 @@ class Scheduler:
             self._checkpoints[name] = checkpoint
         self._write_matrix()
         if self.replay is not None:
-            self._remember(task_index)
+            self._remember(task_index, replay_logits)
             self._replay_checkpoint = replay_tag(task_index)
             self.replay.checkpoint(self._replay_checkpoint)
         self.finished = task_index + 1
@@ -280,25 +282,19 @@ class Scheduler:
         if self.replay is not None:
             self.replay.drop_checkpoints(keep=[self._replay_checkpoint])
 
-    def _remember(self, task_index: int) -> None:
-        """Insert task ``task_index``'s training examples into the replay store (a seeded subset
-        of ``replay.rows_per_task`` rows, or all)."""
-        task = self.stream[task_index]
-        if not stores_rows(self.config, task):  # the pretraining task, without general-sample replay
+    def _remember(self, task_index: int, logits: pa.Table | None = None) -> None:
+        """Insert task ``task_index``'s rows into the replay store (``rows_to_store``: a seeded
+        subset of ``replay.rows_per_task`` rows, or all), with their logits when the strategy
+        keeps them (DER++: ``logits`` has one row per stored row, in the same order)."""
+        rows = rows_to_store(self.config, self.stream, task_index)
+        if rows is None:
             return
-        sources, targets = task.sources("train"), task.targets("train")
-        chosen = np.arange(len(sources))
-        limit = self.config.replay.rows_per_task if task.trainable else self.config.replay.pretraining_rows
-        if limit and limit < len(chosen):
-            chosen = np.sort(np.random.default_rng([self.config.seed, task_index]).choice(len(chosen), limit,
-                                                                                          replace=False))
-        rows = pa.table({
-            "example_id": [f"{task.name}:{i}" for i in chosen],
-            "task_id": pa.array([task_index] * len(chosen), pa.int32()),
-            "task_name": [task.name] * len(chosen),
-            "source": [sources[i] for i in chosen],
-            "target": [targets[i] for i in chosen],
-        })
+        if self.planning.stores_logits and self.stream[task_index].trainable:
+            if logits is None or logits.num_rows != rows.num_rows:
+                raise RuntimeError(f"task {self.stream[task_index].name!r}: the strategy stores logits with its "
+                                   f"rows, but the trainers sent {0 if logits is None else logits.num_rows} "
+                                   f"row(s) of logits for {rows.num_rows} row(s)")
+            rows = rows.append_column("logits", logits.column("logits"))
         self.replay.insert(rows)
 
     def recovery_plan(self) -> RecoveryPlan | None:

@@ -149,6 +149,12 @@ class StreamConfig(Schema):
     max_source_tokens: int = Field(default=128, gt=0)
     max_target_tokens: int = Field(default=32, gt=0)
     pretraining_task: PretrainingTaskConfig | None = None
+    # Train / eval splits are cut with this seed (and the task's name), not the run's: every seed
+    # and every task order of a comparison is evaluated on the same examples.
+    split_seed: int = 0
+    # Task orders for `forgetless compare --orders N` after the order of ``tasks`` (each lists every
+    # task name once); seeded permutations make up the rest.
+    orders: list[list[str]] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -167,7 +173,16 @@ class StreamConfig(Schema):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"task names must be unique; repeated: {dupes}")
+        own = sorted(t.name for t in self.tasks)
+        for k, order in enumerate(self.orders or []):
+            if sorted(order) != own:
+                raise ValueError(f"orders[{k}] must list every task once: it has {order}, the tasks are {own}")
         return self
+
+    def in_order(self, names: list[str]) -> list[TaskConfig]:
+        """The tasks in the order ``names`` lists them."""
+        by_name = {t.name: t for t in self.tasks}
+        return [by_name[n] for n in names]
 
 
 # ----------------------------------------------------------------------------------- training
@@ -218,7 +233,9 @@ class ReplayConfig(Schema):
     capacity_rows: int = Field(default=10_000, gt=0)  # per shard
     remover: Literal["fifo", "reservoir", "task_balanced"] = "reservoir"
     sampler: Literal["uniform", "task_balanced"] = "uniform"
-    rows_per_task: int | None = Field(default=None, gt=0)  # inserted after each task; None: its whole train split
+    # Inserted after each task: a seeded sample of its training rows (the buffer's budget grows by
+    # this much per task). None keeps every row: cumulative training by another name.
+    rows_per_task: int | None = Field(default=200, gt=0)
     directory: str | None = None  # logs and snapshots; None: <output_dir>/replay
     snapshot_every_rows: int | None = Field(default=10_000, gt=0)
     max_samples_per_insert: float | None = Field(default=None, gt=0)  # Reverb-style rate limit
@@ -288,28 +305,58 @@ class ReplayStrategyConfig(Schema):
 
 
 class LwfStrategyConfig(Schema):
-    """Learning without Forgetting: distil the model saved at the previous task boundary (frozen)
-    into the student on the new task's inputs. loss = (1 - alpha) * CE + alpha * distillation."""
+    """Learning without Forgetting (Li & Hoiem 2016): the new task's inputs, put under each earlier
+    task's prefix (the old "heads"), are answered by the model saved at the previous task boundary
+    (frozen); the student is trained to give the same answers there, beside CE on the new task.
+    loss = (1 - alpha) * CE + alpha * mean over earlier prefixes of the distillation term."""
 
     name: Literal["lwf"] = "lwf"
+    # kl: T^2 KL of softened distributions; mse: squared logit difference summed over the
+    # vocabulary; pseudo_labels: CE on the teacher's greedy answers
     variant: Literal["kl", "mse", "pseudo_labels"] = "kl"
     temperature: float = Field(default=2.0, gt=0)  # kl: softmax(logits / T); T = 2 ~ square-root probabilities
     alpha: float = Field(default=0.5, ge=0, le=1)
 
 
 class EwcStrategyConfig(Schema):
-    """Elastic weight consolidation: diagonal Fisher after each task, penalty lambda/2 F (w - w*)^2."""
+    """Online elastic weight consolidation (Schwarz et al. 2018): after each task, F <- gamma F +
+    F_task (diagonal empirical Fisher) and the anchor w* <- the weights then; the penalty is
+    lambda / 2 * sum F (w - w*)^2. gamma = 1 keeps every task's Fisher at full weight (Huszar 2018's
+    correction of the per-task form)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     name: Literal["ewc"] = "ewc"
     ewc_lambda: float = Field(default=100.0, ge=0, alias="lambda")
+    gamma: float = Field(default=1.0, ge=0, le=1)
     fisher_examples: int = Field(default=256, gt=0)
+
+
+class AgemStrategyConfig(Schema):
+    """A-GEM (Chaudhry et al. 2019): each micro-batch's gradient g is checked against the gradient
+    g_ref of a batch of replayed rows; when g . g_ref < 0 it is projected to g - (g . g_ref /
+    g_ref . g_ref) g_ref, so the loss on the replayed rows does not rise to first order."""
+
+    name: Literal["agem"] = "agem"
+    reference_rows: int = Field(default=16, gt=0)  # replayed rows per reference gradient
+
+
+class DerppStrategyConfig(Schema):
+    """DER++ (Buzzega et al. 2020): replayed rows carry the logits the model gave them when they
+    were stored (the top ``top_k`` of each target token); loss = CE on the new batch + alpha * MSE
+    of the current logits to the stored ones (at the stored ids) on one replayed batch + beta * CE
+    on another."""
+
+    name: Literal["derpp"] = "derpp"
+    alpha: float = Field(default=0.3, ge=0)
+    beta: float = Field(default=0.5, ge=0)
+    replay_rows: int = Field(default=8, gt=0)  # rows of each of the two replayed batches per micro-batch
+    top_k: int = Field(default=32, gt=0, le=4096)  # logits stored per target token
 
 
 # Each strategy's name is written once: in its config class's ``name`` literal. Everything else
 # (the registry, the union, ``strategies:`` settings, the trainers' table) is keyed by the class.
 _STRATEGY_TYPES = (NaiveStrategyConfig, JointStrategyConfig, CumulativeStrategyConfig, ReplayStrategyConfig,
-                   LwfStrategyConfig, EwcStrategyConfig)
+                   LwfStrategyConfig, EwcStrategyConfig, AgemStrategyConfig, DerppStrategyConfig)
 STRATEGY_CONFIGS: dict[str, type[Schema]] = {cls.model_fields["name"].default: cls for cls in _STRATEGY_TYPES}
 StrategyConfig = Annotated[Union[_STRATEGY_TYPES], Field(discriminator="name")]
 DEFAULT_STRATEGY = NaiveStrategyConfig().name
@@ -355,7 +402,7 @@ class RunConfig(Schema):
 
     @model_validator(mode="after")
     def _strategy_needs(self) -> RunConfig:
-        if isinstance(self.strategy, EwcStrategyConfig) and self.training.zero_stage == 3:
+        if isinstance(self.strategy, (EwcStrategyConfig, AgemStrategyConfig)) and self.training.zero_stage == 3:
             raise ValueError(f"strategy {self.strategy.name} needs full parameters on every worker: "
                              "use training.zero_stage <= 2")
         if self.replay.pretraining_rows and not self.stream.has_pretraining_task:
@@ -369,12 +416,15 @@ class RunConfig(Schema):
         return self
 
     def with_strategy(self, name: str, *, seed: int | None = None, output_dir: str | None = None,
-                      parent_run_id: str | None = None) -> RunConfig:
-        """This config running strategy ``name`` with its settings from ``strategies``."""
+                      parent_run_id: str | None = None, order: list[str] | None = None) -> RunConfig:
+        """This config running strategy ``name`` with its settings from ``strategies`` (and its
+        tasks in ``order``, a list of their names)."""
         if name not in STRATEGY_CONFIGS:
             raise ConfigError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGY_CONFIGS)}")
         data = self.model_dump(by_alias=True)
         data["strategy"] = getattr(self.strategies, name).model_dump(by_alias=True)
+        if order is not None:
+            data["stream"]["tasks"] = [t.model_dump(by_alias=True) for t in self.stream.in_order(order)]
         if seed is not None:
             data["seed"] = seed
         if output_dir is not None:

@@ -38,7 +38,8 @@ from pipelines.scoring import METRICS
 from pipelines.strategies import IGNORE_INDEX, TrainingContext, build_training_strategy
 from storage.files import atomic_directory
 
-StepCallback = Callable[[int, int, float], None]  # (step, num_steps, mean loss since the last call)
+# (step, num_steps, mean loss since the last call, the strategy's metrics averaged the same way)
+StepCallback = Callable[[int, int, float, dict[str, float]], None]
 ReplaySource = Callable[[], pa.Table]  # a table of replayed (source, target) rows per call
 
 
@@ -164,20 +165,25 @@ class Learner(Engine):
     def batches(self, plan: TaskPlan, replay: ReplaySource | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Endless micro-batches of this rank's share, reshuffled each epoch with a seeded generator.
 
-        With ``replay``, each micro-batch holds ``plan.replay_rows_per_batch`` replayed rows and
-        the rest from the plan.
+        With ``replay``, ``plan.replay_rows_per_batch`` replayed rows per micro-batch, used as
+        ``plan.replay_mode`` says: "mix" appends them to the micro-batch (the rest from the plan);
+        "reference" hands them as a separate ``reference`` batch (A-GEM); "with_logits" splits them into
+        ``replay_logits`` (with their stored logits) and ``replay_ce`` batches. With
+        ``plan.distill_prefixes`` (LwF), ``views`` holds the micro-batch's inputs under each
+        earlier task's prefix instead of this task's.
 
         Raises:
             DataError: this rank's share of the plan is empty (fewer rows than workers).
         """
-        inputs, labels = self._encode(plan.examples.column("source").to_pylist(),
-                                      plan.examples.column("target").to_pylist())
+        sources = plan.examples.column("source").to_pylist()
+        inputs, labels = self._encode(sources, plan.examples.column("target").to_pylist())
         if len(inputs) <= self.rank:
             raise DataError(f"task {plan.name!r} has {len(inputs)} training row(s) for {self.world_size} workers: "
                             f"worker {self.rank} has none to train on; lower training.num_workers")
+        views = self._views(sources, plan)
         num_replayed = plan.replay_rows_per_batch if replay is not None else 0
         denoise_rng = np.random.default_rng([plan.seed, plan.index, self.rank, 0xDE])
-        size = self.config.training.micro_batch_size - num_replayed
+        size = self.config.training.micro_batch_size - (num_replayed if plan.replay_mode == "mix" else 0)
         by_class = (np.argsort(np.asarray(plan.examples.column("target").to_pylist(), dtype=object), kind="stable")
                     if plan.order == "by_class" else None)
         for epoch in range(10**9):
@@ -187,10 +193,58 @@ class Learner(Engine):
             for start in range(0, len(order), size):
                 chosen = order[start : start + size]
                 batch_inputs, batch_labels = [inputs[i] for i in chosen], [labels[i] for i in chosen]
+                extra: dict[str, Any] = {}
                 if num_replayed:
-                    more_inputs, more_labels = self._replayed(replay(), plan, denoise_rng)
-                    batch_inputs, batch_labels = batch_inputs + more_inputs, batch_labels + more_labels
-                yield self._collate(batch_inputs, batch_labels)
+                    rows = replay()
+                    if plan.replay_mode == "mix":
+                        more_inputs, more_labels = self._replayed(rows, plan, denoise_rng)
+                        batch_inputs, batch_labels = batch_inputs + more_inputs, batch_labels + more_labels
+                    elif plan.replay_mode == "reference":
+                        extra["reference"] = self._collate(*self._replayed(rows, plan, denoise_rng))
+                    else:
+                        half = rows.num_rows // 2
+                        extra["replay_logits"] = self._with_logits(rows.slice(0, half), plan, denoise_rng)
+                        extra["replay_ce"] = self._collate(*self._replayed(rows.slice(half), plan, denoise_rng))
+                if views:
+                    extra["views"] = [self._collate_inputs([view[i] for i in chosen]) for view in views]
+                yield {**self._collate(batch_inputs, batch_labels), **extra}
+
+    def _views(self, sources: list[str], plan: TaskPlan) -> list[list[list[int]]]:
+        """LwF: this task's sources under each earlier task's prefix, encoded."""
+        if not plan.distill_prefixes:
+            return []
+        bare = [s[len(plan.prefix):] if s.startswith(plan.prefix) else s for s in sources]
+        limit = self.config.stream.max_source_tokens
+        return [self.tokenizer([prefix + s for s in bare], truncation=True, max_length=limit)["input_ids"]
+                for prefix in plan.distill_prefixes]
+
+    def _collate_inputs(self, inputs: list[list[int]]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(inputs), max(map(len, inputs))), pad, dtype=torch.long)
+        for i, x in enumerate(inputs):
+            input_ids[i, : len(x)] = torch.tensor(x)
+        return {"input_ids": input_ids.to(self.device), "attention_mask": (input_ids != pad).to(self.device)}
+
+    def _with_logits(self, rows: pa.Table, plan: TaskPlan, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """DER++: replayed rows with their stored top-k logits, as tensors beside the labels
+        (``logit_valid`` marks the target tokens that have stored logits)."""
+        batch = self._collate(*self._encode(rows.column("source").to_pylist(), rows.column("target").to_pylist()))
+        stored = rows.column("logits").to_pylist() if "logits" in rows.column_names else [None] * rows.num_rows
+        ks = {logits["k"] for logits in stored if logits is not None}
+        width, k = batch["labels"].shape[1], max(ks, default=1)
+        ids = torch.zeros((rows.num_rows, width, k), dtype=torch.long)
+        values = torch.zeros((rows.num_rows, width, k), dtype=torch.float32)
+        valid = torch.zeros((rows.num_rows, width), dtype=torch.bool)
+        for i, logits in enumerate(stored):
+            if logits is None or logits["k"] != k:
+                continue
+            tokens = min(logits["tokens"], width)
+            shape = (logits["tokens"], k)
+            ids[i, :tokens] = torch.tensor(logits["ids"], dtype=torch.long).view(shape)[:tokens]
+            values[i, :tokens] = torch.tensor(logits["values"], dtype=torch.float32).view(shape)[:tokens]
+            valid[i, :tokens] = True
+        device = self.device
+        return {**batch, "logit_ids": ids.to(device), "logit_values": values.to(device), "logit_valid": valid.to(device)}
 
     def _replayed(self, rows: pa.Table, plan: TaskPlan,
                   rng: np.random.Generator) -> tuple[list[list[int]], list[list[int]]]:
@@ -227,6 +281,9 @@ class Learner(Engine):
         stops every rank at the same check, naming the first step it appeared at.
         """
         started_at, start = time.time(), time.perf_counter()
+        metrics = getattr(self.strategy, "metrics", None)
+        if metrics is not None:
+            metrics.clear()
         if plan.examples is None or plan.num_steps == 0:  # nothing to train at this task (joint before the last)
             return {"steps": 0, "mean_loss": None, "seconds": 0.0, "started_at": started_at,
                     "ended_at": time.time(), "examples": 0}
@@ -255,19 +312,60 @@ class Learner(Engine):
             self.global_step += 1
             window_steps += 1
             if (step + 1) % every == 0 or step + 1 == total:
-                summed, num_bad = self.comm.all_reduce_sum(window).tolist()  # the loop's one host sync
+                names = sorted(metrics) if metrics else []
+                synced = torch.cat([window, *(metrics[n].reshape(1) for n in names)]) if names else window
+                summed, num_bad, *extra = self.comm.all_reduce_sum(synced).tolist()  # the loop's one host sync
                 if num_bad:
                     first = int(self.comm.all_reduce_min(first_bad).item())
                     raise NonFiniteLossError(plan.name, first, summed)
                 loss_sum += summed
+                micro_batches = window_steps * training.grad_accum_steps * self.world_size
                 if on_step is not None:
-                    on_step(step, total, summed / (window_steps * self.world_size))
+                    on_step(step, total, summed / (window_steps * self.world_size),
+                            {n: v / micro_batches for n, v in zip(names, extra)})
                 window.zero_()
+                if metrics:
+                    metrics.clear()
                 window_steps = 0
         seconds = time.perf_counter() - start
         self.strategy.after_task(context, plan)
         return {"steps": total, "mean_loss": loss_sum / (total * self.world_size), "seconds": seconds,
                 "started_at": started_at, "ended_at": time.time(), "examples": examples}
+
+    @torch.no_grad()
+    def replay_logits(self, plan: TaskPlan) -> pa.Table | None:
+        """DER++: the top-k logits of each target token of ``plan.logit_rows`` (the rows the store
+        gets after this task), teacher-forced on their targets, as a one-column table (``logits``,
+        the replay store's ``LOGITS_TYPE``) in the rows' order. Collective: every rank runs every
+        forward pass (ZeRO-3 needs them in lockstep); rank 0 returns the table, the others None."""
+        rows = plan.logit_rows
+        if rows is None:
+            return None
+        from storage.replay import LOGITS_TYPE
+
+        k, size = self.config.strategy.top_k, self.config.evaluation.batch_size
+        inputs, labels = self._encode(rows.column("source").to_pylist(), rows.column("target").to_pylist())
+        stored = []
+        self.engine.eval()
+        try:
+            for start in range(0, len(inputs), size):
+                batch = self._collate(inputs[start : start + size], labels[start : start + size])
+                logits = self.engine(**batch).logits.float()
+                top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+                ids, values = top.indices.to(torch.int32).cpu(), top.values.cpu()
+                for i, target in enumerate(labels[start : start + size]):
+                    tokens = len(target)
+                    stored.append({"tokens": tokens, "k": ids.shape[-1], "ids": ids[i, :tokens].flatten().tolist(),
+                                   "values": values[i, :tokens].flatten().numpy()})
+        finally:
+            self.engine.train()
+        if self.rank != 0:
+            return None
+        values = pa.array([row["values"] for row in stored], pa.list_(pa.float32()))  # float32, bit for bit
+        return pa.table({"logits": pa.StructArray.from_arrays(
+            [pa.array([r["tokens"] for r in stored], pa.int32()), pa.array([r["k"] for r in stored], pa.int32()),
+             pa.array([r["ids"] for r in stored], pa.list_(pa.int32())), values],
+            fields=list(LOGITS_TYPE))})
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -26,14 +26,15 @@ class Coordinator(Protocol):
 
     def set_phase(self, phase: str) -> None: ...
 
-    def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int) -> None: ...
+    def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int,
+                 metrics: dict[str, float] | None = None) -> None: ...
 
     def record_baseline(self, accuracies: dict[str, float]) -> None: ...
 
     def record_fill(self, row: int, accuracies: dict[str, float]) -> None: ...
 
     def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any],
-                    checkpoint: str | None) -> Any: ...
+                    checkpoint: str | None, replay_logits: Any = None) -> Any: ...
 
     def recovery_plan(self) -> RecoveryPlan | None: ...
 
@@ -86,15 +87,17 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
         while (plan := coordinator.next_task(rank)) is not None:
             feed = replay(plan, rank) if replay is not None and plan.replay_rows_per_batch else None
 
-            def on_step(step: int, total: int, loss: float, index: int = plan.index) -> None:
+            def on_step(step: int, total: int, loss: float, metrics: dict[str, float],
+                        index: int = plan.index) -> None:
                 if leader:
-                    coordinator.log_step(index, step, total, loss, learner.global_step)
+                    coordinator.log_step(index, step, total, loss, learner.global_step, metrics)
 
             try:
                 stats = learner.train_task(plan, on_step=on_step, replay=feed.next_batch if feed else None)
             finally:
                 if feed is not None:
                     feed.close()
+            replay_logits = learner.replay_logits(plan)  # DER++: what the store keeps with this task's rows
             started = time.perf_counter()
             accuracies = learner.evaluate(eval_sets)
             stats["eval_seconds"] = time.perf_counter() - started
@@ -103,7 +106,8 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
             if plan.state_dir:
                 learner.save_state(plan.state_dir)
             if leader:
-                coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir)
+                coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir,
+                                        replay_logits=replay_logits)
             # No rank asks for the next plan before this task is committed (its replay rows stored).
             learner.comm.barrier()
         # The recovery probe runs on rank 0 alone, from the saved final model: no collective, so the

@@ -79,15 +79,59 @@ def learning_accuracy(acc: np.ndarray, upto: int, *, skip: tuple[int, ...] = ())
     return _mean([float(acc[j, j]) for j in range(upto + 1) if j not in skip])
 
 
-def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int, ...] = ()) -> dict[str, float | None]:
-    """All metrics after task ``upto``: keys avg_acc, forgetting, bwt, fwt, learning_acc."""
-    return {
+def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int, ...] = (),
+            scored_by: list[str] | None = None) -> dict[str, float | None]:
+    """All metrics after task ``upto``: keys avg_acc, forgetting, bwt, fwt, learning_acc.
+
+    ``scored_by``: each task's metric name. When the tasks seen so far mix metrics (exact match
+    and ROUGE-L), an average over both mixes scales; ``avg_acc/<metric>`` and
+    ``learning_acc/<metric>`` then give each metric's own average too.
+    """
+    out = {
         "avg_acc": average_accuracy(acc, upto),
         "forgetting": forgetting(acc, upto),
         "bwt": backward_transfer(acc, upto),
         "fwt": forward_transfer(acc, baseline, upto),
         "learning_acc": learning_accuracy(acc, upto, skip=skip),
     }
+    if scored_by is not None and len(set(scored_by[: upto + 1])) > 1:
+        acc = _check(acc, upto)
+        for metric in sorted(set(scored_by[: upto + 1])):
+            tasks = [j for j in range(upto + 1) if scored_by[j] == metric]
+            out[f"avg_acc/{metric}"] = float(np.mean(acc[upto, tasks]))
+            out[f"learning_acc/{metric}"] = _mean([float(acc[j, j]) for j in tasks if j not in skip])
+    return out
+
+
+def intransigence(acc: np.ndarray, reference: np.ndarray | list[float], *, skip: tuple[int, ...] = ()) -> float | None:
+    """Mean over tasks k (not in ``skip``) of reference[k] - acc[k, k] (Chaudhry et al. 2018): how
+    much less a strategy learns each task than a model trained on the tasks together could.
+    Chaudhry's reference for task k is a model trained jointly on tasks 0..k; ours is the joint
+    model's final row (trained on every task), one reference for all k."""
+    acc = np.asarray(acc, dtype=float)
+    reference = np.asarray(reference, dtype=float)
+    return _mean([float(reference[k] - acc[k, k]) for k in range(acc.shape[0])
+                  if k not in skip and not np.isnan(acc[k, k]) and not np.isnan(reference[k])])
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-30), then the normal's.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def interval(values: list[float | None]) -> dict[str, float | int | None]:
+    """Mean, sample std and the half-width of a 95% t interval for the mean (``ci95``: mean +- it),
+    over the defined values. One value: std 0 and no interval (None); none: everything None."""
+    defined = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(defined)
+    if not n:
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    if n == 1:
+        return {"mean": defined[0], "std": 0.0, "ci95": None, "n": 1}
+    std = float(np.std(defined, ddof=1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.960
+    return {"mean": float(np.mean(defined)), "std": std, "ci95": t * std / math.sqrt(n), "n": n}
 
 
 @dataclass
@@ -101,6 +145,7 @@ class ForgettingMatrix:
     acc: np.ndarray = field(default=None)  # type: ignore[assignment]
     baseline: np.ndarray = field(default=None)  # type: ignore[assignment]
     untrained: tuple[int, ...] = ()  # tasks measured but not trained (left out of learning_acc)
+    scored_by: list[str] | None = None  # each task's metric (per-metric averages when they differ)
 
     def __post_init__(self) -> None:
         n = len(self.tasks)
@@ -143,7 +188,7 @@ class ForgettingMatrix:
         upto = self.num_rows - 1 if upto is None else upto
         if upto < 0:
             raise ValueError("no row recorded yet")
-        return summary(self.acc, self.baseline, upto, skip=self.untrained)
+        return summary(self.acc, self.baseline, upto, skip=self.untrained, scored_by=self.scored_by)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines.config import (
+    AgemStrategyConfig,
     CumulativeStrategyConfig,
+    DerppStrategyConfig,
     EwcStrategyConfig,
     JointStrategyConfig,
     LwfStrategyConfig,
@@ -54,6 +57,12 @@ class TaskPlan:
     state_dir: str | None = None  # save the training state here (optimizer, RNG, strategy): what resume loads
     order: str = "shuffled"  # "by_class": the examples in target order, every epoch (no shuffling)
     denoised_tasks: tuple[int, ...] = ()  # replayed rows of these tasks are corpus text: corrupt them (pretraining)
+    # How replayed rows are used: "mix" (appended to the micro-batch), "reference" (a separate batch
+    # for A-GEM's reference gradient), "with_logits" (two separate batches, one with its stored logits)
+    replay_mode: str = "mix"
+    prefix: str = ""  # this task's prefix (every source in ``examples`` starts with it, for "task" data)
+    distill_prefixes: tuple[str, ...] = ()  # LwF: the earlier tasks' prefixes, the old "heads"
+    logit_rows: pa.Table | None = None  # DER++: the rows the store gets after this task; their logits go with them
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,14 @@ class Planning:
 
     data: Literal["task", "seen", "all_at_end"] = "task"
     needs_teacher: bool = False
-    replay_ratio: float = 0.0
+    replay_ratio: float = 0.0  # "mix": the share of each micro-batch drawn from the store
+    replay_mode: Literal["mix", "reference", "with_logits"] = "mix"
+    replay_rows: int = 0  # "reference" / "with_logits": replayed rows drawn per micro-batch
+    stores_logits: bool = False  # the store's rows carry the model's logits (DER++)
+
+    @property
+    def uses_replay(self) -> bool:
+        return self.replay_ratio > 0 or self.replay_rows > 0
 
     @property
     def trains_only_at_end(self) -> bool:
@@ -114,6 +130,9 @@ PLANNING: dict[type[Schema], Callable[[Schema], Planning]] = {
     ReplayStrategyConfig: lambda config: Planning(replay_ratio=config.replay_ratio),
     LwfStrategyConfig: lambda config: Planning(needs_teacher=True),
     EwcStrategyConfig: lambda config: Planning(),
+    AgemStrategyConfig: lambda config: Planning(replay_mode="reference", replay_rows=config.reference_rows),
+    DerppStrategyConfig: lambda config: Planning(replay_mode="with_logits", replay_rows=2 * config.replay_rows,
+                                                 stores_logits=True),
 }
 
 
@@ -197,6 +216,33 @@ def stores_rows(config: RunConfig, task: Task) -> bool:
     return task.trainable or config.replay.pretraining_rows > 0
 
 
+def rows_to_store(config: RunConfig, stream: TaskStream, index: int) -> pa.Table | None:
+    """The rows task ``index`` adds to the replay store after it is trained: a seeded sample of
+    ``replay.rows_per_task`` of its training rows (all, when unset), or ``replay.pretraining_rows``
+    of the pretraining corpus. None: it adds none."""
+    task = stream[index]
+    if not stores_rows(config, task):
+        return None
+    sources, targets = task.sources("train"), task.targets("train")
+    chosen = np.arange(len(sources))
+    limit = config.replay.rows_per_task if task.trainable else config.replay.pretraining_rows
+    if limit and limit < len(chosen):
+        chosen = np.sort(np.random.default_rng([config.seed, index]).choice(len(chosen), limit, replace=False))
+    return pa.table({
+        "example_id": [f"{task.name}:{i}" for i in chosen],
+        "task_id": pa.array([index] * len(chosen), pa.int32()),
+        "task_name": [task.name] * len(chosen),
+        "source": [sources[i] for i in chosen],
+        "target": [targets[i] for i in chosen],
+    })
+
+
+def _replay_rows(config: RunConfig, planning: Planning) -> int:
+    if planning.replay_mode == "mix":
+        return replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
+    return planning.replay_rows
+
+
 def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
     """The plan of task ``index``: the one place where what happens at a task is decided."""
     planning = planning_for(config.strategy)
@@ -207,14 +253,21 @@ def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
     if planning.needs_teacher and index:
         teacher = str(checkpoint_dir(config.output_dir, index - 1, stream[index - 1].name))
     saves_model = config.checkpoint.models == "all" or last or planning.needs_teacher
+    # LwF's old heads: each distinct prefix of an earlier trained task (one prefix shared by a
+    # domain-incremental stream's tasks is one head)
+    old_prefixes = tuple(dict.fromkeys(t.prefix for t in stream.tasks[:index] if t.trainable))
     return TaskPlan(
         index=index, name=task.name, examples=examples,
         num_steps=planned_steps(config, stream, index, planning, examples),
         seed=config.seed,
         # Replay draws from earlier tasks' rows: none before the first task that put rows in the store.
-        replay_rows_per_batch=(replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
+        replay_rows_per_batch=(_replay_rows(config, planning)
                                if examples is not None and any(stores_rows(config, t) for t in stream.tasks[:index])
                                else 0),
+        replay_mode=planning.replay_mode,
+        prefix=task.prefix,
+        distill_prefixes=old_prefixes if planning.needs_teacher and examples is not None else (),
+        logit_rows=rows_to_store(config, stream, index) if planning.stores_logits and examples is not None else None,
         teacher_dir=teacher,
         model_dir=str(checkpoint_dir(config.output_dir, index, task.name)) if saves_model else None,
         state_dir=str(state_dir(config.output_dir, index)),

@@ -6,7 +6,10 @@ teacher, how much replay) is plain data in ``pipelines.plan``, used by the sched
 every trainer worker, ``before_task`` / ``loss`` / ``after_task`` run around the training loop and
 get a small ``TrainingContext`` — the model, the task's batches, the collectives — never the
 whole learner. State kept across tasks (EWC's Fisher) is saved with the training state, so a
-resumed run carries it on.
+resumed run carries it on. A micro-batch may carry more than the model's inputs (LwF's ``views``
+under old prefixes, A-GEM's ``reference`` batch, DER++'s replayed batches): the strategy that asked
+for them takes them out. A strategy's ``metrics`` (summed on the device over micro-batches) are
+averaged over the logging window and ranks by the learner and logged as ``train/<name>``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.config import (
+    AgemStrategyConfig,
     CumulativeStrategyConfig,
+    DerppStrategyConfig,
     EwcStrategyConfig,
     JointStrategyConfig,
     LwfStrategyConfig,
@@ -93,55 +98,86 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
     ``kl``: T^2 * KL(softmax(teacher / T) || softmax(student / T)) (Hinton et al. 2015; the T^2
     keeps gradient size independent of T). T = 2 softens the teacher much as the lecture's square
-    root of the probabilities does. ``mse``: mean squared difference of the logits (the lecture's
-    "analog" loss). Positions where ``labels == -100`` (padding) count for nothing.
+    root of the probabilities does. ``mse``: the squared difference of the logits summed over the
+    vocabulary (the lecture's "analog" loss; a mean over the vocabulary would be V times weaker).
+    Positions where ``labels == -100`` (padding) count for nothing.
     """
-    mask = (labels != IGNORE_INDEX).to(student_logits.dtype)
+    mask = (labels != IGNORE_INDEX).to(torch.float32)
     if variant == "kl":
         log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
         log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
         per_token = (log_teacher.exp() * (log_teacher - log_student)).sum(-1) * temperature**2
     elif variant == "mse":
-        per_token = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+        per_token = (student_logits.float() - teacher_logits.float()).pow(2).sum(-1)
     else:
         raise ValueError(f"unknown distillation variant {variant!r}; choose 'kl' or 'mse'")
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
+def answer_labels(sequences: torch.Tensor, *, eos_id: int) -> torch.Tensor:
+    """Generated answers (decoder start token dropped) as labels: everything after the first end
+    of sequence is padding (-100); the end token itself is kept, as the teacher chose it."""
+    answer = sequences[:, 1:].clone()
+    is_eos = (answer == eos_id).int()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    answer[after_eos] = IGNORE_INDEX
+    return answer
+
+
 class LwF:
-    """Learning without Forgetting (Li & Hoiem 2016): the model saved at the previous task boundary,
-    loaded frozen, is distilled into the student on the new task's inputs with the same decoder
-    inputs. loss = (1 - alpha) * CE + alpha * distillation; on the first task, CE alone."""
+    """Learning without Forgetting (Li & Hoiem 2016), for a text-to-text model.
+
+    In the paper the old model's outputs are recorded *for the old tasks' heads* on the new task's
+    inputs, and the student is trained to keep them while it learns the new head. Here a task's
+    head is its prefix: for each earlier task's prefix, the new micro-batch's inputs are put under
+    it, the teacher (the model saved at the previous task boundary, frozen) answers them greedily,
+    and the student, teacher-forced on that answer, is distilled towards the teacher's logits on it
+    (``kl``, ``mse``) or trained on the answer itself (``pseudo_labels``). Answers are generated per
+    micro-batch rather than recorded once: the same targets, without a pass over the whole task.
+    loss = (1 - alpha) * CE(new task) + alpha * mean over the old prefixes; on the first task, CE.
+    """
 
     def __init__(self, config: LwfStrategyConfig, run: RunConfig):
         self.config = config
         self.max_target_tokens = run.stream.max_target_tokens
         self.teacher: torch.nn.Module | None = None
+        self.metrics: dict[str, torch.Tensor] = {}
 
     def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         self.teacher = None
-        if plan.teacher_dir:
+        if plan.teacher_dir and plan.distill_prefixes:
             self.teacher = load_frozen(plan.teacher_dir, device=context.device, dtype=context.dtype)
 
+    @torch.no_grad()
+    def teacher_answers(self, view: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's greedy answer to ``view`` (as labels) and its raw logits along it."""
+        teacher = self.teacher
+        out = teacher.generate(input_ids=view["input_ids"], attention_mask=view["attention_mask"],
+                               max_new_tokens=self.max_target_tokens, do_sample=False, num_beams=1,
+                               output_logits=True, return_dict_in_generate=True)
+        labels = answer_labels(out.sequences, eos_id=teacher.generation_config.eos_token_id
+                               if teacher.generation_config.eos_token_id is not None else teacher.config.eos_token_id)
+        return labels, torch.stack(out.logits, dim=1)
+
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        views = batch.pop("views", [])
         config = self.config
-        if self.teacher is None or config.alpha == 0:
-            return model(**batch).loss
-        if config.variant == "pseudo_labels":
-            with torch.no_grad():
-                generated = self.teacher.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                                  max_new_tokens=self.max_target_tokens, do_sample=False, num_beams=1)
-            pseudo = generated[:, 1:].clone()  # drop the decoder start token
-            pseudo[pseudo == self.teacher.config.pad_token_id] = IGNORE_INDEX
-            own = model(**batch).loss
-            theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=pseudo).loss
-            return (1 - config.alpha) * own + config.alpha * theirs
-        out = model(**batch)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**batch).logits  # same labels -> same decoder inputs
-        distill = distillation_loss(out.logits, teacher_logits, batch["labels"], variant=config.variant,
-                                    temperature=config.temperature)
-        return (1 - config.alpha) * out.loss + config.alpha * distill
+        own = model(**batch).loss
+        if self.teacher is None or config.alpha == 0 or not views:
+            return own
+        terms = []
+        for view in views:
+            labels, teacher_logits = self.teacher_answers(view)
+            student = model(input_ids=view["input_ids"], attention_mask=view["attention_mask"], labels=labels)
+            if config.variant == "pseudo_labels":
+                terms.append(student.loss)
+            else:
+                terms.append(distillation_loss(student.logits, teacher_logits, labels, variant=config.variant,
+                                               temperature=config.temperature))
+        distill = torch.stack(terms).mean()
+        _accumulate(self.metrics, "lwf_distill", distill)
+        _accumulate(self.metrics, "lwf_ce", own)
+        return (1 - config.alpha) * own + config.alpha * distill
 
     def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         self.teacher = None  # free it; the next task loads the model just saved
@@ -151,6 +187,12 @@ class LwF:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def _accumulate(metrics: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Add a micro-batch's value to a strategy's window of metrics (on the device: no host sync)."""
+    value = value.detach().float()
+    metrics[name] = metrics[name] + value if name in metrics else value
 
 
 def load_frozen(directory: str | Path, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -164,18 +206,21 @@ def load_frozen(directory: str | Path, *, device: torch.device, dtype: torch.dty
 
 
 class EWC:
-    """Elastic weight consolidation (Kirkpatrick et al. 2017), diagonal Fisher.
+    """Online elastic weight consolidation (Schwarz et al. 2018), diagonal Fisher.
 
-    After each task: F = the empirical Fisher over ``fisher_examples`` of the task's examples (see
-    :func:`empirical_fisher`), summed over tasks; anchor w* = the weights then.
-    Loss = CE + lambda / 2 * sum_i F_i (w_i - w*_i)^2. Needs full parameters on every worker
-    (ZeRO <= 2), checked in the config.
+    After each task: F <- gamma * F + F_task, where F_task is the empirical Fisher over
+    ``fisher_examples`` of the task's examples (see :func:`empirical_fisher`), and the anchor
+    w* <- the weights then (one anchor: the latest). Loss = CE + lambda / 2 * sum_i F_i (w_i - w*_i)^2.
+    With gamma = 1 this is the accumulated form Huszar (2018) showed the per-task penalties
+    approximate. The penalty and its ratio to the CE are logged (``ewc_penalty``,
+    ``ewc_penalty_ratio``). Needs full parameters on every worker (ZeRO <= 2), checked in the config.
     """
 
     def __init__(self, config: EwcStrategyConfig, run: RunConfig):
         self.config = config
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+        self.metrics: dict[str, torch.Tensor] = {}
 
     def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         pass
@@ -190,14 +235,20 @@ class EWC:
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         loss = model(**batch).loss
-        return loss + self.penalty(model) if self.fisher else loss
+        if not self.fisher:
+            return loss
+        penalty = self.penalty(model)
+        _accumulate(self.metrics, "ewc_penalty", penalty)
+        _accumulate(self.metrics, "ewc_penalty_ratio", penalty / loss.detach().float().clamp(min=1e-12))
+        return loss + penalty
 
     def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
         per_rank = math.ceil(self.config.fisher_examples / context.comm.world_size)  # each rank its share
         fisher = empirical_fisher(context.module, context.batches(), per_rank)
         context.comm.all_reduce_mean(list(fisher.values()))
+        gamma = self.config.gamma
         for n, value in fisher.items():
-            self.fisher[n] = self.fisher[n] + value if n in self.fisher else value
+            self.fisher[n] = gamma * self.fisher[n] + value if n in self.fisher else value
         self.anchor = {n: p.detach().float().clone() for n, p in context.module.named_parameters() if n in fisher}
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,9 +288,149 @@ def empirical_fisher(module: torch.nn.Module, batches: Iterator[Batch], num_exam
     return {n: f / seen for n, f in fisher.items()}
 
 
+def agem_coefficient(grad: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A-GEM's projection coefficient c = min(0, g . g_ref) / (g_ref . g_ref), and g . g_ref.
+
+    The projected gradient is g - c g_ref; c = 0 (no change) when g already agrees with g_ref.
+    Computed on the device: no host sync.
+    """
+    dot = sum((g.float() * r.float()).sum() for g, r in zip(grad, reference))
+    norm = sum(r.float().pow(2).sum() for r in reference)
+    return torch.where(dot < 0, dot / norm.clamp(min=1e-30), torch.zeros_like(dot)), dot
+
+
+class AGEM:
+    """Averaged GEM (Chaudhry et al. 2019).
+
+    For each micro-batch: g, the gradient of its loss, and g_ref, the gradient of the loss on a
+    batch of replayed rows (the episodic memory), both averaged over the workers. If g . g_ref < 0
+    the step uses g - (g . g_ref / g_ref . g_ref) g_ref instead, whose dot product with g_ref is
+    zero. The loss handed to the engine is L - c * L_ref with c fixed: its gradient is exactly the
+    projected one, so DeepSpeed's own backward, gradient reduction and step run unchanged. Cost per
+    micro-batch: three forward passes and two backward passes more than plain fine-tuning, and an
+    all-reduce of two gradient-sized vectors (with more than one worker). With ``grad_accum_steps``
+    > 1 each micro-batch is projected on its own.
+    """
+
+    def __init__(self, config: AgemStrategyConfig, run: RunConfig):
+        self.config = config
+        self.comm: Collectives | None = None
+        self.device: torch.device | None = None
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
+        self.comm, self.device = context.comm, context.device
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        reference = batch.pop("reference", None)
+        if reference is None:
+            return model(**batch).loss
+        # The two gradients come from forward passes of the bare module: a DeepSpeed engine's
+        # outputs carry its backward hooks, meant for its own backward only. The engine's passes
+        # after them replay the same random state (the same dropout), so their gradients are the
+        # ones just measured and the step is exactly g - c g_ref.
+        module = getattr(model, "module", model)
+        params = [p for p in module.parameters() if p.requires_grad]
+        state = _rng_state(self.device)
+        grad = _grads(module(**batch).loss, params)
+        ref_grad = _grads(module(**reference).loss, params)
+        if self.comm is not None and self.comm.world_size > 1:
+            sizes = [g.numel() for g in grad + ref_grad]
+            flat = torch.cat([g.flatten().float() for g in grad + ref_grad])
+            self.comm.all_reduce_mean([flat])
+            pieces = list(torch.split(flat, sizes))
+            grad, ref_grad = pieces[: len(grad)], pieces[len(grad) :]
+        coefficient, dot = agem_coefficient(grad, ref_grad)
+        _accumulate(self.metrics, "agem_projected", (dot < 0).float())
+        del grad, ref_grad
+        _set_rng_state(state, self.device)
+        loss, ref_loss = model(**batch).loss, model(**reference).loss
+        return loss - coefficient.detach() * ref_loss
+
+    def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the memory is the replay store
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d loss / d params (zeros for parameters the loss does not use)."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _rng_state(device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU generator's state and the device's (CUDA keeps it on the host: no sync)."""
+    on_cuda = device is not None and device.type == "cuda"
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if on_cuda else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device | None) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def stored_logits_mse(logits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the current logits, taken at the stored vocabulary ids, and
+    the stored values: over the stored (token, k) entries of the rows that have them."""
+    current = logits.float().gather(-1, ids)
+    squared = (current - values).pow(2).mean(-1)  # per token, over its k stored entries
+    mask = valid.to(squared.dtype)
+    return (squared * mask).sum() / mask.sum().clamp(min=1)
+
+
+class DERpp:
+    """Dark Experience Replay++ (Buzzega et al. 2020).
+
+    Each row the replay store gets after a task carries the top ``top_k`` logits the model gave
+    each of its target tokens then (teacher-forced on its target), stored as Arrow in the store.
+    Training loss = CE(new batch) + alpha * MSE(current logits at the stored ids, stored values) on
+    one replayed batch + beta * CE on another. Buzzega et al. record the logits while a row is
+    being trained on; rows enter our store at the task boundary, so theirs are the logits at the
+    end of the row's task. Top-k instead of the whole vocabulary keeps a row's logits to
+    ``tokens x k x 8`` bytes.
+    """
+
+    def __init__(self, config: DerppStrategyConfig, run: RunConfig):
+        self.config = config
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
+        pass
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        dark, replayed = batch.pop("replay_logits", None), batch.pop("replay_ce", None)
+        loss = model(**batch).loss
+        if dark is not None and self.config.alpha:
+            out = model(input_ids=dark["input_ids"], attention_mask=dark["attention_mask"], labels=dark["labels"])
+            mse = stored_logits_mse(out.logits, dark["logit_ids"], dark["logit_values"], dark["logit_valid"])
+            _accumulate(self.metrics, "derpp_mse", mse)
+            loss = loss + self.config.alpha * mse
+        if replayed is not None and self.config.beta:
+            ce = model(**replayed).loss
+            _accumulate(self.metrics, "derpp_replay_ce", ce)
+            loss = loss + self.config.beta * ce
+        return loss
+
+    def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the rows and their logits are in the replay store
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 TRAINERS: dict[type[Schema], type] = {
     NaiveStrategyConfig: CrossEntropy, JointStrategyConfig: CrossEntropy, CumulativeStrategyConfig: CrossEntropy,
-    ReplayStrategyConfig: CrossEntropy, LwfStrategyConfig: LwF, EwcStrategyConfig: EWC,
+    ReplayStrategyConfig: CrossEntropy, LwfStrategyConfig: LwF, EwcStrategyConfig: EWC, AgemStrategyConfig: AGEM,
+    DerppStrategyConfig: DERpp,
 }
 
 

@@ -7,8 +7,9 @@ Sources:
   * ``hf``: a Hugging Face ``datasets`` directory written by ``save_to_disk``, or a dataset name
     when a hub is reachable.
 
-Splits are deterministic: a task's examples are shuffled with a seed derived from the run seed
-and the task name, then cut into train and eval; caps apply after the cut.
+Splits are deterministic and the same in every run: a task's examples are cut into train and eval
+with a seed derived from ``stream.split_seed`` and the task name (never the run's seed), texts
+that occur twice kept on one side, labels stratified; caps apply after the cut.
 """
 
 from __future__ import annotations
@@ -249,19 +250,22 @@ def default_prefix(task: TaskConfig) -> str:
     return f"{task.name.replace('_', ' ')}: "
 
 
-def build_task(task: TaskConfig, *, seed: int, cache_dir: str | Path) -> Task:
+def build_task(task: TaskConfig, *, split_seed: int, cache_dir: str | Path) -> Task:
     table = load_examples(task, cache_dir)
     if table.num_rows < 2:
         raise DataError(
             f"task {task.name!r} has {table.num_rows} example(s); it needs at least 2 "
             "(one to train on, one to evaluate)"
         )
-    # Per-task seed: the same task splits the same way in every run with this seed and any stream order.
-    train, evaluation = split_examples(table, eval_fraction=task.eval_fraction, seed=seed ^ zlib.crc32(task.name.encode()))
+    # Per-task split seed, not the run's: the same task splits the same way in every run, seed and order.
+    try:
+        train, evaluation = split_examples(table, eval_fraction=task.eval_fraction,
+                                           seed=split_seed ^ zlib.crc32(task.name.encode()),
+                                           max_eval=task.max_eval_examples)
+    except ValueError as exc:
+        raise DataError(f"task {task.name!r}: {exc}") from None
     if task.max_train_examples:
         train = train.slice(0, task.max_train_examples)
-    if task.max_eval_examples:
-        evaluation = evaluation.slice(0, task.max_eval_examples)
     return Task(
         name=task.name,
         prefix=default_prefix(task),
@@ -277,5 +281,6 @@ def build_task(task: TaskConfig, *, seed: int, cache_dir: str | Path) -> Task:
 def load_stream(config: RunConfig) -> TaskStream:
     """Every task of the run, loaded, split and capped — or a DataError before any training."""
     return TaskStream(
-        tuple(build_task(t, seed=config.seed, cache_dir=config.stream.cache_dir) for t in config.stream.tasks)
+        tuple(build_task(t, split_seed=config.stream.split_seed, cache_dir=config.stream.cache_dir)
+              for t in config.stream.tasks)
     )

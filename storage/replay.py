@@ -6,7 +6,9 @@ what comes out. Every acknowledged insert is first appended to an Arrow IPC log;
 written to a temporary name and renamed, and a restart restores snapshot + log.
 
 Token ids are not cached: rows hold text, so a snapshot outlives any tokenizer, and a fast
-tokenizer encodes a sampled batch in well under a millisecond. The schema metadata says so.
+tokenizer encodes a sampled batch in well under a millisecond. The schema metadata says so. A row
+may carry the logits a model gave it when it was stored (DER++): ``LOGITS_TYPE``, null otherwise.
+Shards written before that column existed (schema version 1) are read with it null.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ from storage.tables import StorageError
 
 logger = logging.getLogger("forgetless.storage")
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+# Per row: the top ``k`` logits of each of ``tokens`` target tokens, row-major ``tokens x k``: the
+# vocabulary ids and their float32 values, exactly as the model gave them.
+LOGITS_TYPE = pa.struct([("tokens", pa.int32()), ("k", pa.int32()), ("ids", pa.list_(pa.int32())),
+                         ("values", pa.list_(pa.float32()))])
 REPLAY_SCHEMA = pa.schema(
     [
         pa.field("example_id", pa.string(), nullable=False),
@@ -38,11 +44,13 @@ REPLAY_SCHEMA = pa.schema(
         pa.field("task_name", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("target", pa.string(), nullable=False),
+        pa.field("logits", LOGITS_TYPE, nullable=True),  # DER++; null: none stored
         pa.field("seq", pa.int64(), nullable=False),  # insertion sequence within the shard
     ],
     metadata={"forgetless.schema_version": SCHEMA_VERSION, "forgetless.token_ids": "none (text only)"},
 )
 INSERT_COLUMNS = [f.name for f in REPLAY_SCHEMA if f.name != "seq"]  # the shard assigns seq
+OPTIONAL_COLUMNS = ("logits",)  # an insert may leave them out: stored as null
 
 REMOVERS = ("fifo", "reservoir", "task_balanced")
 SAMPLERS = ("uniform", "task_balanced")
@@ -83,6 +91,9 @@ def check_batch(batch: pa.Table, *, where: str = "") -> pa.Table:
         SchemaMismatchError: naming every missing, extra or mistyped column, and any null.
     """
     problems = []
+    for name in OPTIONAL_COLUMNS:
+        if name not in batch.column_names:
+            batch = batch.append_column(REPLAY_SCHEMA.field(name), pa.nulls(batch.num_rows, REPLAY_SCHEMA.field(name).type))
     names = batch.column_names
     missing = [c for c in INSERT_COLUMNS if c not in names]
     extra = [c for c in names if c not in INSERT_COLUMNS]
@@ -95,11 +106,19 @@ def check_batch(batch: pa.Table, *, where: str = "") -> pa.Table:
             expected, got = REPLAY_SCHEMA.field(name).type, batch.schema.field(name).type
             if got != expected:
                 problems.append(f"column {name!r} has type {got}, expected {expected}")
-            elif batch.column(name).null_count:
+            elif batch.column(name).null_count and not REPLAY_SCHEMA.field(name).nullable:
                 problems.append(f"column {name!r} has {batch.column(name).null_count} null(s)")
     if problems:
         raise SchemaMismatchError(f"replay insert{where} rejected, nothing stored: " + "; ".join(problems))
     return batch.select(INSERT_COLUMNS)
+
+
+def upgrade(table: pa.Table) -> pa.Table:
+    """A table of an older replay schema (version 1: no ``logits``) with the columns added since, null."""
+    if "logits" in table.column_names or "example_id" not in table.column_names:
+        return table
+    field = REPLAY_SCHEMA.field("logits")
+    return table.add_column(table.column_names.index("target") + 1, field, pa.nulls(table.num_rows, field.type))
 
 
 def route(example_ids: list[str] | pa.Array, num_shards: int) -> np.ndarray:
@@ -404,7 +423,7 @@ class ReplayShard:
         return {"table": self._ready(), "counters": self._counters()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        table = state["table"]
+        table = upgrade(state["table"])
         if table.schema.remove_metadata() != REPLAY_SCHEMA.remove_metadata():
             raise SchemaMismatchError(f"shard state has schema {table.schema}, expected {REPLAY_SCHEMA}")
         counters = dict(state["counters"])
@@ -464,7 +483,8 @@ class ReplayShard:
             n = len(ids)
             batch = pa.RecordBatch.from_arrays(
                 [ids, pa.array([0] * n, pa.int32()), pa.array([""] * n), pa.array([""] * n), pa.array([""] * n),
-                 pa.array([-1] * n, pa.int64()), pa.array(["delete"] * n)], schema=_LOG_SCHEMA)
+                 pa.nulls(n, LOGITS_TYPE), pa.array([-1] * n, pa.int64()), pa.array(["delete"] * n)],
+                schema=_LOG_SCHEMA)
         if self._log is None:
             self._open_log()
         path = self._log_file.path
@@ -546,6 +566,7 @@ class ReplayShard:
             raise CorruptSnapshotError(path, f"not a readable replay snapshot ({type(exc).__name__}: {exc})") from None
         if "rows" in manifest and table.num_rows != manifest["rows"]:
             raise CorruptSnapshotError(path, f"{table.num_rows} rows, its manifest says {manifest['rows']}")
+        table = upgrade(table)
         if table.schema.remove_metadata() != REPLAY_SCHEMA.remove_metadata():
             raise CorruptSnapshotError(path, f"schema {table.schema.remove_metadata()} is not the replay schema")
         return table.replace_schema_metadata(REPLAY_SCHEMA.metadata), counters
@@ -592,7 +613,7 @@ class ReplayShard:
                 for batch in _read_log(log, report["skipped"]):
                     report["replayed_batches"] += 1
                     if batch.column("op").null_count == batch.num_rows:  # op null: an insert
-                        rows = pa.Table.from_batches([batch]).drop_columns(["op"]).cast(REPLAY_SCHEMA)
+                        rows = upgrade(pa.Table.from_batches([batch]).drop_columns(["op"])).cast(REPLAY_SCHEMA)
                         self._apply(rows)
                         replayed += rows.num_rows
                     else:

@@ -214,10 +214,52 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     return path
 
 
-def split_examples(table: pa.Table, *, eval_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
-    """Shuffle with ``seed`` and cut off ``eval_fraction`` (at least one row) for evaluation."""
+def _stratified(labels: list[str], count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` positions of ``labels`` (already in a random order), each label getting its share
+    (largest remainders), the first of each label's positions first. Returned in input order."""
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    names = sorted(by_label)
+    exact = np.array([count * len(by_label[n]) / len(labels) for n in names])
+    share = np.floor(exact).astype(int)
+    for j in np.argsort(-(exact - share), kind="stable")[: count - share.sum()]:
+        share[j] += 1
+    return np.sort(np.concatenate([np.asarray(by_label[n][:k], dtype=int) for n, k in zip(names, share)]))
+
+
+def split_examples(table: pa.Table, *, eval_fraction: float, seed: int,
+                   max_eval: int | None = None) -> tuple[pa.Table, pa.Table]:
+    """Cut ``table`` into train and eval with ``seed``: ``eval_fraction`` of its distinct sources
+    (at least one, leaving one) held out, then at most ``max_eval`` of those kept for eval.
+
+    - De-duplicated: rows with the same source text all go to one side, so no eval text is also
+      trained on; eval keeps one row per source (the data's first), train keeps every row
+      (shuffled, so a cap on training rows takes a random subset).
+    - Stratified by target when the targets are labels (at most 100 distinct, each seen twice on
+      average): each label's share of the eval split is its share of the sources.
+    The held-out rows beyond ``max_eval`` are not trained on either.
+    """
     if table.num_rows < 2:
         raise ValueError(f"need at least 2 examples to split into train and eval, got {table.num_rows}")
-    order = np.random.default_rng(seed).permutation(table.num_rows)
-    num_eval = min(max(1, round(table.num_rows * eval_fraction)), table.num_rows - 1)
-    return table.take(order[num_eval:]), table.take(order[:num_eval])
+    sources, targets = table.column("source").to_pylist(), table.column("target").to_pylist()
+    first: dict[str, int] = {}
+    for i, source in enumerate(sources):
+        first.setdefault(source, i)
+    groups = np.fromiter(first.values(), dtype=int, count=len(first))  # each distinct source's first row
+    if len(groups) < 2:
+        raise ValueError(f"need at least 2 distinct sources to split into train and eval, got {len(groups)}")
+    rng = np.random.default_rng(seed)
+    groups = groups[rng.permutation(len(groups))]
+    labels = [targets[i] for i in groups]
+    distinct = len(set(labels))
+    is_labels = distinct <= 100 and distinct * 2 <= len(groups)
+    num_held = min(max(1, round(len(groups) * eval_fraction)), len(groups) - 1)
+    held = _stratified(labels, num_held, rng) if is_labels else np.arange(num_held)
+    keep = held
+    if max_eval is not None and max_eval < len(held):
+        keep = held[_stratified([labels[i] for i in held], max_eval, rng)] if is_labels else held[:max_eval]
+    held_sources = {sources[groups[i]] for i in held}
+    train_rows = np.array([i for i, source in enumerate(sources) if source not in held_sources], dtype=np.int64)
+    train_rows = train_rows[rng.permutation(len(train_rows))]  # a cap on training rows takes a random subset
+    return table.take(pa.array(train_rows, pa.int64())), table.take(pa.array(groups[keep], pa.int64()))

@@ -34,6 +34,16 @@ curves() {  # T5 vs BART pretraining curves, from MLflow (after `own t5` and `ow
   .venv/bin/python docs/experiments/pretraining_curves.py "${dirs[@]}"
 }
 
+task_incremental() {  # the warm start vs the same architecture from random init vs the config's small T5 from scratch
+  local warm=(model.arch=encoder_decoder model.encoder=minilm model.preset=null
+              training.max_steps=300 training.lr=1e-4 overwrite=true --no-progress)
+  for w in pretrained random; do
+    $F run configs/task_incremental.yaml "${warm[@]}" model.weights=$w output_dir=$OUT/ti-warm-$w
+  done
+  $F run configs/task_incremental.yaml model.arch=t5 model.encoder=null model.preset=small \
+     overwrite=true --no-progress output_dir=$OUT/ti-t5-scratch
+}
+
 box2() {
   .venv/bin/python docs/experiments/box2_class_order.py configs/box2_class_order.yaml
 }

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-ALL = ["naive", "cumulative", "replay", "lwf", "ewc", "joint"]
+ALL = ["naive", "cumulative", "replay", "lwf", "ewc", "agem", "derpp", "joint"]
 
 
 def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlflow_store):
@@ -18,8 +18,8 @@ def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlf
     comparison = json.loads((out / "comparison.json").read_text())
     assert list(comparison["strategies"]) == ALL
     for name, entry in comparison["strategies"].items():
-        assert set(entry) >= {"avg_acc", "forgetting", "bwt", "fwt"}
-        assert set(entry["avg_acc"]) >= {"mean", "std"}
+        assert set(entry) >= {"avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "intransigence"}
+        assert set(entry["avg_acc"]) >= {"mean", "std", "ci95"}
         assert [r["status"] for r in entry["runs"]] == ["FINISHED"]
         assert np.array(entry["acc_matrix_mean"]).shape == (2, 2)
     joint = comparison["strategies"]["joint"]
@@ -31,7 +31,9 @@ def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlf
 
     # the per-run reports say what each strategy did
     reports = {name: json.loads((out / name / "seed-0" / "report.json").read_text()) for name in ALL}
-    assert reports["replay"]["replay"]["rows_per_task"] == {"category": 51, "first_word": 51}
+    assert reports["replay"]["replay"]["rows_per_task"] == {"category": 51, "first_word": 52}
+    assert reports["derpp"]["replay"]["rows_per_task"] == {"category": 51, "first_word": 52}
+    assert comparison["strategies"]["naive"]["intransigence"]["mean"] is not None  # joint was compared
     assert reports["joint"]["train"]["category"]["steps"] == 0
     assert reports["joint"]["train"]["first_word"]["steps"] == 12  # both tasks' budgets in one training
     assert reports["cumulative"]["train"]["first_word"]["examples"] == 6 * 8
@@ -47,6 +49,25 @@ def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlf
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["replay/avg_acc"] == pytest.approx(comparison["strategies"]["replay"]["avg_acc"]["mean"])
     assert {"comparison.json", "comparison.md", "heatmaps.png"} <= {a.path for a in client.list_artifacts(parent_id)}
+
+
+def test_orders_and_seeds_give_intervals_over_every_run(cli, toy_config_file, tmp_path):
+    result = cli("compare", str(toy_config_file(max_steps=2)), "--strategies", "naive", "--seeds", "2", "--orders",
+                 "2", "--no-progress", timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["orders"] == [["category", "first_word"], ["first_word", "category"]]
+    naive = comparison["strategies"]["naive"]
+    assert [(r["order"], r["seed"]) for r in naive["runs"]] == [
+        (["category", "first_word"], 0), (["category", "first_word"], 1),
+        (["first_word", "category"], 0), (["first_word", "category"], 1)]
+    for metric in ("avg_acc", "forgetting", "learning_acc"):
+        assert naive[metric]["n"] == 4 and naive[metric]["ci95"] is not None
+    reports = [json.loads((out / "naive" / f"order-{o}" / f"seed-{s}" / "report.json").read_text())
+               for o in (0, 1) for s in (0, 1)]
+    assert [r["tasks"] for r in reports] == [["category", "first_word"]] * 2 + [["first_word", "category"]] * 2
+    assert "2 task order(s) x 2 seed(s)" in (out / "comparison.md").read_text()
 
 
 def test_tiny_compare_config(cli, tmp_path, mlflow_store):

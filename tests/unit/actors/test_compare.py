@@ -5,15 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from actors.compare import aggregate, comparison_matrices, format_table
+from actors.compare import aggregate, comparison_matrices, format_table, task_orders
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
 
 TASKS = ["a", "b"]
 
 
-def _report(seed, acc, metrics, status="FINISHED"):
-    return RunReport(tasks=TASKS, seed=seed, status=status, acc_matrix=acc, baseline=[0.0, 0.0], metrics=metrics,
+def _report(seed, acc, metrics, status="FINISHED", tasks=TASKS):
+    return RunReport(tasks=tasks, seed=seed, status=status, acc_matrix=acc, baseline=[0.0, 0.0], metrics=metrics,
                      mlflow={"tracking_uri": "sqlite:///x.db", "run_id": f"run-{seed}"}, strategy="naive",
                      strategy_config={}, experiment="e", output_dir="/x", finished_tasks=len(acc))
 
@@ -41,7 +41,7 @@ def test_joint_reports_only_avg_acc(summary):
     assert joint["avg_acc"]["mean"] == pytest.approx(0.75)
     assert all(joint[m]["mean"] is None for m in ("forgetting", "bwt", "fwt"))
     row = next(line for line in format_table(TASKS, summary, seeds=1).splitlines() if line.startswith("| joint"))
-    assert row.count("n/a") == 4 and "0.750" in row  # forgetting, bwt, fwt, learning_acc
+    assert row.count("n/a") == 5 and "0.750" in row  # forgetting, bwt, fwt, learning_acc, intransigence
 
 
 def test_joint_earlier_rows_are_blank_in_the_pictures_not_zero(summary, tmp_path):
@@ -52,3 +52,61 @@ def test_joint_earlier_rows_are_blank_in_the_pictures_not_zero(summary, tmp_path
     paths = plot_comparison(matrices, tmp_path)
     assert [p.name for p in paths] == ["first_task_accuracy.png", "heatmaps.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_intervals_are_student_t_over_the_runs(summary):
+    naive = summary["naive"]["forgetting"]
+    # two runs: t(0.975, 1) = 12.706; half-width = t * std / sqrt(2)
+    assert naive["ci95"] == pytest.approx(12.706 * math.sqrt(0.08) / math.sqrt(2))
+    assert summary["joint"]["avg_acc"]["ci95"] is None  # one run: no interval
+
+
+def test_intransigence_is_measured_against_joint_of_the_same_seed_and_order(summary):
+    naive = summary["naive"]
+    # seed 0: joint's final row [0.7, 0.8] - diagonal [0.8, 0.9] = -0.1; seed 1 has no joint run
+    assert naive["intransigence"]["mean"] == pytest.approx(-0.1) and naive["intransigence"]["n"] == 1
+    alone = aggregate({"naive": [_report(0, [[0.8, 0.0], [0.2, 0.9]], {"avg_acc": 0.55})]})
+    assert alone["naive"]["intransigence"]["mean"] is None
+
+
+def test_the_mean_matrix_is_over_the_first_order_only_while_metrics_pool_every_order():
+    runs = [_report(0, [[0.8, 0.0], [0.2, 0.9]], {"avg_acc": 0.55, "forgetting": 0.6}),
+            _report(0, [[0.5, 0.1], [0.3, 0.7]], {"avg_acc": 0.5, "forgetting": 0.2}, tasks=["b", "a"])]
+    entry = aggregate({"naive": runs})["naive"]
+    assert entry["forgetting"]["mean"] == pytest.approx(0.4) and entry["forgetting"]["n"] == 2
+    assert entry["acc_matrix_mean"] == pytest.approx(np.array([[0.8, 0.0], [0.2, 0.9]]))
+    assert [r["order"] for r in entry["runs"]] == [["a", "b"], ["b", "a"]]
+
+
+def test_per_metric_averages_are_aggregated_when_runs_report_them():
+    runs = [_report(s, [[0.8, 0.0], [0.2, 0.9]], {"avg_acc": 0.55, "avg_acc/rouge_l": 0.9 - s / 10,
+                                                   "avg_acc/exact_match": 0.2}) for s in (0, 1)]
+    entry = aggregate({"naive": runs})["naive"]
+    assert entry["avg_acc/rouge_l"]["mean"] == pytest.approx(0.85)
+    assert "avg_acc/rouge_l" in format_table(TASKS, {"naive": entry}, seeds=2)
+
+
+def _config(orders=None, names=("a", "b", "c")):
+    from pipelines.config import validate_config
+
+    stream = {"tasks": [{"name": n, "source": {"kind": "file", "path": "/x"}} for n in names]}
+    if orders is not None:
+        stream["orders"] = orders
+    return validate_config({"stream": stream})
+
+
+def test_task_orders_start_with_the_configs_then_listed_then_seeded_and_never_repeat():
+    orders = task_orders(_config(), 4)
+    assert orders[0] == ["a", "b", "c"] and len({tuple(o) for o in orders}) == 4
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders)
+    assert task_orders(_config(), 4) == orders  # seeded: the same every time
+    assert task_orders(_config([["c", "b", "a"]]), 2) == [["a", "b", "c"], ["c", "b", "a"]]
+
+
+def test_bad_orders_are_refused_before_anything_runs():
+    from pipelines.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="only 6 order"):
+        task_orders(_config(), 7)
+    with pytest.raises(ConfigError, match=r"orders\[0\] must list every task once"):
+        _config([["a", "b"]])

@@ -57,7 +57,7 @@ def test_every_problem_reported_at_once_with_dotted_paths_and_file(tmp_path):
 
 def test_unknown_strategy_lists_the_choices(toy_stream_config):
     toy_stream_config["strategy"] = {"name": "replya"}
-    with pytest.raises(ConfigError, match=r"unknown strategy 'replya'; choose one of \['cumulative', 'ewc', 'joint', 'lwf', 'naive', 'replay'\]"):
+    with pytest.raises(ConfigError, match=r"unknown strategy 'replya'; choose one of \['agem', 'cumulative', 'derpp', 'ewc', 'joint', 'lwf', 'naive', 'replay'\]"):
         validate_config(toy_stream_config)
 
 

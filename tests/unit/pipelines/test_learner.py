@@ -36,22 +36,24 @@ def test_training_lowers_the_loss_at_every_zero_stage(stage, toy_stream_config, 
     learner, stream, config = _learner(toy_stream_config, tmp_path)
     assert learner.engine.zero_optimization_stage() == stage
     losses = []
-    learner.train_task(_plan(stream, config, 0), on_step=lambda step, total, loss: losses.append(loss))
+    learner.train_task(_plan(stream, config, 0), on_step=lambda step, total, loss, metrics: losses.append(loss))
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
 def test_learns_a_task_then_forgets_it(toy_stream_config, tmp_path):
+    # Measured on the tasks' own training texts: what a model this small learns in 60 steps of 64
+    # examples is those (held-out accuracy is near chance for either task, and varies with the split).
     toy_stream_config["training"].update(max_steps=60)
     learner, stream, config = _learner(toy_stream_config, tmp_path)
-    evals = [EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in stream]
+    evals = [EvalSet(t.name, t.metric, t.sources("train"), t.targets("train")) for t in stream]
     learner.train_task(_plan(stream, config, 0))
     after_first = learner.evaluate(evals)
     learner.train_task(_plan(stream, config, 1))
     after_second = learner.evaluate(evals)
     assert after_first["category"] >= 0.5  # three labels, given by the first word
-    assert after_second["category"] < after_first["category"]
-    assert after_second["first_word"] > after_first["first_word"]
+    assert after_second["category"] < after_first["category"] - 0.2
+    assert after_second["first_word"] > after_first["first_word"] + 0.2
 
 
 def test_non_finite_loss_names_task_and_step(toy_stream_config, tmp_path):

@@ -29,7 +29,7 @@ def test_a_plan_is_plain_data_with_every_decision_in_it(toy_stream_config):
     first, second = build_plan(config, stream, 0), build_plan(config, stream, 1)
     assert {f.name for f in dataclasses.fields(TaskPlan)} == {
         "index", "name", "examples", "num_steps", "seed", "replay_rows_per_batch", "teacher_dir", "model_dir",
-        "state_dir", "order", "denoised_tasks"}
+        "state_dir", "order", "denoised_tasks", "replay_mode", "prefix", "distill_prefixes", "logit_rows"}
     assert (first.num_steps, first.replay_rows_per_batch) == (6, 0)  # nothing to replay before task 1
     assert (second.num_steps, second.replay_rows_per_batch) == (6, 2)
     assert second.state_dir.endswith("state/task-01") and second.model_dir.endswith("checkpoints/task-01-first_word")
@@ -37,7 +37,7 @@ def test_a_plan_is_plain_data_with_every_decision_in_it(toy_stream_config):
 
 
 def test_fewer_rows_than_workers_is_refused_before_training(toy_stream_config, tmp_path):
-    (tmp_path / "tiny.jsonl").write_text('{"source": "a", "target": "b"}\n' * 3)  # 2 train rows, 1 eval
+    (tmp_path / "tiny.jsonl").write_text("".join(f'{{"source": "{s}", "target": "b"}}\n' for s in "abc"))  # 2 train, 1 eval
     toy_stream_config["stream"]["tasks"][1]["source"]["path"] = str(tmp_path / "tiny.jsonl")
     toy_stream_config["training"]["num_workers"] = 4
     config = validate_config(toy_stream_config)

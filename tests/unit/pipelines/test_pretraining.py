@@ -196,7 +196,7 @@ def test_the_warm_start_trains_and_evaluates_through_the_learner(tiny_bert, toy_
     batch = next(learner.batches(plan))
     assert (batch["labels"][:, 0] != tokenizer.cls_token_id).all()  # the decoder starts with [CLS] already
     losses = []
-    learner.train_task(plan, on_step=lambda step, total, loss: losses.append(loss))
+    learner.train_task(plan, on_step=lambda step, total, loss, metrics: losses.append(loss))
     assert losses[-1] < losses[0]
     task = stream[0]
     scores = learner.evaluate([EvalSet(task.name, task.metric, task.sources("train")[:32], task.targets("train")[:32])])

@@ -17,14 +17,22 @@ def test_stream_loads_in_order_with_caps_and_prefixes(toy_stream_config):
     assert set(first.targets("train")) <= {"color", "animal", "sky"}
 
 
-def test_split_depends_on_seed_not_on_stream_order(toy_stream_config):
+def test_split_depends_on_the_split_seed_not_on_the_run_seed_or_the_order(toy_stream_config):
     a = load_stream(validate_config(toy_stream_config))
     toy_stream_config["stream"]["tasks"].reverse()
+    toy_stream_config["seed"] = 1  # another run seed: the same eval examples
     b = load_stream(validate_config(toy_stream_config))
-    assert a[0].eval.equals(b[1].eval)
-    toy_stream_config["seed"] = 1
+    assert a[0].eval.equals(b[1].eval) and a[0].train.equals(b[1].train)
+    toy_stream_config["stream"]["split_seed"] = 1
     c = load_stream(validate_config(toy_stream_config))
     assert not c[1].eval.equals(b[1].eval)
+
+
+def test_a_task_of_one_repeated_text_cannot_be_split(toy_stream_config, tmp_path):
+    (tmp_path / "same.jsonl").write_text('{"source": "a", "target": "b"}\n' * 5)
+    toy_stream_config["stream"]["tasks"][1]["source"]["path"] = str(tmp_path / "same.jsonl")
+    with pytest.raises(DataError, match="task 'first_word': need at least 2 distinct sources"):
+        load_stream(validate_config(toy_stream_config))
 
 
 def test_missing_data_file_names_task_and_path(toy_stream_config, tmp_path):

@@ -7,12 +7,14 @@ import pytest
 from scipy import stats
 
 from storage.replay import (
+    LOGITS_TYPE,
     REPLAY_SCHEMA,
     EmptyReplayError,
     RateLimitedError,
     ReplayShard,
     SchemaMismatchError,
     route,
+    upgrade,
 )
 from storage.tables import StorageError
 
@@ -346,3 +348,59 @@ def test_routing_is_stable_and_spread():
     shards = route(ids, 4)
     assert list(shards[:6]) == list(route(ids[:6], 4))
     assert np.bincount(shards, minlength=4).min() > 900
+
+
+# ---------------------------------------------------------------- stored logits (DER++) and older shards
+def _with_logits(table, rng):
+    """Rows with random top-k logits: 1-3 tokens x k = 4, float32 values incl. awkward ones."""
+    logits = []
+    for _ in range(table.num_rows):
+        tokens = int(rng.integers(1, 4))
+        values = rng.standard_normal(tokens * 4).astype(np.float32)
+        values[0] = np.float32(np.nextafter(np.float32(1.0), np.float32(2.0)))  # one ulp above 1
+        logits.append({"tokens": tokens, "k": 4, "ids": rng.integers(0, 30_000, tokens * 4).tolist(),
+                       "values": values})
+    column = pa.array([{**row, "values": row["values"].tolist()} for row in logits], LOGITS_TYPE)
+    return table.append_column("logits", column), logits
+
+
+def test_stored_logits_come_back_bit_for_bit_through_sample_snapshot_log_and_restore(tmp_path):
+    rng = np.random.default_rng(0)
+    shard = ReplayShard(100, remover="fifo", seed=0, directory=tmp_path, snapshot_every_rows=30)
+    table, logits = _with_logits(rows(0, 50), rng)
+    shard.insert(table.slice(0, 35))  # a snapshot after it
+    shard.insert(table.slice(35))  # in the log
+    shard.insert(rows(100, 5))  # rows without logits: null
+    by_id = dict(zip(table.column("example_id").to_pylist(), logits))
+    shard.close()
+    restored = ReplayShard(100, remover="fifo", seed=0, directory=tmp_path, snapshot_every_rows=30)
+    for source in (restored.rows(), restored.sample(40, np.random.default_rng(1))):
+        for example_id, stored in zip(source.column("example_id").to_pylist(), source.column("logits").to_pylist()):
+            if example_id.startswith("a:1") and len(example_id) == 5:
+                assert stored is None
+                continue
+            want = by_id[example_id]
+            assert stored["tokens"] == want["tokens"] and stored["ids"] == want["ids"]
+            got = np.asarray(stored["values"], dtype=np.float32)
+            assert got.tobytes() == want["values"].tobytes()  # bit for bit
+
+
+def test_a_shard_written_before_logits_existed_is_read_with_them_null():
+    old_schema = pa.schema([f for f in REPLAY_SCHEMA if f.name != "logits"])
+    old = pa.table({**{c: rows(0, 3).column(c) for c in rows(0, 3).column_names},
+                    "seq": pa.array([0, 1, 2], pa.int64())}, schema=old_schema)
+    assert upgrade(old).schema.names == REPLAY_SCHEMA.names
+    shard = ReplayShard(10, seed=0)
+    shard.set_state({"table": old, "counters": {"next_seq": 3, "evicted": 0, "evict_rng":
+                                                 np.random.default_rng(0).bit_generator.state}})
+    assert shard.rows().column("logits").null_count == 3
+    shard.insert(rows(3, 2))
+    assert shard.rows().num_rows == 5
+
+
+def test_an_insert_with_malformed_logits_is_rejected_whole():
+    shard = ReplayShard(10, seed=0)
+    bad = rows(0, 2).append_column("logits", pa.array([1.5, 2.5]))
+    with pytest.raises(SchemaMismatchError, match="logits"):
+        shard.insert(bad)
+    assert shard.rows().num_rows == 0

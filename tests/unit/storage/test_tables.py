@@ -1,3 +1,4 @@
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -65,6 +66,34 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert train.equals(again_train)
     assert not train.equals(other_train)
     assert set(train["source"].to_pylist()).isdisjoint(evaluation["source"].to_pylist())
+
+
+def test_split_keeps_repeated_texts_on_one_side_and_eval_free_of_repeats():
+    sources = [f"text {i % 40}" for i in range(100)]  # 40 texts, most of them 2-3 times
+    table = pa.table({"source": sources, "target": [f"label {i % 40 % 3}" for i in range(100)]})
+    for seed in range(5):
+        train, evaluation = split_examples(table, eval_fraction=0.25, seed=seed)
+        held = evaluation["source"].to_pylist()
+        assert len(held) == len(set(held)) == 10  # a quarter of the 40 distinct texts, once each
+        assert set(train["source"].to_pylist()).isdisjoint(held)
+        assert train.num_rows == sum(1 for s in sources if s not in set(held))  # every other row trains
+
+
+def test_split_is_stratified_by_label_and_caps_eval_stratified():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["a", "b", "c"], p=[0.6, 0.3, 0.1], size=1000)
+    table = pa.table({"source": [f"s{i}" for i in range(1000)], "target": labels.tolist()})
+    train, evaluation = split_examples(table, eval_fraction=0.2, seed=3, max_eval=50)
+    counts = {k: evaluation["target"].to_pylist().count(k) for k in "abc"}
+    want = {k: 50 * (labels == k).mean() for k in "abc"}
+    assert all(abs(counts[k] - want[k]) <= 1 for k in "abc"), (counts, want)
+    assert train.num_rows == 800  # the 150 held out beyond the cap are not trained on
+
+
+def test_generation_targets_are_not_stratified_but_split_all_the_same():
+    table = pa.table({"source": [f"w{i}" for i in range(50)], "target": [f"p{i}" for i in range(50)]})
+    train, evaluation = split_examples(table, eval_fraction=0.2, seed=1)
+    assert (train.num_rows, evaluation.num_rows) == (40, 10)
 
 
 def test_split_keeps_one_row_each_side():
