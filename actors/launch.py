@@ -31,11 +31,11 @@ from pipelines.errors import ConfigError, DataError, ForgetlessError
 from pipelines.loop import format_exception
 from pipelines.models import (
     build_model,
-    build_tokenizer,
     check_precision,
     fetch_encoder,
     load_tokenizer,
     long_targets,
+    stream_tokenizer,
 )
 from pipelines.plan import check_stream, fingerprint
 from pipelines.pretraining import pretraining_task, read_manifest
@@ -189,7 +189,7 @@ def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir,
     """A resumed run keeps its tokenizer (the model's vocabulary); a new one builds and saves it."""
     if resuming and output.tokenizer.is_dir():
         return output.tokenizer
-    tokenizer = build_tokenizer(config.model, stream.training_text(), start.checkpoint)
+    tokenizer = stream_tokenizer(config.model, stream, start.checkpoint)
     for problem in long_targets(tokenizer, stream, config.stream.max_target_tokens):
         tqdm.write(f"warning: {problem}", file=sys.stderr)
     with atomic_directory(output.tokenizer) as tmp:

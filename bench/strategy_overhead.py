@@ -28,7 +28,7 @@ from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig, load_config, resolve_paths  # noqa: E402
 from pipelines.learner import Learner, silence_library_noise  # noqa: E402
 from pipelines.plan import build_plan  # noqa: E402
-from pipelines.models import build_tokenizer  # noqa: E402
+from pipelines.models import stream_tokenizer  # noqa: E402
 from pipelines.tasks import load_stream  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def main() -> int:
     base = resolve_paths(load_config(CONFIG, overrides))
     stream = load_stream(base)
     tokdir = work / "tokenizer"
-    build_tokenizer(base.model, stream.training_text()).save_pretrained(tokdir)
+    stream_tokenizer(base.model, stream).save_pretrained(tokdir)
     learners = {name: Learner(base.with_strategy(name), tokdir) for name in ("naive", "replay", "lwf")}
 
     # Task 0 trained once; its examples fill the store and its model is LwF's teacher.

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from pipelines.config import load_config, resolve_paths  # noqa: E402
 from pipelines.learner import Learner, silence_library_noise  # noqa: E402
-from pipelines.models import build_model, build_tokenizer  # noqa: E402
+from pipelines.models import build_model, stream_tokenizer  # noqa: E402
 from pipelines.plan import TaskPlan, build_plan  # noqa: E402
 from pipelines.tasks import load_stream  # noqa: E402
 
@@ -71,7 +71,7 @@ def step_time_ratios(*, steps: int, repeats: int, stages: list[int]) -> dict:
                  "stream.max_source_tokens=64"]
     config = resolve_paths(load_config(CONFIG, overrides))
     stream = load_stream(config)
-    tokenizer = build_tokenizer(config.model, stream.training_text())
+    tokenizer = stream_tokenizer(config.model, stream)
     tokdir = Path(tempfile.mkdtemp()) / "tokenizer"
     tokenizer.save_pretrained(tokdir)
     plan = dataclasses.replace(build_plan(config, stream, 0), num_steps=steps)

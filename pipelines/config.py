@@ -28,13 +28,16 @@ class Schema(BaseModel):
 class TokenizerConfig(Schema):
     """Where the tokenizer comes from.
 
-    With ``name_or_path`` unset and the model built from a preset, a tokenizer is trained on the
-    run's own text (all tasks' train splits) with the ``tokenizers`` library.
+    With ``name_or_path`` unset and the model built from a preset, a tokenizer is trained with the
+    ``tokenizers`` library on ``train_on``: ``first_task``, the first trained task's train split,
+    byte-level so that any later text encodes without loss (a stream must not see its future);
+    ``all_tasks``, every task's train split (the future included: comparable with older runs).
     """
 
     name_or_path: str | None = None
     algorithm: Literal["unigram", "bpe"] | None = None  # None: unigram for t5, byte-level bpe for bart
     vocab_size: int = Field(default=2000, ge=64, le=256_000)
+    train_on: Literal["first_task", "all_tasks"] = "first_task"
 
 
 _MODEL_SOURCES = ("preset", "name_or_path", "pretrain", "encoder")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from transformers import (
 
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
-from pipelines.tasks import fetch_wheel
+from pipelines.tasks import TaskStream, fetch_wheel
 from storage.files import atomic_directory
 
 # Size presets. t5/base is the t5-small architecture (60M with a 32k vocabulary); medium is ~15M
@@ -90,6 +90,8 @@ def train_tokenizer(
         raise ConfigError(
             f"model.tokenizer.vocab_size ({vocab_size}) is too small for a byte-level vocabulary; "
             f"use at least {_BYTE_ALPHABET + len(specials)}"
+            + (" (a tokenizer that sees only the first task is byte-level so that later tasks' text encodes; "
+               "model.tokenizer.train_on=all_tasks trains one on every task's text instead)" if lossless else "")
         )
     if algorithm == "unigram":
         tok = Tokenizer(models.Unigram())
@@ -113,9 +115,17 @@ def train_tokenizer(
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen: set[int] = {0x20}  # the space put before every text
+
+    def counted(texts: Iterable[str]) -> Iterator[str]:
+        for text in texts:
+            seen.update(text.encode("utf-8", "surrogatepass"))
+            yield text
+
+    tok.train_from_iterator(counted(texts) if lossless else texts, trainer=trainer)
     if algorithm == "unigram":
-        _canonicalize_unigram(tok)
+        unseen = [_BYTE_CHARS[b] for b in range(256) if b not in seen] if lossless else []
+        _canonicalize_unigram(tok, keep=pre_tokenizers.ByteLevel.alphabet() if lossless else [], unseen=unseen)
     exact = {"clean_up_tokenization_spaces": False, "split_special_tokens": True} if lossless else {}
     if arch == "t5":
         eos = tok.token_to_id("</s>")
@@ -144,18 +154,46 @@ def _byte_level_with_a_leading_space(tok: Tokenizer) -> None:
     tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
 
 
-def _canonicalize_unigram(tok: Tokenizer) -> None:
-    """Make the trained vocabulary reproducible.
+UNSEEN_SCORE = -20.0  # a Unigram log-probability no learned piece comes near
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's map of the 256 byte values to printable characters (what ByteLevel encodes them as)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+_BYTE_CHARS = _gpt2_byte_chars()
+
+
+def _canonicalize_unigram(tok: Tokenizer, *, keep: list[str], unseen: list[str]) -> None:
+    """Make the trained vocabulary reproducible, and whole.
 
     The Unigram trainer sums scores in a thread-dependent order and appends the rare characters
     it must keep in hash order, so scores and ids shift from run to run. Rounding scores to 0.01
     (far below what changes a segmentation in practice) and ordering ties by the piece makes the
-    same text give the same vocabulary, hence the same model init for the same seed.
+    same text give the same vocabulary, hence the same model init for the same seed. With a
+    vocabulary barely larger than ``keep`` (the byte alphabet), the trainer drops some of the
+    characters the text never used (``unseen``) — a different some each time — and scores the rest
+    by noise; all of them get one fixed low score, so every byte stays encodable and the order is
+    the same each time.
     """
     state = json.loads(tok.to_str())["model"]
     vocab = state["vocab"]
     num_special = sum(1 for piece, _ in vocab if piece in T5_SPECIALS + BART_SPECIALS)
     specials, pieces = vocab[:num_special], vocab[num_special:]
+    # the byte characters the training text never used: one fixed score, below every learned piece
+    unseen_set = set(unseen)
+    pieces = [[p, UNSEEN_SCORE if p in unseen_set else score] for p, score in pieces]
+    present = {p for p, _ in pieces}
+    pieces = pieces + [[c, UNSEEN_SCORE] for c in keep if c not in present]
     pieces = sorted(((p, round(score, 2)) for p, score in pieces), key=lambda item: (-item[1], item[0]))
     tok.model = models.Unigram([tuple(v) for v in specials] + pieces, unk_id=state["unk_id"], byte_fallback=False)
 
@@ -196,13 +234,21 @@ def fetch_encoder(name: str, cache_dir: str | Path) -> str:
 
 def build_tokenizer(config: ModelConfig, texts: Iterable[str], checkpoint: str | None = None) -> PreTrainedTokenizerBase:
     """The run's tokenizer: loaded when a path is given (or the model comes from a checkpoint), else
-    trained on ``texts``."""
+    trained on ``texts`` (``stream_tokenizer`` picks what ``model.tokenizer.train_on`` allows),
+    byte-level when it sees only the first task."""
     source = config.tokenizer.name_or_path or checkpoint or config.name_or_path
     if source:
         return load_tokenizer(source)
     return train_tokenizer(
-        texts, arch=config.arch, vocab_size=config.tokenizer.vocab_size, algorithm=config.tokenizer.algorithm
+        texts, arch=config.arch, vocab_size=config.tokenizer.vocab_size, algorithm=config.tokenizer.algorithm,
+        lossless=config.tokenizer.train_on == "first_task",
     )
+
+
+def stream_tokenizer(model: ModelConfig, stream: TaskStream, checkpoint: str | None = None) -> PreTrainedTokenizerBase:
+    """A stream's tokenizer (see ``build_tokenizer``), trained on what ``model.tokenizer.train_on`` allows."""
+    first_only = model.tokenizer.train_on == "first_task"
+    return build_tokenizer(model, stream.training_text(first_only=first_only), checkpoint)
 
 
 _MODEL_TYPES = {"t5": "t5", "bart": "bart", "encoder_decoder": "encoder-decoder"}

@@ -133,7 +133,9 @@ class LwF:
     it, the teacher (the model saved at the previous task boundary, frozen) answers them greedily,
     and the student, teacher-forced on that answer, is distilled towards the teacher's logits on it
     (``kl``, ``mse``) or trained on the answer itself (``pseudo_labels``). Answers are generated per
-    micro-batch rather than recorded once: the same targets, without a pass over the whole task.
+    micro-batch rather than recorded once: the same targets, without a pass over the whole task
+    (on a GPU, greedy generation waits on the host once per generated token; with short answers
+    that is a few syncs per old prefix and step).
     loss = (1 - alpha) * CE(new task) + alpha * mean over the old prefixes; on the first task, CE.
     """
 
@@ -155,8 +157,9 @@ class LwF:
         out = teacher.generate(input_ids=view["input_ids"], attention_mask=view["attention_mask"],
                                max_new_tokens=self.max_target_tokens, do_sample=False, num_beams=1,
                                output_logits=True, return_dict_in_generate=True)
-        labels = answer_labels(out.sequences, eos_id=teacher.generation_config.eos_token_id
-                               if teacher.generation_config.eos_token_id is not None else teacher.config.eos_token_id)
+        eos = teacher.generation_config.eos_token_id
+        eos = teacher.config.eos_token_id if eos is None else eos
+        labels = answer_labels(out.sequences, eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos)
         return labels, torch.stack(out.logits, dim=1)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -78,13 +78,16 @@ class TaskStream:
     def names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    def training_text(self) -> Iterator[str]:
-        """Every train-split source (with prefix) and target: what a tokenizer is trained on."""
+    def training_text(self, *, first_only: bool = False) -> Iterator[str]:
+        """Every train-split source (with prefix) and target of the trained tasks, or of the first
+        one only: what a tokenizer is trained on."""
         for task in self.tasks:
             if not task.trainable:
                 continue
             yield from task.sources("train")
             yield from task.targets("train")
+            if first_only:
+                return
 
 
 # ------------------------------------------------------------------------ built-in data sets

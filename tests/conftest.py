@@ -53,7 +53,7 @@ def toy_stream_config(tmp_path, mlflow_store) -> dict:
         "experiment": "toy",
         "seed": 0,
         "output_dir": str(tmp_path / "out"),
-        "model": {"arch": "t5", "preset": "tiny", "tokenizer": {"vocab_size": 120}},
+        "model": {"arch": "t5", "preset": "tiny", "tokenizer": {"vocab_size": 300}},
         "stream": {
             "cache_dir": str(tmp_path / "cache"),
             "max_source_tokens": 16,

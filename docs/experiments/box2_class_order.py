@@ -24,7 +24,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines.config import load_config, resolve_paths  # noqa: E402
 from pipelines.learner import Learner, silence_library_noise  # noqa: E402
-from pipelines.models import build_tokenizer  # noqa: E402
+from pipelines.models import stream_tokenizer  # noqa: E402
 from pipelines.plan import EvalSet, build_plan  # noqa: E402
 from pipelines.plots import save_figure  # noqa: E402
 from pipelines.tasks import load_stream  # noqa: E402
@@ -48,14 +48,14 @@ def main() -> int:
                          [c] * min(PER_CLASS, targets.count(c))) for c in classes]
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
-        build_tokenizer(config.model, stream.training_text()).save_pretrained(tmp)
+        stream_tokenizer(config.model, stream).save_pretrained(tmp)
         for order in ("by_class", "shuffled"):
             learner = Learner(config, tmp)  # same seed: the same initial weights for both orders
             plan = dataclasses.replace(build_plan(config, stream, 0), order=order, model_dir=None, state_dir=None)
             points = [{"step": 0, **learner.evaluate(eval_sets)}]
             bar = tqdm(total=plan.num_steps, desc=order, unit="step")
 
-            def on_step(step: int, total: int, loss: float) -> None:
+            def on_step(step: int, total: int, loss: float, metrics: dict) -> None:
                 points.append({"step": step + 1, "loss": loss, **learner.evaluate(eval_sets)})
                 bar.n = step + 1
                 bar.refresh()

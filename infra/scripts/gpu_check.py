@@ -85,14 +85,14 @@ def timed_steps(learner, plan, steps: int, every: int) -> float:
 def check(arch: str, zero: int, workdir: Path, *, smoke: bool) -> dict:
     from pipelines.config import validate_config
     from pipelines.learner import Learner
-    from pipelines.models import build_tokenizer
+    from pipelines.models import stream_tokenizer
     from pipelines.plan import EvalSet, build_plan
     from pipelines.tasks import load_stream
 
     config = validate_config(run_config(arch, zero, workdir, smoke=smoke))
     stream = load_stream(config)
     tokenizer_dir = Path(config.output_dir) / "tokenizer"
-    build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
+    stream_tokenizer(config.model, stream).save_pretrained(tokenizer_dir)
     learner = Learner(config, tokenizer_dir)
     learner.comm.force_communication = True  # one rank, but every collective through NCCL
     if torch.cuda.is_available():

@@ -51,23 +51,22 @@ def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlf
     assert {"comparison.json", "comparison.md", "heatmaps.png"} <= {a.path for a in client.list_artifacts(parent_id)}
 
 
-def test_orders_and_seeds_give_intervals_over_every_run(cli, toy_config_file, tmp_path):
-    result = cli("compare", str(toy_config_file(max_steps=2)), "--strategies", "naive", "--seeds", "2", "--orders",
+def test_task_orders_give_intervals_over_every_run(cli, toy_config_file, tmp_path):
+    result = cli("compare", str(toy_config_file(max_steps=2)), "--strategies", "naive", "--seeds", "1", "--orders",
                  "2", "--no-progress", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["orders"] == [["category", "first_word"], ["first_word", "category"]]
     naive = comparison["strategies"]["naive"]
-    assert [(r["order"], r["seed"]) for r in naive["runs"]] == [
-        (["category", "first_word"], 0), (["category", "first_word"], 1),
-        (["first_word", "category"], 0), (["first_word", "category"], 1)]
+    assert [(r["order"], r["seed"]) for r in naive["runs"]] == [(["category", "first_word"], 0),
+                                                               (["first_word", "category"], 0)]
     for metric in ("avg_acc", "forgetting", "learning_acc"):
-        assert naive[metric]["n"] == 4 and naive[metric]["ci95"] is not None
-    reports = [json.loads((out / "naive" / f"order-{o}" / f"seed-{s}" / "report.json").read_text())
-               for o in (0, 1) for s in (0, 1)]
-    assert [r["tasks"] for r in reports] == [["category", "first_word"]] * 2 + [["first_word", "category"]] * 2
-    assert "2 task order(s) x 2 seed(s)" in (out / "comparison.md").read_text()
+        assert naive[metric]["n"] == 2 and naive[metric]["ci95"] is not None
+    reports = [json.loads((out / "naive" / f"order-{o}" / "seed-0" / "report.json").read_text()) for o in (0, 1)]
+    assert [r["tasks"] for r in reports] == [["category", "first_word"], ["first_word", "category"]]
+    assert naive["avg_acc"]["mean"] == pytest.approx(np.mean([r["metrics"]["avg_acc"] for r in reports]))
+    assert "2 task order(s) x 1 seed(s)" in (out / "comparison.md").read_text()
 
 
 def test_tiny_compare_config(cli, tmp_path, mlflow_store):

@@ -101,7 +101,7 @@ def test_an_outage_mid_run_neither_stalls_training_nor_loses_a_record(tmp_path, 
     from actors.launch import run_experiment
     from pipelines.learner import Learner
     from pipelines.loop import run_stream
-    from pipelines.models import build_tokenizer
+    from pipelines.models import stream_tokenizer
 
     server = RestartableServer(tmp_path).start()
     try:
@@ -109,7 +109,7 @@ def test_an_outage_mid_run_neither_stalls_training_nor_loses_a_record(tmp_path, 
         toy_stream_config["training"].update(max_steps=30, log_every_n_steps=1)
         config = resolve_paths(validate_config(toy_stream_config))
         stream = load_stream(config)
-        build_tokenizer(config.model, stream.training_text()).save_pretrained(f"{config.output_dir}/tokenizer")
+        stream_tokenizer(config.model, stream).save_pretrained(f"{config.output_dir}/tokenizer")
         scheduler = Scheduler(config, stream)
         record_eval = scheduler.record_eval
 

@@ -14,7 +14,7 @@ from actors.scheduler import Scheduler
 from pipelines.config import resolve_paths, validate_config
 from pipelines.learner import Learner, silence_library_noise
 from pipelines.loop import run_stream
-from pipelines.models import build_tokenizer
+from pipelines.models import stream_tokenizer
 from pipelines.report import RunReport
 from pipelines.tasks import load_stream
 
@@ -30,7 +30,7 @@ def _prepare(config_dict, tokenizer_from=None):
     stream = load_stream(config)
     tokenizer_dir = tokenizer_from or f"{config.output_dir}/tokenizer"
     if tokenizer_from is None:
-        build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
+        stream_tokenizer(config.model, stream).save_pretrained(tokenizer_dir)
     return config, stream, tokenizer_dir
 
 

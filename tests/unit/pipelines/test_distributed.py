@@ -10,7 +10,7 @@ import torch.distributed as dist
 from pipelines.config import validate_config
 from pipelines.distributed import Collectives, DeviceMismatchError
 from pipelines.learner import Learner, silence_library_noise
-from pipelines.models import build_tokenizer
+from pipelines.models import stream_tokenizer
 from pipelines.plan import EvalSet, build_plan
 from pipelines.tasks import load_stream
 
@@ -45,7 +45,7 @@ def test_training_evaluation_and_ewc_hand_collectives_only_engine_tensors_once_p
     toy_stream_config["strategy"] = {"name": "ewc", "fisher_examples": 4}
     config = validate_config(toy_stream_config)
     stream = load_stream(config)
-    build_tokenizer(config.model, stream.training_text()).save_pretrained(tmp_path / "tok")
+    stream_tokenizer(config.model, stream).save_pretrained(tmp_path / "tok")
     learner = Learner(config, tmp_path / "tok")
     learner.comm.world_size = 2  # take every multi-worker code path; the spy below stands in for the group
     seen = []

@@ -10,7 +10,7 @@ import dataclasses
 from pipelines.config import validate_config
 from pipelines.errors import NonFiniteLossError
 from pipelines.learner import Learner, lr_at, silence_library_noise
-from pipelines.models import build_tokenizer
+from pipelines.models import stream_tokenizer
 from pipelines.plan import EvalSet, build_plan, num_steps
 from pipelines.tasks import load_stream
 
@@ -21,7 +21,7 @@ def _learner(config_dict, tmp_path):
     config = validate_config(config_dict)
     stream = load_stream(config)
     tokenizer_dir = tmp_path / "tokenizer"
-    build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
+    stream_tokenizer(config.model, stream).save_pretrained(tokenizer_dir)
     return Learner(config, tokenizer_dir), stream, config
 
 

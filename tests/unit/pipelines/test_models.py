@@ -61,13 +61,24 @@ def test_preset_and_path_are_exclusive():
 
 def test_targets_longer_than_the_limit_are_named_with_the_length_they_need(toy_stream_config):
     from pipelines.config import validate_config
-    from pipelines.models import build_tokenizer, long_targets
+    from pipelines.models import stream_tokenizer, long_targets
     from pipelines.tasks import load_stream
 
     config = validate_config(toy_stream_config)
     stream = load_stream(config)
-    tokenizer = build_tokenizer(config.model, stream.training_text())
+    tokenizer = stream_tokenizer(config.model, stream)
     longest = max(len(tokenizer(text_target=t)["input_ids"]) for task in stream for t in task.targets("train"))
     assert long_targets(tokenizer, stream, longest) == []
     problems = long_targets(tokenizer, stream, 1)
     assert len(problems) == 2 and all("stream.max_target_tokens=1" in p and "raise it to" in p for p in problems)
+
+
+def test_a_byte_level_unigram_vocabulary_is_the_same_every_time_and_keeps_every_byte():
+    """The trainer scores characters the text never uses by noise and drops some of them when the
+    vocabulary is small: the same text must still give the same ids, and every byte a piece."""
+    texts = [f"category: {w} {v}" for w in ("red", "dog", "sun", "moon") for v in ("fish", "star", "cat")]
+    tokenizers = [train_tokenizer(texts, arch="t5", vocab_size=300, lossless=True) for _ in range(5)]
+    assert all(t.get_vocab() == tokenizers[0].get_vocab() for t in tokenizers)
+    weird = "Ωmega \x00 zebra ü 🙂"
+    assert tokenizers[0].decode(tokenizers[0](weird)["input_ids"], skip_special_tokens=True) == weird
+    assert tokenizers[0].unk_token_id not in tokenizers[0](weird)["input_ids"]

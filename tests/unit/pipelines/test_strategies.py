@@ -18,7 +18,7 @@ from pipelines.config import (
 )
 from pipelines.errors import ConfigError
 from pipelines.learner import Learner, silence_library_noise
-from pipelines.models import build_tokenizer
+from pipelines.models import stream_tokenizer
 from pipelines.plan import PLANNING, build_plan, planning_for, replayed_per_batch, training_examples
 from pipelines.strategies import (
     AGEM,
@@ -150,7 +150,7 @@ def _learner(config_dict, tmp_path, strategy):
     config = validate_config({**config_dict, "strategy": strategy})
     stream = load_stream(config)
     tokenizer_dir = tmp_path / "tokenizer"
-    build_tokenizer(config.model, stream.training_text()).save_pretrained(tokenizer_dir)
+    stream_tokenizer(config.model, stream).save_pretrained(tokenizer_dir)
     learner = Learner(config, tokenizer_dir)
     return learner, stream
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The runs behind docs/results.md, "Strategies against forgetting". 2 CPU cores; outputs under runs/results/.
+# Each block is independent: docs/experiments/strategies.sh BLOCK
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+F=.venv/bin/forgetless
+OUT=runs/results
+
+tiny() {  # every strategy, 2 seeds x 2 task orders, on the tiny stream: the protocol end to end
+  $F compare configs/tiny/compare.yaml --strategies naive,replay,lwf,ewc,agem,derpp --seeds 2 --orders 2 \
+     output_dir=$OUT/tiny-compare overwrite=true --no-progress
+}
+
+ewc_sweep() {  # lambda from the first task's training rows only (docs/experiments/ewc_lambda_sweep.py)
+  local stream=$1; shift
+  .venv/bin/python docs/experiments/ewc_lambda_sweep.py configs/$stream.yaml --out $OUT/ewc-sweep-$stream "$@"
+}
+
+replay_budget() {  # average accuracy against the buffer's size: rows kept per task
+  local stream=$1; shift
+  for rows in 25 50 100 200 400; do
+    $F run configs/$stream.yaml strategy.name=replay replay.rows_per_task=$rows \
+       output_dir=$OUT/replay-budget-$stream/rows-$rows overwrite=true --no-progress "$@"
+  done
+}
+
+streams() {  # every strategy on a built-in stream: seeds x orders
+  local stream=$1 seeds=${2:-3} orders=${3:-3}; shift 3 || true
+  $F compare configs/$stream.yaml --strategies naive,cumulative,joint,replay,lwf,ewc,agem,derpp \
+     --seeds $seeds --orders $orders output_dir=$OUT/$stream-strategies overwrite=true --no-progress "$@"
+}
+
+"$@"
