@@ -77,9 +77,9 @@ def test_tiny_compare_config(cli, tmp_path, mlflow_store):
     comparison = json.loads((out / "comparison.json").read_text())
     strategies = comparison["strategies"]
     assert list(strategies) == ["naive", "replay"]
-    # on disjoint labels replay keeps the first task; sequential fine-tuning loses it
+    # on disjoint labels replay keeps some of the earlier tasks; sequential fine-tuning loses them
     naive_final, replay_final = strategies["naive"]["acc_matrix_mean"][-1], strategies["replay"]["acc_matrix_mean"][-1]
-    assert replay_final[0] > naive_final[0]
+    assert sum(replay_final[:-1]) > sum(naive_final[:-1])
     assert strategies["replay"]["forgetting"]["mean"] < strategies["naive"]["forgetting"]["mean"]
 
 
