@@ -42,7 +42,7 @@ def format_matrix(report: RunReport) -> str:
     if report.init is not None:
         lines.append(f"\nstarted from: {report.init.kind} ({report.init.source})")
     metrics = report.metrics
-    shown = ", ".join(f"{k} {'undefined' if v is None else f'{v:+.3f}' if k not in ('avg_acc', 'learning_acc') else f'{v:.3f}'}"
+    shown = ", ".join(f"{k} {'undefined' if v is None else f'{v:+.3f}' if k.split('/')[0] not in ('avg_acc', 'learning_acc') else f'{v:.3f}'}"
                       for k, v in metrics.items())
     lines.append(f"\n{report.strategy}: {shown}")
     return "\n".join(lines)

@@ -48,7 +48,8 @@ def test_tiny_config_end_to_end(cli, tmp_path, mlflow_store):
     model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     batch = tokenizer(["sentiment: a warm, funny and moving film"], return_tensors="pt")
-    answer = tokenizer.batch_decode(model.generate(**batch, max_new_tokens=4), skip_special_tokens=True)[0]
+    # the config's stream.max_target_tokens: a tokenizer trained on the first task spells later labels in pieces
+    answer = tokenizer.batch_decode(model.generate(**batch, max_new_tokens=8), skip_special_tokens=True)[0]
     assert answer.strip() in {"positive", "negative", "neutral"}
 
 

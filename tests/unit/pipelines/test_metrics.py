@@ -9,6 +9,8 @@ from pipelines.metrics import (
     backward_transfer,
     forgetting,
     forward_transfer,
+    interval,
+    intransigence,
     summary,
 )
 
@@ -116,3 +118,28 @@ def test_learning_accuracy_is_the_diagonal_and_skips_untrained_tasks():
     assert learning_accuracy(acc, 1) == pytest.approx(0.7)
     assert learning_accuracy(acc, 2, skip=(0,)) == pytest.approx(0.8)
     assert learning_accuracy(acc, 0, skip=(0,)) is None
+
+
+def test_per_metric_averages_appear_only_when_the_seen_tasks_mix_metrics():
+    acc = np.array([[0.8, 0.0, 0.0], [0.6, 0.9, 0.0], [0.4, 0.7, 0.3]])
+    scored_by = ["exact_match", "exact_match", "rouge_l"]
+    early = summary(acc, np.zeros(3), 1, scored_by=scored_by)
+    assert not any("/" in k for k in early)  # two exact-match tasks: one scale
+    final = summary(acc, np.zeros(3), 2, scored_by=scored_by)
+    assert final["avg_acc/exact_match"] == pytest.approx(0.55) and final["avg_acc/rouge_l"] == pytest.approx(0.3)
+    assert final["learning_acc/exact_match"] == pytest.approx(0.85)
+    assert final["avg_acc"] == pytest.approx((0.4 + 0.7 + 0.3) / 3)
+
+
+def test_intransigence_against_a_reference_row_skips_untrained_tasks():
+    acc = np.array([[0.5, 0.0], [0.2, 0.6]])
+    assert intransigence(acc, [0.7, 0.9]) == pytest.approx(((0.7 - 0.5) + (0.9 - 0.6)) / 2)
+    assert intransigence(acc, [0.7, 0.9], skip=(0,)) == pytest.approx(0.3)
+
+
+def test_interval_is_a_student_t_half_width():
+    out = interval([0.1, 0.3, 0.2, None])
+    assert out["n"] == 3 and out["mean"] == pytest.approx(0.2)
+    assert out["ci95"] == pytest.approx(4.303 * 0.1 / np.sqrt(3))  # t(0.975, 2) x s / sqrt(n)
+    assert interval([0.4])["ci95"] is None and interval([])["mean"] is None
+    assert interval([0.5] * 40)["ci95"] == pytest.approx(0.0)  # beyond the table: the normal's 1.96
