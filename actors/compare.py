@@ -80,9 +80,8 @@ def _untrained(report: RunReport) -> tuple[int, ...]:
 def _intransigence(report: RunReport, reference: RunReport | None) -> float | None:
     if reference is None or reference.status != "FINISHED" or reference.tasks != report.tasks:
         return None
-    acc = np.array([[np.nan if v is None else v for v in row] for row in report.acc_matrix], dtype=float)
-    final = np.array([np.nan if v is None else v for v in reference.acc_matrix[-1]], dtype=float)
-    return intransigence(acc, final, skip=_untrained(report))
+    acc, final = (ForgettingMatrix.from_dict(r.model_dump()).acc for r in (report, reference))
+    return intransigence(acc, final[-1], skip=_untrained(report))
 
 
 def aggregate(reports: dict[str, list[RunReport]]) -> dict[str, Any]:

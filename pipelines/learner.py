@@ -150,17 +150,19 @@ class Learner(Engine):
             labels = [y[1:] if y and y[0] == start else y for y in labels]
         return inputs, labels
 
-    def _collate(self, inputs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _collate_inputs(self, inputs: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Encoder inputs, padded, and their attention mask, on the engine's device."""
         pad = self.tokenizer.pad_token_id
-        width, label_width = max(map(len, inputs)), max(map(len, labels))
-        input_ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-        label_ids = torch.full((len(labels), label_width), IGNORE_INDEX, dtype=torch.long)
-        for i, (x, y) in enumerate(zip(inputs, labels)):
+        input_ids = torch.full((len(inputs), max(map(len, inputs))), pad, dtype=torch.long)
+        for i, x in enumerate(inputs):
             input_ids[i, : len(x)] = torch.tensor(x)
+        return {"input_ids": input_ids.to(self.device), "attention_mask": (input_ids != pad).to(self.device)}
+
+    def _collate(self, inputs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+        label_ids = torch.full((len(labels), max(map(len, labels))), IGNORE_INDEX, dtype=torch.long)
+        for i, y in enumerate(labels):
             label_ids[i, : len(y)] = torch.tensor(y)
-        device = self.device
-        return {"input_ids": input_ids.to(device), "attention_mask": (input_ids != pad).to(device),
-                "labels": label_ids.to(device)}
+        return {**self._collate_inputs(inputs), "labels": label_ids.to(self.device)}
 
     def batches(self, plan: TaskPlan, replay: ReplaySource | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Endless micro-batches of this rank's share, reshuffled each epoch with a seeded generator.
@@ -203,7 +205,7 @@ class Learner(Engine):
                         extra["reference"] = self._collate(*self._replayed(rows, plan, denoise_rng))
                     else:
                         half = rows.num_rows // 2
-                        extra["replay_logits"] = self._with_logits(rows.slice(0, half), plan, denoise_rng)
+                        extra["replay_logits"] = self._with_logits(rows.slice(0, half))
                         extra["replay_ce"] = self._collate(*self._replayed(rows.slice(half), plan, denoise_rng))
                 if views:
                     extra["views"] = [self._collate_inputs([view[i] for i in chosen]) for view in views]
@@ -218,14 +220,7 @@ class Learner(Engine):
         return [self.tokenizer([prefix + s for s in bare], truncation=True, max_length=limit)["input_ids"]
                 for prefix in plan.distill_prefixes]
 
-    def _collate_inputs(self, inputs: list[list[int]]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(inputs), max(map(len, inputs))), pad, dtype=torch.long)
-        for i, x in enumerate(inputs):
-            input_ids[i, : len(x)] = torch.tensor(x)
-        return {"input_ids": input_ids.to(self.device), "attention_mask": (input_ids != pad).to(self.device)}
-
-    def _with_logits(self, rows: pa.Table, plan: TaskPlan, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def _with_logits(self, rows: pa.Table) -> dict[str, torch.Tensor]:
         """DER++: replayed rows with their stored top-k logits, as tensors beside the labels
         (``logit_valid`` marks the target tokens that have stored logits)."""
         batch = self._collate(*self._encode(rows.column("source").to_pylist(), rows.column("target").to_pylist()))
