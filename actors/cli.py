@@ -5,6 +5,8 @@
                                             continue a killed or failed run after its last finished
                                             task; with a CONFIG that adds tasks, extend a finished one
   forgetless compare CONFIG --strategies naive,replay --seeds 3 [--orders 3] [key=value ...]
+  forgetless table1 CONFIG [key=value ...]  the lecture's Table 1 measured: feature extraction, fine-tuning,
+                                            prompt engineering and prompt tuning on the same model and tasks
   forgetless validate CONFIG [key=value ...] check a config (and its data) without training
   forgetless pretrain CONFIG [key=value ...] pretrain our own T5 (span corruption) or BART (text
                                             infilling) on real text; writes a save_pretrained directory
@@ -120,6 +122,21 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _table1(args: argparse.Namespace) -> int:
+    from actors.table1 import table1
+    from pipelines.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    result = table1(config, progress=not args.no_progress)
+    out = Path(config.output_dir).resolve()
+    print("\n" + (out / "table1.md").read_text())
+    print(f"table:  {out / 'table1.json'}\nMLflow: parent run {result['mlflow']['parent_run_id']} in "
+          f"{result['mlflow']['tracking_uri']}")
+    failed = [run for entry in result["paradigms"].values() for run in entry["runs"].values()
+              if run["status"] != "FINISHED"]
+    return 1 if failed else 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from actors.pretrain import run_pretrain
     from pipelines.config import load_pretrain_config
@@ -137,12 +154,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from pipelines.config import load_config, resolve_paths
+    from pipelines.paradigms import check_paradigm
     from pipelines.plan import check_stream
     from pipelines.tasks import load_stream
 
     config = resolve_paths(load_config(args.config, args.overrides))
     stream = load_stream(config)
     check_stream(config, stream)
+    check_paradigm(config, stream)
     print(json.dumps({"tasks": {t.name: {"train": t.train.num_rows, "eval": t.eval.num_rows} for t in stream},
                       "output_dir": config.output_dir, "tracking_uri": config.mlflow.tracking_uri}, indent=2))
     return 0
@@ -153,12 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (("run", _run, "train a task stream and measure forgetting"),
                                   ("compare", _compare, "run several strategies on the same stream and seeds"),
+                                  ("table1", _table1, "measure the lecture's Table 1: the four paradigms side by side"),
                                   ("validate", _validate, "check a config and load its data, no training"),
                                   ("pretrain", _pretrain, "pretrain a T5 or BART on real text (denoising)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="experiment YAML, e.g. configs/tiny/naive.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=1e-4")
-        if name in ("run", "compare", "pretrain"):
+        if name in ("run", "compare", "pretrain", "table1"):
             p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
         if name == "compare":
             p.add_argument("--strategies", default="naive,cumulative,replay,lwf,ewc,agem,derpp,joint",

@@ -37,6 +37,7 @@ from pipelines.models import (
     long_targets,
     stream_tokenizer,
 )
+from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
 from pipelines.pretraining import pretraining_task, read_manifest
 from pipelines.report import ModelInit, RunReport
@@ -320,20 +321,28 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> RunReport:
         stream = _with_pretraining_task(config, stream, start)
         if previous is not None:
             _check_finished_data(previous, stream, output)
+            if config.paradigm.name in ("feature_extraction", "prompt_tuning") and stream.names != previous.tasks:
+                raise ConfigError(f"paradigm {config.paradigm.name} gives each task of the stream its own parameters "
+                                  f"when the run starts ({previous.tasks}); a resume cannot add or change tasks "
+                                  f"({stream.names}): start a new run for the longer stream")
             if previous.finished_tasks == len(stream) and previous.tasks == stream.names:
                 if progress:
                     tqdm.write(f"nothing to train: the {len(stream)} tasks of {output.path} are finished")
                 return _nothing_to_train(previous, config, output)
         check_stream(config, stream)
+        check_paradigm(config, stream)
         tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming, start=start)
+        tokenizer = load_tokenizer(tokenizer_dir)
+        slots = task_slots(config, stream, tokenizer)  # a frozen-model paradigm's heads or prompts
+        check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
         return _train(config, stream, tokenizer_dir, previous=previous, changes=changes, progress=progress,
-                      start=start)
+                      start=start, slots=slots)
     finally:
         output.unlock()
 
 
 def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previous: RunReport | None,
-           changes: list[str], progress: bool, start: ModelStart) -> RunReport:
+           changes: list[str], progress: bool, start: ModelStart, slots: list[TaskSlot] | None) -> RunReport:
     local = connect_ray(config)
     use_gpu = config.training.use_gpu
     if use_gpu is None:
@@ -355,7 +364,7 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
         poller.start()
         trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
                                 cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local),
-                                checkpoint=start.checkpoint, objective=start.objective)
+                                checkpoint=start.checkpoint, objective=start.objective, slots=slots)
         trainer.fit()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         stop.set()

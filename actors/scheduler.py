@@ -29,6 +29,7 @@ from actors.replay import ReplayStore
 from actors.tracking import CLIENT_ENV, BufferedSink, MlflowSink, send_pending
 from pipelines.config import RunConfig, experiment_dict, flatten
 from pipelines.metrics import ForgettingMatrix
+from pipelines.paradigms import eval_sets as build_eval_sets
 from pipelines.plan import (
     EvalSet,
     RecoveryPlan,
@@ -153,7 +154,8 @@ class Scheduler:
 
     def _open_run(self, previous: RunReport | None, sink: MlflowSink | None) -> MlflowSink:
         config = self.config
-        tags = {"forgetless.strategy": config.strategy.name, "forgetless.tasks": ",".join(self.stream.names),
+        tags = {"forgetless.strategy": config.strategy.name, "forgetless.paradigm": config.paradigm.name,
+                "forgetless.tasks": ",".join(self.stream.names),
                 "forgetless.output_dir": str(self.output_dir), "forgetless.host": socket.gethostname()}
         if previous is None or previous.mlflow.run_id is None:
             sink = sink or MlflowSink.start(
@@ -195,7 +197,7 @@ class Scheduler:
         return self.sink.run_id
 
     def eval_sets(self) -> list[EvalSet]:
-        return [EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in self.stream]
+        return build_eval_sets(self.config, self.stream)  # under prompt engineering with shots: the k-shot prompts
 
     def register_worker(self, rank: int, *, pid: int, host: str) -> None:
         self._workers[rank] = {"pid": pid, "host": host}
@@ -361,6 +363,7 @@ class Scheduler:
             tasks=data["tasks"], acc_matrix=data["acc_matrix"], baseline=data["baseline"], metrics=metrics,
             metrics_per_task=self._history, strategy=self.config.strategy.name,
             strategy_config=self.config.strategy.model_dump(mode="json", by_alias=True),
+            paradigm=self.config.paradigm.model_dump(mode="json"),
             note=("trains once, at the last task, on every task's data: only the final row (and avg_acc) is "
                   "meaningful; forgetting, bwt and fwt are not defined for it") if self.planning.trains_only_at_end
             else None,

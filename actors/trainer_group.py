@@ -21,6 +21,7 @@ from actors.replay import PrefetchingSampler
 from pipelines.config import RunConfig
 from pipelines.learner import Learner, silence_library_noise
 from pipelines.loop import format_exception, run_stream
+from pipelines.paradigms import TaskSlot
 from pipelines.plan import TaskPlan
 
 # Calls a worker does not wait for: progress reports.
@@ -53,7 +54,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler.register_worker(rank, pid=os.getpid(), host=socket.gethostname())
     try:
         learner = Learner(config, loop_config["tokenizer_dir"], rank=rank, world_size=world_size,
-                          checkpoint=loop_config["checkpoint"], objective=loop_config["objective"])
+                          checkpoint=loop_config["checkpoint"], objective=loop_config["objective"],
+                          slots=loop_config["slots"])
     except Exception as exc:
         scheduler.fail(f"worker {rank} of {world_size}: {format_exception(exc)}")
         raise
@@ -69,11 +71,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def build_trainer(config: RunConfig, *, scheduler: Any, tokenizer_dir: str, use_gpu: bool,
                   cpus_per_worker: float, checkpoint: str | None = None,
-                  objective: dict[str, Any] | None = None) -> TorchTrainer:
+                  objective: dict[str, Any] | None = None, slots: list[TaskSlot] | None = None) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "scheduler": scheduler, "tokenizer_dir": tokenizer_dir,
-                           "use_gpu": use_gpu, "checkpoint": checkpoint, "objective": objective},
+                           "use_gpu": use_gpu, "checkpoint": checkpoint, "objective": objective, "slots": slots},
         scaling_config=ScalingConfig(num_workers=config.training.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -356,6 +356,67 @@ class DerppStrategyConfig(Schema):
     top_k: int = Field(default=32, gt=0, le=4096)  # logits stored per target token
 
 
+class ParadigmConfig(Schema):
+    """How the pretrained model is reused on each task (the lecture's Table 1; pipelines.paradigms).
+
+    fine_tuning: every weight trains (the strategies apply). feature_extraction: the model frozen, a
+    classifier per task over its label set on the encoder's features. prompt_engineering: nothing
+    trains; k examples of the task's training split precede each evaluated input. prompt_tuning:
+    the model frozen, a soft prompt per task (vectors before the encoder's input embeddings)."""
+
+    name: Literal["fine_tuning", "feature_extraction", "prompt_engineering", "prompt_tuning"] = "fine_tuning"
+    # feature_extraction: features = mean over tokens of the mean of the encoder's top ``feature_layers``
+    # hidden states (1: the last layer); a task with more distinct targets than ``max_labels`` has no label set
+    feature_layers: int = Field(default=1, ge=1)
+    max_labels: int = Field(default=100, ge=2)
+    # prompt_engineering: in-context examples per evaluated input (0: zero-shot), each written with
+    # ``shot_template`` and joined by ``shot_separator``; the evaluated input ends the prompt
+    shots: int = Field(default=0, ge=0)
+    shot_template: str = "{source} => {target}"
+    shot_separator: str = " | "
+    # prompt_tuning: vectors per task's prompt, started from the token embeddings of ``prompt_init``
+    # (None: the task's name in words), cycled to fill
+    prompt_length: int = Field(default=20, gt=0)
+    prompt_init: str | None = None
+
+    @model_validator(mode="after")
+    def _template(self) -> ParadigmConfig:
+        for field in ("{source}", "{target}"):
+            if field not in self.shot_template:
+                raise ValueError(f"paradigm.shot_template must contain {field}: it is {self.shot_template!r}")
+        return self
+
+    @property
+    def freezes_model(self) -> bool:
+        return self.name != "fine_tuning"
+
+    @property
+    def takes_steps(self) -> bool:
+        """Whether a task trains anything (prompt engineering only writes prompts)."""
+        return self.name != "prompt_engineering"
+
+
+PARADIGMS = ("feature_extraction", "fine_tuning", "prompt_engineering", "prompt_tuning")  # Table 1's columns
+
+
+class Table1Config(Schema):
+    """``forgetless table1``: the paradigms on the same model and tasks, at several training-set sizes."""
+
+    paradigms: list[Literal["feature_extraction", "fine_tuning", "prompt_engineering", "prompt_tuning"]] = \
+        Field(default=list(PARADIGMS), min_length=1)
+    # training rows per task (None: the task's whole training split, after max_train_examples)
+    train_sizes: list[int | None] = Field(default=[32, 256, None], min_length=1, max_length=6)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Table1Config:
+        for name, values in (("paradigms", self.paradigms), ("train_sizes", self.train_sizes)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"table1.{name} lists a value twice: {values}")
+        if any(size is not None and size < 1 for size in self.train_sizes):
+            raise ValueError(f"table1.train_sizes must be positive (or null: all): {self.train_sizes}")
+        return self
+
+
 # Each strategy's name is written once: in its config class's ``name`` literal. Everything else
 # (the registry, the union, ``strategies:`` settings, the trainers' table) is keyed by the class.
 _STRATEGY_TYPES = (NaiveStrategyConfig, JointStrategyConfig, CumulativeStrategyConfig, ReplayStrategyConfig,
@@ -388,12 +449,16 @@ class RunConfig(Schema):
     recovery: RecoveryConfig = RecoveryConfig()
     strategy: StrategyConfig = NaiveStrategyConfig()
     strategies: StrategySettings = StrategySettings()
+    paradigm: ParadigmConfig = ParadigmConfig()
+    table1: Table1Config = Table1Config()
     mlflow: MlflowConfig = MlflowConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _known_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("paradigm"), str):  # paradigm: prompt_tuning
+            data = {**data, "paradigm": {"name": data["paradigm"]}}
         strategy = data.get("strategy") if isinstance(data, dict) else None
         if isinstance(strategy, dict):
             if strategy.get("name", DEFAULT_STRATEGY) not in STRATEGY_CONFIGS:
@@ -414,6 +479,16 @@ class RunConfig(Schema):
         if self.stream.has_pretraining_task and self.model.pretrain is None:
             raise ValueError("stream.pretraining_task needs model.pretrain: the pretraining objective, corpus and "
                              "held-out split come from the pretrain config the model was built by")
+        if self.paradigm.freezes_model:
+            what = f"paradigm {self.paradigm.name}"
+            if not isinstance(self.strategy, NaiveStrategyConfig):
+                raise ValueError(f"{what} trains a task's own parameters only (or none): strategy "
+                                 f"{self.strategy.name} has nothing to protect; use strategy.name=naive")
+            if self.recovery.enabled:
+                raise ValueError(f"{what} leaves the model as it was: the recovery probe (recovery.enabled) "
+                                 "measures what fine-tuning hid in it; turn it off")
+            if self.replay.enabled:
+                raise ValueError(f"{what} does not replay: set replay.enabled=false")
         if self.resume and self.overwrite:
             raise ValueError("resume=true continues what is in output_dir and overwrite=true empties it: choose one")
         return self

@@ -33,6 +33,7 @@ from pipelines.denoising import (
 from pipelines.distributed import Collectives, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.models import build_model, check_precision, load_tokenizer, save_pretrained
+from pipelines.paradigms import PARADIGM_FILE, ParadigmModel, TaskSlot, trained_for
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.scoring import METRICS
 from pipelines.strategies import IGNORE_INDEX, TrainingContext, build_training_strategy
@@ -60,7 +61,8 @@ class Engine:
     ``Learner`` and a pretraining's ``Pretrainer`` both train."""
 
     def __init__(self, model_config: ModelConfig, training: TrainingConfig, tokenizer_dir: str | Path, *, seed: int,
-                 rank: int = 0, world_size: int = 1, checkpoint: str | None = None):
+                 rank: int = 0, world_size: int = 1, checkpoint: str | None = None,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
         init_distributed()
         self.training, self.zero_stage, self.rank, self.world_size = training, training.zero_stage, rank, world_size
         on_cuda = torch.cuda.is_available() and training.use_gpu is not False
@@ -69,9 +71,15 @@ class Engine:
         self.tokenizer = load_tokenizer(tokenizer_dir)
         torch.manual_seed(seed)  # identical init on every rank, and in a resumed run
         model = build_model(model_config, self.tokenizer, checkpoint)
+        if wrap is not None:
+            model = wrap(model)
         self.ds_config = build_deepspeed_config(training, world_size=world_size, precision=self.precision,
                                                 on_cuda=on_cuda)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+        # A frozen-model paradigm: one parameter group per task's own parameters; the frozen weights
+        # are not the optimizer's at all.
+        groups = ([{"params": params} for params in model.slot_parameters()] if isinstance(model, ParadigmModel)
+                  else model.parameters())
+        optimizer = torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay)
 
         import deepspeed
 
@@ -82,6 +90,11 @@ class Engine:
     @property
     def model(self) -> torch.nn.Module:
         return self.engine.module
+
+    @property
+    def body(self) -> torch.nn.Module:
+        """The seq2seq model itself (under a frozen-model paradigm, without its heads or prompts)."""
+        return self.model.body if isinstance(self.model, ParadigmModel) else self.model
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +115,9 @@ class Engine:
 
         def write() -> None:
             with atomic_directory(directory) as tmp:
-                save_pretrained(self.model, self.tokenizer, tmp)
+                save_pretrained(self.body, self.tokenizer, tmp)
+                if isinstance(self.model, ParadigmModel):  # the heads or prompts, beside the untouched body
+                    torch.save(self.model.extra_state(), tmp / PARADIGM_FILE)
                 if extra is not None:
                     extra(tmp)
 
@@ -126,9 +141,13 @@ class Learner(Engine):
     """
 
     def __init__(self, config: RunConfig, tokenizer_dir: str | Path, *, rank: int = 0, world_size: int = 1,
-                 checkpoint: str | None = None, objective: dict[str, Any] | None = None):
+                 checkpoint: str | None = None, objective: dict[str, Any] | None = None,
+                 slots: list[TaskSlot] | None = None):
+        wrap = (lambda body: ParadigmModel(body, config.paradigm, slots or [])) if slots is not None else None
+        if config.paradigm.name in ("feature_extraction", "prompt_tuning") and wrap is None:
+            raise ValueError(f"paradigm {config.paradigm.name} needs the tasks' slots (pipelines.paradigms.task_slots)")
         super().__init__(config.model, config.training, tokenizer_dir, seed=config.seed, rank=rank,
-                         world_size=world_size, checkpoint=checkpoint)
+                         world_size=world_size, checkpoint=checkpoint, wrap=wrap)
         self.config = config
         self.objective = objective  # the pretraining objective (its task's eval corrupts text the same way)
         self._heldout: tuple[str, list] | None = None
@@ -146,7 +165,7 @@ class Learner(Engine):
         inputs = self.tokenizer(sources, truncation=True, max_length=stream.max_source_tokens)["input_ids"]
         labels = self.tokenizer(text_target=targets, truncation=True, max_length=stream.max_target_tokens)["input_ids"]
         if self.config.model.arch == "encoder_decoder":  # BERT writes [CLS] first: the decoder starts with it already
-            start = self.model.config.decoder_start_token_id
+            start = self.body.config.decoder_start_token_id
             labels = [y[1:] if y and y[0] == start else y for y in labels]
         return inputs, labels
 
@@ -183,6 +202,9 @@ class Learner(Engine):
             raise DataError(f"task {plan.name!r} has {len(inputs)} training row(s) for {self.world_size} workers: "
                             f"worker {self.rank} has none to train on; lower training.num_workers")
         views = self._views(sources, plan)
+        classes = None
+        if isinstance(self.model, ParadigmModel) and self.config.paradigm.name == "feature_extraction":
+            classes = self.model.classes(plan.examples.column("target").to_pylist(), self.model.slot_of[plan.name])
         num_replayed = plan.replay_rows_per_batch if replay is not None else 0
         denoise_rng = np.random.default_rng([plan.seed, plan.index, self.rank, 0xDE])
         size = self.config.training.micro_batch_size - (num_replayed if plan.replay_mode == "mix" else 0)
@@ -209,6 +231,8 @@ class Learner(Engine):
                         extra["replay_ce"] = self._collate(*self._replayed(rows.slice(half), plan, denoise_rng))
                 if views:
                     extra["views"] = [self._collate_inputs([view[i] for i in chosen]) for view in views]
+                if classes is not None:  # feature extraction: the class of each target in the task's label set
+                    extra["class_ids"] = classes[torch.as_tensor(chosen, dtype=torch.long)].to(self.device)
                 yield {**self._collate(batch_inputs, batch_labels), **extra}
 
     def _views(self, sources: list[str], plan: TaskPlan) -> list[list[list[int]]]:
@@ -281,9 +305,10 @@ class Learner(Engine):
             metrics.clear()
         if plan.examples is None or plan.num_steps == 0:  # nothing to train at this task (joint before the last)
             return {"steps": 0, "mean_loss": None, "seconds": 0.0, "started_at": started_at,
-                    "ended_at": time.time(), "examples": 0}
+                    "ended_at": time.time(), "examples": 0, "trainable_params": 0, "trainable_bytes": 0}
         training = self.config.training
         total, every = plan.num_steps, training.log_every_n_steps
+        slot = self._start_slot(plan)
         context = self.context(plan)
         self.strategy.before_task(context, plan)
         batches = self.batches(plan, replay)
@@ -292,8 +317,9 @@ class Learner(Engine):
         first_bad = torch.full((), float("inf"), device=self.device)
         loss_sum, window_steps, examples = 0.0, 0, 0
         for step in range(total):
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr_at(step, total, training)
+            lr = lr_at(step, total, training)
+            for k, group in enumerate(self.engine.optimizer.param_groups):
+                group["lr"] = lr if slot is None or k == slot else 0.0  # other tasks' heads/prompts stay put
             for _ in range(training.grad_accum_steps):
                 batch = next(batches)
                 examples += batch["input_ids"].shape[0]
@@ -325,7 +351,22 @@ class Learner(Engine):
         seconds = time.perf_counter() - start
         self.strategy.after_task(context, plan)
         return {"steps": total, "mean_loss": loss_sum / (total * self.world_size), "seconds": seconds,
-                "started_at": started_at, "ended_at": time.time(), "examples": examples}
+                "started_at": started_at, "ended_at": time.time(), "examples": examples,
+                **dict(zip(("trainable_params", "trainable_bytes"), trained_for(self.model, self.config, plan.name)))}
+
+    def _start_slot(self, plan: TaskPlan) -> int | None:
+        """A frozen-model paradigm: make ``plan``'s task the one the model trains, with fresh optimizer
+        state for its parameter group (its Adam moments would otherwise start from another task's
+        zero-gradient steps). Returns the group's index; None under fine tuning."""
+        if not isinstance(self.model, ParadigmModel):
+            return None
+        slot = self.model.slot_of[plan.name]
+        self.model.active = slot
+        optimizer = self.engine.optimizer
+        base = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO and bf16 wrappers keep the torch one
+        for param in base.param_groups[slot]["params"]:
+            base.state.pop(param, None)
+        return slot
 
     @torch.no_grad()
     def replay_logits(self, plan: TaskPlan) -> pa.Table | None:
@@ -364,15 +405,21 @@ class Learner(Engine):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _generate(self, sources: list[str], model: torch.nn.Module | None = None) -> list[str]:
+    def _generate(self, sources: list[str], model: torch.nn.Module | None = None, task: str | None = None) -> list[str]:
         stream = self.config.stream
         enc = self.tokenizer(sources, truncation=True, max_length=stream.max_source_tokens, padding=True,
                              return_tensors="pt").to(self.device)
-        out = (model or self.model).generate(
-            **enc, max_new_tokens=self.config.evaluation.max_new_tokens, do_sample=False, num_beams=1,
+        settings = dict(
+            max_new_tokens=self.config.evaluation.max_new_tokens, do_sample=False, num_beams=1,
             # ZeRO-3 partitions the weights: every rank must run every forward pass together.
             synced_gpus=model is None and self.config.training.zero_stage == 3 and self.world_size > 1,
         )
+        if model is None and isinstance(self.model, ParadigmModel):
+            out = self.model.predict(enc["input_ids"], enc["attention_mask"], task, settings)
+            if isinstance(out, list):  # feature extraction answers with label strings
+                return out
+        else:
+            out = (model or self.model).generate(**enc, **settings)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     def _score(self, eval_set: EvalSet, model: torch.nn.Module | None = None) -> tuple[float, int]:
@@ -389,7 +436,7 @@ class Learner(Engine):
         total, count = 0.0, 0
         for start in range(0, per_rank, size):
             chunk = mine[start : start + size]
-            predictions = self._generate([eval_set.sources[min(i, n - 1)] for i in chunk], model)
+            predictions = self._generate([eval_set.sources[min(i, n - 1)] for i in chunk], model, eval_set.name)
             for i, prediction in zip(chunk, predictions):
                 if i < n:
                     total += score(prediction, eval_set.targets[i])
@@ -418,7 +465,7 @@ class Learner(Engine):
         n = len(examples)
         real = sum(1 for i in mine if i < n)
         ordered = [examples[i] for i in mine if i < n] + [examples[-1]] * (len(mine) - real)
-        totals = score_denoising(model or self.model, ordered, batch_size=self.config.evaluation.batch_size,
+        totals = score_denoising(model or self.body, ordered, batch_size=self.config.evaluation.batch_size,
                                  pad_id=self.tokenizer.pad_token_id, device=self.device, counted=real)
         correct, masked = totals[:2].tolist()
         return correct, int(masked)

@@ -247,7 +247,7 @@ def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
     """The plan of task ``index``: the one place where what happens at a task is decided."""
     planning = planning_for(config.strategy)
     task = stream[index]
-    examples = training_examples(planning, stream, index)
+    examples = training_examples(planning, stream, index) if config.paradigm.takes_steps else None
     last = index == len(stream) - 1
     teacher = None
     if planning.needs_teacher and index:

@@ -32,6 +32,8 @@ class TaskStats(_Model):
     started_at: float
     ended_at: float
     examples: int
+    trainable_params: int | None = None  # parameters this task trained (a frozen-model paradigm: its own)
+    trainable_bytes: int | None = None  # ... and their bytes: what serving the task beside the others stores
 
 
 class MlflowRef(_Model):
@@ -85,6 +87,7 @@ class RunReport(_Model):
     metrics_per_task: list[dict[str, Any]] = []
     strategy: str
     strategy_config: dict[str, Any]
+    paradigm: dict[str, Any] = {"name": "fine_tuning"}  # how the pretrained model is reused (pipelines.paradigms)
     note: str | None = None
     experiment: str
     seed: int

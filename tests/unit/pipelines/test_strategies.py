@@ -78,7 +78,7 @@ def test_each_strategy_name_is_written_once_in_the_code():
     lines = [line for d in ("pipelines", "actors", "storage") for p in sorted((repo / d).glob("*.py"))
              for line in p.read_text().splitlines()]
     # "replay" also names the replay store's directory and config block; those lines are not the strategy
-    store = ("replay_dir", '"replay": replay', '"state", "replay"')
+    store = ("replay_dir", '"replay": replay', '"state", "replay"', 'data["replay"]')
     for name in STRATEGY_CONFIGS:
         found = [line.strip() for line in lines if re.search(rf"""["']{name}["']""", line)
                  and not any(s in line for s in store)]

@@ -1,0 +1,356 @@
+"""The four ways of reusing a pretrained model of the lecture's Table 1, as ways to run a stream.
+
+- ``fine_tuning``: every weight trains; the stream's strategy decides how (``pipelines.strategies``).
+- ``feature_extraction``: the pretrained model is frozen. Each task gets a linear classifier over
+  its label set (the distinct targets of its training split), trained on the encoder's features:
+  the mean over non-padding tokens of the mean of the top ``feature_layers`` hidden states,
+  computed in eval mode (a fixed feature map). Predictions are label strings, scored as usual.
+- ``prompt_engineering``: nothing trains. Each evaluated input is preceded by ``shots`` examples
+  of its task's training split, drawn with the run's seed and never the evaluated input itself.
+- ``prompt_tuning`` (Lester et al. 2021): the pretrained model is frozen. Each task gets
+  ``prompt_length`` vectors put before the encoder's input embeddings, started from the token
+  embeddings of an English prompt; they are all that trains.
+
+A frozen body cannot forget and a per-task head or prompt cannot interfere: the forgetting these
+paradigms show is zero by construction, and the tests check it bit for bit.
+
+Per-task parameters (heads, prompts) exist from the start, one optimizer parameter group per task,
+so one DeepSpeed engine serves the whole stream and its checkpoints resume as a fine-tuned run's
+do. While task t trains only group t has a non-zero learning rate (AdamW then changes nothing else:
+its update and its weight decay are both scaled by the learning rate), and group t's optimizer
+state is reset when task t starts. The frozen weights are never handed to the optimizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.config import ParadigmConfig, RunConfig
+from pipelines.errors import DataError
+from pipelines.plan import EvalSet
+from pipelines.tasks import Task, TaskStream
+
+
+PARADIGM_FILE = "paradigm.pt"  # in a checkpoint directory: a frozen-model paradigm's heads or prompts
+
+
+@dataclass(frozen=True)
+class TaskSlot:
+    """One task's own parameters under a frozen-model paradigm, as plain data the driver decides."""
+
+    name: str
+    labels: tuple[str, ...] = ()  # feature_extraction: the classifier's classes, sorted
+    prompt_ids: tuple[int, ...] = ()  # prompt_tuning: token ids whose embeddings start the prompt
+
+
+# ------------------------------------------------------------------------ driver side: data and checks
+def prompt_text(paradigm: ParadigmConfig, task: Task) -> str:
+    """The English prompt a task's soft prompt starts from: ``prompt_init``, or the task's name in words."""
+    return paradigm.prompt_init or task.name.replace("_", " ").replace("-", " ")
+
+
+def task_slots(config: RunConfig, stream: TaskStream, tokenizer: Any) -> list[TaskSlot] | None:
+    """The per-task parameters of a frozen-model paradigm, one slot per trained task (none for the
+    others), after checking that every task can have them. None: the paradigm has no such parameters.
+
+    Raises:
+        DataError: feature extraction on a task without a label set (more distinct targets than
+            ``paradigm.max_labels``: a generation task), or a prompt with no tokens.
+    """
+    paradigm = config.paradigm
+    if paradigm.name not in ("feature_extraction", "prompt_tuning"):
+        return None
+    if paradigm.name == "feature_extraction":
+        return [TaskSlot(name, labels=labels) for name, labels in label_sets(config, stream).items()]
+    slots = []
+    for task in stream:
+        if task.trainable:
+            text = prompt_text(paradigm, task)
+            ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise DataError(f"paradigm.prompt_init {text!r} (task {task.name!r}) has no tokens to start "
+                                "the soft prompt from")
+            slots.append(TaskSlot(task.name, prompt_ids=ids))
+    return slots
+
+
+def label_sets(config: RunConfig, stream: TaskStream) -> dict[str, tuple[str, ...]]:
+    """Each trained task's label set (its distinct training targets, sorted), for feature extraction.
+
+    Raises:
+        DataError: a task with more distinct targets than ``paradigm.max_labels``: a generation task.
+    """
+    limit = config.paradigm.max_labels
+    out = {}
+    for task in stream:
+        if not task.trainable:
+            continue
+        labels = tuple(sorted(set(task.targets("train"))))
+        if len(labels) > limit:
+            raise DataError(
+                f"paradigm feature_extraction trains a classifier over a task's label set, but task {task.name!r} "
+                f"has {len(labels)} distinct targets in {task.train.num_rows} training rows (more than "
+                f"paradigm.max_labels={limit}): it is a generation task. Run it with fine_tuning or prompt_tuning, "
+                "or raise paradigm.max_labels if it is a classification")
+        out[task.name] = labels
+    return out
+
+
+def check_paradigm(config: RunConfig, stream: TaskStream) -> None:
+    """Refuse what the run's paradigm cannot do with these tasks, before a tokenizer or a worker
+    exists: a label set for feature extraction, enough training rows for the shots.
+
+    Raises:
+        DataError: naming the task and the setting.
+    """
+    if config.paradigm.name == "feature_extraction":
+        label_sets(config, stream)
+    elif config.paradigm.name == "prompt_engineering":
+        eval_sets(config, stream)
+
+
+def few_shot_sources(paradigm: ParadigmConfig, task: Task, *, seed: int, index: int) -> list[str]:
+    """Task ``index``'s eval inputs, each preceded by ``paradigm.shots`` of its training examples.
+
+    The examples of eval input i are drawn by a generator seeded with (seed, index, i): the same
+    prompts for a seed whatever else runs. A training example whose input equals the evaluated one
+    is never drawn (the splits are de-duplicated, but a user's data may repeat an input).
+
+    Raises:
+        DataError: fewer usable training examples than ``paradigm.shots``.
+    """
+    sources = task.sources("eval")
+    if paradigm.shots == 0:
+        return sources
+    pool_sources, pool_targets = task.sources("train"), task.targets("train")
+    if len(pool_sources) < paradigm.shots:
+        raise DataError(f"paradigm.shots={paradigm.shots} in-context examples, but task {task.name!r} has "
+                        f"{len(pool_sources)} training example(s) to draw them from; lower paradigm.shots")
+    prompts = []
+    for i, query in enumerate(sources):
+        rng = np.random.default_rng([seed, index, i])
+        allowed = np.flatnonzero(np.asarray(pool_sources, dtype=object) != query)
+        if len(allowed) < paradigm.shots:
+            raise DataError(f"task {task.name!r}: eval example {i} leaves {len(allowed)} other training example(s) "
+                            f"for paradigm.shots={paradigm.shots}; lower paradigm.shots")
+        chosen = rng.choice(allowed, size=paradigm.shots, replace=False)
+        shots = [paradigm.shot_template.format(source=pool_sources[j], target=pool_targets[j]) for j in chosen]
+        prompts.append(paradigm.shot_separator.join([*shots, query_text(paradigm, query)]))
+    return prompts
+
+
+def query_text(paradigm: ParadigmConfig, source: str) -> str:
+    """The evaluated input written as a shot with its target left out."""
+    return paradigm.shot_template.format(source=source, target="").rstrip()
+
+
+def eval_sets(config: RunConfig, stream: TaskStream) -> list[EvalSet]:
+    """What every task is evaluated on; under prompt engineering with shots, its k-shot prompts."""
+    few_shot = config.paradigm.name == "prompt_engineering" and config.paradigm.shots > 0
+    return [EvalSet(t.name, t.metric,
+                    few_shot_sources(config.paradigm, t, seed=config.seed, index=i) if few_shot and t.trainable
+                    else t.sources("eval"), t.targets("eval"))
+            for i, t in enumerate(stream)]
+
+
+def check_prompt_lengths(config: RunConfig, eval_sets_: list[EvalSet], tokenizer: Any) -> None:
+    """Refuse k-shot prompts longer than ``stream.max_source_tokens`` before anything runs: cut to
+    fit, a prompt would lose its end — the input being asked about.
+
+    Raises:
+        DataError: naming the task, the example and both lengths.
+    """
+    if config.paradigm.name != "prompt_engineering" or config.paradigm.shots == 0:
+        return
+    limit = config.stream.max_source_tokens
+    for eval_set in eval_sets_:
+        lengths = [len(ids) for ids in tokenizer(eval_set.sources)["input_ids"]]
+        longest = int(np.argmax(lengths)) if lengths else 0
+        if lengths and lengths[longest] > limit:
+            raise DataError(
+                f"task {eval_set.name!r}: the {config.paradigm.shots}-shot prompt of eval example {longest} is "
+                f"{lengths[longest]} tokens, over stream.max_source_tokens={limit} (cut to fit, it would lose the "
+                f"input it asks about); {sum(n > limit for n in lengths)} of {len(lengths)} prompts are too long. "
+                "Lower paradigm.shots or raise stream.max_source_tokens (within the model's limit)")
+
+
+# ------------------------------------------------------------------------ worker side: the model
+class SoftPrompt(nn.Module):
+    """One task's prompt: ``length`` vectors put before the inputs' embeddings."""
+
+    def __init__(self, initial: torch.Tensor):
+        super().__init__()
+        self.vectors = nn.Parameter(initial.detach().clone())
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt = self.vectors.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        ones = attention_mask.new_ones((embeds.shape[0], prompt.shape[1]))
+        return torch.cat([prompt, embeds], dim=1), torch.cat([ones, attention_mask], dim=1)
+
+
+class SoftPrompts(nn.Module):
+    """One ``SoftPrompt`` module per task (a module each, so that ZeRO-3's parameter trace follows
+    the switch from one task's prompt to the next as it follows any change of module order)."""
+
+    def __init__(self, initial: list[torch.Tensor]):
+        super().__init__()
+        self.prompts = nn.ModuleList([SoftPrompt(x) for x in initial])
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prompts[slot](embeds, attention_mask)
+
+
+class ClassifierHeads(nn.Module):
+    """One linear classifier per task over the frozen encoder's features."""
+
+    def __init__(self, width: int, sizes: list[int]):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(width, size) for size in sizes])
+
+    def forward(self, features: torch.Tensor, slot: int) -> torch.Tensor:
+        return self.heads[slot](features.to(self.heads[slot].weight.dtype))
+
+
+@dataclass
+class ParadigmOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class ParadigmModel(nn.Module):
+    """A frozen pretrained seq2seq model (``body``) with per-task heads or prompts.
+
+    Every call that needs parameters goes through a submodule's ``forward`` (the body's embedding,
+    encoder or generate; ``SoftPrompts``; ``ClassifierHeads``), so ZeRO-3 gathers them as it does
+    for any module. ``active`` is the slot the next training forward uses (set per task).
+    """
+
+    def __init__(self, body: nn.Module, paradigm: ParadigmConfig, slots: list[TaskSlot]):
+        super().__init__()
+        if paradigm.name not in ("feature_extraction", "prompt_tuning"):
+            raise ValueError(f"paradigm {paradigm.name} has no per-task parameters")
+        if not slots:
+            raise DataError(f"paradigm {paradigm.name}: the stream has no trained task to give parameters to")
+        self.body, self.paradigm, self.slots = body, paradigm, list(slots)
+        self.slot_of = {slot.name: k for k, slot in enumerate(self.slots)}
+        self.active = 0
+        body.requires_grad_(False)
+        if paradigm.name == "prompt_tuning":
+            _check_prompt_room(body, paradigm.prompt_length)
+            embed = body.get_input_embeddings()
+            with torch.no_grad():
+                initial = [embed(torch.tensor(list(itertools.islice(itertools.cycle(slot.prompt_ids),
+                                                                    paradigm.prompt_length)))).float()
+                           for slot in self.slots]
+            self.prompts = SoftPrompts(initial)
+        else:
+            encoder_config = body.get_encoder().config
+            self.labels = [slot.labels for slot in self.slots]
+            self.class_index = [{label: c for c, label in enumerate(slot.labels)} for slot in self.slots]
+            depth = getattr(encoder_config, "num_hidden_layers", None) or getattr(encoder_config, "num_layers", None)
+            if depth is not None and paradigm.feature_layers > depth:
+                raise DataError(f"paradigm.feature_layers={paradigm.feature_layers}, but the encoder has {depth} "
+                                "layers; lower it")
+            self.heads = ClassifierHeads(_hidden_size(encoder_config), [len(s.labels) for s in self.slots])
+
+    # ---------------------------------------------------------------- parameters
+    def slot_parameters(self) -> list[list[nn.Parameter]]:
+        """Each slot's own parameters, in slot order: one optimizer parameter group each."""
+        if self.paradigm.name == "prompt_tuning":
+            return [[prompt.vectors] for prompt in self.prompts.prompts]
+        return [list(head.parameters()) for head in self.heads.heads]
+
+    def train(self, mode: bool = True) -> ParadigmModel:
+        super().train(mode)
+        if self.paradigm.name == "feature_extraction":
+            self.body.eval()  # a fixed feature map: no dropout in the frozen encoder
+        return self
+
+    # ---------------------------------------------------------------- forward
+    def _prompted(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = self.body.get_input_embeddings()(input_ids)
+        return self.prompts(embeds, attention_mask, slot)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean over non-padding tokens of the mean of the encoder's top ``feature_layers`` hidden states."""
+        with torch.no_grad():
+            out = self.body.get_encoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          output_hidden_states=True, return_dict=True)
+            layers = torch.stack(out.hidden_states[-self.paradigm.feature_layers:]).float().mean(0)
+            mask = attention_mask.unsqueeze(-1).float()
+            return (layers * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def classes(self, targets: list[str], slot: int) -> torch.Tensor:
+        """Class indices of ``targets`` in the slot's label set (-100: not in it, ignored by the loss)."""
+        index = self.class_index[slot]
+        return torch.tensor([index.get(t, -100) for t in targets], dtype=torch.long)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                class_ids: torch.Tensor | None = None) -> ParadigmOutput:
+        slot = self.active
+        if self.paradigm.name == "prompt_tuning":
+            embeds, mask = self._prompted(input_ids, attention_mask, slot)
+            out = self.body(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+            return ParadigmOutput(out.loss, out.logits)
+        logits = self.heads(self.features(input_ids, attention_mask), slot)
+        loss = F.cross_entropy(logits.float(), class_ids) if class_ids is not None else None
+        return ParadigmOutput(loss, logits)
+
+    @torch.no_grad()
+    def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str,
+                generate: dict[str, Any]) -> list[str] | torch.Tensor:
+        """Task ``task``'s answers: label strings (feature extraction) or generated token ids."""
+        slot = self.slot_of[task]
+        if self.paradigm.name == "prompt_tuning":
+            embeds, mask = self._prompted(input_ids, attention_mask, slot)
+            return self.body.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
+        logits = self.heads(self.features(input_ids, attention_mask), slot)
+        return [self.labels[slot][c] for c in logits.argmax(-1).tolist()]
+
+    def extra_state(self) -> dict[str, Any]:
+        """What a checkpoint needs beyond the body's weights: the paradigm, slots and their tensors."""
+        own = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("body.")}
+        return {"paradigm": self.paradigm.model_dump(), "slots": [vars(s) for s in self.slots], "state": own}
+
+
+def _hidden_size(config: Any) -> int:
+    for name in ("hidden_size", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise DataError(f"cannot tell the encoder's hidden size from its config ({type(config).__name__})")
+
+
+def _check_prompt_room(body: nn.Module, prompt_length: int) -> None:
+    """A soft prompt takes positions: refuse one that leaves none for the input (BERT: 512)."""
+    limit = getattr(body.get_encoder().config, "max_position_embeddings", None)
+    if limit is not None and prompt_length >= limit:
+        raise DataError(f"paradigm.prompt_length={prompt_length} fills the encoder's {limit} positions; lower it")
+
+
+def build_paradigm_model(body: nn.Module, config: RunConfig, slots: list[TaskSlot]) -> nn.Module:
+    """``body`` as the run's paradigm trains it: itself (fine tuning, prompt engineering) or wrapped."""
+    if config.paradigm.name in ("feature_extraction", "prompt_tuning"):
+        return ParadigmModel(body, config.paradigm, slots)
+    return body
+
+
+def trained_for(model: nn.Module, config: RunConfig, task: str) -> tuple[int, int]:
+    """(parameters, bytes) trained for ``task``: every weight (fine tuning), its head or prompt, or
+    none (prompt engineering). The bytes are what serving the task alongside the others costs in
+    weights: a model copy per task for fine tuning, one head or prompt for the frozen paradigms."""
+    if isinstance(model, ParadigmModel):
+        params = model.slot_parameters()[model.slot_of[task]]
+    elif config.paradigm.name == "prompt_engineering":
+        params = []
+    else:
+        params = list(model.parameters())
+    numel = [getattr(p, "ds_numel", None) or p.numel() for p in params]  # ds_numel: partitioned under ZeRO-3
+    return sum(numel), sum(n * p.element_size() for n, p in zip(numel, params))
