@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/forgetless compare configs/demo.yaml --strategies naive,replay --seeds 1 overwrite=true
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: $(STAMP)
 	$(BIN)/lint-imports

@@ -378,6 +378,9 @@ class ParadigmConfig(Schema):
     # (None: the task's name in words), cycled to fill
     prompt_length: int = Field(default=20, gt=0)
     prompt_init: str | None = None
+    # feature_extraction, prompt_tuning: the peak learning rate of a task's head or prompt (None:
+    # training.lr, the schedule the same); a few weights usually take a larger rate than a whole model
+    lr: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _template(self) -> ParadigmConfig:
@@ -457,8 +460,6 @@ class RunConfig(Schema):
     @model_validator(mode="before")
     @classmethod
     def _known_strategy(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("paradigm"), str):  # paradigm: prompt_tuning
-            data = {**data, "paradigm": {"name": data["paradigm"]}}
         strategy = data.get("strategy") if isinstance(data, dict) else None
         if isinstance(strategy, dict):
             if strategy.get("name", DEFAULT_STRATEGY) not in STRATEGY_CONFIGS:

@@ -316,8 +316,9 @@ class Learner(Engine):
         window = torch.zeros(2, device=self.device)  # summed step losses, non-finite losses
         first_bad = torch.full((), float("inf"), device=self.device)
         loss_sum, window_steps, examples = 0.0, 0, 0
+        scale = (self.config.paradigm.lr or training.lr) / training.lr if slot is not None else 1.0
         for step in range(total):
-            lr = lr_at(step, total, training)
+            lr = lr_at(step, total, training) * scale
             for k, group in enumerate(self.engine.optimizer.param_groups):
                 group["lr"] = lr if slot is None or k == slot else 0.0  # other tasks' heads/prompts stay put
             for _ in range(training.grad_accum_steps):

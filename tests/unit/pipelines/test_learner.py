@@ -9,20 +9,11 @@ import dataclasses
 
 from pipelines.config import validate_config
 from pipelines.errors import NonFiniteLossError
-from pipelines.learner import Learner, lr_at, silence_library_noise
-from pipelines.models import stream_tokenizer
+from pipelines.learner import lr_at, silence_library_noise
 from pipelines.plan import EvalSet, build_plan, num_steps
 from pipelines.tasks import load_stream
 
 silence_library_noise()
-
-
-def _learner(config_dict, tmp_path):
-    config = validate_config(config_dict)
-    stream = load_stream(config)
-    tokenizer_dir = tmp_path / "tokenizer"
-    stream_tokenizer(config.model, stream).save_pretrained(tokenizer_dir)
-    return Learner(config, tokenizer_dir), stream, config
 
 
 def _plan(stream, config, index, **changes):
@@ -30,10 +21,10 @@ def _plan(stream, config, index, **changes):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=["zero0", "zero1", "zero2", "zero3"])
-def test_training_lowers_the_loss_at_every_zero_stage(stage, toy_stream_config, tmp_path):
+def test_training_lowers_the_loss_at_every_zero_stage(make_learner, stage, toy_stream_config, tmp_path):
     toy_stream_config["training"].update(zero_stage=stage, max_steps=30, single_worker_zero_as_stage0=False,
                                          log_every_n_steps=1)
-    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = make_learner(toy_stream_config)
     assert learner.engine.zero_optimization_stage() == stage
     losses = []
     learner.train_task(_plan(stream, config, 0), on_step=lambda step, total, loss, metrics: losses.append(loss))
@@ -41,11 +32,11 @@ def test_training_lowers_the_loss_at_every_zero_stage(stage, toy_stream_config, 
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
-def test_learns_a_task_then_forgets_it(toy_stream_config, tmp_path):
+def test_learns_a_task_then_forgets_it(make_learner, toy_stream_config, tmp_path):
     # Measured on the tasks' own training texts: what a model this small learns in 60 steps of 64
     # examples is those (held-out accuracy is near chance for either task, and varies with the split).
     toy_stream_config["training"].update(max_steps=60)
-    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = make_learner(toy_stream_config)
     evals = [EvalSet(t.name, t.metric, t.sources("train"), t.targets("train")) for t in stream]
     learner.train_task(_plan(stream, config, 0))
     after_first = learner.evaluate(evals)
@@ -56,19 +47,19 @@ def test_learns_a_task_then_forgets_it(toy_stream_config, tmp_path):
     assert after_second["first_word"] > after_first["first_word"] + 0.2
 
 
-def test_non_finite_loss_names_task_and_step(toy_stream_config, tmp_path):
+def test_non_finite_loss_names_task_and_step(make_learner, toy_stream_config, tmp_path):
     toy_stream_config["training"].update(lr=1e30, grad_clip=None, max_steps=20)
-    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = make_learner(toy_stream_config)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* in task 'category' at step \d+") as info:
         learner.train_task(_plan(stream, config, 0))
     assert info.value.task == "category" and 0 < info.value.step < 20
 
 
 @pytest.mark.parametrize(("arch", "stage"), [("t5", 3), ("bart", 2)], ids=["t5-zero3", "bart-zero2"])
-def test_saved_checkpoint_reopens_with_plain_transformers(arch, stage, toy_stream_config, tmp_path):
+def test_saved_checkpoint_reopens_with_plain_transformers(make_learner, arch, stage, toy_stream_config, tmp_path):
     toy_stream_config["model"] = {"arch": arch, "preset": "tiny", "tokenizer": {"vocab_size": 300}}
     toy_stream_config["training"].update(zero_stage=stage, max_steps=3)
-    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = make_learner(toy_stream_config)
     learner.train_task(_plan(stream, config, 0))
     directory = learner.save(tmp_path / "ckpt")
     model = AutoModelForSeq2SeqLM.from_pretrained(directory)
@@ -97,9 +88,9 @@ def test_learning_rate_schedules(toy_stream_config):
         assert 0 <= lr_at(11, 12, training) <= 1.0 and math.isfinite(lr_at(11, 12, training))
 
 
-def test_gradient_accumulation_and_per_task_epochs(toy_stream_config, tmp_path):
+def test_gradient_accumulation_and_per_task_epochs(make_learner, toy_stream_config, tmp_path):
     toy_stream_config["training"].update(grad_accum_steps=2, max_steps=None, epochs=1.0)
-    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = make_learner(toy_stream_config)
     assert learner.engine.gradient_accumulation_steps() == 2
     examples = build_plan(config, stream, 0).examples
     one_epoch = learner.train_task(build_plan(config, stream, 0))
@@ -113,9 +104,9 @@ def test_gradient_accumulation_and_per_task_epochs(toy_stream_config, tmp_path):
     assert learner.train_task(_plan(stream, config, 0, num_steps=3))["steps"] == 3
 
 
-def test_by_class_order_feeds_a_task_class_by_class(toy_stream_config, tmp_path):
+def test_by_class_order_feeds_a_task_class_by_class(make_learner, toy_stream_config, tmp_path):
     toy_stream_config["stream"]["tasks"][0]["order"] = "by_class"
-    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = make_learner(toy_stream_config)
     plan = build_plan(config, stream, 0)
     assert plan.order == "by_class" and build_plan(config, stream, 1).order == "shuffled"
     pad = learner.tokenizer.pad_token_id
@@ -128,7 +119,7 @@ def test_by_class_order_feeds_a_task_class_by_class(toy_stream_config, tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
-def test_the_recovery_probe_retrains_a_copy_of_the_head_and_leaves_the_model_alone(arch, toy_stream_config,
+def test_the_recovery_probe_retrains_a_copy_of_the_head_and_leaves_the_model_alone(make_learner, arch, toy_stream_config,
                                                                                    tmp_path):
     import torch
 
@@ -137,7 +128,7 @@ def test_the_recovery_probe_retrains_a_copy_of_the_head_and_leaves_the_model_alo
 
     toy_stream_config["model"] = {"arch": arch, "preset": "tiny", "tokenizer": {"vocab_size": 300}}
     toy_stream_config["recovery"] = {"enabled": True, "steps": 15, "lr": 1e-2}
-    learner, stream, config = _learner(toy_stream_config, tmp_path)
+    learner, stream, config = make_learner(toy_stream_config)
     learner.train_task(_plan(stream, config, 0))
     saved = learner.save(tmp_path / "final")
     before = {k: v.clone() for k, v in learner.model.state_dict().items()}

@@ -11,7 +11,7 @@ from transformers import AutoModelForSeq2SeqLM
 from pipelines.config import validate_config
 from pipelines.errors import ConfigError, DataError
 from pipelines.learner import Learner, silence_library_noise
-from pipelines.models import load_tokenizer, stream_tokenizer
+from pipelines.models import stream_tokenizer
 from pipelines.paradigms import (
     PARADIGM_FILE,
     ParadigmModel,
@@ -24,15 +24,6 @@ from pipelines.plan import build_plan
 from pipelines.tasks import Task, load_stream
 
 silence_library_noise()
-
-
-def _learner(config_dict, tmp_path):
-    config = validate_config(config_dict)
-    stream = load_stream(config)
-    tokenizer_dir = tmp_path / "tokenizer"
-    stream_tokenizer(config.model, stream).save_pretrained(tokenizer_dir)
-    slots = task_slots(config, stream, load_tokenizer(tokenizer_dir))
-    return Learner(config, tokenizer_dir, slots=slots), stream, config
 
 
 def _paradigm(config_dict, name, **settings):
@@ -56,8 +47,8 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("name", ["feature_extraction", "prompt_tuning"])
-def test_only_the_tasks_own_parameters_require_grad_and_reach_the_optimizer(name, toy_stream_config, tmp_path):
-    learner, _, _ = _learner(_paradigm(toy_stream_config, name), tmp_path)
+def test_only_the_tasks_own_parameters_require_grad_and_reach_the_optimizer(make_learner, name, toy_stream_config, tmp_path):
+    learner, _, _ = make_learner(_paradigm(toy_stream_config, name))
     model = learner.model
     assert isinstance(model, ParadigmModel)
     own = {id(p) for params in model.slot_parameters() for p in params}
@@ -69,18 +60,18 @@ def test_only_the_tasks_own_parameters_require_grad_and_reach_the_optimizer(name
     assert len(learner.engine.optimizer.param_groups) == 2  # one group per task
 
 
-def test_fine_tuning_trains_everything(toy_stream_config, tmp_path):
-    learner, _, _ = _learner(toy_stream_config, tmp_path)
+def test_fine_tuning_trains_everything(make_learner, toy_stream_config, tmp_path):
+    learner, _, _ = make_learner(toy_stream_config)
     assert not isinstance(learner.model, ParadigmModel)
     assert all(p.requires_grad for p in learner.model.parameters())
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3], ids=["zero0", "zero2", "zero3"])
 @pytest.mark.parametrize("name", ["feature_extraction", "prompt_tuning"])
-def test_frozen_weights_and_finished_tasks_stay_bit_for_bit(name, stage, toy_stream_config, tmp_path):
+def test_frozen_weights_and_finished_tasks_stay_bit_for_bit(make_learner, name, stage, toy_stream_config, tmp_path):
     toy_stream_config["training"].update(zero_stage=stage, max_steps=8, weight_decay=0.1,
                                          single_worker_zero_as_stage0=False)
-    learner, stream, config = _learner(_paradigm(toy_stream_config, name, prompt_length=4), tmp_path)
+    learner, stream, config = make_learner(_paradigm(toy_stream_config, name, prompt_length=4))
     body0, slots0 = _frozen_and_own(learner)
     learner.train_task(build_plan(config, stream, 0))
     body1, slots1 = _frozen_and_own(learner)
@@ -95,21 +86,28 @@ def test_frozen_weights_and_finished_tasks_stay_bit_for_bit(name, stage, toy_str
 
 
 @pytest.mark.parametrize("name", ["feature_extraction", "prompt_tuning"])
-def test_a_frozen_model_paradigm_learns_its_task(name, toy_stream_config, tmp_path):
+def test_a_frozen_model_paradigm_learns_its_task(make_learner, name, toy_stream_config, tmp_path):
     # A random-init body: its features still tell the first word apart (a head learns the category);
     # its decoder knows no words, so a prompt can only move the output distribution towards the labels
     # (Lester et al.'s learning rate, 0.3).
     toy_stream_config["training"].update(max_steps=40, lr=3e-2 if name == "feature_extraction" else 0.3,
                                          log_every_n_steps=1)
-    learner, stream, config = _learner(_paradigm(toy_stream_config, name, prompt_length=8), tmp_path)
+    learner, stream, config = make_learner(_paradigm(toy_stream_config, name, prompt_length=8))
     losses = []
     learner.train_task(build_plan(config, stream, 0), on_step=lambda step, total, loss, metrics: losses.append(loss))
     assert sum(losses[-5:]) / 5 < (0.8 if name == "feature_extraction" else 0.9) * sum(losses[:5]) / 5
 
 
-def test_the_soft_prompt_starts_from_the_english_prompts_embeddings(toy_stream_config, tmp_path):
-    learner, stream, _ = _learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=7,
-                                            prompt_init="red cat"), tmp_path)
+def test_the_heads_take_their_own_learning_rate_and_the_waiting_ones_none(make_learner, toy_stream_config, tmp_path):
+    toy_stream_config["training"].update(max_steps=2, lr=1e-3, lr_schedule="constant")
+    learner, stream, config = make_learner(_paradigm(toy_stream_config, "feature_extraction", lr=0.05))
+    learner.train_task(build_plan(config, stream, 1))
+    assert [g["lr"] for g in learner.engine.optimizer.param_groups] == [0.0, 0.05]
+
+
+def test_the_soft_prompt_starts_from_the_english_prompts_embeddings(make_learner, toy_stream_config, tmp_path):
+    learner, stream, _ = make_learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=7,
+                                            prompt_init="red cat"))
     ids = learner.tokenizer("red cat", add_special_tokens=False)["input_ids"]
     assert 0 < len(ids) < 7
     cycled = [ids[k % len(ids)] for k in range(7)]
@@ -118,8 +116,8 @@ def test_the_soft_prompt_starts_from_the_english_prompts_embeddings(toy_stream_c
         assert torch.equal(prompt[0].detach(), expected.detach())
 
 
-def test_the_default_prompt_is_the_tasks_name_in_words(toy_stream_config, tmp_path):
-    learner, _, _ = _learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=3), tmp_path)
+def test_the_default_prompt_is_the_tasks_name_in_words(make_learner, toy_stream_config, tmp_path):
+    learner, _, _ = make_learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=3))
     slots = learner.model.slots
     assert [s.name for s in slots] == ["category", "first_word"]
     assert slots[1].prompt_ids == tuple(learner.tokenizer("first word", add_special_tokens=False)["input_ids"])
@@ -127,9 +125,9 @@ def test_the_default_prompt_is_the_tasks_name_in_words(toy_stream_config, tmp_pa
 
 @pytest.mark.parametrize("stage", [0, 3], ids=["zero0", "zero3"])
 @pytest.mark.parametrize("name", ["feature_extraction", "prompt_tuning"])
-def test_evaluation_uses_each_tasks_own_head_or_prompt(name, stage, toy_stream_config, tmp_path):
+def test_evaluation_uses_each_tasks_own_head_or_prompt(make_learner, name, stage, toy_stream_config, tmp_path):
     toy_stream_config["training"].update(max_steps=30, lr=3e-2, zero_stage=stage, single_worker_zero_as_stage0=False)
-    learner, stream, config = _learner(_paradigm(toy_stream_config, name, prompt_length=4), tmp_path)
+    learner, stream, config = make_learner(_paradigm(toy_stream_config, name, prompt_length=4))
     sets = eval_sets(config, stream)
     learner.train_task(build_plan(config, stream, 0))
     after_first = learner.evaluate(sets)
@@ -141,8 +139,8 @@ def test_evaluation_uses_each_tasks_own_head_or_prompt(name, stage, toy_stream_c
         assert set(answers) <= set(stream[0].targets("train"))
 
 
-def test_a_checkpoint_keeps_the_body_as_it_was_and_the_heads_beside_it(toy_stream_config, tmp_path):
-    learner, stream, config = _learner(_paradigm(toy_stream_config, "feature_extraction"), tmp_path)
+def test_a_checkpoint_keeps_the_body_as_it_was_and_the_heads_beside_it(make_learner, toy_stream_config, tmp_path):
+    learner, stream, config = make_learner(_paradigm(toy_stream_config, "feature_extraction"))
     before = {k: v.clone() for k, v in learner.body.state_dict().items()}
     learner.train_task(build_plan(config, stream, 0))
     directory = learner.save(tmp_path / "ckpt")
@@ -154,9 +152,9 @@ def test_a_checkpoint_keeps_the_body_as_it_was_and_the_heads_beside_it(toy_strea
     assert torch.equal(extra["state"]["heads.heads.0.weight"], learner.model.heads.heads[0].weight.detach())
 
 
-def test_a_resumed_learner_continues_with_the_trained_prompts(toy_stream_config, tmp_path):
+def test_a_resumed_learner_continues_with_the_trained_prompts(make_learner, toy_stream_config, tmp_path):
     toy_stream_config["training"].update(max_steps=5, lr=0.3)
-    learner, stream, config = _learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=4), tmp_path)
+    learner, stream, config = make_learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=4))
     stats = learner.train_task(build_plan(config, stream, 0))
     assert stats["trainable_params"] == 4 * learner.body.config.d_model
     learner.save_state(tmp_path / "state")
@@ -242,12 +240,13 @@ def test_frozen_paradigms_refuse_what_cannot_apply(setting, message, toy_stream_
         validate_config({**_paradigm(toy_stream_config, "prompt_tuning"), **setting})
 
 
-def test_paradigm_may_be_written_as_a_name(toy_stream_config):
+def test_a_paradigm_block_written_as_a_bare_name_is_refused_by_key(toy_stream_config):
     toy_stream_config["paradigm"] = "prompt_tuning"
-    assert validate_config(toy_stream_config).paradigm.name == "prompt_tuning"
+    with pytest.raises(ConfigError, match="paradigm"):
+        validate_config(toy_stream_config)
 
 
-def test_a_prompt_that_fills_the_encoders_positions_is_refused(toy_stream_config, tmp_path):
+def test_a_prompt_that_fills_the_encoders_positions_is_refused(make_learner, toy_stream_config, tmp_path):
     toy_stream_config["model"] = {"arch": "bart", "preset": "tiny", "tokenizer": {"vocab_size": 300}}
     with pytest.raises(DataError, match=r"prompt_length=\d+ fills the encoder's \d+ positions"):
-        _learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=100_000), tmp_path)
+        make_learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=100_000))
