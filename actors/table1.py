@@ -13,11 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from actors.launch import RunFailedError, resolve_start, run_experiment
+from actors.launch import ModelStart, RunFailedError, resolve_start, run_experiment
 from actors.tracking import MlflowSink, check_tracking
 from pipelines.config import RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import DataError
-from pipelines.paradigms import check_paradigm
+from pipelines.models import stream_tokenizer
+from pipelines.paradigms import check_paradigm, check_prompt_lengths, eval_sets
 from pipelines.report import RunReport
 from pipelines.table1 import format_table, ordered_sizes, run_config, shot_bytes, size_label, summarize
 from pipelines.tasks import TaskStream, load_stream
@@ -26,9 +27,10 @@ from storage.files import write_atomic
 log = logging.getLogger("forgetless")
 
 
-def _check_cells(cells: list[tuple[str, int | None, RunConfig]]) -> dict[int | None, TaskStream]:
+def _check_cells(cells: list[tuple[str, int | None, RunConfig]], start: ModelStart) -> dict[int | None, TaskStream]:
     """Load each size's tasks once and refuse, before the first run, what a paradigm cannot do with
-    them (a label set for feature extraction, enough training rows for the shots)."""
+    them: a label set for feature extraction; enough training rows for the shots, and k-shot prompts
+    that fit, under the tokenizer that cell's run will build."""
     streams: dict[int | None, TaskStream] = {}
     for paradigm, size, config in cells:
         if size not in streams:
@@ -37,6 +39,9 @@ def _check_cells(cells: list[tuple[str, int | None, RunConfig]]) -> dict[int | N
         where = f"table1 ({paradigm}, {size_label(size)} training rows per task)"
         try:
             check_paradigm(config, stream)
+            if paradigm == "prompt_engineering":
+                tokenizer = stream_tokenizer(config.model, stream, start.checkpoint)
+                check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
         except DataError as exc:
             raise DataError(f"{where}: {exc}") from None
     return streams
@@ -58,8 +63,8 @@ def table1(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     paradigms, sizes = config.table1.paradigms, ordered_sizes(config.table1.train_sizes)
     cells = [(p, s, run_config(config, p, s, output_dir=str(base / p / f"size-{size_label(s)}"), parent_run_id=None))
              for p in paradigms for s in sizes]
-    streams = _check_cells(cells)
-    resolve_start(config, progress=progress)  # a pretrained start is built or fetched once, before the runs
+    start = resolve_start(config, progress=progress)  # a pretrained start is built or fetched once, before the runs
+    streams = _check_cells(cells, start)
     base.mkdir(parents=True, exist_ok=True)
     parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
                               run_name=config.mlflow.run_name or f"{config.experiment}-table1",

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 PARADIGMS = ["feature_extraction", "fine_tuning", "prompt_engineering", "prompt_tuning"]
@@ -12,7 +13,7 @@ def test_table1_measures_every_paradigm(cli, toy_config_file, tmp_path, mlflow_s
     # two workers under ZeRO-3: the frozen body partitioned, the heads and prompts gathered for each use.
     path = toy_config_file(max_steps=4, num_workers=2, zero_stage=3)
     result = cli("table1", str(path), "--no-progress", "table1.train_sizes=[24]", "paradigm.shots=1",
-                 "paradigm.prompt_length=4", "stream.max_source_tokens=40", timeout=900)
+                 "paradigm.prompt_length=4", "stream.max_source_tokens=96", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     table = json.loads((out / "table1.json").read_text())
@@ -47,9 +48,15 @@ def test_table1_measures_every_paradigm(cli, toy_config_file, tmp_path, mlflow_s
     assert client.get_run(parent_id).data.metrics["prompt_engineering/trainable_params"] == 0
 
 
-def test_table1_refuses_a_generation_task_before_any_run(cli, toy_config_file, tmp_path):
-    result = cli("table1", str(toy_config_file(max_steps=2)), "--no-progress", "paradigm.max_labels=5", timeout=300)
-    assert result.returncode == 2
-    assert "table1 (feature_extraction, 32 training rows per task)" in result.stderr
-    assert "task 'first_word' has 9 distinct targets" in result.stderr
+@pytest.mark.parametrize("overrides, messages", [
+    (["paradigm.max_labels=5"], ["table1 (feature_extraction, 32 training rows per task)",
+                                 "task 'first_word' has 9 distinct targets"]),
+    (["paradigm.shots=2"], ["table1 (prompt_engineering, 32 training rows per task)",
+                            "the 2-shot prompt of eval example", "over stream.max_source_tokens=16"]),
+])
+def test_table1_refuses_what_a_paradigm_cannot_do_before_any_run(overrides, messages, cli, toy_config_file, tmp_path):
+    result = cli("table1", str(toy_config_file(max_steps=2)), "--no-progress", *overrides, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    for message in messages:
+        assert message in result.stderr
     assert not (tmp_path / "out").exists()
