@@ -160,7 +160,7 @@ def eval_sets(config: RunConfig, stream: TaskStream) -> list[EvalSet]:
             for i, t in enumerate(stream)]
 
 
-def check_prompt_lengths(config: RunConfig, eval_sets_: list[EvalSet], tokenizer: Any) -> None:
+def check_prompt_lengths(config: RunConfig, sets: list[EvalSet], tokenizer: Any) -> None:
     """Refuse k-shot prompts longer than ``stream.max_source_tokens`` before anything runs: cut to
     fit, a prompt would lose its end — the input being asked about.
 
@@ -170,7 +170,7 @@ def check_prompt_lengths(config: RunConfig, eval_sets_: list[EvalSet], tokenizer
     if config.paradigm.name != "prompt_engineering" or config.paradigm.shots == 0:
         return
     limit = config.stream.max_source_tokens
-    for eval_set in eval_sets_:
+    for eval_set in sets:
         lengths = [len(ids) for ids in tokenizer(eval_set.sources)["input_ids"]]
         longest = int(np.argmax(lengths)) if lengths else 0
         if lengths and lengths[longest] > limit:
@@ -183,7 +183,7 @@ def check_prompt_lengths(config: RunConfig, eval_sets_: list[EvalSet], tokenizer
 
 # ------------------------------------------------------------------------ worker side: the model
 class SoftPrompt(nn.Module):
-    """One task's prompt: ``length`` vectors put before the inputs' embeddings."""
+    """One task's prompt: its vectors, put before the inputs' embeddings."""
 
     def __init__(self, initial: torch.Tensor):
         super().__init__()
