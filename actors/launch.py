@@ -321,7 +321,7 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> RunReport:
         stream = _with_pretraining_task(config, stream, start)
         if previous is not None:
             _check_finished_data(previous, stream, output)
-            if config.paradigm.name in ("feature_extraction", "prompt_tuning") and stream.names != previous.tasks:
+            if config.paradigm.has_task_parameters and stream.names != previous.tasks:
                 raise ConfigError(f"paradigm {config.paradigm.name} gives each task of the stream its own parameters "
                                   f"when the run starts ({previous.tasks}); a resume cannot add or change tasks "
                                   f"({stream.names}): start a new run for the longer stream")

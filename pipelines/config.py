@@ -394,6 +394,11 @@ class ParadigmConfig(Schema):
         return self.name != "fine_tuning"
 
     @property
+    def has_task_parameters(self) -> bool:
+        """Whether each task gets parameters of its own (a head or a prompt) beside the frozen model."""
+        return self.name in ("feature_extraction", "prompt_tuning")
+
+    @property
     def takes_steps(self) -> bool:
         """Whether a task trains anything (prompt engineering only writes prompts)."""
         return self.name != "prompt_engineering"

@@ -144,7 +144,7 @@ class Learner(Engine):
                  checkpoint: str | None = None, objective: dict[str, Any] | None = None,
                  slots: list[TaskSlot] | None = None):
         wrap = (lambda body: ParadigmModel(body, config.paradigm, slots or [])) if slots is not None else None
-        if config.paradigm.name in ("feature_extraction", "prompt_tuning") and wrap is None:
+        if config.paradigm.has_task_parameters and wrap is None:
             raise ValueError(f"paradigm {config.paradigm.name} needs the tasks' slots (pipelines.paradigms.task_slots)")
         super().__init__(config.model, config.training, tokenizer_dir, seed=config.seed, rank=rank,
                          world_size=world_size, checkpoint=checkpoint, wrap=wrap)

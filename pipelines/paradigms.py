@@ -65,7 +65,7 @@ def task_slots(config: RunConfig, stream: TaskStream, tokenizer: Any) -> list[Ta
             ``paradigm.max_labels``: a generation task), or a prompt with no tokens.
     """
     paradigm = config.paradigm
-    if paradigm.name not in ("feature_extraction", "prompt_tuning"):
+    if not paradigm.has_task_parameters:
         return None
     if paradigm.name == "feature_extraction":
         return [TaskSlot(name, labels=labels) for name, labels in label_sets(config, stream).items()]
@@ -133,10 +133,11 @@ def few_shot_sources(paradigm: ParadigmConfig, task: Task, *, seed: int, index: 
     if len(pool_sources) < paradigm.shots:
         raise DataError(f"paradigm.shots={paradigm.shots} in-context examples, but task {task.name!r} has "
                         f"{len(pool_sources)} training example(s) to draw them from; lower paradigm.shots")
+    pool = np.asarray(pool_sources, dtype=object)
     prompts = []
     for i, query in enumerate(sources):
         rng = np.random.default_rng([seed, index, i])
-        allowed = np.flatnonzero(np.asarray(pool_sources, dtype=object) != query)
+        allowed = np.flatnonzero(pool != query)
         if len(allowed) < paradigm.shots:
             raise DataError(f"task {task.name!r}: eval example {i} leaves {len(allowed)} other training example(s) "
                             f"for paradigm.shots={paradigm.shots}; lower paradigm.shots")
@@ -234,7 +235,7 @@ class ParadigmModel(nn.Module):
 
     def __init__(self, body: nn.Module, paradigm: ParadigmConfig, slots: list[TaskSlot]):
         super().__init__()
-        if paradigm.name not in ("feature_extraction", "prompt_tuning"):
+        if not paradigm.has_task_parameters:
             raise ValueError(f"paradigm {paradigm.name} has no per-task parameters")
         if not slots:
             raise DataError(f"paradigm {paradigm.name}: the stream has no trained task to give parameters to")
@@ -333,13 +334,6 @@ def _check_prompt_room(body: nn.Module, prompt_length: int) -> None:
     limit = getattr(body.get_encoder().config, "max_position_embeddings", None)
     if limit is not None and prompt_length >= limit:
         raise DataError(f"paradigm.prompt_length={prompt_length} fills the encoder's {limit} positions; lower it")
-
-
-def build_paradigm_model(body: nn.Module, config: RunConfig, slots: list[TaskSlot]) -> nn.Module:
-    """``body`` as the run's paradigm trains it: itself (fine tuning, prompt engineering) or wrapped."""
-    if config.paradigm.name in ("feature_extraction", "prompt_tuning"):
-        return ParadigmModel(body, config.paradigm, slots)
-    return body
 
 
 def trained_for(model: nn.Module, config: RunConfig, task: str) -> tuple[int, int]:
