@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Silences a flood of deprecation warnings from gloo collectives inside DeepSpeed.
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
-export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup demo test lint bench clean

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ConfigError, ForgetlessError
+from pipelines.redaction import redact, redacted_keys
 from pipelines.report import RunReport
 
 
@@ -69,14 +70,27 @@ def _train_and_print(config: Any, progress: bool) -> int:
     print(format_matrix(report))
     out = Path(report.output_dir)
     print(f"\nreport:  {out / 'report.json'}\nheatmap: {out / 'acc_heatmap.png'}")
-    uri = report.mlflow.tracking_uri
-    print(f"MLflow:  run {report.mlflow.run_id} in {uri}")
+    print_mlflow(report.mlflow.tracking_uri, report.mlflow.experiment_id, report.mlflow.run_id)
     if report.mlflow.pending_records:
         print(f"         {report.mlflow.pending_records} record(s) could not be sent (MLflow unreachable); they are "
               f"in {out / 'mlflow-pending.jsonl'} and go out with `forgetless resume {out}`")
+    return 0
+
+
+def print_mlflow(uri: str, experiment_id: str | None, run_id: str | None, *, what: str = "run") -> None:
+    """Where the run is in MLflow, and the UI link that opens it in the model-training view."""
+    from actors.tracking import ui_link
+
+    print(f"MLflow:  {what} {run_id} in {uri}")
     if uri.startswith("sqlite:"):
         print(f"         open the UI with: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    return 0
+        address = "http://127.0.0.1:5000"
+    elif uri.startswith(("http://", "https://")):
+        address = uri
+    else:
+        return
+    if experiment_id is not None:
+        print(f"         then: {ui_link(address, experiment_id, run_id)}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -96,6 +110,12 @@ def _resume(args: argparse.Namespace) -> int:
         if not saved.is_file():
             raise ConfigError(f"{output_dir} holds no run to resume (no config.yaml); start one with `forgetless run`")
         config = load_config(saved, [*args.overrides, "resume=true"])
+        lost = redacted_keys(config.model_dump(mode="json"))
+        if lost:
+            raise ConfigError(
+                f"{saved}: {', '.join(lost)} had credentials in it, which a run never stores (they show as ***); "
+                f"give the value again: `forgetless resume {output_dir} " + " ".join(f"{k}=..." for k in lost)
+                + "` (or keep credentials out of URIs: MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD)")
     else:
         config = load_config(args.config, [*args.overrides, f"output_dir={output_dir.resolve()}", "resume=true"])
     if not (output_dir / "report.json").is_file():
@@ -117,7 +137,8 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"\n== {name} (seed {config.seed}) ==\n{format_matrix(RunReport.read(report_path))}")
     print("\n" + (out / "comparison.md").read_text())
     print(f"comparison: {out / 'comparison.json'}\nplots:      {out / 'first_task_accuracy.png'}, {out / 'heatmaps.png'}")
-    print(f"MLflow:     parent run {result['mlflow']['parent_run_id']} in {result['mlflow']['tracking_uri']}")
+    print_mlflow(result["mlflow"]["tracking_uri"], result["mlflow"]["experiment_id"], result["mlflow"]["parent_run_id"],
+                 what="parent run")
     failed = [r for e in result["strategies"].values() for r in e["runs"] if r["status"] != "FINISHED"]
     return 1 if failed else 0
 
@@ -130,8 +151,9 @@ def _table1(args: argparse.Namespace) -> int:
     result = table1(config, progress=not args.no_progress)
     out = Path(config.output_dir).resolve()
     print("\n" + (out / "table1.md").read_text())
-    print(f"table:  {out / 'table1.json'}\nMLflow: parent run {result['mlflow']['parent_run_id']} in "
-          f"{result['mlflow']['tracking_uri']}")
+    print(f"table:  {out / 'table1.json'}")
+    print_mlflow(result["mlflow"]["tracking_uri"], result["mlflow"]["experiment_id"], result["mlflow"]["parent_run_id"],
+                 what="parent run")
     failed = [run for entry in result["paradigms"].values() for run in entry["runs"].values()
               if run["status"] != "FINISHED"]
     return 1 if failed else 0
@@ -163,7 +185,7 @@ def _validate(args: argparse.Namespace) -> int:
     check_stream(config, stream)
     check_paradigm(config, stream)
     print(json.dumps({"tasks": {t.name: {"train": t.train.num_rows, "eval": t.eval.num_rows} for t in stream},
-                      "output_dir": config.output_dir, "tracking_uri": config.mlflow.tracking_uri}, indent=2))
+                      "output_dir": config.output_dir, "tracking_uri": redact(config.mlflow.tracking_uri)}, indent=2))
     return 0
 
 
@@ -212,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ForgetlessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a run
         print("\nstopped", file=sys.stderr)

@@ -207,7 +207,8 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     tasks = first.tasks
     summary = aggregate(reports)
     comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "strategies": summary,
-                  "mlflow": {"tracking_uri": parent.tracking_uri, "parent_run_id": parent.run_id}}
+                  "mlflow": {"tracking_uri": parent.shown_uri, "parent_run_id": parent.run_id,
+                             "experiment_id": parent.experiment_id}}
     json_path = base / "comparison.json"
     write_atomic(json_path, json.dumps(comparison, indent=2))
     md_path = base / "comparison.md"

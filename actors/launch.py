@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import sys
 import threading
@@ -80,17 +81,36 @@ def connect_ray(config: RunConfig) -> bool:
         ray.init(address=address, **kwargs)
         install_stop_signal()
         return False
-    # A Ray started here serves this run alone and dies with it (dashboard on loopback): Ray 2.60's
-    # token auth would only stand in the way. A cluster keeps whatever auth it was started with.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A Ray started here serves this run alone and dies with it. Ray's gRPC servers listen on every
+    # interface whatever the node address, so they must not take requests from strangers: token
+    # auth on, with a token made for this run (see fresh_ray_token). Prometheus metrics (the only
+    # HTTP endpoint Ray leaves open to all) are off; the dashboard listens on loopback.
+    fresh_ray_token()
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
     # address="local": a new Ray for this run even if a `ray start` cluster runs on this machine
     # (ray.address=auto joins that one instead).
     ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-             **kwargs)
+             _system_config={"enable_metrics_collection": False}, **kwargs)
     install_stop_signal()
     _watch_local_ray()
     return True
+
+
+def fresh_ray_token() -> None:
+    """Turn Ray's token auth on, with a new random token, for the Ray this process is about to start.
+
+    Every process of that Ray inherits it from the environment; nothing writes it to disk. Ray
+    reads the mode and token once, when first imported, so both caches are refreshed here too.
+    """
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token auth: nothing to turn on
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 _reaper = None  # the watcher of this process's local Ray; held so its pipe stays open while we live

@@ -167,7 +167,9 @@ class Scheduler:
             )
             sink.log_params(flatten(experiment_dict(config)))
             return sink
-        sink = sink or MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id)
+        sink = sink or MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id, previous.mlflow.experiment_id)
+        if sink.experiment_id is None:  # a report written before it was recorded
+            sink.experiment_id = sink.client.get_run(sink.run_id).info.experiment_id
         send_pending(sink, self.output.pending_mlflow)  # what the last attempt could not send
         attempt = len(self._resumes)
         if previous.status == "RUNNING":  # the last attempt died without a word: say so before going on
@@ -370,7 +372,8 @@ class Scheduler:
             experiment=self.config.experiment, seed=self.config.seed, status=status, error=self._failure,
             finished_tasks=rows, complete=rows == len(self.stream), train=self._train_stats,
             between_task_overhead_s=self.between_task_overhead(), checkpoints=self._checkpoints,
-            mlflow=MlflowRef(tracking_uri=self.sink.tracking_uri, run_id=self.sink.run_id),
+            mlflow=MlflowRef(tracking_uri=self.sink.shown_uri, run_id=self.sink.run_id,
+                             experiment_id=self.sink.experiment_id),
             output_dir=str(self.output_dir), seconds=round(time.time() - self._started, 1),
             resumes=self._resumes, init=self.init, recovery=self._recovery,
             resume=ResumePoint(training_state=self._training_state, replay_checkpoint=self._replay_checkpoint

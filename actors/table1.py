@@ -95,7 +95,8 @@ def table1(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                for p in paradigms}
     table = {"tasks": largest.names, "model": _model_name(config), "seed": config.seed,
              "train_sizes": [size_label(s) for s in sizes], "paradigms": columns,
-             "mlflow": {"tracking_uri": parent.tracking_uri, "parent_run_id": parent.run_id}}
+             "mlflow": {"tracking_uri": parent.shown_uri, "parent_run_id": parent.run_id,
+                             "experiment_id": parent.experiment_id}}
     json_path, md_path = base / "table1.json", base / "table1.md"
     write_atomic(json_path, json.dumps(table, indent=2))
     write_atomic(md_path, format_table(table))

@@ -31,6 +31,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ForgetlessError
+from pipelines.redaction import redact
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
@@ -39,6 +40,18 @@ _BATCH = 100
 # A call to an unreachable server fails after one retry and 10 s, not MLflow's default of
 # minutes; the buffered sink retries on its own schedule.
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training; there
+# our runs would be listed as "evaluation runs" without their metric charts.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+
+
+def ui_link(ui_address: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (or one of its runs) in the model-training view."""
+    base = f"{ui_address.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{base}/runs/{run_id}?workflowType=machine_learning" if run_id else f"{base}?workflowType=machine_learning"
 
 
 class TrackingUnreachableError(ForgetlessError, ConnectionError):
@@ -68,20 +81,21 @@ def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
         TrackingUnreachableError: with the URI and what went wrong.
     """
     parsed = urlparse(tracking_uri)
+    shown = redact(tracking_uri)
     fix = "start it, or set mlflow.tracking_uri to a reachable server (or sqlite:///path/to/mlflow.db)"
     if parsed.scheme in ("http", "https"):
         url = tracking_uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
                 if response.status != 200:
-                    raise TrackingUnreachableError(f"MLflow tracking server {tracking_uri} answered "
+                    raise TrackingUnreachableError(f"MLflow tracking server {shown} answered "
                                                    f"{response.status} on /health; {fix}")
         except urllib.error.HTTPError as exc:
-            raise TrackingUnreachableError(f"MLflow tracking server {tracking_uri} answered {exc.code} on /health "
+            raise TrackingUnreachableError(f"MLflow tracking server {shown} answered {exc.code} on /health "
                                            f"({exc.reason}); {fix}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise TrackingUnreachableError(f"MLflow tracking server {tracking_uri} is unreachable ({reason}); "
+            raise TrackingUnreachableError(f"MLflow tracking server {shown} is unreachable ({reason}); "
                                            f"{fix}") from None
     elif parsed.scheme == "sqlite":
         db_path = Path(tracking_uri.removeprefix("sqlite:///"))
@@ -89,19 +103,25 @@ def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TrackingUnreachableError(f"MLflow store {tracking_uri}: cannot create {directory} ({exc}); "
+            raise TrackingUnreachableError(f"MLflow store {shown}: cannot create {directory} ({exc}); "
                                            f"{fix}") from None
         if not os.access(directory, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK)):
-            raise TrackingUnreachableError(f"MLflow store {tracking_uri}: {db_path} is not writable; {fix}")
+            raise TrackingUnreachableError(f"MLflow store {shown}: {db_path} is not writable; {fix}")
 
 
 class MlflowSink:
     """Writes one MLflow run, synchronously. Create with ``start`` (new run) or ``resume`` (by run_id)."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, experiment_id: str | None = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.experiment_id = experiment_id
         self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI as it may be printed or stored: its credentials redacted."""
+        return redact(self.tracking_uri)
 
     @classmethod
     def start(
@@ -111,20 +131,22 @@ class MlflowSink:
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             experiment_id = client.create_experiment(
-                experiment_name, artifact_location=default_artifact_location(tracking_uri)
+                experiment_name, artifact_location=default_artifact_location(tracking_uri), tags=EXPERIMENT_TAGS
             )
         else:
             experiment_id = experiment.experiment_id
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the kind was set, or by hand
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
-        return cls(tracking_uri, run.info.run_id)
+        return cls(tracking_uri, run.info.run_id, experiment_id)
 
     @classmethod
     def resume(cls, tracking_uri: str, run_id: str) -> MlflowSink:
         """Continue writing an existing run (marks it RUNNING again)."""
         client = MlflowClient(tracking_uri=tracking_uri)
-        client.get_run(run_id)  # raises MlflowException naming the id if it does not exist
+        run = client.get_run(run_id)  # raises MlflowException naming the id if it does not exist
         client.update_run(run_id, status="RUNNING")
-        return cls(tracking_uri, run_id)
+        return cls(tracking_uri, run_id, run.info.experiment_id)
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
@@ -233,6 +255,14 @@ class BufferedSink:
         return self.sink.tracking_uri
 
     @property
+    def shown_uri(self) -> str:
+        return self.sink.shown_uri
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self.sink.experiment_id
+
+    @property
     def run_id(self) -> str:
         return self.sink.run_id
 
@@ -281,9 +311,9 @@ class BufferedSink:
                 write_record(self.sink, record)
             except Exception as exc:  # noqa: BLE001 - any failure of the server: wait and retry
                 if self._outage is None:
-                    self._outage = f"since {time.strftime('%H:%M:%S')}: {type(exc).__name__}: {str(exc)[:300]}"
+                    self._outage = f"since {time.strftime('%H:%M:%S')}: {type(exc).__name__}: {redact(str(exc))[:300]}"
                     log.warning("MLflow at %s is not taking writes (%s); training goes on, records are kept "
-                                "and retried", self.sink.tracking_uri, self._outage)
+                                "and retried", self.sink.shown_uri, self._outage)
                 with self._cond:
                     if self._closing:
                         return
@@ -291,7 +321,7 @@ class BufferedSink:
                 backoff = min(backoff * 2, self.max_backoff_s)
                 continue
             if self._outage is not None:
-                log.warning("MLflow at %s is back after an outage %s", self.sink.tracking_uri, self._outage)
+                log.warning("MLflow at %s is back after an outage %s", self.sink.shown_uri, self._outage)
                 self._outage = None
             backoff = 0.5
             with self._cond:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 
 def quiet_environment() -> None:
-    """Set before torch/DeepSpeed/Ray are imported: no deprecation floods, CPU DeepSpeed, local Ray."""
+    """Set before torch/DeepSpeed/Ray are imported: no deprecation floods, CPU DeepSpeed, a local Ray behind a token."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # the benchmark's own Ray listens on every interface: token auth on, with a token of its own
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def report(results: dict[str, Any], path: Path | None) -> int:

@@ -13,15 +13,29 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from pipelines.errors import ConfigError
+from pipelines.redaction import redact_data
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
 class Schema(BaseModel):
     model_config = _STRICT
+
+
+def _file_name(value: str) -> str:
+    """A name that becomes one path component (a directory or file of a run): no separators, no
+    ``.``/``..``, nothing a shell or a URL would mangle."""
+    if not (1 <= len(value) <= 100) or not _NAME_CHARS.issuperset(value) or set(value) == {"."}:
+        raise ValueError(f"{value!r} is used as a file name: use 1-100 letters, digits, '_', '-' and '.' "
+                         "(not '.' or '..' alone)")
+    return value
+
+
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+FileName = Annotated[str, AfterValidator(_file_name)]
 
 
 # ----------------------------------------------------------------------------------- model
@@ -121,7 +135,7 @@ TaskSource = Annotated[Union[BuiltinSource, FileSource, HFSource], Field(discrim
 
 
 class TaskConfig(Schema):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FileName
     source: TaskSource
     prefix: str | None = None  # None: "<name>: "
     metric: Literal["exact_match", "rouge_l"] = "exact_match"
@@ -142,7 +156,7 @@ class PretrainingTaskConfig(Schema):
     what pretraining taught the stream forgets. ``true`` in a config means the defaults."""
 
     enabled: bool = True
-    name: str = Field(default="pretraining", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FileName = "pretraining"
     max_eval_examples: int = Field(default=200, gt=0)
 
 
@@ -445,7 +459,7 @@ class RunConfig(Schema):
     # resume=true continues the stream in output_dir; overwrite=true empties output_dir first.
     resume: bool = False
     overwrite: bool = False
-    experiment: str = "forgetless"
+    experiment: FileName = "forgetless"  # names Ray Train's run directory: a file name
     seed: int = 0
     output_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
@@ -558,7 +572,7 @@ class PretrainConfig(Schema):
     BART (text infilling) pretrained through the same DeepSpeed-on-Ray worker group as a stream."""
 
     overwrite: bool = False
-    experiment: str = "pretrain"
+    experiment: FileName = "pretrain"
     seed: int = 0
     output_dir: str | None = None  # None: <cache_dir>/pretrained/<arch>-<preset>-<digest of this config>
     cache_dir: str = "~/.cache/forgetless"
@@ -589,8 +603,10 @@ RUN_CONTROL = ("resume", "overwrite")  # RunConfig keys that steer this invocati
 
 
 def experiment_dict(config: RunConfig) -> dict[str, Any]:
-    """The config as JSON-ready data without the run-control keys: what a run is, not how it was started."""
-    return config.model_dump(mode="json", by_alias=True, exclude=set(RUN_CONTROL))
+    """The config as JSON-ready data without the run-control keys: what a run is, not how it was started.
+    Secrets in URIs are redacted (see ``pipelines.redaction``): this is what config.yaml, MLflow params
+    and the report show."""
+    return redact_data(config.model_dump(mode="json", by_alias=True, exclude=set(RUN_CONTROL)))
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -37,8 +37,9 @@ class TaskStats(_Model):
 
 
 class MlflowRef(_Model):
-    tracking_uri: str
+    tracking_uri: str  # credentials redacted
     run_id: str | None
+    experiment_id: str | None = None
     pending_records: int = 0  # metrics/params/tags not yet written (MLflow unreachable); flushed on resume
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every Ray the tests start (in this process, in a CLI subprocess, `ray start --head`) listens on all
+# interfaces: token auth on, with a token of this test session's own (set before Ray is imported).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
@@ -34,3 +34,127 @@ def toy_config_file(tmp_path, toy_stream_config):
         return path
 
     return write
+
+
+# ------------------------------------------------------------------ who listens, and will they talk to strangers
+def _ray_methods() -> list[str]:
+    """Every gRPC method of Ray's services (plus the object manager's, which has no Python stubs)."""
+    import importlib
+    import pkgutil
+
+    import ray.core.generated as generated
+
+    methods = ["/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.ObjectManagerService/Push"]
+    for module in pkgutil.iter_modules(generated.__path__):
+        if module.name.endswith("_pb2"):
+            try:
+                loaded = importlib.import_module(f"ray.core.generated.{module.name}")
+            except Exception:  # noqa: BLE001 - a stub that does not import is not a service we can call
+                continue
+            for service in loaded.DESCRIPTOR.services_by_name.values():
+                methods += [f"/{service.full_name}/{m.name}" for m in service.methods]
+    return methods
+
+
+def probe_without_credentials(host: str, port: int, methods: list[str]) -> str:
+    """What a stranger gets from ``host:port``: ``refused`` (HTTP 401/403, or gRPC UNAUTHENTICATED for
+    a method the server has), ``open`` (an answer without credentials), or ``unknown``."""
+    import http.client
+
+    import grpc
+
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=3)
+        conn.request("GET", "/api/version")
+        status = conn.getresponse().status
+        conn.close()
+        return "refused" if status in (401, 403) else f"open (HTTP {status})"
+    except (http.client.HTTPException, ConnectionError, OSError):
+        pass  # not HTTP/1: a gRPC server
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        for method in methods:
+            try:
+                channel.unary_unary(method)(b"", timeout=2)
+                return f"open (gRPC {method} answered)"
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return "refused"
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return "unknown (not answering)"
+    return "unknown (no Ray method it serves)"
+
+
+class ListenerWatch:
+    """Polls the listening TCP sockets of a process tree; probes each non-loopback one as a stranger."""
+
+    def __init__(self, root_pid: int):
+        self.root_pid = root_pid
+        self.seen: dict[tuple[str, int], tuple[str, str]] = {}  # (ip, port) -> (process name, verdict)
+        self._methods = _ray_methods()
+
+    def poll(self) -> None:
+        import ipaddress
+
+        import psutil
+
+        try:
+            root = psutil.Process(self.root_pid)
+            tree = {p.pid: p for p in root.children(recursive=True)} | {root.pid: root}
+        except psutil.NoSuchProcess:
+            return
+        for conn in psutil.net_connections("tcp"):
+            if conn.status != psutil.CONN_LISTEN or conn.pid not in tree:
+                continue
+            key = (conn.laddr.ip, conn.laddr.port)
+            if key in self.seen and not self.seen[key][1].startswith("unknown"):
+                continue  # settled (a server still starting its services is asked again)
+            try:
+                name = tree[conn.pid].name()
+            except psutil.NoSuchProcess:
+                continue
+            if ipaddress.ip_address(conn.laddr.ip.split("%")[0]).is_loopback:
+                self.seen[key] = (name, "loopback")
+                continue
+            host = "127.0.0.1" if conn.laddr.ip in ("0.0.0.0", "::") else conn.laddr.ip
+            self.seen[key] = (name, probe_without_credentials(host, conn.laddr.port, self._methods))
+
+    def exposed(self) -> list[str]:
+        """Non-loopback listeners that did not refuse a caller without credentials."""
+        return [f"{name} on {ip}:{port}: {verdict}" for (ip, port), (name, verdict) in sorted(self.seen.items())
+                if verdict not in ("loopback", "refused") and not verdict.startswith("unknown (not answering)")]
+
+
+def run_cli_watching_listeners(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, ListenerWatch]:
+    """``run_cli``, polling the run's listening sockets every half second while it runs."""
+    import time
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen([sys.executable, "-m", "actors.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    watch = ListenerWatch(process.pid)
+    deadline = time.monotonic() + timeout
+    import threading
+
+    output: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: output.update(zip(("stdout", "stderr"), process.communicate())))
+    reader.start()
+    while reader.is_alive() and time.monotonic() < deadline:
+        watch.poll()
+        time.sleep(0.5)
+    if reader.is_alive():
+        process.kill()
+    reader.join()
+    return subprocess.CompletedProcess(process.args, process.returncode, output.get("stdout", ""),
+                                       output.get("stderr", "")), watch
+
+
+@pytest.fixture
+def cli_watching_listeners():
+    return run_cli_watching_listeners
+
+
+
+@pytest.fixture
+def listener_probe():
+    return probe_without_credentials

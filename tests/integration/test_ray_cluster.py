@@ -26,7 +26,7 @@ def _free_port() -> int:
 def ray_cluster(tmp_path_factory):
     """A head node of our own. `ray start --block` in its own process group, stopped by signalling
     that group — never `ray stop`, which would kill every Ray on the machine."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # token auth: the session's token
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard = _free_port(), _free_port()
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def start_cli(*args: str) -> subprocess.Popen:
     """`forgetless` in a process session of its own, as a job scheduler would start it."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "actors.cli", *args, "--no-progress"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

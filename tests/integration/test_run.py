@@ -53,11 +53,15 @@ def test_tiny_config_end_to_end(cli, tmp_path, mlflow_store):
     assert answer.strip() in {"positive", "negative", "neutral"}
 
 
-def test_two_workers_zero3_with_a_replay_store(cli, toy_config_file, tmp_path):
+def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_config_file, tmp_path):
+    """...and every socket the run's Ray opens beyond loopback refuses a caller without the run's token."""
     path = toy_config_file(num_workers=2, zero_stage=3, max_steps=8)
-    result = cli("run", str(path), "replay.enabled=true", "replay.num_shards=2", "replay.rows_per_task=20",
-                 "--no-progress")
+    result, listeners = cli_watching_listeners("run", str(path), "replay.enabled=true", "replay.num_shards=2",
+                                                   "replay.rows_per_task=20", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
+    names = {name for name, _ in listeners.seen.values()}
+    assert {"gcs_server", "raylet"} <= names and len(listeners.seen) >= 8, listeners.seen  # the watch saw the run
+    assert listeners.exposed() == [], listeners.exposed()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     replay = report["replay"]
     assert replay["rows_per_task"] == {"category": 20, "first_word": 20}
@@ -67,6 +71,30 @@ def test_two_workers_zero3_with_a_replay_store(cli, toy_config_file, tmp_path):
     assert report["status"] == "FINISHED"
     model = AutoModelForSeq2SeqLM.from_pretrained(report["checkpoints"]["first_word"])
     assert model.config.model_type == "t5"
+
+
+def test_the_probe_tells_an_open_server_from_a_guarded_one(listener_probe):
+    """The listener check can fail: a server that answers without credentials reads as open."""
+    import http.server
+    import threading
+
+    class Guarded(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(401 if "guarded" in self.server.kind else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    verdicts = {}
+    for kind in ("open", "guarded"):
+        server = http.server.HTTPServer(("127.0.0.1", 0), Guarded)
+        server.kind = kind
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        verdicts[kind] = listener_probe("127.0.0.1", server.server_address[1], [])
+        server.shutdown()
+        server.server_close()
+    assert verdicts == {"open": "open (HTTP 200)", "guarded": "refused"}
 
 
 @pytest.mark.parametrize(

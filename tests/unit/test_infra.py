@@ -38,6 +38,33 @@ def test_cluster_yaml_names_the_image_and_gpu_workers():
     assert cluster["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
 
 
+def _containers(manifest: dict) -> dict[str, dict]:
+    spec = manifest["spec"]
+    cluster = spec["rayClusterSpec"]
+    pods = [spec["submitterPodTemplate"], cluster["headGroupSpec"]["template"],
+            *(group["template"] for group in cluster["workerGroupSpecs"])]
+    return {c["name"]: c for pod in pods for c in pod["spec"]["containers"]}
+
+
+def test_every_ray_container_of_the_rayjob_runs_with_token_auth_from_a_secret():
+    manifest = yaml.safe_load((REPO / "infra/k8s/rayjob.yaml").read_text())
+    containers = _containers(manifest)
+    assert set(containers) == {"ray-job-submitter", "ray-head", "ray-worker"}
+    for name, container in containers.items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", name
+        assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], name  # never a literal token
+
+
+def test_the_cluster_yaml_starts_every_node_with_token_auth_and_the_dashboard_on_loopback():
+    cluster = yaml.safe_load((REPO / "infra/ray/cluster.yaml").read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cluster[key]
+              if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert "--dashboard-host=127.0.0.1" in starts[0] and "0.0.0.0" not in " ".join(starts)
+    assert "~/.ray/auth_token" in cluster["file_mounts"]
+
+
 def test_the_gpu_check_script_runs_its_whole_path_on_a_cpu(tmp_path):
     """The GPU check cannot run here, but everything in it except CUDA can: tiny models, gloo."""
     import json
