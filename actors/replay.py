@@ -9,7 +9,10 @@ trainer workers; after ``add_shards`` the copies notice the new topology on thei
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,73 +22,194 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.config import ReplayConfig
-from storage.replay import EmptyReplayError, RateLimitedError, ReplayShard, ShardStats, check_batch, route
+from storage.replay import (
+    EmptyReplayError,
+    RateLimitedError,
+    ReplayShard,
+    ShardStats,
+    StaleTopologyError,
+    check_batch,
+    read_store_manifest,
+    route,
+    write_store_manifest,
+)
+from storage.tables import StorageError
 
-# max_restarts=-1: a shard always comes back; max_task_retries=0: a call in flight when the process
-# died raises (ActorDiedError / ActorUnavailableError) instead of silently running twice — the
-# caller retries, and inserts are idempotent by example id.
-ReplayShardActor = ray.remote(max_restarts=-1, max_task_retries=0)(ReplayShard)
+class _PlacedShard(ReplayShard):
+    """A shard that can say where it runs (for ``forgetless replay status``)."""
 
-_RETRYABLE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+    def node(self) -> dict[str, str]:
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": str(os.getpid())}
+
+
+# max_restarts=-1: a shard always comes back (on another node if its node is gone: scheduling is
+# soft SPREAD, and it restores itself from the files it left on storage every node sees);
+# max_task_retries=0: a call in flight when the process died raises (ActorDiedError /
+# ActorUnavailableError) instead of silently running twice — the caller retries, and inserts are
+# idempotent by example id.
+ReplayShardActor = ray.remote(max_restarts=-1, max_task_retries=0)(_PlacedShard)
+
+_RETRYABLE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError,
+              ray.exceptions.ActorUnschedulableError)
+NAMESPACE = "forgetless"
 
 
 @dataclass
 class ReplayStore:
-    """Handle to a set of replay shard actors. Cheap to pickle: only actor handles and a seed."""
+    """Handle to a set of replay shard actors. Cheap to pickle: only actor handles and a seed.
+
+    The shard list is versioned (its *topology*); every shard knows the newest version. A handle
+    that routes under an older one has its insert refused (``StaleTopologyError``) and routes
+    again; a sample reply carries the version, so samplers notice too. Resizing (``add_shards``,
+    ``remove_shards``) publishes the new topology to every shard before any row moves, so rows
+    written meanwhile land where the new topology routes them, and nothing is lost or doubled.
+    """
 
     shards: list[Any]
     config: ReplayConfig
     directory: str | None = None
     version: int = 0
     seed: int = 0
+    routing: str = "jump"
+    name: str = ""  # shard actors are named <name>-shard-NNN (namespace "forgetless"); set by create
     _sizes: np.ndarray | None = field(default=None, repr=False)
     _rng: np.random.Generator | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ creation
     @classmethod
     def create(cls, config: ReplayConfig, *, directory: str | Path | None = None, seed: int = 0,
-               name_prefix: str | None = None) -> ReplayStore:
-        """Start ``config.num_shards`` shard actors; each keeps its log and snapshots under
-        ``directory/shard-NNN`` (None: memory only, lost with the process)."""
-        store = cls(shards=[], config=config, directory=str(directory) if directory else None, seed=seed)
-        store._start_shards(range(config.num_shards), name_prefix=name_prefix)
+               name: str | None = None) -> ReplayStore:
+        """Start the store's shard actors; each keeps its log and snapshots under
+        ``directory/shard-NNN`` (None: memory only, lost with the process).
+
+        A directory that already holds a store (``store.json``) is reopened with its own shard
+        count and routing — shards added to a running store stay added — whatever
+        ``config.num_shards`` says.
+        """
+        manifest = read_store_manifest(directory) if directory else None
+        if directory and manifest is None and any(Path(directory).glob("shard-*")):
+            manifest = {"num_shards": len(list(Path(directory).glob("shard-*"))), "version": 0, "routing": "modulo"}
+        name = name or f"replay-{uuid.uuid4().hex[:12]}"
+        store = cls(shards=[], config=config, directory=str(directory) if directory else None, seed=seed, name=name,
+                    version=int(manifest["version"]) if manifest else 0,
+                    routing=manifest["routing"] if manifest else "jump")
+        store._manifest = manifest or {"num_shards": config.num_shards, "version": 0, "routing": store.routing,
+                                       "checkpoints": {}, "retired": []}
+        store._start_shards(range(int(store._manifest["num_shards"])))
         store._publish_topology()
         return store
 
-    def _start_shards(self, shard_ids: range, *, name_prefix: str | None = None) -> None:
+    def _alive_nodes(self) -> list[str]:
+        """Alive nodes that can hold a shard (its CPUs and memory), in a stable order."""
         cfg = self.config
-        for shard_id in shard_ids:
-            options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "scheduling_strategy": cfg.placement}
-            if cfg.memory_bytes:
-                options["memory"] = cfg.memory_bytes
-            if name_prefix:
-                options["name"] = f"{name_prefix}-shard-{shard_id:03d}"
-            directory = str(Path(self.directory) / f"shard-{shard_id:03d}") if self.directory else None
-            self.shards.append(ReplayShardActor.options(**options).remote(
-                cfg.capacity_rows, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed, shard_id=shard_id,
-                directory=directory, snapshot_every_rows=cfg.snapshot_every_rows,
-                max_samples_per_insert=cfg.max_samples_per_insert, min_rows_to_sample=cfg.min_rows_to_sample,
-                fsync=cfg.fsync))
+        return sorted(n["NodeID"] for n in ray.nodes()
+                      if n["Alive"] and n["Resources"].get("CPU", 0) >= cfg.num_cpus
+                      and (not cfg.memory_bytes or n["Resources"].get("memory", 0) >= cfg.memory_bytes))
+
+    def _spread_nodes(self, count: int) -> list[str | None]:
+        """A node for each of ``count`` new shards: the least used by this store's shards first.
+
+        Ray's SPREAD is best effort (two of three zero-CPU shards were seen on one node, and a soft
+        node affinity was not kept either), so shards are pinned to the nodes chosen here; a shard
+        whose node is lost is started again on a live node by the first handle that finds it gone
+        (``_resolve``), from the files it left on shared storage.
+        """
+        nodes = self._alive_nodes()
+        if not nodes:
+            return [None] * count
+        used = {node: 0 for node in nodes}
+        for where in (self._call_all("node") if self.shards else []):
+            if where["node_id"] in used:
+                used[where["node_id"]] += 1
+        chosen = []
+        for _ in range(count):
+            node = min(nodes, key=lambda n: (used[n], nodes.index(n)))
+            used[node] += 1
+            chosen.append(node)
+        return chosen
+
+    def _shard_name(self, shard_id: int) -> str:
+        return f"{self.name}-shard-{shard_id:03d}"
+
+    def _launch(self, shard_id: int, node: str | None, *, get_if_exists: bool = False) -> Any:
+        cfg = self.config
+        strategy: Any = NodeAffinitySchedulingStrategy(node, soft=False) if node is not None else cfg.placement
+        options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "scheduling_strategy": strategy,
+                                   "name": self._shard_name(shard_id), "namespace": NAMESPACE,
+                                   "get_if_exists": get_if_exists}
+        if cfg.memory_bytes:
+            options["memory"] = cfg.memory_bytes
+        directory = str(Path(self.directory) / f"shard-{shard_id:03d}") if self.directory else None
+        return ReplayShardActor.options(**options).remote(
+            cfg.capacity_rows, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed, shard_id=shard_id,
+            directory=directory, snapshot_every_rows=cfg.snapshot_every_rows,
+            max_samples_per_insert=cfg.max_samples_per_insert, min_rows_to_sample=cfg.min_rows_to_sample,
+            fsync=cfg.fsync)
+
+    def _start_shards(self, shard_ids: range) -> None:
+        nodes = (self._spread_nodes(len(shard_ids)) if self.config.placement == "SPREAD"
+                 else [None] * len(shard_ids))
+        for shard_id, node in zip(shard_ids, nodes):
+            self.shards.append(self._launch(shard_id, node))
+
+    def _resolve(self, shard_index: int) -> None:
+        """After a failed call: the shard's current actor. Ray restarts a crashed shard in place;
+        one pinned to a node that is gone is dead for good (its name freed), and is started again
+        on a live node — ``get_if_exists`` makes every handle that notices agree on one new actor."""
+        name = self._shard_name(shard_index)
+        try:
+            current = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            nodes = self._alive_nodes() if self.config.placement == "SPREAD" else []
+            node = nodes[shard_index % len(nodes)] if nodes else None
+            current = self._launch(shard_index, node, get_if_exists=True)
+        if current._actor_id != self.shards[shard_index]._actor_id:
+            self.shards[shard_index] = current
+            self._sizes = None
 
     def _publish_topology(self) -> None:
+        """A new topology version: recorded in store.json first (a restarted shard reads it), then
+        told to every shard, the ones leaving included (they refuse writers of older versions)."""
         self.version += 1
+        self._save_manifest(num_shards=self.num_shards, version=self.version)
         ray.get([s.set_topology.remote(self.version, self.shards) for s in self.shards])
         self._sizes = None
+
+    def _save_manifest(self, **changes: Any) -> None:
+        manifest = getattr(self, "_manifest", None)
+        if manifest is None:
+            manifest = self._manifest = {"num_shards": self.num_shards, "version": self.version,
+                                         "routing": self.routing, "checkpoints": {}, "retired": []}
+        manifest.update(changes)
+        if self.directory:
+            write_store_manifest(self.directory, manifest)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_sizes"] = state["_rng"] = None  # each copy samples with its own generator
+        state.pop("_manifest", None)  # the writer of the manifest is the handle that created the store
         return state
 
     @property
     def num_shards(self) -> int:
         return len(self.shards)
 
+    def sync(self) -> bool:
+        """Adopt the newest topology the shards know (shards added or removed elsewhere); True if it changed."""
+        version, shards = self._call(0, "topology")
+        if version > self.version and shards is not None:
+            self.version, self.shards, self._sizes = version, list(shards), None
+            return True
+        return False
+
     # ------------------------------------------------------------------ writes
     def _call(self, shard_index: int, method: str, *args: Any, retries: int = 50) -> Any:
-        """Call one shard, retrying while Ray restarts it (every method used this way is idempotent)."""
+        """Call one shard, retrying while Ray restarts it, or while it is started again elsewhere
+        (every method used this way is idempotent)."""
         for attempt in range(retries):
             try:
                 return ray.get(getattr(self.shards[shard_index], method).remote(*args))
@@ -93,6 +217,7 @@ class ReplayStore:
                 if attempt == retries - 1:
                     raise
                 time.sleep(min(0.05 * 2**attempt, 1.0))
+                self._resolve(shard_index)
         raise AssertionError("unreachable")
 
     def _reply(self, shard_index: int, ref: ray.ObjectRef, method: str, *args: Any) -> Any:
@@ -109,15 +234,32 @@ class ReplayStore:
 
     def _send(self, table: pa.Table) -> list[tuple[int, pa.Table, ray.ObjectRef]]:
         table = check_batch(table)
-        targets = route(table.column("example_id"), self.num_shards)
+        targets = route(table.column("example_id"), self.num_shards, self.routing)
         order = np.argsort(targets, kind="stable")  # one take, then zero-copy slices per shard
         grouped, bounds = table.take(pa.array(order)), np.searchsorted(targets[order], np.arange(self.num_shards + 1))
         parts = [(i, grouped.slice(bounds[i], bounds[i + 1] - bounds[i])) for i in range(self.num_shards)
                  if bounds[i + 1] > bounds[i]]
-        return [(i, part, self.shards[i].insert.remote(part)) for i, part in parts]
+        return [(i, part, self.shards[i].insert.remote(part, self.version)) for i, part in parts]
 
     def _acknowledge(self, sent: list[tuple[int, pa.Table, ray.ObjectRef]]) -> int:
-        return sum(self._reply(i, ref, "insert", part) for i, part, ref in sent)
+        stored, stale = 0, []
+        for i, part, ref in sent:
+            try:
+                stored += self._reply(i, ref, "insert", part, self.version)
+            except StaleTopologyError:
+                stale.append(part)
+        for part in stale:  # the store was resized under us: route those rows again
+            self._follow_topology()
+            stored += self._acknowledge(self._send(part))
+        return stored
+
+    def _follow_topology(self) -> None:
+        for attempt in range(200):  # the resizer publishes to shard 0 last-but-not-least; wait for it
+            if self.sync():
+                return
+            time.sleep(0.01 * min(attempt + 1, 10))
+        raise StorageError("a replay shard refused an insert as routed under an old topology, but no newer "
+                           "topology could be read from shard 0")
 
     def insert(self, table: pa.Table) -> int:
         """Route rows by example id and insert them; returns rows newly stored.
@@ -143,38 +285,82 @@ class ReplayStore:
         self._sizes = None
         return stored
 
-    def add_shards(self, num_new: int) -> int:
-        """Add ``num_new`` shards and move every row whose id now routes elsewhere; returns rows moved.
+    # ------------------------------------------------------------------ resizing
+    def _move(self, rows: pa.Table, *, num_shards: int | None = None) -> int:
+        """Insert ``rows`` (shard rows, ``seq`` dropped) where the current topology routes them
+        (among the first ``num_shards`` shards: a store shrinking to that many)."""
+        if not rows.num_rows:
+            return 0
+        rows = rows.drop_columns(["seq"]) if "seq" in rows.column_names else rows
+        targets = route(rows.column("example_id"), num_shards or self.num_shards, self.routing)
+        for j in np.unique(targets):
+            self._call(int(j), "insert", rows.filter(pa.array(targets == j)), self.version)
+        return rows.num_rows
 
-        Rows are copied to their new shard (acknowledged) before they are deleted from the old one,
-        so a failure in between leaves a row in two places, never in none; and the next
-        ``add_shards`` or insert of the same id settles it. Call it from one place (the scheduler),
-        not concurrently with inserts from other handles.
+    def _rebalance(self, shard_indices: Iterable[int]) -> int:
+        """Move the rows of these shards that the current topology routes elsewhere: copied
+        (acknowledged) first, then deleted, so a failure in between leaves a row in two places —
+        settled by the next rebalance — never in none."""
+        moved = 0
+        for i in shard_indices:
+            moving = self._call(i, "rows_moving", self.num_shards, self.routing)
+            if moving.num_rows:
+                moved += self._move(moving)
+                self._call(i, "delete", moving.column("example_id").to_pylist())
+        return moved
+
+    def add_shards(self, num_new: int) -> int:
+        """Add ``num_new`` shards and move the rows that now route to them; returns rows moved.
+
+        Safe while other handles insert and sample: the new topology reaches every shard before a
+        row moves. Resize from one place at a time (a run's store: ``forgetless replay add-shards``).
         """
-        if num_new <= 0:
-            raise ValueError(f"num_new ({num_new}) must be a positive integer")
+        if not isinstance(num_new, int) or num_new <= 0:
+            raise ValueError(f"num_new ({num_new!r}) must be a positive integer")
+        self.sync()
         old = self.num_shards
         self._start_shards(range(old, old + num_new))
-        total = self.num_shards
-        moved = 0
-        for i in range(old):
-            moving = self._call(i, "rows_moving", total)
-            if not moving.num_rows:
-                continue
-            moving = moving.drop_columns(["seq"])
-            targets = route(moving.column("example_id"), total)
-            for j in np.unique(targets):
-                self._call(int(j), "insert", moving.filter(pa.array(targets == j)))
-            self._call(i, "delete", moving.column("example_id").to_pylist())
-            moved += moving.num_rows
         self._publish_topology()
+        return self._rebalance(range(old))
+
+    def remove_shards(self, num_removed: int) -> int:
+        """Stop the last ``num_removed`` shards after moving every row they hold onto the others;
+        returns rows moved. Their files are kept (``retired-*``) while a checkpoint may need them."""
+        self.sync()
+        if not isinstance(num_removed, int) or not 0 < num_removed < self.num_shards:
+            raise ValueError(f"num_removed ({num_removed!r}) must be between 1 and {self.num_shards - 1}: a store "
+                             "keeps at least one shard")
+        keep = self.num_shards - num_removed
+        self.version += 1  # the leaving shards learn it too: late writers are sent back to route again
+        self._save_manifest(num_shards=keep, version=self.version)
+        ray.get([s.set_topology.remote(self.version, self.shards[:keep]) for s in self.shards])
+        moved = 0
+        for index in range(keep, self.num_shards):
+            moved += self._move(self._call(index, "rows"), num_shards=keep)
+        leaving, self.shards = self.shards[keep:], self.shards[:keep]
+        for index, shard in enumerate(leaving, start=keep):
+            self._retire(shard, index)
+        self._sizes = None
         return moved
+
+    def _retire(self, shard: Any, index: int) -> None:
+        try:
+            ray.get(shard.close.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            pass
+        ray.kill(shard, no_restart=True)
+        if self.directory:
+            source = Path(self.directory) / f"shard-{index:03d}"
+            if source.is_dir():
+                target = source.with_name(f"retired-{self.version:06d}-shard-{index:03d}")
+                os.replace(source, target)
+                retired = [*self._manifest.get("retired", []),
+                           {"shard_id": index, "version": self.version, "directory": target.name}]
+                self._save_manifest(retired=retired)
 
     # ------------------------------------------------------------------ reads
     def _refresh(self) -> None:
-        version, shards = self._call(0, "topology")
-        if version > self.version:
-            self.version, self.shards = version, list(shards)
+        self.sync()
         self._sizes = np.array([reply[1] for reply in self._call_all("sample_with_size", 0)])
 
     def sample_async(self, num_rows: int, rng: np.random.Generator | None = None) -> PendingSample:
@@ -196,21 +382,32 @@ class ReplayStore:
         counts = rng.multinomial(num_rows, self._sizes / total)
         seeds = rng.integers(0, 2**63, size=len(counts))
         parts = [(i, int(c), int(seed)) for i, (c, seed) in enumerate(zip(counts, seeds)) if c]
-        return PendingSample(parts, [self.shards[i].sample_with_size.remote(c, seed) for i, c, seed in parts])
+        return PendingSample(parts, [self.shards[i].sample_with_size.remote(c, seed) for i, c, seed in parts],
+                             list(self.shards))
 
     def collect(self, pending: PendingSample) -> pa.Table:
         """Finish a ``sample_async``: one table, shard sizes and topology refreshed from the replies.
 
         A shard that died with the call in flight is asked again once Ray has restarted it, with
-        the same seed: the rows are those the first call would have returned.
+        the same seed: the rows are those the first call would have returned. A shard removed
+        while the call was in flight answers nothing: its part is drawn again from the others.
         """
-        replies = [self._reply(shard_index, ref, "sample_with_size", count, seed)
-                   for (shard_index, count, seed), ref in zip(pending.parts, pending.refs)]
-        if any(version > self.version for _, _, version in replies):
+        replies, missing = [], 0
+        for (shard_index, count, seed), ref, shard in zip(pending.parts, pending.refs, pending.shards_at_call):
+            try:
+                replies.append(ray.get(ref))
+            except _RETRYABLE:
+                if shard_index < self.num_shards and self.shards[shard_index] is shard:
+                    replies.append(self._call(shard_index, "sample_with_size", count, seed))
+                else:
+                    missing += count
+        if missing or any(version > self.version for _, _, version in replies):
             self._refresh()
         else:
             self._sizes = None if len(replies) != self.num_shards else np.array([r[1] for r in replies])
         tables = [table for table, _, _ in replies]
+        if missing:
+            tables.append(self.sample(missing))
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]  # chunks, no copy
 
     def sample(self, num_rows: int, rng: np.random.Generator | None = None) -> pa.Table:
@@ -218,30 +415,88 @@ class ReplayStore:
         return self.collect(self.sample_async(num_rows, rng))
 
     def stats(self) -> list[ShardStats]:
+        self.sync()
         return self._call_all("stats")
+
+    def nodes(self) -> list[dict[str, str]]:
+        """Where each shard runs now: node id, IP and process id."""
+        self.sync()
+        return self._call_all("node")
 
     def num_rows(self) -> int:
         return sum(s.num_rows for s in self.stats())
 
     def rows(self) -> pa.Table:
+        self.sync()
         return pa.concat_tables(self._call_all("rows"))
 
     # ------------------------------------------------------------------ durability
     def snapshot(self) -> list[str | None]:
+        self.sync()
         return [None if p is None else str(p) for p in self._call_all("snapshot")]
 
     def checkpoint(self, tag: str) -> None:
-        """Every shard keeps its rows under ``tag`` (see ``ReplayShard.checkpoint``)."""
+        """Every shard keeps its rows under ``tag`` (see ``ReplayShard.checkpoint``); the store
+        keeps the topology they were taken under."""
+        self.sync()
         self._call_all("checkpoint", tag)
+        if hasattr(self, "_manifest"):
+            checkpoints = {**self._manifest.get("checkpoints", {}),
+                           tag: {"num_shards": self.num_shards, "version": self.version}}
+            self._save_manifest(checkpoints=checkpoints)
 
     def rollback(self, tag: str) -> int:
-        """Every shard back to checkpoint ``tag``; returns the rows the store then holds."""
-        held = sum(self._call_all("rollback", tag))
+        """The store back to checkpoint ``tag``; returns the rows it then holds.
+
+        Shards that exist now and at the checkpoint go back to it; shards added since are emptied;
+        rows of shards removed since come back from their retired files. Rows then sit where the
+        current topology routes them.
+        """
+        self.sync()
+        taken = getattr(self, "_manifest", {}).get("checkpoints", {}).get(tag)
+        then = int(taken["num_shards"]) if taken else self.num_shards
+        refs = [shard.rollback.remote(tag) if i < then else shard.clear.remote() for i, shard in enumerate(self.shards)]
+        for i, ref in enumerate(refs):
+            try:
+                self._reply(i, ref, "rollback" if i < then else "clear", *((tag,) if i < then else ()))
+            except KeyError:
+                if taken is None:  # no record of the store at that checkpoint: the tag is simply unknown
+                    raise
+                self._call(i, "clear")  # this shard was added after the checkpoint (in a slot used before)
+        if taken is not None:
+            for retired in self._manifest.get("retired", []):
+                if retired["shard_id"] < then and retired["version"] > taken["version"]:
+                    self._move(self._retired_rows(retired, tag))
+            if taken["version"] != self.version:
+                self._rebalance(range(self.num_shards))
         self._sizes = None
-        return held
+        return self.num_rows()
+
+    def _retired_rows(self, retired: dict[str, Any], tag: str) -> pa.Table:
+        """The rows a retired shard held at checkpoint ``tag``, read from its files in this process."""
+        cfg = self.config
+        shard = ReplayShard(cfg.capacity_rows, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed,
+                            shard_id=retired["shard_id"], directory=Path(self.directory) / retired["directory"])
+        try:
+            shard.rollback(tag)
+            return shard.rows()
+        finally:
+            shard.close()
 
     def drop_checkpoints(self, keep: list[str] | tuple[str, ...] = ()) -> None:
+        self.sync()
         self._call_all("drop_checkpoints", list(keep))
+        if not hasattr(self, "_manifest"):
+            return
+        checkpoints = {t: v for t, v in self._manifest.get("checkpoints", {}).items() if t in keep}
+        oldest = min((c["version"] for c in checkpoints.values()), default=self.version)
+        retired = []
+        for entry in self._manifest.get("retired", []):
+            if entry["version"] > oldest:  # a kept checkpoint predates its retirement
+                retired.append(entry)
+            elif self.directory:
+                shutil.rmtree(Path(self.directory) / entry["directory"], ignore_errors=True)
+        self._save_manifest(checkpoints=checkpoints, retired=retired)
 
     def shutdown(self) -> None:
         for shard in self.shards:
@@ -254,10 +509,12 @@ class ReplayStore:
 
 @dataclass(frozen=True)
 class PendingSample:
-    """A sample call in flight: per shard (index, rows, seed) and the reply's object ref."""
+    """A sample call in flight: per shard (index, rows, seed), the reply's object ref, and the
+    shard list it was sent under."""
 
     parts: list[tuple[int, int, int]]
     refs: list[ray.ObjectRef]
+    shards_at_call: list[Any]
 
 
 class PrefetchingSampler:

@@ -80,6 +80,18 @@ class RateLimitedError(StorageError, RuntimeError):
     """Sampling would exceed the configured samples-per-insert ratio; insert more first."""
 
 
+class StaleTopologyError(StorageError, RuntimeError):
+    """An insert routed under an older topology of the store (shards were added or removed since);
+    nothing of it was stored. The sender re-reads the topology and routes the rows again."""
+
+    def __init__(self, shard_id: int, sent: int, current: int):
+        super().__init__(f"replay shard {shard_id}: insert routed under topology {sent}, the store is at {current}")
+        self.shard_id, self.sent, self.current = shard_id, sent, current
+
+    def __reduce__(self):  # crosses process boundaries (Ray pickles it back to the caller)
+        return type(self), (self.shard_id, self.sent, self.current)
+
+
 def insert_schema() -> pa.Schema:
     return pa.schema([REPLAY_SCHEMA.field(c) for c in INSERT_COLUMNS])
 
@@ -121,12 +133,67 @@ def upgrade(table: pa.Table) -> pa.Table:
     return table.add_column(table.column_names.index("target") + 1, field, pa.nulls(table.num_rows, field.type))
 
 
-def route(example_ids: list[str] | pa.Array, num_shards: int) -> np.ndarray:
-    """Shard index of each example id: a stable hash (CRC-32, not Python's salted ``hash``) mod n."""
-    import zlib
+ROUTINGS = ("jump", "modulo")
 
+
+def route(example_ids: list[str] | pa.Array, num_shards: int, routing: str = "jump") -> np.ndarray:
+    """Shard index of each example id, from a stable hash of it (CRC-32, not Python's salted ``hash``).
+
+    ``jump``: Lamping & Veach's jump consistent hash — going from n to n+1 shards moves only the
+    ~1/(n+1) of the rows that now belong to the new shard, and removing the last shard moves only
+    its rows. ``modulo``: CRC-32 mod n, the routing of stores written before ``jump`` (it moves
+    almost every row on a resize); such stores keep it.
+    """
     ids = example_ids.to_pylist() if isinstance(example_ids, (pa.Array, pa.ChunkedArray)) else example_ids
-    return np.fromiter((zlib.crc32(i.encode()) for i in ids), dtype=np.int64, count=len(ids)) % num_shards
+    keys = np.fromiter((zlib.crc32(i.encode()) for i in ids), dtype=np.uint64, count=len(ids))
+    if routing == "modulo":
+        return (keys % np.uint64(num_shards)).astype(np.int64)
+    if routing != "jump":
+        raise ValueError(f"unknown routing {routing!r}; choose one of {list(ROUTINGS)}")
+    return _jump(keys, num_shards)
+
+
+def _jump(keys: np.ndarray, num_shards: int) -> np.ndarray:
+    """Jump consistent hash of 64-bit keys into [0, num_shards), all keys at once (~ln n rounds)."""
+    keys = keys.astype(np.uint64, copy=True)
+    bucket = np.full(len(keys), -1, dtype=np.int64)
+    jump = np.zeros(len(keys), dtype=np.int64)
+    live = np.arange(len(keys))
+    with np.errstate(over="ignore"):
+        while live.size:
+            bucket[live] = jump[live]
+            keys[live] = keys[live] * np.uint64(2862933555777941757) + np.uint64(1)
+            jump[live] = ((bucket[live] + 1) * (float(1 << 31) / ((keys[live] >> np.uint64(33)).astype(np.float64) + 1))
+                          ).astype(np.int64)
+            live = live[jump[live] < num_shards]
+    return bucket
+
+
+STORE_MANIFEST = "store.json"
+
+
+def read_store_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """A sharded store's ``store.json`` (shard count, topology version, routing, checkpoints' topologies),
+    or None when the directory has none (a new store, or one written before the file existed).
+
+    Raises:
+        StorageError: the file exists but cannot be read (named).
+    """
+    path = Path(directory) / STORE_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"{path}: unreadable replay store manifest ({exc}); restore it from a backup, or "
+                           "move the store aside to start empty") from None
+    if not isinstance(manifest, dict) or not {"num_shards", "version", "routing"} <= set(manifest):
+        raise StorageError(f"{path}: not a replay store manifest (needs num_shards, version, routing)")
+    return manifest
+
+
+def write_store_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    write_atomic(Path(directory) / STORE_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -211,6 +278,9 @@ class ReplayShard:
         self.restore_report: dict[str, Any] | None = None  # what a restore used, fell back from and skipped
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
+            manifest = read_store_manifest(self.directory.parent)
+            if manifest is not None:  # a restarted shard refuses writers of an older topology at once
+                self._topology = (int(manifest["version"]), None)
             self.directory.mkdir(parents=True, exist_ok=True)
             self._restore()
             if self._log is None:
@@ -220,13 +290,16 @@ class ReplayShard:
         self._sample_rng = np.random.default_rng([seed, shard_id, 1, self._generation, self._restored])
 
     # ------------------------------------------------------------------ writes
-    def insert(self, batch: pa.Table) -> int:
+    def insert(self, batch: pa.Table, topology: int | None = None) -> int:
         """Add rows; returns how many were new. Ids already held are skipped, so a retried insert
         (after a lost acknowledgement) stores nothing twice.
 
         The batch is checked whole before anything happens, then logged, then applied: when this
-        returns, the rows survive the death of the process.
+        returns, the rows survive the death of the process. ``topology``: the store topology the
+        sender routed under; older than this shard's, the insert is refused (``StaleTopologyError``).
         """
+        if topology is not None and topology < self._topology[0]:
+            raise StaleTopologyError(self.shard_id, topology, self._topology[0])
         batch = check_batch(batch, where=f" into shard {self.shard_id}")
         ids = batch.column("example_id").to_pylist()
         fresh = [i for i, example_id in enumerate(ids) if example_id not in self._ids]
@@ -379,13 +452,17 @@ class ReplayShard:
         """Every row held, oldest insertion first (for tests, export and rebalancing)."""
         return self._ready().sort_by("seq")
 
-    def rows_moving(self, num_shards: int) -> pa.Table:
+    def rows_moving(self, num_shards: int, routing: str = "jump") -> pa.Table:
         """Rows whose id routes to another shard among ``num_shards`` (see ``route``)."""
         table = self._ready()
         if not table.num_rows:
             return table
-        target = route(table.column("example_id"), num_shards)
+        target = route(table.column("example_id"), num_shards, routing)
         return table.filter(pa.array(target != self.shard_id))
+
+    def clear(self) -> int:
+        """Delete every row (logged); returns how many went."""
+        return self.delete(self._table.column("example_id").to_pylist())
 
     def stats(self) -> ShardStats:
         tasks = Counter(self._table.column("task_name").to_pylist())
@@ -407,7 +484,9 @@ class ReplayShard:
 
     # ------------------------------------------------------------------ topology (for the store)
     def set_topology(self, version: int, shards: Any) -> None:
-        self._topology = (version, shards)
+        """The store's shard list at ``version``; never goes back to an older one."""
+        if version >= self._topology[0]:
+            self._topology = (version, shards)
 
     def topology(self) -> tuple[int, Any]:
         return self._topology

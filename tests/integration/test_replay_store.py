@@ -97,6 +97,97 @@ def test_add_shards_moves_rows_without_loss_or_duplicates_and_old_handles_follow
     store.shutdown()
 
 
+def _placement_is_exact(store, acknowledged):
+    """Every acknowledged row held exactly once, on the shard the store's topology routes it to."""
+    held = [ray.get(s.rows.remote()).column("example_id").to_pylist() for s in store.shards]
+    flat = [i for shard in held for i in shard]
+    assert len(flat) == len(set(flat)), "a row is on two shards"
+    assert set(flat) == set(acknowledged), (len(set(acknowledged) - set(flat)), "rows lost")
+    for index, shard_ids in enumerate(held):
+        assert (route(shard_ids, store.num_shards) == index).all(), f"shard {index} holds rows routed elsewhere"
+
+
+def test_resizing_while_two_writers_and_a_sampler_run_loses_and_doubles_nothing(tmp_path):
+    store = make_store(tmp_path, num_shards=2, capacity_rows=100_000)
+    store.insert(rows(["seed:0"]))
+    acknowledged, sampled, errors = ["seed:0"], [0], []
+    lock, done = threading.Lock(), threading.Event()
+
+    def writer(w):
+        handle = pickle.loads(pickle.dumps(store))  # each writer holds its own copy, as trainers do
+        try:
+            for batch in range(150):
+                ids = [f"w{w}:{batch}:{i}" for i in range(40)]
+                handle.insert(rows(ids))
+                with lock:
+                    acknowledged.extend(ids)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def sampler():
+        handle = pickle.loads(pickle.dumps(store))
+        rng = np.random.default_rng(1)
+        try:
+            while not done.is_set():
+                sampled[0] += handle.sample(64, rng).num_rows
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)] + [threading.Thread(target=sampler)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    at_add = len(acknowledged)
+    moved_out = store.add_shards(2)  # while they run
+    time.sleep(0.5)
+    moved_in = store.remove_shards(1)
+    at_removed = len(acknowledged)
+    for t in threads[:2]:
+        t.join()
+    done.set()
+    threads[2].join()
+    assert errors == [], errors
+    assert store.num_shards == 3 and moved_out > 0 and moved_in > 0 and sampled[0] > 0
+    _placement_is_exact(store, acknowledged)
+    assert len(acknowledged) == 1 + 2 * 150 * 40
+    assert 1 < at_add and at_removed < len(acknowledged), (at_add, at_removed)  # both resizes met live writers
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "retired-000003-shard-003", "shard-000", "shard-001", "shard-002"]
+    again = make_store(tmp_path, num_shards=2)  # reopened: the store's own shard count, not the config's
+    assert again.num_shards == 3 and again.num_rows() == len(acknowledged)
+    store.shutdown()
+    again.shutdown()
+
+
+def test_rollback_across_resizes_gives_back_the_checkpointed_rows_where_they_now_belong(tmp_path):
+    store = make_store(tmp_path, num_shards=3)
+    first = [f"a:{i}" for i in range(600)]
+    store.insert(rows(first))
+    store.checkpoint("t0")
+    store.add_shards(1)
+    store.insert(rows([f"b:{i}" for i in range(300)]))  # after the checkpoint: must go
+    assert store.rollback("t0") == 600
+    _placement_is_exact(store, first)
+    store.checkpoint("t1")
+    store.remove_shards(2)  # the rows of shards 2 and 3 move onto 0 and 1; their files retire
+    store.insert(rows([f"c:{i}" for i in range(100)]))
+    assert store.rollback("t1") == 600  # shard 2's and 3's t1 rows come back from their retired files
+    _placement_is_exact(store, first)
+    store.drop_checkpoints(keep=["t1"])
+    assert len(list(tmp_path.glob("retired-*"))) == 2  # t1 still needs them
+    store.checkpoint("t2")
+    store.drop_checkpoints(keep=["t2"])
+    assert list(tmp_path.glob("retired-*")) == []  # no kept checkpoint predates their retirement
+    store.shutdown()
+
+
+def test_remove_shards_keeps_at_least_one():
+    store = make_store(num_shards=2)
+    with pytest.raises(ValueError, match="between 1 and 1"):
+        store.remove_shards(2)
+    store.shutdown()
+
+
 def test_killed_shard_restarts_holding_exactly_the_acknowledged_rows(tmp_path):
     store = make_store(tmp_path, num_shards=2, snapshot_every_rows=300)
     acknowledged: list[str] = []
