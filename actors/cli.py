@@ -10,6 +10,11 @@
   forgetless validate CONFIG [key=value ...] check a config (and its data) without training
   forgetless pretrain CONFIG [key=value ...] pretrain our own T5 (span corruption) or BART (text
                                             infilling) on real text; writes a save_pretrained directory
+  forgetless submit CONFIG --address URL [key=value ...]
+                                            run on a Ray cluster as a job (config and input files packed)
+  forgetless status|logs|stop JOB_ID --address URL
+  forgetless replay status|add-shards|remove-shards RUN [N] [--address HOST:PORT]
+                                            a running run's replay store: where its shards are, resize it
 """
 
 from __future__ import annotations
@@ -189,6 +194,74 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from actors.remote import submit
+
+    job_id, packed, config = submit(args.config, args.overrides, address=args.address)
+    print(f"submitted job {job_id} to {redact(args.address)}")
+    for key, path in packed:
+        print(f"  packed {key}: {path}")
+    print(f"  output_dir {config.output_dir}; MLflow {redact(config.mlflow.tracking_uri or '')}")
+    print(f"follow it:  forgetless logs {job_id} --address {redact(args.address)} --follow\n"
+          f"state:      forgetless status {job_id} --address {redact(args.address)}\n"
+          f"replay:     forgetless replay status {config.output_dir} --address <the cluster's GCS address, e.g. HEAD:6379>\n"
+          f"stop it:    forgetless stop {job_id} --address {redact(args.address)}")
+    return 0
+
+
+def _job(args: argparse.Namespace) -> int:
+    from actors.remote import job_client
+
+    client = job_client(args.address)
+    try:
+        if args.command == "status":
+            info = client.get_job_info(args.job_id)
+            print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+            return 0
+        if args.command == "stop":
+            stopped = client.stop_job(args.job_id)
+            print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+            return 0
+        if not args.follow:
+            print(client.get_job_logs(args.job_id), end="")
+            return 0
+        import asyncio
+
+        async def tail() -> None:
+            async for lines in client.tail_job_logs(args.job_id):
+                print(lines, end="", flush=True)
+
+        asyncio.run(tail())
+        return 0
+    except RuntimeError as exc:  # the SDK's "job does not exist" and HTTP errors
+        raise ForgetlessError(f"job {args.job_id} at {redact(args.address)}: {redact(str(exc))[:500]}") from None
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import ray
+
+    from actors.remote import connect, find_run, format_replay_status
+
+    connect(args.address)
+    scheduler, description = find_run(args.run)
+    if args.action != "status":
+        if args.count is None or args.count <= 0:
+            raise ConfigError(f"forgetless replay {args.action} RUN N: N, the number of shards, must be a positive "
+                              "integer")
+        change = args.count if args.action == "add-shards" else -args.count
+        try:
+            result = ray.get(scheduler.resize_replay.remote(change))
+        except ValueError as exc:
+            raise ConfigError(str(exc).strip().splitlines()[-1]) from None
+        print(f"{args.action}: the store has {result['num_shards']} shards; {result['moved_rows']:,} rows moved")
+    try:
+        shards = ray.get(scheduler.replay_status.remote())
+    except ValueError as exc:
+        raise ConfigError(str(exc).strip().splitlines()[-1]) from None
+    print(format_replay_status(description, shards))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgetless", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +289,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=1e-4")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(func=_resume)
+    p = sub.add_parser("submit", help="run a config on a Ray cluster as a job (its input files packed with it)")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. output_dir=/shared/runs/x")
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.set_defaults(func=_submit)
+    for name, help_text in (("status", "a submitted job's state"), ("logs", "a submitted job's output"),
+                            ("stop", "stop a submitted job (its run ends KILLED; resume it later)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("job_id")
+        p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        p.set_defaults(func=_job, overrides=[])
+    p = sub.add_parser("replay", help="a running run's replay store: status, add-shards, remove-shards")
+    p.add_argument("action", choices=["status", "add-shards", "remove-shards"])
+    p.add_argument("run", help="the run: its output_dir, that directory's name, or its MLflow run id")
+    p.add_argument("count", nargs="?", type=int, help="shards to add or remove")
+    p.add_argument("--address", default=None, help="the cluster's GCS address (HOST:6379; default: auto)")
+    p.set_defaults(func=_replay, overrides=[])
     return parser
 
 

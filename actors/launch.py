@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from actors import reaper
 from actors.signals import install_stop_signal
-from actors.scheduler import SchedulerActor
+from actors.replay import NAMESPACE
+from actors.scheduler import SchedulerActor, run_key
 from actors.tracking import MlflowSink, check_tracking, mark_orphaned_runs, send_pending
 from actors.trainer_group import build_trainer
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict, resolve_paths
@@ -367,7 +368,9 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
     use_gpu = config.training.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
-    scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}).remote(
+    # Named, so `forgetless replay status|add-shards` can find the run (and its store) from outside.
+    scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}, name=f"run-{run_key(config.output_dir)}",
+                                       namespace=NAMESPACE).remote(
         config, stream, previous=previous, changes=changes, init=start.init)
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)

@@ -12,6 +12,7 @@ record a resumed run starts from — and only then MLflow, which never holds up 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,7 +106,8 @@ class Scheduler:
         self.replay: ReplayStore | None = None
         self._replay_checkpoint = START_TAG
         if config.replay.enabled or self.planning.uses_replay:
-            self.replay = ReplayStore.create(config.replay, seed=config.seed, directory=self.output.replay_dir)
+            self.replay = ReplayStore.create(config.replay, seed=config.seed, directory=self.output.replay_dir,
+                                             name=f"replay-{run_key(self.output_dir)}")
             if previous is None:
                 self.replay.checkpoint(START_TAG)
             else:
@@ -337,6 +339,30 @@ class Scheduler:
                              directory=self.replay.directory,
                              restore_warnings=[w for s in stats for w in s.restore_warnings])
 
+    # ------------------------------------------------------------------ seen from outside (`forgetless replay`)
+    def describe(self) -> dict[str, Any]:
+        """What a user finding this run among others needs: where it writes, its MLflow run, how far it is."""
+        return {"output_dir": str(self.output_dir), "experiment": self.config.experiment,
+                "mlflow_run_id": self.sink.run_id, "tasks": list(self.stream.names), "finished_tasks": self.finished,
+                "phase": self._progress["phase"], "replay": self.replay is not None}
+
+    def replay_status(self) -> list[dict[str, Any]]:
+        """Per shard: rows, capacity, bytes, rows per task, and where it runs."""
+        if self.replay is None:
+            raise ValueError(f"the run in {self.output_dir} has no replay store (replay.enabled is false and its "
+                             f"strategy {self.config.strategy.name!r} replays nothing)")
+        stats, nodes = self.replay.stats(), self.replay.nodes()
+        return [{"shard": s.shard_id, "rows": s.num_rows, "capacity_rows": s.capacity_rows, "bytes": s.bytes,
+                 "rows_per_task": s.rows_per_task, **where} for s, where in zip(stats, nodes)]
+
+    def resize_replay(self, change: int) -> dict[str, int]:
+        """Add (``change`` > 0) or remove shards of the running store; returns the shard count and rows moved.
+        Runs in this actor, between its other calls: never beside a checkpoint or a rollback."""
+        if self.replay is None:
+            self.replay_status()  # raises, naming why
+        moved = self.replay.add_shards(change) if change > 0 else self.replay.remove_shards(-change)
+        return {"num_shards": self.replay.num_shards, "moved_rows": moved}
+
     def fail(self, reason: str) -> None:
         """A trainer hit an error: remember why (the first reason wins) and hand out no more tasks."""
         if self._failure is None:
@@ -422,6 +448,11 @@ class Scheduler:
 
 def _value(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
+
+
+def run_key(output_dir: str | Path) -> str:
+    """A short stable key of a run's output directory: its scheduler is the Ray actor ``run-KEY``."""
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
 
 
 def _json(data: Any) -> str:

@@ -13,6 +13,51 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
+def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free loopback port with its store in ``directory``; returns it and its URI."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
+           "--artifacts-destination", str(directory / "server-artifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return server, uri
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                stop_server(server)
+                pytest.fail(f"mlflow server did not come up on {uri}")
+            time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    import signal
+
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server, uri = start_mlflow_server(tmp_path)
+    try:
+        yield uri
+    finally:
+        stop_server(server)
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
@@ -158,3 +203,18 @@ def cli_watching_listeners():
 @pytest.fixture
 def listener_probe():
     return probe_without_credentials
+
+
+@pytest.fixture(scope="session")
+def tiny_run_on_server(tmp_path_factory):
+    """configs/tiny/naive.yaml run once through the CLI against a real `mlflow server` on loopback:
+    (the CLI's result, the output_dir, the server's URI). The run end to end and the UI in a browser
+    are checked on this one run; the server stays up until the tests end."""
+    base = tmp_path_factory.mktemp("tiny-run")
+    server, uri = start_mlflow_server(base)
+    try:
+        result = run_cli("run", "configs/tiny/naive.yaml", f"output_dir={base / 'out'}", f"mlflow.tracking_uri={uri}",
+                         "--no-progress")
+        yield result, base / "out", uri
+    finally:
+        stop_server(server)

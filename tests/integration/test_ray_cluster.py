@@ -1,4 +1,6 @@
-"""A run submitted as a Ray job to a real cluster started with `ray start --head` on loopback."""
+"""A run submitted as a Ray job to a real cluster started with `ray start --head` (token auth on, the
+dashboard on loopback): `forgetless submit`, `status`, `logs`, and the running run's replay store
+looked at and scaled out from outside with `forgetless replay`."""
 
 import json
 import os
@@ -26,13 +28,17 @@ def _free_port() -> int:
 def ray_cluster(tmp_path_factory):
     """A head node of our own. `ray start --block` in its own process group, stopped by signalling
     that group — never `ray stop`, which would kill every Ray on the machine."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # token auth: the session's token
+    # token auth: the test session's token; the venv's scripts on PATH, as a cluster image has them
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         # its own job-agent port: the default one may be taken by another Ray on this machine
+         f"--dashboard-agent-listen-port={agent}", "--system-config={\"enable_metrics_collection\": false}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -42,7 +48,7 @@ def ray_cluster(tmp_path_factory):
             if time.monotonic() > deadline or head.poll() is not None:
                 pytest.fail(f"ray head did not come up on {address}")
             time.sleep(2)
-        yield address, env
+        yield address, env, f"127.0.0.1:{gcs}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -56,20 +62,67 @@ def ray_cluster(tmp_path_factory):
             marker.unlink()
 
 
-def test_job_submitted_to_a_cluster_trains_the_stream(ray_cluster, toy_config_file, tmp_path):
-    address, env = ray_cluster
-    config = toy_config_file()
-    submit = [RAY, "job", "submit", f"--address={address}", "--",
-              sys.executable, "-m", "actors.cli", "run", str(config), "--no-progress"]
-    deadline = time.monotonic() + 90
-    while True:
-        result = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
-        # right after `ray start` the head's job agent may not be up yet: Ray says so and asks to retry
-        if "No available agent to submit job" not in result.stderr + result.stdout or time.monotonic() > deadline:
-            break
-        time.sleep(3)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "succeeded" in result.stdout
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["status"] == "FINISHED" and report["complete"]
-    assert report["tasks"] == ["category", "first_word"]
+def forgetless(*args, env, timeout=120):
+    return subprocess.run([sys.executable, "-m", "actors.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_submitted_run_trains_and_its_replay_store_is_scaled_out_while_it_runs(ray_cluster, toy_config_file, tmp_path):
+    address, env, gcs = ray_cluster
+    config = toy_config_file(max_steps=40)
+    # the second task long enough (~15 s) for the store to be resized while the run is on it
+    overrides = ["replay.enabled=true", "replay.num_shards=2", "replay.rows_per_task=20", "stream.tasks.1.max_steps=600"]
+    submitted = forgetless("submit", str(config), "--address", address, *overrides, env=env, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    assert "packed stream.tasks.0.source.path" in submitted.stdout and f"forgetless logs {job_id}" in submitted.stdout
+
+    out = tmp_path / "out"
+    # watch the run from here (faster than a CLI call a poll), then resize it with the CLI once the
+    # first task's rows are in the store and the run is on its second task
+    import ray
+
+    from actors.remote import RunNotFoundError, find_run
+
+    ray.init(address=gcs, log_to_driver=False)
+    try:
+        deadline, rows = time.monotonic() + 300, 0
+        while time.monotonic() < deadline and not rows:
+            try:
+                scheduler, _ = find_run(str(out))
+                rows = sum(s["rows"] for s in ray.get(scheduler.replay_status.remote()))
+            except (RunNotFoundError, ray.exceptions.RayError):
+                pass
+            time.sleep(0.3)
+    finally:
+        ray.shutdown()
+    assert rows == 20, "the run's first task never reached the replay store"
+    resized = forgetless("replay", "add-shards", "out", "1", "--address", gcs, env=env)
+    assert resized.returncode == 0, resized.stderr[-2000:]
+    assert "the store has 3 shards" in resized.stdout and "category " in resized.stdout
+    assert "first_word" not in resized.stdout  # it happened while the run was on its second task
+    status = forgetless("replay", "status", str(out), "--address", gcs, env=env)
+    assert status.returncode == 0 and status.stdout.count("192.0.2") + status.stdout.count("127.0.0") >= 3
+
+    deadline = time.monotonic() + 300
+    while forgetless("status", job_id, "--address", address, env=env).stdout.split(": ")[1].split()[0] in (
+            "PENDING", "RUNNING"):
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(2)
+    final = forgetless("status", job_id, "--address", address, env=env)
+    logs = forgetless("logs", job_id, "--address", address, env=env)
+    assert f"{job_id}: SUCCEEDED" in final.stdout, logs.stdout[-3000:]
+    assert "after first_word" in logs.stdout  # the run's matrix, printed by the job
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "FINISHED" and report["tasks"] == ["category", "first_word"]
+    assert report["replay"]["num_shards"] == 3 and report["replay"]["rows"] == 40
+    assert json.loads((out / "replay" / "store.json").read_text())["num_shards"] == 3
+    saved = (out / "config.yaml").read_text()
+    assert "/inputs/00-category.jsonl" in saved  # the job read the packed copy of the task file, not ours
+    assert "already finished" in forgetless("stop", job_id, "--address", address, env=env).stdout
+
+
+def test_replay_commands_name_what_runs_when_nothing_matches(ray_cluster):
+    _, env, gcs = ray_cluster
+    result = forgetless("replay", "status", "no-such-run", "--address", gcs, env=env)
+    assert result.returncode == 2 and "no running run matches 'no-such-run'" in result.stderr

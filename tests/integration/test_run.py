@@ -11,10 +11,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_tiny_config_end_to_end(cli, tmp_path, mlflow_store):
-    out = tmp_path / "out"
-    result = cli("run", "configs/tiny/naive.yaml", f"output_dir={out}", f"mlflow.tracking_uri={mlflow_store}",
-                 "--no-progress")
+def test_tiny_config_end_to_end(tiny_run_on_server):
+    result, out, server_uri = tiny_run_on_server
     assert result.returncode == 0, result.stderr[-3000:]
     assert "after sentiment_movies" in result.stdout and "forgetting" in result.stdout
 
@@ -30,8 +28,13 @@ def test_tiny_config_end_to_end(cli, tmp_path, mlflow_store):
     assert acc[0, 0] > 0.1 and acc[2, 0] < acc[0, 0]
     assert report["metrics"]["forgetting"] > 0
 
-    client = MlflowClient(report["mlflow"]["tracking_uri"])
+    assert report["mlflow"]["tracking_uri"] == server_uri
+    client = MlflowClient(server_uri)
     run = client.get_run(report["mlflow"]["run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
+    assert (f"{server_uri}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+            in result.stdout)
     assert run.info.status == "FINISHED"
     assert run.data.params["strategy.name"] == "naive"
     for name in tasks:
