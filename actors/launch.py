@@ -82,19 +82,41 @@ def connect_ray(config: RunConfig) -> bool:
         ray.init(address=address, **kwargs)
         install_stop_signal()
         return False
-    # A Ray started here serves this run alone and dies with it. Ray's gRPC servers listen on every
-    # interface whatever the node address, so they must not take requests from strangers: token
-    # auth on, with a token made for this run (see fresh_ray_token). Prometheus metrics (the only
-    # HTTP endpoint Ray leaves open to all) are off; the dashboard listens on loopback.
+    # A Ray started here serves this run alone and dies with it: it listens on loopback only
+    # (loopback_only_ray), and token auth is on with a token made for this run (fresh_ray_token),
+    # so neither another machine nor another user of this one can attach a driver to it.
+    loopback_only_ray()
     fresh_ray_token()
+    # collectives' own sockets on loopback too (one machine: gloo and NCCL's bootstrap need no other)
+    kwargs["runtime_env"]["env_vars"] = {**WORKER_ENV, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
     # address="local": a new Ray for this run even if a `ray start` cluster runs on this machine
     # (ray.address=auto joins that one instead).
     ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
              _system_config={"enable_metrics_collection": False}, **kwargs)
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        log.warning("this Ray took %s as its address (not loopback): its ports are guarded by the run's token only",
+                    ray.util.get_node_ip_address())
     install_stop_signal()
     _watch_local_ray()
     return True
+
+
+def loopback_only_ray() -> None:
+    """Make the Ray this process is about to start bind every server to 127.0.0.1.
+
+    On Linux Ray takes the host's routable address as the node's, and its gRPC servers, agents and
+    two Prometheus endpoints (dashboard and autoscaler metrics, no auth) listen on every interface;
+    ``ray.init(_node_ip_address="127.0.0.1")`` is resolved back to the routable address. Ray's
+    single-machine mode (what it does on macOS and Windows) uses the loopback address instead.
+    Its switch is read when Ray is imported, so the constant is set here too; its processes read
+    the environment.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    except AttributeError:  # a Ray without the switch: token auth still guards every port
+        pass
 
 
 def fresh_ray_token() -> None:
@@ -387,7 +409,7 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
         poller.start()
         trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
                                 cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local),
-                                checkpoint=start.checkpoint, objective=start.objective, slots=slots)
+                                checkpoint=start.checkpoint, objective=start.objective, slots=slots, local=local)
         trainer.fit()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         stop.set()

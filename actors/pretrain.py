@@ -28,6 +28,7 @@ from ray.train.torch import TorchTrainer
 from tqdm.auto import tqdm
 
 from actors.launch import WORKER_ENV, _cpus_per_worker, connect_ray
+from actors.trainer_group import LoopbackTorchConfig
 from actors.tracking import MlflowSink, check_tracking
 from pipelines.config import PretrainConfig, experiment_dict, flatten, load_pretrain_config
 from pipelines.errors import ConfigError, ForgetlessError
@@ -208,6 +209,7 @@ def run_pretrain(config: PretrainConfig, *, progress: bool = True) -> Path:
         trainer = TorchTrainer(
             pretrain_loop_per_worker,
             train_loop_config={**prepared, "config": config, "run_id": sink.run_id, "use_gpu": use_gpu},
+            torch_config=LoopbackTorchConfig() if local else None,
             scaling_config=ScalingConfig(num_workers=config.training.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": _cpus_per_worker(config, use_gpu, local=local)}),
             run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=str(work / "ray"),

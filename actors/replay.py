@@ -46,8 +46,8 @@ class _PlacedShard(ReplayShard):
         return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": str(os.getpid())}
 
 
-# max_restarts=-1: a shard always comes back (on another node if its node is gone: scheduling is
-# soft SPREAD, and it restores itself from the files it left on storage every node sees);
+# max_restarts=-1: a shard whose process dies is restarted by Ray and restores itself from its files
+# (one whose node is gone is started again elsewhere by the store handle: ``ReplayStore._resolve``);
 # max_task_retries=0: a call in flight when the process died raises (ActorDiedError /
 # ActorUnavailableError) instead of silently running twice — the caller retries, and inserts are
 # idempotent by example id.
@@ -78,6 +78,8 @@ class ReplayStore:
     name: str = ""  # shard actors are named <name>-shard-NNN (namespace "forgetless"); set by create
     _sizes: np.ndarray | None = field(default=None, repr=False)
     _rng: np.random.Generator | None = field(default=None, repr=False)
+    # store.json as this handle keeps it; only the handle that created the store has it (and writes it)
+    _manifest: dict[str, Any] | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -180,7 +182,9 @@ class ReplayStore:
         self._sizes = None
 
     def _save_manifest(self, **changes: Any) -> None:
-        manifest = getattr(self, "_manifest", None)
+        manifest = self._manifest
+        if manifest is None and self.directory:  # a copy resizing: start from what is on disk
+            manifest = self._manifest = read_store_manifest(self.directory)
         if manifest is None:
             manifest = self._manifest = {"num_shards": self.num_shards, "version": self.version,
                                          "routing": self.routing, "checkpoints": {}, "retired": []}
@@ -191,7 +195,7 @@ class ReplayStore:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_sizes"] = state["_rng"] = None  # each copy samples with its own generator
-        state.pop("_manifest", None)  # the writer of the manifest is the handle that created the store
+        state["_manifest"] = None  # the writer of the manifest is the handle that created the store
         return state
 
     @property
@@ -440,7 +444,7 @@ class ReplayStore:
         keeps the topology they were taken under."""
         self.sync()
         self._call_all("checkpoint", tag)
-        if hasattr(self, "_manifest"):
+        if self._manifest is not None:
             checkpoints = {**self._manifest.get("checkpoints", {}),
                            tag: {"num_shards": self.num_shards, "version": self.version}}
             self._save_manifest(checkpoints=checkpoints)
@@ -453,7 +457,7 @@ class ReplayStore:
         current topology routes them.
         """
         self.sync()
-        taken = getattr(self, "_manifest", {}).get("checkpoints", {}).get(tag)
+        taken = (self._manifest or {}).get("checkpoints", {}).get(tag)
         then = int(taken["num_shards"]) if taken else self.num_shards
         refs = [shard.rollback.remote(tag) if i < then else shard.clear.remote() for i, shard in enumerate(self.shards)]
         for i, ref in enumerate(refs):
@@ -486,7 +490,7 @@ class ReplayStore:
     def drop_checkpoints(self, keep: list[str] | tuple[str, ...] = ()) -> None:
         self.sync()
         self._call_all("drop_checkpoints", list(keep))
-        if not hasattr(self, "_manifest"):
+        if self._manifest is None:
             return
         checkpoints = {t: v for t, v in self._manifest.get("checkpoints", {}).items() if t in keep}
         oldest = min((c["version"] for c in checkpoints.values()), default=self.version)

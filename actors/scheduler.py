@@ -344,7 +344,7 @@ class Scheduler:
         """What a user finding this run among others needs: where it writes, its MLflow run, how far it is."""
         return {"output_dir": str(self.output_dir), "experiment": self.config.experiment,
                 "mlflow_run_id": self.sink.run_id, "tasks": list(self.stream.names), "finished_tasks": self.finished,
-                "phase": self._progress["phase"], "replay": self.replay is not None}
+                "phase": self._progress["phase"], "has_replay_store": self.replay is not None}
 
     def replay_status(self) -> list[dict[str, Any]]:
         """Per shard: rows, capacity, bytes, rows per task, and where it runs."""

@@ -15,7 +15,8 @@ from typing import Any
 import ray
 import ray.train
 from ray.train import FailureConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import config as torch_config_module
 
 from actors.replay import PrefetchingSampler
 from pipelines.config import RunConfig
@@ -69,13 +70,62 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_stream(learner, scheduler, replay=replay_feed)
 
 
+# ------------------------------------------------------------------ a rendezvous store on loopback
+# torch's process-group rendezvous (a TCPStore hosted by rank 0) listens on every interface, with no
+# auth. In a run's private, single-machine Ray the store is hosted on 127.0.0.1 instead: rank 0
+# binds the socket itself and hands it to the store, and every rank joins it as a client (torch's
+# "agent store" mode, meant for a store someone else hosts).
+_loopback_store: tuple[Any, socket.socket] | None = None
+
+
+def _serve_store_on_loopback() -> tuple[str, int]:
+    """On rank 0: host the rendezvous store on 127.0.0.1 for as long as this worker lives."""
+    global _loopback_store
+    if _loopback_store is None:
+        import torch.distributed as dist
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        store = dist.TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,
+                              master_listen_fd=sock.fileno(), use_libuv=False)
+        _loopback_store = (store, sock)
+    return "127.0.0.1", _loopback_store[1].getsockname()[1]
+
+
+def _join_hosted_store() -> None:
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+
+
+class _LoopbackBackend(torch_config_module._TorchBackend):
+    def on_start(self, worker_group: Any, backend_config: TorchConfig) -> None:
+        worker_group.execute(_join_hosted_store)
+        where = torch_config_module.get_address_and_port
+        torch_config_module.get_address_and_port = _serve_store_on_loopback  # what Ray Train asks rank 0
+        try:
+            super().on_start(worker_group, backend_config)
+        finally:
+            torch_config_module.get_address_and_port = where
+
+
+class LoopbackTorchConfig(TorchConfig):
+    """Ray Train's torch setup, with the rendezvous store on loopback (for a single-machine Ray)."""
+
+    @property
+    def backend_cls(self):
+        return _LoopbackBackend
+
+
 def build_trainer(config: RunConfig, *, scheduler: Any, tokenizer_dir: str, use_gpu: bool,
                   cpus_per_worker: float, checkpoint: str | None = None,
-                  objective: dict[str, Any] | None = None, slots: list[TaskSlot] | None = None) -> TorchTrainer:
+                  objective: dict[str, Any] | None = None, slots: list[TaskSlot] | None = None,
+                  local: bool = False) -> TorchTrainer:
+    """``local``: the run's own Ray on this machine — the rendezvous store listens on loopback only."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config, "scheduler": scheduler, "tokenizer_dir": tokenizer_dir,
                            "use_gpu": use_gpu, "checkpoint": checkpoint, "objective": objective, "slots": slots},
+        torch_config=LoopbackTorchConfig() if local else None,
         scaling_config=ScalingConfig(num_workers=config.training.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -157,7 +157,9 @@ class ListenerWatch:
                 name = tree[conn.pid].name()
             except psutil.NoSuchProcess:
                 continue
-            if ipaddress.ip_address(conn.laddr.ip.split("%")[0]).is_loopback:
+            address = ipaddress.ip_address(conn.laddr.ip.split("%")[0])
+            address = getattr(address, "ipv4_mapped", None) or address  # ::ffff:127.0.0.1 is loopback too
+            if address.is_loopback:
                 self.seen[key] = (name, "loopback")
                 continue
             host = "127.0.0.1" if conn.laddr.ip in ("0.0.0.0", "::") else conn.laddr.ip

@@ -5,6 +5,7 @@ filesystem."""
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 import ray
@@ -54,9 +55,13 @@ def test_spread_places_shards_on_different_nodes_and_a_lost_node_s_shards_come_b
     victim = workers[0]
     lost = [i for i, n in enumerate(nodes) if n == victim.node_id]
     assert lost, "no shard on the node to remove"
+    doomed_pids = [int(n["pid"]) for n in store.nodes() if n["node_id"] == victim.node_id]
     head.remove_node(victim, allow_graceful=False)
-
     started = time.monotonic()
+    while any(psutil.pid_exists(pid) for pid in doomed_pids):  # a lost node's workers linger a moment
+        assert time.monotonic() - started < 60, "the removed node's shard process did not die"
+        time.sleep(0.2)
+
     shards = held(store)  # waits (with retries) while Ray restarts the lost shard on a live node
     flat = [i for s in shards for i in s]
     assert sorted(flat) == sorted(acknowledged)  # every acknowledged row, each once

@@ -57,19 +57,22 @@ def test_tiny_config_end_to_end(tiny_run_on_server):
 
 
 def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_config_file, tmp_path):
-    """...and every socket the run's Ray opens beyond loopback refuses a caller without the run's token."""
+    """...and the run's Ray listens on loopback only, every port of it refusing a caller without the run's token."""
     path = toy_config_file(num_workers=2, zero_stage=3, max_steps=8)
     result, listeners = cli_watching_listeners("run", str(path), "replay.enabled=true", "replay.num_shards=2",
                                                    "replay.rows_per_task=20", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     names = {name for name, _ in listeners.seen.values()}
     assert {"gcs_server", "raylet"} <= names and len(listeners.seen) >= 8, listeners.seen  # the watch saw the run
-    assert listeners.exposed() == [], listeners.exposed()
+    assert listeners.exposed() == [], listeners.exposed()  # nothing answers a stranger without the token...
+    beyond_loopback = {f"{name} on {ip}:{port}" for (ip, port), (name, verdict) in listeners.seen.items()
+                       if verdict != "loopback"}
+    assert beyond_loopback == set()  # ...and nothing listens beyond loopback at all
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     replay = report["replay"]
     assert replay["rows_per_task"] == {"category": 20, "first_word": 20}
     assert replay["num_shards"] == 2 and sum(replay["rows_per_shard"]) == 40
-    assert sorted(p.name for p in (tmp_path / "out" / "replay").iterdir()) == ["shard-000", "shard-001"]
+    assert sorted(p.name for p in (tmp_path / "out" / "replay").iterdir()) == ["shard-000", "shard-001", "store.json"]
     assert np.array(report["acc_matrix"], dtype=float).shape == (2, 2)
     assert report["status"] == "FINISHED"
     model = AutoModelForSeq2SeqLM.from_pretrained(report["checkpoints"]["first_word"])

@@ -77,8 +77,8 @@ def test_each_strategy_name_is_written_once_in_the_code():
     repo = Path(__file__).resolve().parents[3]
     lines = [line for d in ("pipelines", "actors", "storage") for p in sorted((repo / d).glob("*.py"))
              for line in p.read_text().splitlines()]
-    # "replay" also names the replay store's directory and config block; those lines are not the strategy
-    store = ("replay_dir", '"replay": replay', '"state", "replay"', 'data["replay"]')
+    # "replay" also names the replay store's directory, config block and command; those lines are not the strategy
+    store = ("replay_dir", '"replay": replay', '"state", "replay"', 'data["replay"]', 'add_parser("replay"')
     for name in STRATEGY_CONFIGS:
         found = [line.strip() for line in lines if re.search(rf"""["']{name}["']""", line)
                  and not any(s in line for s in store)]
