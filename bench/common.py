@@ -13,7 +13,8 @@ def quiet_environment() -> None:
     """Set before torch/DeepSpeed/Ray are imported: no deprecation floods, CPU DeepSpeed, a local Ray behind a token."""
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # the benchmark's own Ray listens on every interface: token auth on, with a token of its own
+    # the benchmark's own Ray: on loopback only (Ray's single-machine mode), behind a token of its own
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 

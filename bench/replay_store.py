@@ -21,15 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import ray
 from common import quiet_environment, report
 
-from actors.replay import PrefetchingSampler, ReplayStore
-from pipelines.config import ReplayConfig
-from pipelines.tasks import load_builtin
-from storage.replay import ReplayShard
+quiet_environment()  # before Ray is imported: it reads its auth mode and address mode then
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import ray  # noqa: E402
+
+from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
+from pipelines.config import ReplayConfig  # noqa: E402
+from pipelines.tasks import load_builtin  # noqa: E402
+from storage.replay import ReplayShard  # noqa: E402
 
 BATCH_ROWS = 1000
 
@@ -94,7 +97,6 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args()
-    quiet_environment()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     data = corpus(args.rows)
     results: dict = {"rows": args.rows, "batch_rows": BATCH_ROWS}
