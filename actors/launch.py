@@ -85,15 +85,18 @@ def connect_ray(config: RunConfig) -> bool:
     # A Ray started here serves this run alone and dies with it: it listens on loopback only
     # (loopback_only_ray), and token auth is on with a token made for this run (fresh_ray_token),
     # so neither another machine nor another user of this one can attach a driver to it.
-    loopback_only_ray()
+    earlier = loopback_only_ray()
     fresh_ray_token()
     # collectives' own sockets on loopback too (one machine: gloo and NCCL's bootstrap need no other)
     kwargs["runtime_env"]["env_vars"] = {**WORKER_ENV, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
     # address="local": a new Ray for this run even if a `ray start` cluster runs on this machine
     # (ray.address=auto joins that one instead).
-    ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-             _system_config={"enable_metrics_collection": False}, **kwargs)
+    try:
+        ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                 _system_config={"enable_metrics_collection": False}, **kwargs)
+    finally:  # its processes have it; a `ray start` this process runs later must not
+        _restore_env(_SINGLE_MACHINE, earlier)
     if ray.util.get_node_ip_address() != "127.0.0.1":
         log.warning("this Ray took %s as its address (not loopback): its ports are guarded by the run's token only",
                     ray.util.get_node_ip_address())
@@ -102,8 +105,9 @@ def connect_ray(config: RunConfig) -> bool:
     return True
 
 
-def loopback_only_ray() -> None:
-    """Make the Ray this process is about to start bind every server to 127.0.0.1.
+def loopback_only_ray() -> str | None:
+    """Make the Ray this process is about to start bind every server to 127.0.0.1; returns the
+    switch's earlier value (restored once that Ray is up).
 
     On Linux Ray takes the host's routable address as the node's, and its gRPC servers, agents and
     two Prometheus endpoints (dashboard and autoscaler metrics, no auth) listen on every interface;
@@ -112,11 +116,23 @@ def loopback_only_ray() -> None:
     Its switch is read when Ray is imported, so the constant is set here too; its processes read
     the environment.
     """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    earlier = os.environ.get(_SINGLE_MACHINE)
+    os.environ[_SINGLE_MACHINE] = "0"
     try:
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     except AttributeError:  # a Ray without the switch: token auth still guards every port
         pass
+    return earlier
+
+
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def fresh_ray_token() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Every Ray the tests start (in this process, in a CLI subprocess, `ray start --head`) listens on all
-# interfaces: token auth on, with a token of this test session's own (set before Ray is imported).
+# interfaces: token auth on, with a token of this test run's own (set before Ray is imported).
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

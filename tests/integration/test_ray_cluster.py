@@ -29,10 +29,11 @@ def _free_port() -> int:
 def ray_cluster(tmp_path_factory):
     """A head node of our own. `ray start --block` in its own process group, stopped by signalling
     that group — never `ray stop`, which would kill every Ray on the machine."""
-    # token auth: the test session's token; the venv's scripts on PATH, as a cluster image has them
+    # token auth: the test run's token; the venv's scripts on PATH, as a cluster image has them
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a cluster's head, not a single-machine Ray
     gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")
     head = subprocess.Popen(
