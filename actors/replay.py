@@ -145,7 +145,7 @@ class ReplayStore:
                                    "get_if_exists": get_if_exists}
         if cfg.memory_bytes:
             options["memory"] = cfg.memory_bytes
-        directory = str(Path(self.directory) / f"shard-{shard_id:03d}") if self.directory else None
+        directory = str(self._shard_dir(shard_id)) if self.directory else None
         return ReplayShardActor.options(**options).remote(
             cfg.capacity_rows, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed, shard_id=shard_id,
             directory=directory, snapshot_every_rows=cfg.snapshot_every_rows,
@@ -347,14 +347,22 @@ class ReplayStore:
         self._sizes = None
         return moved
 
-    def _retire(self, shard: Any, index: int) -> None:
+    @staticmethod
+    def _stop(shard: Any, *, timeout_s: float) -> None:
+        """Close a shard's log (waiting up to ``timeout_s``), then end its actor for good."""
         try:
-            ray.get(shard.close.remote(), timeout=30)
+            ray.get(shard.close.remote(), timeout=timeout_s)
         except ray.exceptions.RayError:
             pass
         ray.kill(shard, no_restart=True)
+
+    def _shard_dir(self, shard_id: int) -> Path:
+        return Path(self.directory) / f"shard-{shard_id:03d}"
+
+    def _retire(self, shard: Any, index: int) -> None:
+        self._stop(shard, timeout_s=30)
         if self.directory:
-            source = Path(self.directory) / f"shard-{index:03d}"
+            source = self._shard_dir(index)
             if source.is_dir():
                 target = source.with_name(f"retired-{self.version:06d}-shard-{index:03d}")
                 os.replace(source, target)
@@ -504,11 +512,7 @@ class ReplayStore:
 
     def shutdown(self) -> None:
         for shard in self.shards:
-            try:
-                ray.get(shard.close.remote(), timeout=10)
-            except ray.exceptions.RayError:
-                pass
-            ray.kill(shard, no_restart=True)
+            self._stop(shard, timeout_s=10)
 
 
 @dataclass(frozen=True)
