@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from actors.launch import RunFailedError, run_experiment
 from actors.tracking import MlflowSink, check_tracking
+from actors.trainer_group import WorkerGroups
 from pipelines.config import STRATEGY_CONFIGS, JointStrategyConfig, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
 from pipelines.metrics import ForgettingMatrix, interval, intransigence
@@ -29,6 +32,54 @@ log = logging.getLogger("forgetless")
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "intransigence")
 ONLY_AT_END = ("forgetting", "bwt", "fwt", "learning_acc", "intransigence")  # undefined for joint
 REFERENCE = JointStrategyConfig().name  # intransigence is measured against it, when it is compared
+
+
+@dataclass
+class TimedRun:
+    """One run of a command that runs several, and what it cost beyond its training and evaluation."""
+
+    report: RunReport
+    wall_s: float  # from the call to its report
+    startup_s: float  # the worker group start-up this run waited for (0: it was handed to a running group)
+    failure: RunFailedError | None = None
+
+    @property
+    def train_eval_s(self) -> float:
+        return sum(t.seconds + t.eval_seconds for t in self.report.train.values())
+
+    @property
+    def seconds(self) -> float:
+        """The run's own time: its wall time less the group start-up it waited for."""
+        return round(self.wall_s - self.startup_s, 1)
+
+    @property
+    def overhead_s(self) -> float:
+        """Everything but the start-up, training and evaluating: preparing the stream, the scheduler and
+        its MLflow run, building the model and engine, the baseline, checkpoints, the report."""
+        return round(self.seconds - self.train_eval_s, 1)
+
+    def timing(self) -> dict[str, float]:
+        return {"wall_s": round(self.wall_s, 1), "startup_s": round(self.startup_s, 1),
+                "train_eval_s": round(self.train_eval_s, 1), "overhead_s": self.overhead_s}
+
+
+def run_timed(config: RunConfig, groups: WorkerGroups, *, progress: bool) -> TimedRun:
+    """``run_experiment`` on the command's worker groups, timed; a failed run is returned, not raised."""
+    known, began = len(groups.started), time.perf_counter()
+    try:
+        report, failure = run_experiment(config, progress=progress, groups=groups), None
+    except RunFailedError as exc:
+        report, failure = exc.report, exc
+    startup = sum(s or 0.0 for s in groups.startups_s()[known:])
+    return TimedRun(report, time.perf_counter() - began, startup, failure)
+
+
+def startup_summary(groups: WorkerGroups, runs: list[TimedRun]) -> dict[str, Any]:
+    """What the command paid to start worker groups, and each run beyond training and evaluating."""
+    overheads = [r.overhead_s for r in runs if r.report.status == "FINISHED"]
+    return {"worker_group_startups": len(groups.started),
+            "worker_group_startup_s": [None if s is None else round(s, 1) for s in groups.startups_s()],
+            "per_run_overhead_s": interval(overheads)}
 
 
 def _trains_only_at_end(name: str) -> bool:
@@ -84,7 +135,8 @@ def _intransigence(report: RunReport, reference: RunReport | None) -> float | No
     return intransigence(acc, final[-1], skip=_untrained(report))
 
 
-def aggregate(reports: dict[str, list[RunReport]]) -> dict[str, Any]:
+def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[str, float]]] | None = None
+              ) -> dict[str, Any]:
     """Per strategy: mean, sample std and 95% interval over (order, seed) runs of each metric
     (and of each per-metric average the runs report), and the mean matrix over the runs in the
     config's own order (other orders put other tasks in each row). Intransigence needs the joint
@@ -107,9 +159,11 @@ def aggregate(reports: dict[str, list[RunReport]]) -> dict[str, Any]:
                                                axis=0).tolist()
             entry["baseline_mean"] = np.mean([np.array(r.baseline, dtype=float) for r in in_order], axis=0).tolist()
         entry["seeds"] = sorted({r.seed for r in finished})
+        timed = (timings or {}).get(name) or [{} for _ in runs]
         entry["runs"] = [{"seed": r.seed, "order": r.tasks, "status": r.status, "run_id": r.mlflow.run_id,
-                          "metrics": r.metrics, "seconds": r.seconds, "error": r.error} for r in runs]
-        entry["seconds"] = interval([r.seconds for r in finished])
+                          "metrics": r.metrics, "seconds": t.get("wall_s", r.seconds) - t.get("startup_s", 0.0),
+                          **t, "error": r.error} for r, t in zip(runs, timed)]
+        entry["seconds"] = interval([run["seconds"] for run in entry["runs"] if run["status"] == "FINISHED"])
         if undefined:
             entry["note"] = "trained once, on every task at the end: only avg_acc is meaningful"
         out[name] = entry
@@ -183,8 +237,10 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
                               tags={"forgetless.compare": ",".join(strategies)})
     parent.log_params({**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies),
                        "compare.seeds": seeds, "compare.orders": json.dumps(order_list)})
-    reports: dict[str, list[RunReport]] = {name: [] for name in strategies}
+    runs: dict[str, list[TimedRun]] = {name: [] for name in strategies}
     status = "FINISHED"
+    # Every run goes to one worker group, started by the first: Ray Train's start-up is paid once.
+    groups = WorkerGroups(base / "ray", name=f"{config.experiment}-compare")
     try:
         for name in strategies:
             for o, order in enumerate(order_list):
@@ -194,21 +250,28 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
                                                       output_dir=str(run_dir(base, name, seed, o, orders)))
                     if progress:
                         print(f"\n== {name}, order {o} ({' -> '.join(order)}), seed {seed} ==", flush=True)
-                    try:
-                        reports[name].append(run_experiment(run_config, progress=progress))
-                    except RunFailedError as exc:  # one bad run does not sink the comparison
-                        log.error("%s order %s seed %s failed: %s", name, o, seed, exc)
-                        reports[name].append(exc.report)
+                    run = run_timed(run_config, groups, progress=progress)
+                    if run.failure is not None:  # one bad run does not sink the comparison
+                        log.error("%s order %s seed %s failed: %s", name, o, seed, run.failure)
                         status = "FAILED"
+                    runs[name].append(run)
     except BaseException:
         parent.end("KILLED")
         raise
-    first = next(r for runs in reports.values() for r in runs)
+    groups.close()
+    reports = {name: [r.report for r in timed] for name, timed in runs.items()}
+    first = next(r for timed in reports.values() for r in timed)
     tasks = first.tasks
-    summary = aggregate(reports)
-    comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "strategies": summary,
+    summary = aggregate(reports, {name: [r.timing() for r in timed] for name, timed in runs.items()})
+    costs = startup_summary(groups, [r for timed in runs.values() for r in timed])
+    comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "strategies": summary, **costs,
                   "mlflow": {"tracking_uri": parent.shown_uri, "parent_run_id": parent.run_id,
                              "experiment_id": parent.experiment_id}}
+    if progress:
+        overhead = costs["per_run_overhead_s"]
+        print(f"\n{sum(map(len, runs.values()))} run(s), {costs['worker_group_startups']} worker group start-up(s) "
+              f"({', '.join(f'{s:.0f} s' for s in costs['worker_group_startup_s'] if s is not None)}); per run beyond "
+              f"training and evaluation: {overhead['mean'] or 0:.1f} s", flush=True)
     json_path = base / "comparison.json"
     write_atomic(json_path, json.dumps(comparison, indent=2))
     md_path = base / "comparison.md"
@@ -216,6 +279,8 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     plots = plot_comparison(comparison_matrices(tasks, summary), base)
     for name, entry in summary.items():
         parent.log_metrics({f"{name}/{m}": entry[m]["mean"] for m in METRICS}, step=0)
+    parent.log_metrics({"worker_group_startups": costs["worker_group_startups"],
+                        "per_run_overhead_s": costs["per_run_overhead_s"]["mean"]}, step=0)
     for path in (json_path, md_path, *plots):
         parent.log_artifact(path)
     parent.end(status)

@@ -27,7 +27,7 @@ from actors.signals import install_stop_signal
 from actors.replay import NAMESPACE
 from actors.scheduler import SchedulerActor, run_key
 from actors.tracking import MlflowSink, check_tracking, mark_orphaned_runs, send_pending
-from actors.trainer_group import build_trainer
+from actors.trainer_group import GroupShape, WorkerGroups
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict, resolve_paths
 from pipelines.errors import ConfigError, DataError, ForgetlessError
 from pipelines.loop import format_exception
@@ -358,8 +358,11 @@ def _nothing_to_train(previous: RunReport, config: RunConfig, output: OutputDir)
     return previous
 
 
-def run_experiment(config: RunConfig, *, progress: bool = True) -> RunReport:
+def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGroups | None = None) -> RunReport:
     """Train and evaluate the whole stream (or continue it); returns the report also in ``report.json``.
+
+    ``groups``: the worker groups of a command that runs several streams (``compare``, ``table1``):
+    the run goes to a running group when one fits it. Without, the run starts its own and ends it.
 
     Raises:
         ConfigError, DataError: bad input, before any training.
@@ -395,14 +398,34 @@ def run_experiment(config: RunConfig, *, progress: bool = True) -> RunReport:
         slots = task_slots(config, stream, tokenizer)  # a frozen-model paradigm's heads or prompts
         check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
         return _train(config, stream, tokenizer_dir, previous=previous, changes=changes, progress=progress,
-                      start=start, slots=slots)
+                      start=start, slots=slots, groups=groups)
     finally:
         output.unlock()
 
 
 def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previous: RunReport | None,
-           changes: list[str], progress: bool, start: ModelStart, slots: list[TaskSlot] | None) -> RunReport:
+           changes: list[str], progress: bool, start: ModelStart, slots: list[TaskSlot] | None,
+           groups: WorkerGroups | None) -> RunReport:
     local = connect_ray(config)
+    if groups is not None:
+        return _train_on(groups, config, stream, tokenizer_dir, previous=previous, changes=changes,
+                         progress=progress, start=start, slots=slots, local=local)
+    groups = WorkerGroups(Path(config.output_dir) / "ray", name=f"{config.experiment}-{Path(config.output_dir).name}")
+    interrupted = False
+    try:
+        return _train_on(groups, config, stream, tokenizer_dir, previous=previous, changes=changes,
+                         progress=progress, start=start, slots=slots, local=local)
+    except KeyboardInterrupt:
+        interrupted = True  # the process ends, and its workers with it: nothing to wait for
+        raise
+    finally:
+        if not interrupted:
+            groups.close()
+
+
+def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *,
+              previous: RunReport | None, changes: list[str], progress: bool, start: ModelStart,
+              slots: list[TaskSlot] | None, local: bool) -> RunReport:
     use_gpu = config.training.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
@@ -418,15 +441,17 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
         except ray.exceptions.RayActorError as exc:
             raise SchedulerStartError(f"the run could not start its scheduler: {_innermost_error(exc)}") from None
         first = previous.finished_tasks if previous else 0
+        shape = GroupShape(num_workers=config.training.num_workers, use_gpu=use_gpu, local=local,
+                           cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local))
+        group, new = groups.get(shape)
         if progress:
             what = (f"resuming after task {first}/{len(stream)}" if previous else f"{len(stream)} tasks")
-            tqdm.write(f"{what} ({', '.join(stream.names)}); starting {config.training.num_workers} trainer "
-                       f"worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train takes ~30 s to start")
+            where = (f"starting {shape.num_workers} trainer worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train "
+                     "takes ~30 s to start" if new else f"on the running group of {shape.num_workers} trainer worker(s)")
+            tqdm.write(f"{what} ({', '.join(stream.names)}); {where}")
         poller.start()
-        trainer = build_trainer(config, scheduler=scheduler, tokenizer_dir=str(tokenizer_dir), use_gpu=use_gpu,
-                                cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local),
-                                checkpoint=start.checkpoint, objective=start.objective, slots=slots, local=local)
-        trainer.fit()
+        group.run({"config": config, "scheduler": scheduler, "tokenizer_dir": str(tokenizer_dir),
+                   "checkpoint": start.checkpoint, "objective": start.objective, "slots": slots})
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         stop.set()
         try:

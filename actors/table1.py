@@ -13,8 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from actors.launch import ModelStart, RunFailedError, resolve_start, run_experiment
+from actors.compare import TimedRun, run_timed, startup_summary
+from actors.launch import ModelStart, resolve_start
 from actors.tracking import MlflowSink, check_tracking
+from actors.trainer_group import WorkerGroups
 from pipelines.config import RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import DataError
 from pipelines.models import stream_tokenizer
@@ -71,21 +73,25 @@ def table1(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                               tags={"forgetless.table1": ",".join(paradigms)})
     parent.log_params({**flatten(experiment_dict(config))})
     reports: dict[str, dict[str, RunReport]] = {p: {} for p in paradigms}
+    runs: list[TimedRun] = []
     status = "FINISHED"
+    groups = WorkerGroups(base / "ray", name=f"{config.experiment}-table1")  # one start-up for every cell
     try:
         for paradigm, size, cell in cells:
             cell = cell.model_copy(update={"mlflow": cell.mlflow.model_copy(update={"parent_run_id": parent.run_id})})
             if progress:
                 print(f"\n== {paradigm}, {size_label(size)} training rows per task ==", flush=True)
-            try:
-                reports[paradigm][size_label(size)] = run_experiment(cell, progress=progress)
-            except RunFailedError as exc:  # one bad run does not sink the table
-                log.error("%s at %s rows failed: %s", paradigm, size_label(size), exc)
-                reports[paradigm][size_label(size)] = exc.report
+            run = run_timed(cell, groups, progress=progress)
+            if run.failure is not None:  # one bad run does not sink the table
+                log.error("%s at %s rows failed: %s", paradigm, size_label(size), run.failure)
                 status = "FAILED"
+            # a cell's seconds are its own: the group start-up the first cell waited for is reported apart
+            reports[paradigm][size_label(size)] = run.report.model_copy(update={"seconds": run.seconds})
+            runs.append(run)
     except BaseException:
         parent.end("KILLED")
         raise
+    groups.close()
     largest = streams[sizes[-1]]
     first = next(t.name for t in largest if t.trainable)
     eval_examples = sum(t.eval.num_rows for t in largest)
@@ -94,7 +100,7 @@ def table1(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                             stored_text_bytes=shot_bytes(pe_config, largest) if p == "prompt_engineering" else None)
                for p in paradigms}
     table = {"tasks": largest.names, "model": _model_name(config), "seed": config.seed,
-             "train_sizes": [size_label(s) for s in sizes], "paradigms": columns,
+             "train_sizes": [size_label(s) for s in sizes], "paradigms": columns, **startup_summary(groups, runs),
              "mlflow": {"tracking_uri": parent.shown_uri, "parent_run_id": parent.run_id,
                              "experiment_id": parent.experiment_id}}
     json_path, md_path = base / "table1.json", base / "table1.md"

@@ -1,14 +1,21 @@
 """The trainer worker group: Ray Train ``TorchTrainer`` workers, each running ``pipelines.loop``.
 
-The group starts once per stream (a ``fit()`` costs ~25 s of start-up on a small machine). This
-module is only the adapter: the scheduler actor behind a ``Coordinator`` proxy, and replay feeds
-that sample the Ray replay store. What a worker does is ``pipelines.loop.run_stream``.
+A group starts once (Ray Train's start-up is ~20-30 s on a small machine) and then runs stream
+after stream: ``forgetless compare`` and ``table1`` hand every run to the same group, and each
+run builds its own model, optimizer and DeepSpeed engine in it (and releases them after). This
+module is only the adapter: the scheduler actor behind a ``Coordinator`` proxy, the queue of runs
+a group is handed, and replay feeds that sample the Ray replay store. What a worker does with a run
+is ``pipelines.loop.run_stream``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,6 @@ from actors.replay import PrefetchingSampler
 from pipelines.config import RunConfig
 from pipelines.learner import Learner, silence_library_noise
 from pipelines.loop import format_exception, run_stream
-from pipelines.paradigms import TaskSlot
 from pipelines.plan import TaskPlan
 
 # Calls a worker does not wait for: progress reports.
@@ -43,20 +49,15 @@ class RemoteScheduler:
         return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One worker's whole stream (see ``pipelines.loop.run_stream``)."""
-    if not loop_config["use_gpu"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for CUDA and warns
-    silence_library_noise()
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    config: RunConfig = loop_config["config"]
-    scheduler = RemoteScheduler(loop_config["scheduler"])
+def run_job(job: dict[str, Any], rank: int, world_size: int) -> None:
+    """One worker's share of one run: its learner (model, optimizer, engine) built, the stream run
+    (see ``pipelines.loop.run_stream``), the learner released."""
+    config: RunConfig = job["config"]
+    scheduler = RemoteScheduler(job["scheduler"])
     scheduler.register_worker(rank, pid=os.getpid(), host=socket.gethostname())
     try:
-        learner = Learner(config, loop_config["tokenizer_dir"], rank=rank, world_size=world_size,
-                          checkpoint=loop_config["checkpoint"], objective=loop_config["objective"],
-                          slots=loop_config["slots"])
+        learner = Learner(config, job["tokenizer_dir"], rank=rank, world_size=world_size,
+                          checkpoint=job["checkpoint"], objective=job["objective"], slots=job["slots"])
     except Exception as exc:
         scheduler.fail(f"worker {rank} of {world_size}: {format_exception(exc)}")
         raise
@@ -67,7 +68,188 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         store = store or scheduler.replay_store()
         return PrefetchingSampler(store, batch_size=plan.replay_rows_per_batch, seed=[plan.seed, plan.index, rank])
 
-    run_stream(learner, scheduler, replay=replay_feed)
+    try:
+        run_stream(learner, scheduler, replay=replay_feed)
+    finally:
+        learner.close()
+
+
+def serve_runs(group_config: dict[str, Any]) -> None:
+    """A worker's life: take the group's runs in order (every rank takes each), until it is closed."""
+    if not group_config["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for CUDA and warns
+    silence_library_noise()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    jobs = group_config["jobs"]
+    ray.get(jobs.ready.remote(rank))
+    seq = 0
+    while (job := ray.get(jobs.take.remote(seq))) is not None:
+        run_job(job, rank, world_size)
+        ray.get(jobs.done.remote(seq, rank))
+        seq += 1
+
+
+@ray.remote(num_cpus=0)
+class _Jobs:
+    """The runs handed to one worker group, in order; each is done when every rank is done with it.
+    Times are this actor's clock (one clock for the start-up and each run)."""
+
+    def __init__(self, world_size: int):
+        self._world_size = world_size
+        self._jobs: list[dict[str, Any]] = []
+        self._closed = False
+        self._ready: set[int] = set()
+        self._done: dict[int, set[int]] = {}
+        self._changed = asyncio.Condition()
+        self.created_at, self.ready_at = time.time(), None
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def ready(self, rank: int) -> None:
+        self._ready.add(rank)
+        if len(self._ready) == self._world_size and self.ready_at is None:
+            self.ready_at = time.time()
+
+    async def startup_s(self) -> float | None:
+        return None if self.ready_at is None else self.ready_at - self.created_at
+
+    async def put(self, job: dict[str, Any]) -> int:
+        self._jobs.append(job)
+        await self._notify()
+        return len(self._jobs) - 1
+
+    async def take(self, seq: int) -> dict[str, Any] | None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: seq < len(self._jobs) or self._closed)
+        return self._jobs[seq] if seq < len(self._jobs) else None
+
+    async def done(self, seq: int, rank: int) -> None:
+        self._done.setdefault(seq, set()).add(rank)
+        await self._notify()
+
+    async def wait_done(self, seq: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self._done.get(seq, ())) == self._world_size)
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._notify()
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    """What a worker group is made of; a run whose shape differs needs another group."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    local: bool  # the run's own Ray on this machine: the rendezvous store listens on loopback only
+
+
+class WorkerGroup:
+    """A Ray Train worker group that runs stream after stream: ``fit()`` runs in a thread of the
+    driver for the group's whole life, and ``run`` hands it one run and waits for every worker to
+    be done with it. A run that fails in a worker ends the group (Ray Train stops the others, so no
+    rank is left in a collective); ``run`` raises that failure."""
+
+    def __init__(self, shape: GroupShape, *, storage_path: Path, name: str):
+        self.shape = shape
+        self._jobs = _Jobs.remote(shape.num_workers)
+        trainer = TorchTrainer(
+            serve_runs,
+            train_loop_config={"jobs": self._jobs, "use_gpu": shape.use_gpu},
+            torch_config=LoopbackTorchConfig() if shape.local else None,
+            scaling_config=ScalingConfig(num_workers=shape.num_workers, use_gpu=shape.use_gpu,
+                                         resources_per_worker={"CPU": shape.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=str(storage_path),
+                failure_config=FailureConfig(max_failures=0),  # a failed task fails the run, loudly
+            ),
+        )
+        self.error: BaseException | None = None
+        self._startup_s: float | None = None
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), name=f"trainer-group-{name}", daemon=True)
+        self._thread.start()
+        self.runs = 0
+
+    def _fit(self, trainer: TorchTrainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on a run
+            self.error = exc
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def startup_s(self) -> float | None:
+        """Seconds from the group's creation until every worker was ready (None: not yet, or never)."""
+        if self._startup_s is None:
+            try:
+                self._startup_s = ray.get(self._jobs.startup_s.remote(), timeout=10)
+            except ray.exceptions.RayError:
+                pass
+        return self._startup_s
+
+    def run(self, job: dict[str, Any]) -> None:
+        """Run one stream on every worker; returns when all are done with it.
+
+        Raises:
+            RuntimeError (Ray Train's error, or one naming the group's end): a worker failed.
+        """
+        if not self.alive:
+            raise self.error or RuntimeError("the trainer worker group has ended")
+        self.runs += 1
+        seq = ray.get(self._jobs.put.remote(job))
+        done = self._jobs.wait_done.remote(seq)
+        while not ray.wait([done], timeout=0.5)[0]:
+            if not self.alive:
+                raise self.error or RuntimeError("the trainer worker group ended before its run was done")
+        ray.get(done)
+
+    def close(self, timeout_s: float = 60) -> None:
+        """Let the workers leave (each finishes its loop, Ray Train winds the group down)."""
+        try:
+            ray.get(self._jobs.close.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            pass
+        self._thread.join(timeout=timeout_s)
+        self.startup_s()  # kept: the queue goes
+        ray.kill(self._jobs)
+
+
+class WorkerGroups:
+    """The worker groups of a command that runs several streams: a run gets the live group of its
+    shape, and one is started when there is none (the first run, a run of another shape, or the run
+    after one that failed and took its group down). Records each start-up."""
+
+    def __init__(self, storage_path: Path, name: str):
+        self._storage_path, self._name = storage_path, name
+        self._group: WorkerGroup | None = None
+        self.started: list[WorkerGroup] = []
+
+    def get(self, shape: GroupShape) -> tuple[WorkerGroup, bool]:
+        """The group for ``shape``, and whether it was just started."""
+        group = self._group
+        if group is not None and group.alive and group.shape == shape:
+            return group, False
+        if group is not None:
+            group.close()
+        name = self._name if not self.started else f"{self._name}-{len(self.started) + 1}"
+        self._group = WorkerGroup(shape, storage_path=self._storage_path, name=name)
+        self.started.append(self._group)
+        return self._group, True
+
+    def startups_s(self) -> list[float | None]:
+        return [group.startup_s() for group in self.started]
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
 
 
 # ------------------------------------------------------------------ a rendezvous store on loopback
@@ -114,23 +296,3 @@ class LoopbackTorchConfig(TorchConfig):
     @property
     def backend_cls(self):
         return _LoopbackBackend
-
-
-def build_trainer(config: RunConfig, *, scheduler: Any, tokenizer_dir: str, use_gpu: bool,
-                  cpus_per_worker: float, checkpoint: str | None = None,
-                  objective: dict[str, Any] | None = None, slots: list[TaskSlot] | None = None,
-                  local: bool = False) -> TorchTrainer:
-    """``local``: the run's own Ray on this machine — the rendezvous store listens on loopback only."""
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "scheduler": scheduler, "tokenizer_dir": tokenizer_dir,
-                           "use_gpu": use_gpu, "checkpoint": checkpoint, "objective": objective, "slots": slots},
-        torch_config=LoopbackTorchConfig() if local else None,
-        scaling_config=ScalingConfig(num_workers=config.training.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"{config.experiment}-{Path(config.output_dir).name}",
-            storage_path=str(Path(config.output_dir) / "ray"),
-            failure_config=FailureConfig(max_failures=0),  # a failed task fails the run, loudly
-        ),
-    )

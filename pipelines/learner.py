@@ -8,6 +8,7 @@ worker, under torchrun, or in a test with one process.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import shutil
@@ -69,7 +70,10 @@ class Engine:
         self.precision = resolve_precision(training, on_cuda=on_cuda)
         check_precision(model_config.arch, self.precision)
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        torch.manual_seed(seed)  # identical init on every rank, and in a resumed run
+        # identical init on every rank, in a resumed run, and whatever this process ran before
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
         model = build_model(model_config, self.tokenizer, checkpoint)
         if wrap is not None:
             model = wrap(model)
@@ -133,6 +137,19 @@ class Engine:
         return directory
 
 
+    def close(self) -> None:
+        """Release the engine (optimizer state, ZeRO's partitions, device memory): a trainer worker
+        builds one engine per run, run after run in one process. Unusable after."""
+        engine = self.__dict__.pop("engine", None)
+        self.optimizer = None
+        if engine is not None:
+            engine.destroy()
+            del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 class Learner(Engine):
     """One rank's share of a run: model, DeepSpeed engine, strategy loss, evaluation, state.
 
@@ -154,6 +171,11 @@ class Learner(Engine):
         self._built_corruptor: Corruptor | None = None
         self.strategy = build_training_strategy(config)
         self.global_step = 0
+
+    def close(self) -> None:
+        self.strategy = None  # a teacher model, Fisher information, reference gradients
+        self._heldout = self._built_corruptor = None
+        super().close()
 
     def context(self, plan: TaskPlan) -> TrainingContext:
         return TrainingContext(module=self.model, device=self.device, dtype=next(self.model.parameters()).dtype,

@@ -33,6 +33,12 @@ def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlf
     assert comparison["strategies"]["replay"]["forgetting"]["mean"] is not None
     assert (out / "first_task_accuracy.png").stat().st_size > 0 and (out / "heatmaps.png").stat().st_size > 0
     assert "| replay |" in (out / "comparison.md").read_text()
+    # four runs, one worker group: Ray Train's start-up paid once; what each run costs beyond its work
+    assert comparison["worker_group_startups"] == 1 and comparison["worker_group_startup_s"][0] > 0
+    assert comparison["per_run_overhead_s"]["n"] == 4 and comparison["per_run_overhead_s"]["mean"] > 0
+    runs = [run for entry in comparison["strategies"].values() for run in entry["runs"]]
+    assert [run["startup_s"] > 0 for run in runs] == [True, False, False, False]
+    assert all(run["train_eval_s"] > 0 and run["wall_s"] >= run["seconds"] for run in runs)
 
     # the per-run reports say what each strategy did
     reports = {name: json.loads((out / name / "seed-0" / "report.json").read_text()) for name in ALL}
@@ -91,3 +97,45 @@ def test_unknown_strategy_in_the_list_is_refused(cli, toy_config_file):
     result = cli("compare", str(toy_config_file()), "--strategies", "naive,replya", timeout=60)
     assert result.returncode == 2
     assert "--strategies: unknown ['replya']" in result.stderr
+
+
+# One worker group runs naive, then LwF (a teacher model, other losses, other draws from every
+# random generator), then naive again: the second naive run must match the first to the last bit.
+SHARED_GROUP = """
+import json, sys
+from pathlib import Path
+from actors.launch import run_experiment
+from actors.trainer_group import WorkerGroups
+from pipelines.config import load_config
+
+config, out = load_config(sys.argv[1]), Path(sys.argv[2])
+groups = WorkerGroups(out / "ray", name="shared")
+reports = [run_experiment(config.with_strategy(name, output_dir=str(out / f"{k}-{name}")), progress=False,
+                          groups=groups)
+           for k, name in enumerate(["naive", "lwf", "naive"])]
+startups = groups.startups_s()
+groups.close()
+print(json.dumps({"startups": startups, "reports": [r.model_dump(mode="json") for r in reports]}))
+"""
+
+
+def test_a_run_in_a_shared_worker_group_does_not_depend_on_what_ran_before(toy_config_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.conftest import REPO
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-c", SHARED_GROUP, str(toy_config_file(max_steps=4)), str(tmp_path / "runs")],
+                            cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out["startups"]) == 1 and out["startups"][0] > 0  # three runs, one worker group
+    first, between, again = out["reports"]
+    assert [r["status"] for r in out["reports"]] == ["FINISHED"] * 3
+    assert (first["strategy"], between["strategy"], again["strategy"]) == ("naive", "lwf", "naive")
+    assert again["acc_matrix"] == first["acc_matrix"] and again["baseline"] == first["baseline"]
+    for task in ("category", "first_word"):
+        assert again["train"][task]["mean_loss"] == first["train"][task]["mean_loss"]  # exactly, not approximately

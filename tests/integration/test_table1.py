@@ -19,6 +19,7 @@ def test_table1_measures_every_paradigm(cli, toy_config_file, tmp_path, mlflow_s
     table = json.loads((out / "table1.json").read_text())
     columns = table["paradigms"]
     assert list(columns) == PARADIGMS and table["train_sizes"] == ["24"]
+    assert table["worker_group_startups"] == 1  # the four runs share one worker group
     for name, entry in columns.items():
         assert set(entry) >= {"trainable_params", "bytes_per_task", "acc_by_train_size", "forgetting", "seconds"}
         assert list(entry["acc_by_train_size"]) == ["24"] and entry["acc_by_train_size"]["24"] is not None
