@@ -5,6 +5,7 @@ holds across a real SIGKILL of the driver and its Ray.
 """
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -143,3 +144,27 @@ def test_a_run_killed_while_finishing_is_finished_by_resume_without_training(toy
     assert run.info.status == "FINISHED" and "forgetless.resume.1" in run.data.tags
     assert {"report.json", "acc_heatmap.png"} <= {a.path for a in MlflowClient(mlflow_store).list_artifacts(
         run.info.run_id)}
+
+
+def test_a_run_does_not_depend_on_what_ran_before_it_in_the_same_process(toy_stream_config, tmp_path):
+    # A trainer worker runs a comparison's runs one after another (actors.trainer_group.run_job):
+    # naive, then LwF (a teacher model, other losses, other draws from every generator), then naive
+    # again, each learner closed after its run: the second naive run matches the first to the bit.
+    reports = []
+    for k, name in enumerate(["naive", "lwf", "naive"]):
+        config, stream, tokenizer_dir = _prepare({**toy_stream_config, "strategy": {"name": name},
+                                                  "output_dir": str(tmp_path / f"{k}-{name}")})
+        scheduler = Scheduler(config, stream)
+        learner = Learner(config, tokenizer_dir)
+        try:
+            run_stream(learner, scheduler)
+        finally:
+            model = weakref.ref(learner.model)
+            learner.close()
+        assert model() is None  # released: nothing of this run's model is left for the next
+        reports.append(scheduler.finish())
+    first, between, again = reports
+    assert between.strategy == "lwf" and between.train["first_word"].mean_loss != first.train["first_word"].mean_loss
+    assert again.acc_matrix == first.acc_matrix and again.baseline == first.baseline
+    for task in ("category", "first_word"):
+        assert again.train[task].mean_loss == first.train[task].mean_loss  # exactly, not approximately
