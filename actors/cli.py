@@ -238,8 +238,6 @@ def _job(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    import ray
-
     from actors.remote import connect, find_run, format_replay_status
 
     connect(args.address)
@@ -249,17 +247,20 @@ def _replay(args: argparse.Namespace) -> int:
             raise ConfigError(f"forgetless replay {args.action} RUN N: N, the number of shards, must be a positive "
                               "integer")
         change = args.count if args.action == "add-shards" else -args.count
-        try:
-            result = ray.get(scheduler.resize_replay.remote(change))
-        except ValueError as exc:
-            raise ConfigError(str(exc).strip().splitlines()[-1]) from None
+        result = _ask(scheduler.resize_replay.remote(change))
         print(f"{args.action}: the store has {result['num_shards']} shards; {result['moved_rows']:,} rows moved")
+    print(format_replay_status(description, _ask(scheduler.replay_status.remote())))
+    return 0
+
+
+def _ask(ref):
+    """A running scheduler's answer; its refusal (a ValueError: no store, too few shards) as a ConfigError."""
+    import ray
+
     try:
-        shards = ray.get(scheduler.replay_status.remote())
+        return ray.get(ref)
     except ValueError as exc:
         raise ConfigError(str(exc).strip().splitlines()[-1]) from None
-    print(format_replay_status(description, shards))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,15 +13,21 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start_mlflow_server(directory: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on a free loopback port with its store in ``directory``; returns it and its URI."""
+def free_port() -> int:
     import socket
-    import time
-    import urllib.request
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(directory: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on loopback (``port``, or a free one) with its store in ``directory``; returns
+    it and its URI once it answers."""
+    import time
+    import urllib.request
+
+    port = port or free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
            "--artifacts-destination", str(directory / "server-artifacts")]

@@ -2,11 +2,7 @@
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from actors.scheduler import Scheduler
 from pipelines.config import resolve_paths, validate_config
 from pipelines.tasks import load_stream
+from tests.integration.conftest import free_port, start_mlflow_server
 
 
 def test_scheduler_logs_to_a_tracking_server(mlflow_server, toy_stream_config):
@@ -39,29 +36,14 @@ class RestartableServer:
     """An `mlflow server` on a fixed loopback port and store, that a test can stop and start again."""
 
     def __init__(self, tmp_path):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.tmp_path = tmp_path
         self.process = None
 
     def start(self):
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.tmp_path / 'server.db'}",
-               "--artifacts-destination", str(self.tmp_path / "server-artifacts")]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return self
-            except OSError:
-                if time.time() > deadline or self.process.poll() is not None:
-                    pytest.fail(f"mlflow server did not come up on {self.uri}")
-                time.sleep(0.5)
+        self.process, _ = start_mlflow_server(self.tmp_path, self.port)
+        return self
 
     def stop(self):
         if self.process is not None and self.process.poll() is None:

@@ -5,7 +5,6 @@ looked at and scaled out from outside with `forgetless replay`."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,14 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.integration.conftest import free_port
+
 pytestmark = pytest.mark.cluster
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ def ray_cluster(tmp_path_factory):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a cluster's head, not a single-machine Ray
-    gcs, dashboard, agent = _free_port(), _free_port(), _free_port()
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     log = open(tmp_path_factory.mktemp("ray-head") / "head.log", "w")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
