@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
 	$(BIN)/python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json
 	$(BIN)/python bench/replay_soak.py --json runs/bench/replay_soak.json
+	$(BIN)/python bench/compare_startup.py --json runs/bench/compare_startup.json
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts
