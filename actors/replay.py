@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipelines.config import ReplayConfig
 from storage.replay import (
     EmptyReplayError,
+    draw_index,
     RateLimitedError,
     ReplayShard,
     ShardStats,
@@ -39,11 +40,27 @@ from storage.replay import (
 from storage.tables import StorageError
 
 class _PlacedShard(ReplayShard):
-    """A shard that can say where it runs (for ``forgetless replay status``)."""
+    """A shard that can say where it runs (for ``forgetless replay status``) and hand its rows to
+    samplers on its node through the node's shared memory."""
+
+    _published: tuple[pa.Table, ray.ObjectRef] | None = None
 
     def node(self) -> dict[str, str]:
         context = ray.get_runtime_context()
         return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": str(os.getpid())}
+
+    def published(self) -> tuple[list[ray.ObjectRef], int, int]:
+        """The shard's rows as one object in the node's object store (put again after any change),
+        its row count and topology version. The shard then reads its rows from that object too, so
+        they are held once. A sampler on this node maps the object without a copy and draws from it
+        with ``draw_index`` and the seed it would have sent: the rows ``sample`` would have sent.
+        The reference travels in a list, so Ray hands it over rather than the object."""
+        table = self._ready()
+        if self._published is None or self._published[0] is not table:
+            ref = ray.put(table)
+            self._table = ray.get(ref)  # zero-copy: the same buffers, in shared memory
+            self._published = (self._table, ref)
+        return [self._published[1]], self.num_rows, self._topology[0]
 
 
 # max_restarts=-1: a shard whose process dies is restarted by Ray and restores itself from its files
@@ -78,6 +95,10 @@ class ReplayStore:
     name: str = ""  # shard actors are named <name>-shard-NNN (namespace "forgetless"); set by create
     _sizes: np.ndarray | None = field(default=None, repr=False)
     _rng: np.random.Generator | None = field(default=None, repr=False)
+    # zero-copy sampling: ((version, shard count), the shards on this handle's node), and the shards'
+    # published tables this handle has mapped (by object id)
+    _local: tuple[tuple[int, int], frozenset[int]] | None = field(default=None, repr=False)
+    _published: dict[int, tuple[str, pa.Table]] = field(default_factory=dict, repr=False)
     # store.json as this handle keeps it; only the handle that created the store has it (and writes it)
     _manifest: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -195,6 +216,7 @@ class ReplayStore:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_sizes"] = state["_rng"] = None  # each copy samples with its own generator
+        state["_local"], state["_published"] = None, {}  # ... and on its own node
         state["_manifest"] = None  # the writer of the manifest is the handle that created the store
         return state
 
@@ -394,8 +416,34 @@ class ReplayStore:
         counts = rng.multinomial(num_rows, self._sizes / total)
         seeds = rng.integers(0, 2**63, size=len(counts))
         parts = [(i, int(c), int(seed)) for i, (c, seed) in enumerate(zip(counts, seeds)) if c]
-        return PendingSample(parts, [self.shards[i].sample_with_size.remote(c, seed) for i, c, seed in parts],
-                             list(self.shards))
+        local = self._local_shards()
+        return PendingSample(parts, [self.shards[i].published.remote() if i in local
+                                     else self.shards[i].sample_with_size.remote(c, seed) for i, c, seed in parts],
+                             list(self.shards), [i in local for i, _, _ in parts])
+
+    def _local_shards(self) -> frozenset[int]:
+        """The shards a sampler here takes rows from itself (on this node, zero-copy sampling on, no
+        rate limit); asked of the shards once per topology."""
+        if not self.config.zero_copy_sampling or self.config.max_samples_per_insert is not None:
+            return frozenset()
+        if self._local is None or self._local[0] != (self.version, len(self.shards)):
+            here = ray.get_runtime_context().get_node_id()
+            where = self._call_all("node")
+            local = frozenset(i for i, node in enumerate(where) if node["node_id"] == here)
+            self._local = ((self.version, len(self.shards)), local)
+            self._published = {i: mapped for i, mapped in self._published.items() if i in local}
+        return self._local[1]
+
+    def _take_published(self, shard_index: int, reply: tuple[list[ray.ObjectRef], int, int], count: int,
+                        seed: int) -> tuple[pa.Table, int, int]:
+        """What ``sample_with_size(count, seed)`` would have answered, drawn here from the shard's
+        published table (mapped once per publication, without a copy; the shard's older one is let go)."""
+        (ref,), size, version = reply
+        mapped = self._published.get(shard_index)
+        if mapped is None or mapped[0] != ref.hex():
+            mapped = self._published[shard_index] = (ref.hex(), ray.get(ref))
+        table = mapped[1]
+        return table.take(draw_index(table, count, np.random.default_rng(seed), self.config.sampler)), size, version
 
     def collect(self, pending: PendingSample) -> pa.Table:
         """Finish a ``sample_async``: one table, shard sizes and topology refreshed from the replies.
@@ -405,10 +453,14 @@ class ReplayStore:
         while the call was in flight answers nothing: its part is drawn again from the others.
         """
         replies, missing = [], 0
-        for (shard_index, count, seed), ref, shard in zip(pending.parts, pending.refs, pending.shards_at_call):
+        for (shard_index, count, seed), ref, shard, local in zip(pending.parts, pending.refs, pending.shards_at_call,
+                                                                 pending.local):
             try:
-                replies.append(ray.get(ref))
-            except _RETRYABLE:
+                reply = ray.get(ref)
+                replies.append(self._take_published(shard_index, reply, count, seed) if local else reply)
+            except (*_RETRYABLE, ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                self._local = None  # where the shards run is asked again
+                self._published.pop(shard_index, None)
                 if shard_index < self.num_shards and self.shards[shard_index] is shard:
                     replies.append(self._call(shard_index, "sample_with_size", count, seed))
                 else:
@@ -523,6 +575,7 @@ class PendingSample:
     parts: list[tuple[int, int, int]]
     refs: list[ray.ObjectRef]
     shards_at_call: list[Any]
+    local: list[bool]  # per part: the reply is the shard's published table (taken from here), not rows
 
 
 class PrefetchingSampler:

@@ -4,7 +4,8 @@
                                (target >= 100k)
   sample_ratio_vs_local        rows/s delivered to one consumer by the PrefetchingSampler / rows/s
                                of an in-process pyarrow take of the same batch size on the same
-                               rows (target >= 0.5)
+                               rows (target >= 0.9); beside it, the sampler with every shard
+                               drawing and sending its rows (zero-copy sampling off)
   snapshot_s_per_gb, restore_s_per_gb
   bytes_per_row_ratio          resident Arrow bytes per row / raw payload bytes (target <= 1.3)
 
@@ -14,8 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -69,27 +72,38 @@ def bench_inserts(data: pa.Table, num_shards: int, directory: Path) -> tuple[flo
     return stored / (time.perf_counter() - start), store
 
 
-def bench_sampling(store: ReplayStore, local: pa.Table, *, batch_size: int, num_batches: int) -> dict:
-    """Best of 3 alternating rounds of each side, so background load hits both alike."""
+def bench_sampling(store: ReplayStore, local: pa.Table, *, batch_size: int, num_batches: int,
+                   trials: int = 5) -> dict:
+    """Rounds of each side in turn (so background load hits all alike): the sampler as a trainer gets
+    it (zero-copy sampling: shards on this node publish their tables, the sampler takes from them),
+    the same sampler with every shard drawing and sending its rows, and the in-process take.
+    Medians, every trial beside them."""
     local = local.combine_chunks()
     rng = np.random.default_rng(0)
-    remote_rates, local_rates = [], []
-    for _ in range(3):
-        sampler = PrefetchingSampler(store, batch_size=batch_size)  # the defaults a trainer gets
-        sampler.next_batch()
-        start = time.perf_counter()
-        for _ in range(num_batches):
-            sampler.next_batch()
-        remote_rates.append(num_batches * batch_size / (time.perf_counter() - start))
-        sampler.close()
-        time.sleep(0.5)  # let cancelled calls drain before the local side runs
+    sent = copy.copy(store)
+    sent.config = store.config.model_copy(update={"zero_copy_sampling": False})
+    rates: dict[str, list[float]] = {"zero_copy": [], "shards_send": [], "local": []}
+    for _ in range(trials):
+        for mode, handle in (("zero_copy", store), ("shards_send", sent)):
+            sampler = PrefetchingSampler(handle, batch_size=batch_size)  # the defaults a trainer gets
+            sampler.next_batch()  # the first call maps the published tables (once per change of a shard)
+            start = time.perf_counter()
+            for _ in range(num_batches):
+                sampler.next_batch()
+            rates[mode].append(num_batches * batch_size / (time.perf_counter() - start))
+            sampler.close()
+            time.sleep(0.5)  # let cancelled calls drain before the next side runs
         start = time.perf_counter()
         for _ in range(num_batches):
             local.take(pa.array(rng.integers(0, local.num_rows, batch_size)))
-        local_rates.append(num_batches * batch_size / (time.perf_counter() - start))
-    remote, in_process = max(remote_rates), max(local_rates)
-    return {"sample_rows_per_s": round(remote), "local_take_rows_per_s": round(in_process),
-            "sample_ratio_vs_local": round(remote / in_process, 3), "sample_batch_size": batch_size}
+        rates["local"].append(num_batches * batch_size / (time.perf_counter() - start))
+    median = {mode: statistics.median(values) for mode, values in rates.items()}
+    return {"sample_rows_per_s": round(median["zero_copy"]), "local_take_rows_per_s": round(median["local"]),
+            "sample_rows_per_s_shards_send": round(median["shards_send"]),
+            "sample_ratio_vs_local": round(median["zero_copy"] / median["local"], 3),
+            "sample_ratio_vs_local_shards_send": round(median["shards_send"] / median["local"], 3),
+            "sample_trials_rows_per_s": {mode: [round(v) for v in values] for mode, values in rates.items()},
+            "sample_batch_size": batch_size}
 
 
 def main() -> int:
@@ -104,17 +118,18 @@ def main() -> int:
     try:
         for shards in (4, 8):
             rates = []
-            for trial in range(3):  # best of 3: the machine is shared and noisy
+            for trial in range(3):  # the median of 3: the machine is shared and noisy
                 rate, store = bench_inserts(data, shards, root / f"s{shards}-{trial}")
                 rates.append(round(rate))
                 if trial < 2:
                     store.shutdown()
-            results[f"insert_rows_per_s[{shards} shards]"] = max(rates)
+            results[f"insert_rows_per_s[{shards} shards]"] = statistics.median(rates)
             results[f"insert_rows_per_s_trials[{shards} shards]"] = rates
-            print(f"insert, {shards} shards: {max(rates):,.0f} rows/s (trials {rates})", flush=True)
+            print(f"insert, {shards} shards: {statistics.median(rates):,.0f} rows/s (trials {rates})", flush=True)
             if shards == 4:
                 results.update(bench_sampling(store, data, batch_size=256, num_batches=2000))
-                print(f"sampling: {results['sample_rows_per_s']:,} rows/s vs local take "
+                print(f"sampling: {results['sample_rows_per_s']:,} rows/s zero-copy, "
+                      f"{results['sample_rows_per_s_shards_send']:,} with shards sending, vs local take "
                       f"{results['local_take_rows_per_s']:,} rows/s", flush=True)
                 stats = store.stats()
                 resident = sum(s.bytes for s in stats)
@@ -147,11 +162,11 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
-    results["targets"] = {"insert_rows_per_s": ">= 100000", "sample_ratio_vs_local": ">= 0.5",
+    results["targets"] = {"insert_rows_per_s": ">= 100000", "sample_ratio_vs_local": ">= 0.9",
                           "bytes_per_row_ratio": "<= 1.3"}
     results["meets_targets"] = {
         "insert_rows_per_s": min(results["insert_rows_per_s[4 shards]"], results["insert_rows_per_s[8 shards]"]) >= 1e5,
-        "sample_ratio_vs_local": results["sample_ratio_vs_local"] >= 0.5,
+        "sample_ratio_vs_local": results["sample_ratio_vs_local"] >= 0.9,
         "bytes_per_row_ratio": results["bytes_per_row_ratio"] <= 1.3,
     }
     return report(results, args.json)

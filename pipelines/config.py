@@ -258,6 +258,10 @@ class ReplayConfig(Schema):
     max_samples_per_insert: float | None = Field(default=None, gt=0)  # Reverb-style rate limit
     min_rows_to_sample: int = Field(default=1, ge=0)
     fsync: bool = False  # fsync the log per insert: survives machine crashes, not only process death
+    # A sampler on a shard's own node takes rows from the shard's table in the node's shared memory
+    # (no copy, no shard-side work); off: every shard draws and sends its rows. A rate-limited
+    # store (max_samples_per_insert) always has its shards draw: they count what is sampled.
+    zero_copy_sampling: bool = True
     num_cpus: float = Field(default=0.0, ge=0)  # per shard; 0 keeps shards off the trainers' CPUs
     memory_bytes: int | None = Field(default=None, gt=0)  # per shard, for Ray's scheduler
     placement: Literal["SPREAD", "DEFAULT"] = "SPREAD"  # SPREAD: shards across nodes

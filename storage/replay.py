@@ -205,10 +205,27 @@ class ShardStats:
     bytes: int
     inserted_rows: int
     evicted_rows: int
-    sampled_rows: int
+    sampled_rows: int  # drawn by the shard itself (a zero-copy sampler on its node draws its own)
     restored_rows: int
     # What the last restore could not use: corrupt snapshots it fell back from, torn log ends it skipped.
     restore_warnings: tuple[str, ...] = ()
+
+
+def draw_index(table: pa.Table, num_rows: int, rng: np.random.Generator, sampler: str = "uniform") -> pa.Array:
+    """Which rows of ``table`` a sample of ``num_rows`` takes (with replacement): ``uniform`` over the
+    rows, or ``task_balanced`` (a task uniformly, then a row of it). A shard draws with it, and so
+    does a sampler taking rows from a shard's published table: the same seed gives the same rows."""
+    if sampler == "uniform":
+        return pa.array(rng.integers(0, table.num_rows, num_rows), pa.int64())
+    tasks = table.column("task_name").to_numpy(zero_copy_only=False)
+    names, inverse = np.unique(tasks, return_inverse=True)
+    chosen = rng.integers(0, len(names), num_rows)
+    index = np.empty(num_rows, dtype=np.int64)
+    for t in np.unique(chosen):
+        members = np.flatnonzero(inverse == t)
+        picks = chosen == t
+        index[picks] = members[rng.integers(0, len(members), int(picks.sum()))]
+    return pa.array(index, pa.int64())
 
 
 class ReplayShard:
@@ -429,19 +446,8 @@ class ReplayShard:
         if num_rows == 0:
             return table.slice(0, 0)
         rng = self._sample_rng if seed is None else np.random.default_rng(seed)
-        if self.sampler == "uniform":
-            index = rng.integers(0, table.num_rows, num_rows)
-        else:
-            tasks = table.column("task_name").to_numpy(zero_copy_only=False)
-            names, inverse = np.unique(tasks, return_inverse=True)
-            chosen = rng.integers(0, len(names), num_rows)
-            index = np.empty(num_rows, dtype=np.int64)
-            for t in np.unique(chosen):
-                members = np.flatnonzero(inverse == t)
-                picks = chosen == t
-                index[picks] = members[rng.integers(0, len(members), int(picks.sum()))]
         self._sampled += num_rows
-        return table.take(pa.array(index, pa.int64()))
+        return table.take(draw_index(table, num_rows, rng, self.sampler))
 
     def sample_with_size(self, num_rows: int, seed: int | None = None) -> tuple[pa.Table, int, int]:
         """``sample`` plus this shard's row count and topology version, in one actor round trip."""

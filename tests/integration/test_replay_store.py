@@ -308,3 +308,26 @@ def test_prefetching_samplers_with_the_same_seed_hand_out_the_same_batches():
     for sampler in (first, second, other):
         sampler.close()
     store.shutdown()
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "task_balanced"])
+def test_zero_copy_sampling_draws_what_the_shards_would_send_and_follows_every_insert(sampler):
+    store = make_store(num_shards=3, sampler=sampler)  # zero-copy sampling is on by default
+    sent = make_store(num_shards=3, sampler=sampler, zero_copy_sampling=False)
+    for batch in (rows([f"a:{i}" for i in range(3_000)], "a"), rows([f"b:{i}" for i in range(500)], "b")):
+        store.insert(batch)
+        sent.insert(batch)
+        for k in range(3):  # the same split over shards and the same rows, by seed
+            mine = store.sample(4_000, np.random.default_rng(k))
+            theirs = sent.sample(4_000, np.random.default_rng(k))
+            assert mine.column("example_id").equals(theirs.column("example_id"))
+    assert set(mine.column("task_name").to_pylist()) == {"a", "b"}  # the second insert was published again
+    assert sorted(store._published) == [0, 1, 2]  # every shard is on this node: all taken from here
+    assert sum(s.sampled_rows for s in store.stats()) == 0  # no shard drew a row itself
+    assert sum(s.sampled_rows for s in sent.stats()) == 6 * 4_000
+    rate_limited = make_store(max_samples_per_insert=10.0)  # a limit needs the shards to count: they draw
+    rate_limited.insert(rows([f"c:{i}" for i in range(100)]))
+    rate_limited.sample(50)
+    assert sum(s.sampled_rows for s in rate_limited.stats()) == 50
+    for each in (store, sent, rate_limited):
+        each.shutdown()
