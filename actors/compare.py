@@ -70,8 +70,8 @@ def run_timed(config: RunConfig, groups: WorkerGroups, *, progress: bool) -> Tim
         report, failure = run_experiment(config, progress=progress, groups=groups), None
     except RunFailedError as exc:
         report, failure = exc.report, exc
-    startup = sum(s or 0.0 for s in groups.startups_s()[known:])
-    return TimedRun(report, time.perf_counter() - began, startup, failure)
+    wall = time.perf_counter() - began
+    return TimedRun(report, wall, sum(s or 0.0 for s in groups.startups_s()[known:]), failure)
 
 
 def startup_summary(groups: WorkerGroups, runs: list[TimedRun]) -> dict[str, Any]:

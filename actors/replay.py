@@ -27,17 +27,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipelines.config import ReplayConfig
 from storage.replay import (
     EmptyReplayError,
-    draw_index,
     RateLimitedError,
     ReplayShard,
     ShardStats,
     StaleTopologyError,
     check_batch,
+    draw_index,
     read_store_manifest,
     route,
     write_store_manifest,
 )
 from storage.tables import StorageError
+
 
 class _PlacedShard(ReplayShard):
     """A shard that can say where it runs (for ``forgetless replay status``) and hand its rows to

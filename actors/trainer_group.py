@@ -1,6 +1,6 @@
 """The trainer worker group: Ray Train ``TorchTrainer`` workers, each running ``pipelines.loop``.
 
-A group starts once (Ray Train's start-up is ~20-30 s on a small machine) and then runs stream
+A group starts once (Ray Train's start-up is ~15 s on a small machine) and then runs stream
 after stream: ``forgetless compare`` and ``table1`` hand every run to the same group, and each
 run builds its own model, optimizer and DeepSpeed engine in it (and releases them after). This
 module is only the adapter: the scheduler actor behind a ``Coordinator`` proxy, the queue of runs
@@ -173,7 +173,6 @@ class WorkerGroup:
         self._startup_s: float | None = None
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name=f"trainer-group-{name}", daemon=True)
         self._thread.start()
-        self.runs = 0
 
     def _fit(self, trainer: TorchTrainer) -> None:
         try:
@@ -202,7 +201,6 @@ class WorkerGroup:
         """
         if not self.alive:
             raise self.error or RuntimeError("the trainer worker group has ended")
-        self.runs += 1
         seq = ray.get(self._jobs.put.remote(job))
         done = self._jobs.wait_done.remote(seq)
         while not ray.wait([done], timeout=0.5)[0]:

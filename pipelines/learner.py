@@ -136,7 +136,6 @@ class Engine:
         self.comm.barrier()
         return directory
 
-
     def close(self) -> None:
         """Release the engine (optimizer state, ZeRO's partitions, device memory): a trainer worker
         builds one engine per run, run after run in one process. Unusable after."""
