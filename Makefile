@@ -42,6 +42,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
 	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
+	$(BIN)/python bench/replay_latency.py --json runs/bench/replay_latency.json
 	$(BIN)/python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json
 	$(BIN)/python bench/replay_soak.py --json runs/bench/replay_soak.json
 	$(BIN)/python bench/compare_startup.py --json runs/bench/compare_startup.json
