@@ -39,8 +39,14 @@ browser:
 lint: $(STAMP)
 	$(BIN)/lint-imports
 
+# The speed targets and the comparisons with other tools (~1 h on 2 cores). bench/peers.py builds
+# RLlib's, Avalanche's and Reverb's environments under ~/.cache/forgetless/bench-envs on first use.
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
+	$(BIN)/python bench/trainer_vs_hf.py --json runs/bench/trainer_vs_hf.json
+	$(BIN)/python bench/stream_cost.py --json runs/bench/stream_cost.json --plot runs/bench/stream_cost.png
+	$(BIN)/python bench/peers.py --json runs/bench/peers.json
 	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
 	$(BIN)/python bench/replay_latency.py --json runs/bench/replay_latency.json
 	$(BIN)/python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json

@@ -10,7 +10,6 @@ does grow with the store).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ import ray  # noqa: E402
 
 from actors.replay import ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
+from replay_common import shards_send  # noqa: E402
 
 SHARDS, BATCH, CALLS, INSERT_ROWS = 4, 256, 300, 10_000
 
@@ -74,10 +74,8 @@ def main() -> int:
             start = time.perf_counter()
             store.sample(BATCH, np.random.default_rng(1))  # the first after the inserts: every shard publishes
             first_s = time.perf_counter() - start
-            sent = copy.copy(store)
-            sent.config = config.model_copy(update={"zero_copy_sampling": False})
             entry = {"insert_s": round(insert_s, 1), "first_sample_after_a_change_ms": round(first_s * 1e3, 1),
-                     "zero_copy": latencies(store, CALLS), "shards_send": latencies(sent, CALLS),
+                     "zero_copy": latencies(store, CALLS), "shards_send": latencies(shards_send(store), CALLS),
                      "bytes": sum(s.bytes for s in store.stats())}
             results["by_size"][str(size)] = entry
             print(f"{size:>10,} rows: zero-copy p50 {entry['zero_copy']['p50_ms']} ms p99 {entry['zero_copy']['p99_ms']} "

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shutil
 import statistics
@@ -34,30 +33,10 @@ import ray  # noqa: E402
 
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
-from pipelines.tasks import load_builtin  # noqa: E402
+from replay_common import payload_bytes, review_corpus, shards_send  # noqa: E402
 from storage.replay import ReplayShard  # noqa: E402
 
 BATCH_ROWS = 1000
-
-
-def corpus(num_rows: int) -> pa.Table:
-    """Real review text, joined to ~500 characters (~100 tokens) a row, unique ids."""
-    text = load_builtin("sentiment_movies", Path("~/.cache/forgetless").expanduser()).column("source").to_pylist()
-    rng = np.random.default_rng(0)
-    sources = [" ".join(text[j] for j in rng.integers(0, len(text), 3)) for _ in range(num_rows)]
-    return pa.table({
-        "example_id": [f"movies:{i}" for i in range(num_rows)],
-        "task_id": pa.array(np.zeros(num_rows, dtype=np.int32)),
-        "task_name": ["movies"] * num_rows,
-        "source": sources,
-        "target": rng.choice(["positive", "negative", "neutral"], num_rows).tolist(),
-    })
-
-
-def payload_bytes(table: pa.Table) -> int:
-    strings = sum(sum(len(s.encode()) for s in table.column(c).to_pylist())
-                  for c in ("example_id", "task_name", "source", "target"))
-    return strings + table.num_rows * (4 + 8)  # task_id int32, seq int64
 
 
 def bench_inserts(data: pa.Table, num_shards: int, directory: Path) -> tuple[float, ReplayStore]:
@@ -80,8 +59,7 @@ def bench_sampling(store: ReplayStore, local: pa.Table, *, batch_size: int, num_
     Medians, every trial beside them."""
     local = local.combine_chunks()
     rng = np.random.default_rng(0)
-    sent = copy.copy(store)
-    sent.config = store.config.model_copy(update={"zero_copy_sampling": False})
+    sent = shards_send(store)
     rates: dict[str, list[float]] = {"zero_copy": [], "shards_send": [], "local": []}
     for _ in range(trials):
         for mode, handle in (("zero_copy", store), ("shards_send", sent)):
@@ -112,7 +90,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    data = corpus(args.rows)
+    data = review_corpus(args.rows)
     results: dict = {"rows": args.rows, "batch_rows": BATCH_ROWS}
     root = Path(tempfile.mkdtemp(prefix="replay-bench-"))
     try:

@@ -230,6 +230,14 @@ class TrainingConfig(Schema):
 class EvaluationConfig(Schema):
     batch_size: int = Field(default=64, gt=0)
     max_new_tokens: int = Field(default=16, gt=0)
+    # How a classification task (exact-match metric, at most ``max_labels`` distinct training targets)
+    # is scored. "generate": greedy decoding of up to max_new_tokens, compared with the target.
+    # "likelihood": the task's label set ranked by the log-likelihood of each whole label (end token
+    # included) given the input, the best taken: one encoder pass and a decoder pass over the labels
+    # instead of max_new_tokens decoding steps, and always a valid label. Other tasks always generate;
+    # feature extraction classifies over the label set either way.
+    scoring: Literal["generate", "likelihood"] = "generate"
+    max_labels: int = Field(default=20, ge=2)
 
 
 class CheckpointConfig(Schema):

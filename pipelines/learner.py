@@ -45,6 +45,36 @@ StepCallback = Callable[[int, int, float, dict[str, float]], None]
 ReplaySource = Callable[[], pa.Table]  # a table of replayed (source, target) rows per call
 
 
+@torch.no_grad()
+def label_log_likelihoods(body: torch.nn.Module, encoder_inputs: dict[str, torch.Tensor], label_ids: list[list[int]],
+                          *, budget: int = 1 << 25) -> torch.Tensor:
+    """(batch, labels) log-likelihood of each whole label sequence given each input, teacher-forced.
+
+    The encoder runs once; the labels go through the decoder in groups of as many as keep a pass's
+    logits under ``budget`` elements. ``encoder_inputs``: the encoder's keyword arguments
+    (``input_ids`` or ``inputs_embeds``, and ``attention_mask``)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    mask = encoder_inputs["attention_mask"]
+    hidden = body.get_encoder()(**encoder_inputs, return_dict=True).last_hidden_state
+    batch, count = hidden.shape[0], len(label_ids)
+    width = max(map(len, label_ids))
+    targets = torch.full((count, width), IGNORE_INDEX, dtype=torch.long, device=hidden.device)
+    for k, ids in enumerate(label_ids):
+        targets[k, : len(ids)] = torch.tensor(ids, device=hidden.device)
+    vocab = body.get_output_embeddings().weight.shape[0]
+    group = max(1, budget // max(1, batch * width * vocab))
+    scores = torch.empty(batch, count, dtype=torch.float32, device=hidden.device)
+    for start in range(0, count, group):
+        size = min(group, count - start)
+        labels = targets[start : start + size].repeat(batch, 1)  # row b * size + j: input b, label start + j
+        logits = body(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(size, 0)),
+                      attention_mask=mask.repeat_interleave(size, 0), labels=labels).logits
+        picked = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        scores[:, start : start + size] = (picked * (labels != IGNORE_INDEX)).sum(-1).view(batch, size)
+    return scores
+
+
 def lr_at(step: int, total: int, training: TrainingConfig) -> float:
     """Learning rate at optimizer step ``step`` of ``total`` in one task: warmup, then the schedule."""
     if step < training.warmup_steps:
@@ -184,11 +214,15 @@ class Learner(Engine):
     def _encode(self, sources: list[str], targets: list[str]) -> tuple[list[list[int]], list[list[int]]]:
         stream = self.config.stream
         inputs = self.tokenizer(sources, truncation=True, max_length=stream.max_source_tokens)["input_ids"]
-        labels = self.tokenizer(text_target=targets, truncation=True, max_length=stream.max_target_tokens)["input_ids"]
+        return inputs, self._encode_targets(targets)
+
+    def _encode_targets(self, targets: list[str]) -> list[list[int]]:
+        labels = self.tokenizer(text_target=targets, truncation=True,
+                                max_length=self.config.stream.max_target_tokens)["input_ids"]
         if self.config.model.arch == "encoder_decoder":  # BERT writes [CLS] first: the decoder starts with it already
             start = self.body.config.decoder_start_token_id
             labels = [y[1:] if y and y[0] == start else y for y in labels]
-        return inputs, labels
+        return labels
 
     def _collate_inputs(self, inputs: list[list[int]]) -> dict[str, torch.Tensor]:
         """Encoder inputs, padded, and their attention mask, on the engine's device."""
@@ -444,6 +478,18 @@ class Learner(Engine):
             out = (model or self.model).generate(**enc, **settings)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
+    def _rank(self, sources: list[str], labels: tuple[str, ...], model: torch.nn.Module | None,
+              task: str) -> list[str]:
+        """Likelihood scoring: for each source, the label of ``labels`` the model finds likeliest."""
+        enc = self.tokenizer(sources, truncation=True, max_length=self.config.stream.max_source_tokens, padding=True,
+                             return_tensors="pt").to(self.device)
+        if model is None and isinstance(self.model, ParadigmModel):
+            body, inputs = self.model.body, self.model.encoder_inputs(enc["input_ids"], enc["attention_mask"], task)
+        else:
+            body, inputs = model or self.model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        scores = label_log_likelihoods(body, inputs, self._encode_targets(list(labels)))
+        return [labels[k] for k in scores.argmax(-1).tolist()]
+
     def _score(self, eval_set: EvalSet, model: torch.nn.Module | None = None) -> tuple[float, int]:
         """This rank's summed score and count: an equal share of the examples, padded so every rank
         generates the same number of batches (ZeRO-3 needs them in lockstep). With ``model`` (a
@@ -458,7 +504,9 @@ class Learner(Engine):
         total, count = 0.0, 0
         for start in range(0, per_rank, size):
             chunk = mine[start : start + size]
-            predictions = self._generate([eval_set.sources[min(i, n - 1)] for i in chunk], model, eval_set.name)
+            sources = [eval_set.sources[min(i, n - 1)] for i in chunk]
+            predictions = (self._rank(sources, eval_set.labels, model, eval_set.name) if eval_set.labels
+                           else self._generate(sources, model, eval_set.name))
             for i, prediction in zip(chunk, predictions):
                 if i < n:
                     total += score(prediction, eval_set.targets[i])

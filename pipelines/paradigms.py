@@ -153,12 +153,25 @@ def query_text(paradigm: ParadigmConfig, source: str) -> str:
 
 
 def eval_sets(config: RunConfig, stream: TaskStream) -> list[EvalSet]:
-    """What every task is evaluated on; under prompt engineering with shots, its k-shot prompts."""
+    """What every task is evaluated on; under prompt engineering with shots, its k-shot prompts; under
+    ``evaluation.scoring: likelihood``, each classification task's label set to rank."""
     few_shot = config.paradigm.name == "prompt_engineering" and config.paradigm.shots > 0
     return [EvalSet(t.name, t.metric,
                     few_shot_sources(config.paradigm, t, seed=config.seed, index=i) if few_shot and t.trainable
-                    else t.sources("eval"), t.targets("eval"))
+                    else t.sources("eval"), t.targets("eval"), ranked_labels(config, t))
             for i, t in enumerate(stream)]
+
+
+def ranked_labels(config: RunConfig, task: Task) -> tuple[str, ...]:
+    """The labels a task's answers are chosen from under likelihood scoring: its distinct training
+    targets, sorted, when it is a classification (exact match, at most ``evaluation.max_labels`` of
+    them); () otherwise, and under feature extraction (its heads choose from the label set already)."""
+    evaluation = config.evaluation
+    if (evaluation.scoring != "likelihood" or config.paradigm.name == "feature_extraction" or not task.trainable
+            or task.metric != "exact_match"):
+        return ()
+    labels = tuple(sorted(set(task.targets("train"))))
+    return labels if len(labels) <= evaluation.max_labels else ()
 
 
 def check_prompt_lengths(config: RunConfig, sets: list[EvalSet], tokenizer: Any) -> None:
@@ -315,6 +328,13 @@ class ParadigmModel(nn.Module):
             return self.body.generate(inputs_embeds=embeds, attention_mask=mask, **generate)
         logits = self.heads(self.features(input_ids, attention_mask), slot)
         return [self.labels[slot][c] for c in logits.argmax(-1).tolist()]
+
+    def encoder_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str) -> dict[str, torch.Tensor]:
+        """What the body's encoder reads for task ``task``: under prompt tuning, its prompt before the input."""
+        if self.paradigm.name != "prompt_tuning":
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
+        embeds, mask = self._prompted(input_ids, attention_mask, self.slot_of[task])
+        return {"inputs_embeds": embeds, "attention_mask": mask}
 
     def extra_state(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the body's weights: the paradigm, slots and their tensors."""

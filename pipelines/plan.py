@@ -40,6 +40,7 @@ class EvalSet:
     metric: str
     sources: list[str]  # prefix applied
     targets: list[str]
+    labels: tuple[str, ...] = ()  # evaluation.scoring "likelihood": the label set ranked (empty: generate)
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ def recovery_plan(config: RunConfig, stream: TaskStream, eval_sets: list[EvalSet
         eval_set = eval_sets[index]
         if probe.max_eval_examples:
             cap = probe.max_eval_examples
-            eval_set = EvalSet(eval_set.name, eval_set.metric, eval_set.sources[:cap], eval_set.targets[:cap])
+            eval_set = EvalSet(eval_set.name, eval_set.metric, eval_set.sources[:cap], eval_set.targets[:cap],
+                               eval_set.labels)
         tasks.append(RecoveryTask(index, task.name, rows, eval_set))
     return RecoveryPlan(checkpoint=checkpoint, tasks=tasks, steps=probe.steps, lr=probe.lr,
                         last_decoder_block=probe.last_decoder_block, seed=config.seed)

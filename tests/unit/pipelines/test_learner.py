@@ -3,13 +3,15 @@
 import math
 
 import pytest
+import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import dataclasses
 
 from pipelines.config import validate_config
 from pipelines.errors import NonFiniteLossError
-from pipelines.learner import lr_at, silence_library_noise
+from pipelines.learner import label_log_likelihoods, lr_at, silence_library_noise
+from pipelines.paradigms import eval_sets
 from pipelines.plan import EvalSet, build_plan, num_steps
 from pipelines.tasks import load_stream
 
@@ -144,3 +146,64 @@ def test_the_recovery_probe_retrains_a_copy_of_the_head_and_leaves_the_model_alo
     block = _last_decoder_block(reloaded)
     stack = reloaded.get_decoder().block if arch == "t5" else reloaded.get_decoder().layers
     assert block is stack[-1]
+
+
+def _brute_force_ranking(body, encoder_inputs, label_ids):
+    """One input and one label at a time, through the model's plain forward: the sum of the label's
+    token log-probabilities."""
+    scores = []
+    for b in range(encoder_inputs["attention_mask"].shape[0]):
+        single = {k: v[b : b + 1] for k, v in encoder_inputs.items()}
+        row = []
+        for ids in label_ids:
+            labels = torch.tensor([ids])
+            logits = body(**single, labels=labels).logits.float().log_softmax(-1)
+            row.append(float(logits[0, torch.arange(len(ids)), labels[0]].sum()))
+        scores.append(row)
+    return torch.tensor(scores)
+
+
+@pytest.mark.parametrize("paradigm", ["fine_tuning", "prompt_tuning"])
+def test_likelihood_scoring_picks_the_label_the_model_finds_likeliest(make_learner, paradigm, toy_stream_config):
+    toy_stream_config["evaluation"].update(scoring="likelihood")
+    toy_stream_config["paradigm"] = {"name": paradigm}
+    toy_stream_config["training"].update(max_steps=15, lr=1e-2)
+    learner, stream, config = make_learner(toy_stream_config)
+    learner.train_task(_plan(stream, config, 0))  # a model that prefers some labels
+    sets = eval_sets(config, stream)
+    assert [s.labels for s in sets] == [("animal", "color", "sky"), tuple(sorted(set(stream[1].targets("train"))))]
+
+    task = sets[0]
+    enc = learner.tokenizer(task.sources, truncation=True, max_length=config.stream.max_source_tokens, padding=True,
+                            return_tensors="pt")
+    if paradigm == "prompt_tuning":
+        body, inputs = learner.model.body, learner.model.encoder_inputs(enc["input_ids"], enc["attention_mask"],
+                                                                         task.name)
+    else:
+        body, inputs = learner.model, dict(enc)
+    label_ids = learner._encode_targets(list(task.labels))
+    learner.engine.eval()  # no dropout, as in evaluate()
+    with torch.no_grad():
+        expected = _brute_force_ranking(body, inputs, label_ids)
+        grouped = label_log_likelihoods(body, inputs, label_ids)
+        one_at_a_time = label_log_likelihoods(body, inputs, label_ids, budget=1)
+    assert torch.allclose(grouped, expected, atol=1e-4) and torch.allclose(one_at_a_time, expected, atol=1e-4)
+    assert expected.std() > 1e-3  # the labels are told apart, not tied
+
+    picked = [task.labels[k] for k in expected.argmax(-1).tolist()]
+    accuracy = sum(p == t for p, t in zip(picked, task.targets)) / len(task.targets)
+    learner.engine.train()
+    assert learner.evaluate([task])[task.name] == pytest.approx(accuracy)
+
+
+def test_likelihood_scoring_only_ranks_classification_tasks(toy_stream_config):
+    toy_stream_config["evaluation"].update(scoring="likelihood", max_labels=5)
+    config = validate_config(toy_stream_config)
+    stream = load_stream(config)
+    # category has 3 labels; first_word 9, more than max_labels: it generates
+    assert [s.labels for s in eval_sets(config, stream)] == [("animal", "color", "sky"), ()]
+    toy_stream_config["evaluation"].update(scoring="generate")
+    assert all(s.labels == () for s in eval_sets(validate_config(toy_stream_config), stream))
+    toy_stream_config["evaluation"].update(scoring="likelihood", max_labels=20)
+    toy_stream_config["paradigm"] = {"name": "feature_extraction"}  # its heads classify over the label set already
+    assert all(s.labels == () for s in eval_sets(validate_config(toy_stream_config), stream))
