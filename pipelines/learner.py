@@ -62,7 +62,8 @@ def label_log_likelihoods(body: torch.nn.Module, encoder_inputs: dict[str, torch
     targets = torch.full((count, width), IGNORE_INDEX, dtype=torch.long, device=hidden.device)
     for k, ids in enumerate(label_ids):
         targets[k, : len(ids)] = torch.tensor(ids, device=hidden.device)
-    vocab = body.get_output_embeddings().weight.shape[0]
+    head = body.get_output_embeddings().weight
+    vocab = getattr(head, "ds_shape", head.shape)[0]  # ZeRO-3 leaves an empty placeholder in .shape
     group = max(1, budget // max(1, batch * width * vocab))
     scores = torch.empty(batch, count, dtype=torch.float32, device=hidden.device)
     for start in range(0, count, group):

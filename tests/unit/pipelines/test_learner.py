@@ -163,11 +163,13 @@ def _brute_force_ranking(body, encoder_inputs, label_ids):
     return torch.tensor(scores)
 
 
-@pytest.mark.parametrize("paradigm", ["fine_tuning", "prompt_tuning"])
-def test_likelihood_scoring_picks_the_label_the_model_finds_likeliest(make_learner, paradigm, toy_stream_config):
+@pytest.mark.parametrize(("paradigm", "stage"), [("fine_tuning", 0), ("fine_tuning", 3), ("prompt_tuning", 0)],
+                         ids=["fine_tuning", "fine_tuning-zero3", "prompt_tuning"])
+def test_likelihood_scoring_picks_the_label_the_model_finds_likeliest(make_learner, paradigm, stage,
+                                                                      toy_stream_config):
     toy_stream_config["evaluation"].update(scoring="likelihood")
     toy_stream_config["paradigm"] = {"name": paradigm}
-    toy_stream_config["training"].update(max_steps=15, lr=1e-2)
+    toy_stream_config["training"].update(max_steps=15, lr=1e-2, zero_stage=stage, single_worker_zero_as_stage0=False)
     learner, stream, config = make_learner(toy_stream_config)
     learner.train_task(_plan(stream, config, 0))  # a model that prefers some labels
     sets = eval_sets(config, stream)
