@@ -37,10 +37,23 @@ SAMPLE_ROWS = 256
 ROUND_S, ROUND_MIN_BATCHES = 1.0, 20
 
 
-def resident_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc (Linux)."""
-    with open(f"/proc/{pid}/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_bytes(pid: int) -> tuple[int, int]:
+    """A process's resident memory from /proc (Linux): all of it (VmRSS), and its private part
+    (RssAnon: without mapped files and shared memory, e.g. Ray's object store arena, whose pages
+    count in the RSS of every process that touched them)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["RssAnon"]
+
+
+def growth_per_row(before: list[tuple[int, int]], after: list[tuple[int, int]], rows: int) -> tuple[float, float]:
+    """(resident, private) growth summed over processes, a row."""
+    return (sum(a[0] - b[0] for a, b in zip(after, before)) / rows,
+            sum(a[1] - b[1] for a, b in zip(after, before)) / rows)
 
 
 class Peer:
@@ -240,15 +253,15 @@ PEERS: dict[str, type[Peer]] = {"rllib": RLlibPeer, "rllib_actor": RLlibActorPee
                                 "reverb": ReverbPeer}
 
 
-def insert_trial(peer_type: type[Peer], lines: list[bytes], capacity: int) -> tuple[Peer, float, float]:
+def insert_trial(peer_type: type[Peer], lines: list[bytes], capacity: int) -> tuple[Peer, float, tuple[float, float]]:
     """A fresh buffer filled batch by batch; returns it, its acknowledged rows/s and its holder's
-    resident growth a row, both over the batches after the first."""
+    (resident, private) memory growth a row, all over the batches after the first."""
     peer = peer_type(capacity)
     peer.insert(peer.decode(json.loads(lines[0])))  # the first batch warms the buffer (lazy imports,
     peer.flush()                                    # first allocations): not timed, not counted
     warm_rows = peer.size()
     gc.collect()
-    before = resident_bytes(peer.holder_pid)
+    before = [resident_bytes(peer.holder_pid)]
     took = 0.0
     for line in lines[1:]:
         native = peer.decode(json.loads(line))
@@ -263,7 +276,8 @@ def insert_trial(peer_type: type[Peer], lines: list[bytes], capacity: int) -> tu
     if held != capacity:
         raise RuntimeError(f"the buffer holds {held} rows after inserting {capacity}")
     gc.collect()
-    return peer, (capacity - warm_rows) / took, (resident_bytes(peer.holder_pid) - before) / (capacity - warm_rows)
+    return peer, (capacity - warm_rows) / took, growth_per_row(before, [resident_bytes(peer.holder_pid)],
+                                                                capacity - warm_rows)
 
 
 def sample_rounds(peer: Peer, rounds: int) -> list[float]:
@@ -294,9 +308,9 @@ def main() -> int:
     random.seed(0)
     lines = args.rows.read_bytes().splitlines()
     capacity = sum(len(json.loads(line)["source"]) for line in lines)
-    peer, rate, per_row = insert_trial(PEERS[args.peer], lines, capacity)
+    peer, rate, (per_row, private) = insert_trial(PEERS[args.peer], lines, capacity)
     print(f"{args.peer}: {rate:,.0f} rows/s inserted, {per_row:,.0f} resident bytes a row", file=sys.stderr, flush=True)
-    result = {"rows": capacity, "insert_rows_per_s": rate, "bytes_per_row": per_row}
+    result = {"rows": capacity, "insert_rows_per_s": rate, "bytes_per_row": per_row, "private_bytes_per_row": private}
     if args.rounds:
         result["sample_rows_per_s"] = sample_rounds(peer, args.rounds)
     peer.close()

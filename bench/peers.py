@@ -18,8 +18,8 @@ would not match the index's torchvision), never in ours: they are not dependenci
 A peer that does not install or import is reported with its error, not dropped.
 
 For each: insert_rows_per_s (acknowledged), sample_rows_per_s, bytes_per_row (growth of the
-holding processes' resident memory, divided by the rows), and ratio_to_forgetless (peer / ours,
-each figure). The first 1k-row batch warms each buffer and is neither timed nor counted. Medians of 3 insert trials (each in a new process and buffer) and of 5 sampling
+holding processes' resident memory, divided by the rows; private_bytes_per_row without shared
+memory such as Ray's object store arena), and ratio_to_forgetless (peer / ours, each figure). The first 1k-row batch warms each buffer and is neither timed nor counted. Medians of 3 insert trials (each in a new process and buffer) and of 5 sampling
 rounds (each at least 1 s and 20 batches); every trial is in the JSON.
 
   python bench/peers.py --json runs/bench/peers.json [--rows 100000] [--envs DIR] [--no-install]
@@ -46,7 +46,7 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
-from peer_runner import ROUND_MIN_BATCHES, ROUND_S, SAMPLE_ROWS, resident_bytes  # noqa: E402
+from peer_runner import ROUND_MIN_BATCHES, ROUND_S, SAMPLE_ROWS, growth_per_row, resident_bytes  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
 from replay_common import payload_bytes, review_corpus  # noqa: E402
 
@@ -108,20 +108,22 @@ def run_peer(peer: str, python: Path, rows_file: Path) -> dict:
             raise RuntimeError(f"{peer} failed in trial {trial + 1}:\n{tail(done.stderr)}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         inserts.append(result["insert_rows_per_s"])
-        resident.append(result["bytes_per_row"])
+        resident.append((result["bytes_per_row"], result["private_bytes_per_row"]))
         samples = result.get("sample_rows_per_s", samples)
         log(f"  {peer} trial {trial + 1}: insert {result['insert_rows_per_s']:,.0f} rows/s, "
-            f"{result['bytes_per_row']:,.0f} bytes a row")
+            f"{result['bytes_per_row']:,.0f} resident bytes a row ({result['private_bytes_per_row']:,.0f} private)")
     return summary(inserts, samples, resident)
 
 
-def summary(inserts: list[float], samples: list[float], resident: list[float]) -> dict:
+def summary(inserts: list[float], samples: list[float], resident: list[tuple[float, float]]) -> dict:
+    """Medians and trials; ``resident``: (resident, private) growth a row, per trial."""
     return {"insert_rows_per_s": round(statistics.median(inserts)),
             "sample_rows_per_s": round(statistics.median(samples)),
-            "bytes_per_row": round(statistics.median(resident), 1),
+            "bytes_per_row": round(statistics.median(r[0] for r in resident), 1),
+            "private_bytes_per_row": round(statistics.median(r[1] for r in resident), 1),
             "insert_trials_rows_per_s": [round(v) for v in inserts],
             "sample_trials_rows_per_s": [round(v) for v in samples],
-            "bytes_per_row_trials": [round(v, 1) for v in resident]}
+            "bytes_per_row_trials": [round(r[0], 1) for r in resident]}
 
 
 def timed_rounds(next_batch) -> float:
@@ -134,22 +136,22 @@ def timed_rounds(next_batch) -> float:
             return rows / elapsed
 
 
-def insert_store(data: pa.Table, directory: Path | None) -> tuple[ReplayStore, float, float]:
+def insert_store(data: pa.Table, directory: Path | None) -> tuple[ReplayStore, float, tuple[float, float]]:
     """A new 4-shard store filled in 1k-row batches: it, its acknowledged rows/s and the shard
-    processes' resident growth a row."""
+    processes' (resident, private) memory growth a row."""
     config = ReplayConfig(enabled=True, num_shards=SHARDS, capacity_rows=data.num_rows, remover="fifo",
                           snapshot_every_rows=None)
     store = ReplayStore.create(config, directory=directory)
     pids = [int(where["pid"]) for where in ray.get([shard.node.remote() for shard in store.shards])]
     store.insert(data.slice(0, INSERT_ROWS))  # the first batch warms the shards, as each peer's does
-    before = sum(resident_bytes(pid) for pid in pids)
+    before = [resident_bytes(pid) for pid in pids]
     start = time.perf_counter()
     stored = store.insert_batches(data.slice(offset, INSERT_ROWS)
                                   for offset in range(INSERT_ROWS, data.num_rows, INSERT_ROWS))
     rate = stored / (time.perf_counter() - start)
     if stored != data.num_rows - INSERT_ROWS:
         raise RuntimeError(f"the store acknowledged {stored} of {data.num_rows - INSERT_ROWS} rows")
-    return store, rate, (sum(resident_bytes(pid) for pid in pids) - before) / stored
+    return store, rate, growth_per_row(before, [resident_bytes(pid) for pid in pids], stored)
 
 
 def run_forgetless(data: pa.Table, workdir: Path) -> tuple[dict, dict]:
@@ -166,7 +168,7 @@ def run_forgetless(data: pa.Table, workdir: Path) -> tuple[dict, dict]:
         durable.append(rate)
         logged.shutdown()
         log(f"  forgetless trial {trial + 1}: insert {inserts[-1]:,.0f} rows/s in memory, {rate:,.0f} with its log; "
-            f"{per_row:,.0f} bytes a row")
+            f"{per_row[0]:,.0f} resident bytes a row ({per_row[1]:,.0f} private)")
     local = data.combine_chunks()
     rng = np.random.default_rng(0)
     sampler = PrefetchingSampler(store, batch_size=SAMPLE_ROWS)
@@ -190,7 +192,7 @@ def run_forgetless(data: pa.Table, workdir: Path) -> tuple[dict, dict]:
         table = pa.concat_tables([data.slice(o, INSERT_ROWS) for o in range(0, data.num_rows, INSERT_ROWS)]
                                  ).combine_chunks()
         concat.append(data.num_rows / (time.perf_counter() - start))
-    arrow = summary(concat, take, [table.nbytes / data.num_rows] * TRIALS)
+    arrow = summary(concat, take, [(table.nbytes / data.num_rows,) * 2] * TRIALS)
     return forgetless, arrow
 
 
@@ -239,7 +241,7 @@ def main() -> int:
         if "error" not in entry:
             entry["ratio_to_forgetless"] = {
                 figure: round(entry[figure] / ours[figure], 3) if ours[figure] else None
-                for figure in ("insert_rows_per_s", "sample_rows_per_s", "bytes_per_row")}
+                for figure in ("insert_rows_per_s", "sample_rows_per_s", "bytes_per_row", "private_bytes_per_row")}
     return report(results, args.json)
 
 

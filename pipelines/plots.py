@@ -23,20 +23,29 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     return write_atomic(path, buffer.getvalue(), durable=False)
 
 
+ANNOTATED_TASKS = 12  # beyond this many tasks the cells are too small to print their values in
+
+
 def plot_heatmap(matrix: ForgettingMatrix, path: str | Path, *, title: str = "") -> Path:
-    """Rows: trained up to (a first row for "before training"); columns: evaluated on."""
+    """Rows: trained up to (a first row for "before training"); columns: evaluated on. Each cell
+    carries its value up to ANNOTATED_TASKS tasks; longer streams get a figure of bounded size (a
+    cell's value is then read from the colour, or from acc_matrix.json)."""
     values = np.vstack([matrix.baseline[None, :], matrix.acc])
     rows = ["before training"] + [f"after {name}" for name in matrix.tasks]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * matrix.num_tasks, 1.2 + 0.55 * len(rows)))
+    cell = 1.0 if matrix.num_tasks <= ANNOTATED_TASKS else max(0.35, ANNOTATED_TASKS / matrix.num_tasks)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * cell * matrix.num_tasks, 1.2 + 0.55 * cell * len(rows)))
     image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(matrix.num_tasks), matrix.tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.axhline(0.5, color="white", linewidth=2)
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("trained up to")
-    for (r, c), value in np.ndenumerate(values):
-        if not np.isnan(value):
-            ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    if matrix.num_tasks <= ANNOTATED_TASKS:
+        for (r, c), value in np.ndenumerate(values):
+            if not np.isnan(value):
+                ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    else:
+        ax.tick_params(labelsize=7)
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title or "accuracy matrix")
     fig.tight_layout()

@@ -110,3 +110,34 @@ def test_sink_resumes_a_run_by_id(mlflow_store):
 def test_sink_resume_of_an_unknown_run_names_the_id(mlflow_store):
     with pytest.raises(Exception, match="deadbeef"):
         MlflowSink.resume(mlflow_store, "deadbeef")
+
+
+def test_the_heatmap_is_drawn_off_the_commit_path_and_shows_the_last_matrix(tmp_path, monkeypatch):
+    import threading
+
+    import numpy as np
+
+    import actors.scheduler as scheduler_module
+    from pipelines.metrics import ForgettingMatrix
+    from pipelines.plots import plot_heatmap
+
+    release, drawn = threading.Event(), []
+
+    def slow_plot(matrix, path, *, title=""):
+        release.wait(timeout=30)  # a drawing that takes as long as the test says
+        drawn.append(float(matrix.acc[0, 0]))
+        return plot_heatmap(matrix, path, title=title)
+
+    monkeypatch.setattr(scheduler_module, "plot_heatmap", slow_plot)
+    writer = scheduler_module.HeatmapWriter(tmp_path / "acc_heatmap.png", "toy")
+    matrix = ForgettingMatrix(["a", "b"])
+    for value in (0.1, 0.2, 0.3):
+        matrix.acc[0, 0] = value
+        writer.submit(matrix)  # returns while the first drawing still waits
+    assert not (tmp_path / "acc_heatmap.png").exists()
+    release.set()
+    writer.wait()
+    assert drawn[-1] == 0.3 and len(drawn) <= 2  # the newest matrix wins; ones overtaken are skipped
+    expected = plot_heatmap(matrix, tmp_path / "direct.png", title="toy")
+    assert (tmp_path / "acc_heatmap.png").read_bytes() == expected.read_bytes()
+    assert writer.error is None and np.isclose(matrix.acc[0, 0], 0.3)
