@@ -476,7 +476,8 @@ class Scheduler:
             self._write_matrix()
             self._heatmap.wait()  # the picture of the final matrix is on disk before it is logged
             if self._heatmap.error is not None:
-                print(f"warning: could not draw acc_heatmap.png: {self._heatmap.error}", flush=True)
+                print(f"warning: acc_heatmap.png could not be drawn ({self._heatmap.error}); acc_matrix.json "
+                      "holds the matrix", flush=True)
             self._write_report(report)
             for name in REPORT_FILES:
                 self.sink.log_artifact(self.output_dir / name)

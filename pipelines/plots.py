@@ -28,8 +28,9 @@ ANNOTATED_TASKS = 12  # beyond this many tasks the cells are too small to print 
 
 def plot_heatmap(matrix: ForgettingMatrix, path: str | Path, *, title: str = "") -> Path:
     """Rows: trained up to (a first row for "before training"); columns: evaluated on. Each cell
-    carries its value up to ANNOTATED_TASKS tasks; longer streams get a figure of bounded size (a
-    cell's value is then read from the colour, or from acc_matrix.json)."""
+    carries its value up to ANNOTATED_TASKS tasks; a longer stream gets smaller cells instead (the
+    figure stays the size of a 12-task one up to ~35 tasks) and its values are read from the colour,
+    or from acc_matrix.json."""
     values = np.vstack([matrix.baseline[None, :], matrix.acc])
     rows = ["before training"] + [f"after {name}" for name in matrix.tasks]
     cell = 1.0 if matrix.num_tasks <= ANNOTATED_TASKS else max(0.35, ANNOTATED_TASKS / matrix.num_tasks)

@@ -6,9 +6,9 @@ cd "$(dirname "$0")/../.."
 F=.venv/bin/forgetless
 OUT=runs/results
 
-tiny() {  # every strategy, 2 seeds x 2 task orders, on the tiny stream: the protocol end to end
-  $F compare configs/tiny/compare.yaml --strategies naive,replay,lwf,ewc,agem,derpp --seeds 2 --orders 2 \
-     output_dir=$OUT/tiny-compare overwrite=true --no-progress
+tiny() {  # every strategy, 3 seeds x 3 task orders, on the tiny stream: the protocol end to end
+  $F compare configs/tiny/compare.yaml --strategies naive,cumulative,joint,replay,lwf,ewc,agem,derpp \
+     --seeds 3 --orders 3 output_dir=$OUT/tiny-compare-3x3 overwrite=true --no-progress
 }
 
 ewc_sweep() {  # lambda from the first task's training rows only (docs/experiments/ewc_lambda_sweep.py)
