@@ -235,7 +235,7 @@ def hf_stream(steps: int, workdir: Path) -> dict:
 
     baseline = evaluate(trainer)
     matrix = []
-    for index, task in enumerate(stream):
+    for index in range(len(stream)):
         plan = build_plan(config, stream, index)
         rows = encode(plan.examples.column("source").to_pylist(), plan.examples.column("target").to_pylist())
         trainer = make_trainer(rows)
