@@ -41,7 +41,7 @@ lint: $(STAMP)
 
 # The speed targets and the comparisons with other tools (~1 h on 2 cores). bench/peers.py builds
 # RLlib's, Avalanche's and Reverb's environments under ~/.cache/forgetless/bench-envs on first use
-# (~7.6 GB of disk, a few minutes).
+# (~8.4 GB of disk, a few minutes).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
