@@ -280,23 +280,25 @@ def insert_trial(peer_type: type[Peer], lines: list[bytes], capacity: int) -> tu
                                                                 capacity - warm_rows)
 
 
+def timed_round(next_batch: Callable[[], int]) -> float:
+    """Rows/s of one sampling round: 256-row batches for at least ROUND_S and ROUND_MIN_BATCHES
+    batches. bench/peers.py times our store and the Arrow take with it too."""
+    rows, start = 0, time.perf_counter()
+    while True:
+        count = next_batch()
+        if count != SAMPLE_ROWS:
+            raise RuntimeError(f"a sample returned {count} rows, not {SAMPLE_ROWS}")
+        rows += count
+        elapsed = time.perf_counter() - start
+        if elapsed >= ROUND_S and rows >= ROUND_MIN_BATCHES * SAMPLE_ROWS:
+            return rows / elapsed
+
+
 def sample_rounds(peer: Peer, rounds: int) -> list[float]:
-    """Rows/s of 256-row batches, each round at least ROUND_S and ROUND_MIN_BATCHES batches."""
+    """Rows/s of ``rounds`` sampling rounds from the peer."""
     next_batch = peer.sampler()
     next_batch()  # the first call sets up what later ones reuse
-    rates = []
-    for _ in range(rounds):
-        rows, start = 0, time.perf_counter()
-        while True:
-            count = next_batch()
-            if count != SAMPLE_ROWS:
-                raise RuntimeError(f"a sample returned {count} rows, not {SAMPLE_ROWS}")
-            rows += count
-            elapsed = time.perf_counter() - start
-            if elapsed >= ROUND_S and rows >= ROUND_MIN_BATCHES * SAMPLE_ROWS:
-                break
-        rates.append(rows / elapsed)
-    return rates
+    return [timed_round(next_batch) for _ in range(rounds)]
 
 
 def main() -> int:

@@ -46,7 +46,7 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
-from peer_runner import ROUND_MIN_BATCHES, ROUND_S, SAMPLE_ROWS, growth_per_row, resident_bytes  # noqa: E402
+from peer_runner import SAMPLE_ROWS, growth_per_row, resident_bytes, timed_round  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
 from replay_common import payload_bytes, review_corpus  # noqa: E402
 
@@ -126,16 +126,6 @@ def summary(inserts: list[float], samples: list[float], resident: list[tuple[flo
             "bytes_per_row_trials": [round(r[0], 1) for r in resident]}
 
 
-def timed_rounds(next_batch) -> float:
-    """Rows/s of one round: at least ROUND_S seconds and ROUND_MIN_BATCHES batches."""
-    rows, start = 0, time.perf_counter()
-    while True:
-        rows += next_batch()
-        elapsed = time.perf_counter() - start
-        if elapsed >= ROUND_S and rows >= ROUND_MIN_BATCHES * SAMPLE_ROWS:
-            return rows / elapsed
-
-
 def insert_store(data: pa.Table, directory: Path | None) -> tuple[ReplayStore, float, tuple[float, float]]:
     """A new 4-shard store filled in 1k-row batches: it, its acknowledged rows/s and the shard
     processes' (resident, private) memory growth a row."""
@@ -175,8 +165,8 @@ def run_forgetless(data: pa.Table, workdir: Path) -> tuple[dict, dict]:
     sampler.next_batch()  # the first call maps the published tables
     ours, take = [], []
     for _ in range(ROUNDS):
-        ours.append(timed_rounds(lambda: sampler.next_batch().num_rows))
-        take.append(timed_rounds(lambda: local.take(pa.array(rng.integers(0, local.num_rows, SAMPLE_ROWS))).num_rows))
+        ours.append(timed_round(lambda: sampler.next_batch().num_rows))
+        take.append(timed_round(lambda: local.take(pa.array(rng.integers(0, local.num_rows, SAMPLE_ROWS))).num_rows))
     sampler.close()
     store.shutdown()
     forgetless = summary(inserts, ours, resident)
