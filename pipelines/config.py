@@ -238,6 +238,12 @@ class EvaluationConfig(Schema):
     # feature extraction classifies over the label set either way.
     scoring: Literal["generate", "likelihood"] = "generate"
     max_labels: int = Field(default=20, ge=2)
+    # Evaluate the tasks in mixed batches (examples of every task interleaved) instead of one task
+    # at a time: one model answers every task, each input carrying its task in its text (prefix,
+    # in-context examples). Only where the model is shared: paradigm fine_tuning or
+    # prompt_engineering. Generated tasks are pooled; ranked (likelihood) and masked-token tasks are
+    # still scored one at a time. A mixed batch decodes until its longest answer ends.
+    mix_tasks: bool = False
 
 
 class CheckpointConfig(Schema):
@@ -511,6 +517,10 @@ class RunConfig(Schema):
         if self.stream.has_pretraining_task and self.model.pretrain is None:
             raise ValueError("stream.pretraining_task needs model.pretrain: the pretraining objective, corpus and "
                              "held-out split come from the pretrain config the model was built by")
+        if self.evaluation.mix_tasks and self.paradigm.has_task_parameters:
+            raise ValueError(f"evaluation.mix_tasks: under paradigm {self.paradigm.name} each task has its own "
+                             f"{'prompt' if self.paradigm.name == 'prompt_tuning' else 'head'}, so a batch can hold "
+                             "one task only; set evaluation.mix_tasks=false")
         if self.paradigm.freezes_model:
             what = f"paradigm {self.paradigm.name}"
             if not isinstance(self.strategy, NaiveStrategyConfig):

@@ -496,14 +496,12 @@ class Learner(Engine):
         generates the same number of batches (ZeRO-3 needs them in lockstep). With ``model`` (a
         plain module on this rank alone), every example."""
         n, size = len(eval_set.sources), self.config.evaluation.batch_size
-        ranks, rank = (1, 0) if model is not None else (self.world_size, self.rank)
-        per_rank = -(-n // ranks)
-        mine = [rank + ranks * k for k in range(per_rank)]  # indices >= n are padding
+        mine = self._share(n, model)
         if eval_set.metric == MASKED_TOKEN_ACCURACY:
             return self._score_denoising(eval_set, mine, model)
         score = METRICS[eval_set.metric]
         total, count = 0.0, 0
-        for start in range(0, per_rank, size):
+        for start in range(0, len(mine), size):
             chunk = mine[start : start + size]
             sources = [eval_set.sources[min(i, n - 1)] for i in chunk]
             predictions = (self._rank(sources, eval_set.labels, model, eval_set.name) if eval_set.labels
@@ -513,6 +511,30 @@ class Learner(Engine):
                     total += score(prediction, eval_set.targets[i])
                     count += 1
         return total, count
+
+    def _share(self, n: int, model: torch.nn.Module | None) -> list[int]:
+        """This rank's indices of ``n`` examples: an equal share, indices >= n padding (every rank
+        runs the same number of batches); all of them for a plain ``model`` on this rank alone."""
+        ranks, rank = (1, 0) if model is not None else (self.world_size, self.rank)
+        return [rank + ranks * k for k in range(-(-n // ranks))]
+
+    def _score_mixed(self, eval_sets: list[EvalSet]) -> list[tuple[float, int]]:
+        """``_score`` for several generated eval sets at once (``evaluation.mix_tasks``): their examples
+        interleaved (each set's first, then each set's second, ...), so every batch holds several
+        tasks, each input carrying its task in its text. This rank's (summed score, count) per set."""
+        items = [(j, i) for i, j in sorted((i, j) for j, s in enumerate(eval_sets) for i in range(len(s.sources)))]
+        n, size = len(items), self.config.evaluation.batch_size
+        mine = self._share(n, None)
+        totals = [[0.0, 0] for _ in eval_sets]
+        for start in range(0, len(mine), size):
+            chunk = mine[start : start + size]
+            pairs = [items[min(k, n - 1)] for k in chunk]
+            predictions = self._generate([eval_sets[j].sources[i] for j, i in pairs])
+            for k, (j, i), prediction in zip(chunk, pairs, predictions):
+                if k < n:
+                    totals[j][0] += METRICS[eval_sets[j].metric](prediction, eval_sets[j].targets[i])
+                    totals[j][1] += 1
+        return [(total, count) for total, count in totals]
 
     def _corruptor(self, task: str) -> Corruptor:
         """The pretraining objective over this tokenizer, built once (replay asks for it every batch)."""
@@ -545,7 +567,13 @@ class Learner(Engine):
         """Mean score on each eval set; one all-reduce for all of them."""
         self.engine.eval()
         try:
-            local = [value for s in eval_sets for value in self._score(s)]
+            scores: list[tuple[float, int] | None] = [None] * len(eval_sets)
+            pooled = ([k for k, s in enumerate(eval_sets) if not s.labels and s.metric != MASKED_TOKEN_ACCURACY]
+                      if self.config.evaluation.mix_tasks else [])
+            if len(pooled) > 1:
+                for k, result in zip(pooled, self._score_mixed([eval_sets[k] for k in pooled])):
+                    scores[k] = result
+            local = [value for k, s in enumerate(eval_sets) for value in (scores[k] or self._score(s))]
         finally:
             self.engine.train()
         totals = self.comm.all_reduce_sum(self.comm.tensor(local, dtype=torch.float64)).view(-1, 2).tolist()

@@ -51,6 +51,8 @@ def run_config(config: RunConfig, paradigm: str, size: int | None, *, output_dir
     if paradigm != "fine_tuning":
         data["recovery"]["enabled"] = False
         data["replay"]["enabled"] = False
+    if paradigm in ("feature_extraction", "prompt_tuning"):
+        data["evaluation"]["mix_tasks"] = False  # a head or a prompt per task: one task a batch
     for task in data["stream"]["tasks"]:
         if size is not None:
             task["max_train_examples"] = min(size, task["max_train_examples"] or size)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 PARADIGMS = ["feature_extraction", "fine_tuning", "prompt_engineering", "prompt_tuning"]
@@ -13,7 +14,7 @@ def test_table1_measures_every_paradigm(cli, toy_config_file, tmp_path, mlflow_s
     # covers several sizes; tests/unit/pipelines/test_paradigms.py ZeRO 0, 2 and 3).
     path = toy_config_file(max_steps=4)
     result = cli("table1", str(path), "--no-progress", "table1.train_sizes=[24]", "paradigm.shots=1",
-                 "paradigm.prompt_length=4", "stream.max_source_tokens=96", timeout=900)
+                 "paradigm.prompt_length=4", "stream.max_source_tokens=96", "evaluation.mix_tasks=true", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     table = json.loads((out / "table1.json").read_text())
@@ -36,6 +37,10 @@ def test_table1_measures_every_paradigm(cli, toy_config_file, tmp_path, mlflow_s
     report = json.loads((out / "prompt_tuning" / "size-24" / "report.json").read_text())
     assert report["paradigm"]["name"] == "prompt_tuning" and report["strategy"] == "naive"
     assert report["train"]["category"]["trainable_params"] == params["prompt_tuning"]
+    mixed = {name: yaml.safe_load((out / name / "size-24" / "config.yaml").read_text())["evaluation"]["mix_tasks"]
+             for name in PARADIGMS}  # the shared-model paradigms evaluate the tasks in mixed batches
+    assert mixed == {"feature_extraction": False, "fine_tuning": True, "prompt_engineering": True,
+                     "prompt_tuning": False}
     text = (out / "table1.md").read_text()
     assert "| | Feature extraction | Fine-tuning | Prompt engineering | Prompt tuning |" in text
     assert "Huge" in text and "Bad to OK" in text

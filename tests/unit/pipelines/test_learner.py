@@ -9,10 +9,11 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 import dataclasses
 
 from pipelines.config import validate_config
-from pipelines.errors import NonFiniteLossError
+from pipelines.errors import ConfigError, NonFiniteLossError
 from pipelines.learner import label_log_likelihoods, lr_at, silence_library_noise
 from pipelines.paradigms import eval_sets
 from pipelines.plan import EvalSet, build_plan, num_steps
+from pipelines.table1 import run_config
 from pipelines.tasks import load_stream
 
 silence_library_noise()
@@ -209,3 +210,51 @@ def test_likelihood_scoring_only_ranks_classification_tasks(toy_stream_config):
     toy_stream_config["evaluation"].update(scoring="likelihood", max_labels=20)
     toy_stream_config["paradigm"] = {"name": "feature_extraction"}  # its heads classify over the label set already
     assert all(s.labels == () for s in eval_sets(validate_config(toy_stream_config), stream))
+
+
+def test_mixed_task_batches_score_each_task_as_one_task_at_a_time_does(make_learner, toy_stream_config):
+    # evaluation.mix_tasks: one shared model answers batches that hold both tasks; each task's score
+    # must be what scoring it alone gives, whichever rank's share of the pooled examples it falls in.
+    toy_stream_config["evaluation"].update(mix_tasks=True, batch_size=7)
+    toy_stream_config["training"].update(max_steps=40)
+    learner, stream, config = make_learner(toy_stream_config)
+    learner.train_task(_plan(stream, config, 0))
+    sets = [EvalSet(t.name, t.metric, t.sources("train")[:40], t.targets("train")[:40]) for t in stream]
+    sets[1] = dataclasses.replace(sets[1], sources=sets[1].sources[:22], targets=sets[1].targets[:22])  # unequal; 62 = 3 x 21 - 1
+
+    batches = []
+    generate = learner._generate
+    learner._generate = lambda sources, *a, **k: batches.append(sources) or generate(sources, *a, **k)
+    learner.engine.eval()
+    alone = [learner._score(s) for s in sets]
+    batches.clear()
+    pooled = learner._score_mixed(sets)
+    assert any(set(b) & set(sets[0].sources) and set(b) & set(sets[1].sources) for b in batches)
+    assert [count for _, count in pooled] == [40, 22]
+    assert [v for pair in pooled for v in pair] == pytest.approx([v for pair in alone for v in pair])
+    assert alone[0][0] > alone[1][0] + 5  # the tasks' scores differ: a swap would show
+
+    learner.world_size = 3  # three ranks' shares (stage 0: no collective in generation) add up to the whole
+    shares = []
+    for rank in range(3):
+        learner.rank = rank
+        shares.append(learner._score_mixed(sets))
+    learner.world_size, learner.rank = 1, 0
+    summed = [sum(share[j][k] for share in shares) for j in range(2) for k in range(2)]
+    assert summed == pytest.approx([v for pair in alone for v in pair])
+    learner.engine.train()
+    assert learner.evaluate(sets) == pytest.approx({s.name: total / count for s, (total, count) in zip(sets, alone)})
+
+
+def test_mixed_task_batches_need_a_model_every_task_shares(toy_stream_config):
+    toy_stream_config["evaluation"].update(mix_tasks=True)
+    for paradigm, what in (("prompt_tuning", "prompt"), ("feature_extraction", "head")):
+        toy_stream_config["paradigm"] = {"name": paradigm}
+        with pytest.raises(ConfigError, match=rf"evaluation.mix_tasks: .* its own {what}"):
+            validate_config(toy_stream_config)
+    toy_stream_config["paradigm"] = {"name": "prompt_engineering", "shots": 1}
+    config = validate_config(toy_stream_config)
+    assert config.evaluation.mix_tasks
+    # table1 runs every paradigm from one config: the per-task ones evaluate one task a batch
+    assert not run_config(config, "prompt_tuning", 8, output_dir="x", parent_run_id=None).evaluation.mix_tasks
+    assert run_config(config, "fine_tuning", 8, output_dir="x", parent_run_id=None).evaluation.mix_tasks
