@@ -44,6 +44,7 @@ quiet_environment()
 import torch  # noqa: E402
 
 from pipelines.config import RunConfig, load_config, resolve_paths  # noqa: E402
+from pipelines.distributed import single_process_group_env  # noqa: E402
 from pipelines.learner import Learner, silence_library_noise  # noqa: E402
 from pipelines.models import build_model, load_tokenizer, stream_tokenizer  # noqa: E402
 from pipelines.paradigms import eval_sets  # noqa: E402
@@ -259,12 +260,7 @@ def child(part: str, steps: int, workdir: Path) -> dict:
     `deepspeed` launcher starts a one-process job. Returns the part's JSON line."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     if part == "hf_deepspeed":
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.update(single_process_group_env())
     began = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--part", part, "--steps", str(steps), "--workdir", str(workdir)],
                           capture_output=True, text=True, env=env, timeout=3600)
