@@ -24,6 +24,19 @@ replay_budget() {  # average accuracy against the buffer's size: rows kept per t
   done
 }
 
+each() {  # one run per strategy from the stream's own start, seed 0, the config's order; EWC at the lambda of
+          # the task-incremental sweep: each STREAM [STRATEGY ...]
+  local stream=$1; shift
+  local strategies=("$@")
+  [ ${#strategies[@]} -gt 0 ] || strategies=(naive replay lwf ewc agem derpp joint cumulative)
+  for s in "${strategies[@]}"; do
+    local extra=()
+    [ "$s" = ewc ] && extra=(strategy.lambda=10000)
+    $F run configs/$stream.yaml strategy.name=$s "${extra[@]}" output_dir=$OUT/$stream-warm/$s overwrite=true \
+       --no-progress > $OUT/$stream-warm-$s.log 2>&1 || echo "$stream $s: failed, see $OUT/$stream-warm-$s.log"
+  done
+}
+
 streams() {  # every strategy on a built-in stream: seeds x orders
   local stream=$1 seeds=${2:-3} orders=${3:-3}; shift 3 || true
   $F compare configs/$stream.yaml --strategies naive,cumulative,joint,replay,lwf,ewc,agem,derpp \
