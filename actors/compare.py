@@ -22,7 +22,7 @@ from actors.tracking import MlflowSink, check_tracking
 from actors.trainer_group import WorkerGroups
 from pipelines.config import STRATEGY_CONFIGS, JointStrategyConfig, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
-from pipelines.metrics import ForgettingMatrix, interval, intransigence
+from pipelines.metrics import ONLY_AT_END, ForgettingMatrix, interval, intransigence
 from pipelines.plan import planning_for
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
@@ -30,7 +30,6 @@ from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "intransigence")
-ONLY_AT_END = ("forgetting", "bwt", "fwt", "learning_acc", "intransigence")  # undefined for joint
 REFERENCE = JointStrategyConfig().name  # intransigence is measured against it, when it is compared
 
 

@@ -31,7 +31,7 @@ import yaml
 from actors.replay import ReplayStore
 from actors.tracking import CLIENT_ENV, BufferedSink, MlflowSink, send_pending
 from pipelines.config import RunConfig, experiment_dict, flatten
-from pipelines.metrics import ForgettingMatrix
+from pipelines.metrics import ForgettingMatrix, final_only
 from pipelines.paradigms import eval_sets as build_eval_sets
 from pipelines.plan import (
     EvalSet,
@@ -296,7 +296,7 @@ class Scheduler:
         after it (step = task index)."""
         name = self.stream[task_index].name
         self.matrix.record(task_index, accuracies)
-        metrics = self.matrix.summary(task_index)
+        metrics = self._metrics(task_index)
         self._history.append({"task_index": task_index, "task": name, **metrics})
         if train_stats:
             self._train_stats[name] = TaskStats(**train_stats)
@@ -418,6 +418,12 @@ class Scheduler:
     def failure(self) -> str | None:
         return self._failure
 
+    def _metrics(self, upto: int) -> dict[str, float | None]:
+        """The metrics after task ``upto``; for a strategy that trains only at the end, those that need
+        a model trained task by task are None (in the report, and not logged)."""
+        metrics = self.matrix.summary(upto)
+        return final_only(metrics) if self.planning.trains_only_at_end else metrics
+
     def _write_matrix(self) -> None:
         write_atomic(self.output_dir / "acc_matrix.json", _json(self.matrix.to_dict()))
         if self._heatmap is None:
@@ -427,8 +433,8 @@ class Scheduler:
 
     def report(self, status: str = "RUNNING") -> RunReport:
         rows = self.finished
-        metrics = self.matrix.summary(rows - 1) if rows else {"avg_acc": None, "forgetting": None, "bwt": None,
-                                                              "fwt": None, "learning_acc": None}
+        metrics = self._metrics(rows - 1) if rows else {"avg_acc": None, "forgetting": None, "bwt": None,
+                                                        "fwt": None, "learning_acc": None}
         data = self.matrix.to_dict()
         return RunReport(
             tasks=data["tasks"], acc_matrix=data["acc_matrix"], baseline=data["baseline"], metrics=metrics,
@@ -436,7 +442,8 @@ class Scheduler:
             strategy_config=self.config.strategy.model_dump(mode="json", by_alias=True),
             paradigm=self.config.paradigm.model_dump(mode="json"),
             note=("trains once, at the last task, on every task's data: only the final row (and avg_acc) is "
-                  "meaningful; forgetting, bwt and fwt are not defined for it") if self.planning.trains_only_at_end
+                  "meaningful; forgetting, bwt, fwt and learning_acc are not defined for it (null)")
+            if self.planning.trains_only_at_end
             else None,
             experiment=self.config.experiment, seed=self.config.seed, status=status, error=self._failure,
             finished_tasks=rows, complete=rows == len(self.stream), train=self._train_stats,

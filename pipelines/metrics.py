@@ -103,6 +103,17 @@ def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int
     return out
 
 
+# Undefined for a strategy that trains once, on every task, at the end (joint): its rows before the
+# last are the untrained model, so nothing was learned task by task to forget, transfer or measure.
+ONLY_AT_END = ("forgetting", "bwt", "fwt", "learning_acc", "intransigence")
+
+
+def final_only(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    """``metrics`` with those in ``ONLY_AT_END`` (and their per-metric forms, ``learning_acc/rouge_l``)
+    set to None: what a strategy that trains only at the end can report."""
+    return {k: None if k.split("/")[0] in ONLY_AT_END else v for k, v in metrics.items()}
+
+
 def intransigence(acc: np.ndarray, reference: np.ndarray | list[float], *, skip: tuple[int, ...] = ()) -> float | None:
     """Mean over tasks k (not in ``skip``) of reference[k] - acc[k, k] (Chaudhry et al. 2018): how
     much less a strategy learns each task than a model trained on the tasks together could.

@@ -28,7 +28,7 @@ each() {  # one run per strategy from the stream's own start, seed 0, the config
           # the task-incremental sweep: each STREAM [STRATEGY ...]
   local stream=$1; shift
   local strategies=("$@")
-  [ ${#strategies[@]} -gt 0 ] || strategies=(naive replay lwf ewc agem derpp joint cumulative)
+  [ ${#strategies[@]} -gt 0 ] || strategies=(naive replay lwf joint ewc derpp cumulative agem)
   for s in "${strategies[@]}"; do
     local extra=()
     [ "$s" = ewc ] && extra=(strategy.lambda=10000)

@@ -141,3 +141,22 @@ def test_the_heatmap_is_drawn_off_the_commit_path_and_shows_the_last_matrix(tmp_
     expected = plot_heatmap(matrix, tmp_path / "direct.png", title="toy")
     assert (tmp_path / "acc_heatmap.png").read_bytes() == expected.read_bytes()
     assert writer.error is None and np.isclose(matrix.acc[0, 0], 0.3)
+
+
+def test_joint_reports_only_what_training_at_the_end_defines(toy_stream_config, mlflow_store):
+    # joint's rows before the last are the untrained model: no forgetting, transfer or learning
+    # accuracy to report (the matrix alone would give forgetting -0.7 here), and none logged
+    toy_stream_config["strategy"] = {"name": "joint"}
+    config = resolve_paths(validate_config(toy_stream_config))
+    scheduler = Scheduler(config, load_stream(config))
+    scheduler.record_baseline(_row(0.0, 0.0))
+    scheduler.next_task(0)
+    assert scheduler.record_eval(0, _row(0.0, 0.0))["forgetting"] is None
+    scheduler.next_task(0)
+    scheduler.record_eval(1, _row(0.7, 0.8))
+    report = scheduler.finish()
+    assert report.metrics == {"avg_acc": pytest.approx(0.75), "forgetting": None, "bwt": None, "fwt": None,
+                              "learning_acc": None}
+    assert "learning_acc are not defined" in report.note
+    logged = MlflowClient(mlflow_store).get_run(report.mlflow.run_id).data.metrics
+    assert logged["avg_acc"] == pytest.approx(0.75) and not {"forgetting", "bwt", "fwt", "learning_acc"} & set(logged)
