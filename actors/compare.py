@@ -22,7 +22,7 @@ from actors.tracking import MlflowSink, check_tracking
 from actors.trainer_group import WorkerGroups
 from pipelines.config import STRATEGY_CONFIGS, JointStrategyConfig, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
-from pipelines.metrics import ONLY_AT_END, ForgettingMatrix, interval, intransigence
+from pipelines.metrics import ForgettingMatrix, final_only, interval, intransigence
 from pipelines.plan import planning_for
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
@@ -144,12 +144,12 @@ def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[
     joint = {(tuple(r.tasks), r.seed): r for r in reports.get(REFERENCE, [])}
     for name, runs in reports.items():
         finished = [r for r in runs if r.status == "FINISHED"]
-        undefined = ONLY_AT_END if _trains_only_at_end(name) else ()
+        only_at_end = _trains_only_at_end(name)
         values: dict[str, list[float | None]] = {}
         for r in finished:
             metrics = {**r.metrics, "intransigence": _intransigence(r, joint.get((tuple(r.tasks), r.seed)))}
-            for metric, value in metrics.items():
-                values.setdefault(metric, []).append(None if metric.split("/")[0] in undefined else value)
+            for metric, value in (final_only(metrics) if only_at_end else metrics).items():
+                values.setdefault(metric, []).append(value)
         entry: dict[str, Any] = {metric: interval(values.get(metric, [])) for metric in METRICS}
         entry.update({metric: interval(v) for metric, v in sorted(values.items()) if "/" in metric})
         in_order = [r for r in finished if r.tasks == finished[0].tasks] if finished else []
@@ -163,7 +163,7 @@ def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[
                           "metrics": r.metrics, "seconds": t.get("wall_s", r.seconds) - t.get("startup_s", 0.0),
                           **t, "error": r.error} for r, t in zip(runs, timed)]
         entry["seconds"] = interval([run["seconds"] for run in entry["runs"] if run["status"] == "FINISHED"])
-        if undefined:
+        if only_at_end:
             entry["note"] = "trained once, on every task at the end: only avg_acc is meaningful"
         out[name] = entry
     return out

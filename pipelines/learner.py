@@ -495,22 +495,9 @@ class Learner(Engine):
         """This rank's summed score and count: an equal share of the examples, padded so every rank
         generates the same number of batches (ZeRO-3 needs them in lockstep). With ``model`` (a
         plain module on this rank alone), every example."""
-        n, size = len(eval_set.sources), self.config.evaluation.batch_size
-        mine = self._share(n, model)
         if eval_set.metric == MASKED_TOKEN_ACCURACY:
-            return self._score_denoising(eval_set, mine, model)
-        score = METRICS[eval_set.metric]
-        total, count = 0.0, 0
-        for start in range(0, len(mine), size):
-            chunk = mine[start : start + size]
-            sources = [eval_set.sources[min(i, n - 1)] for i in chunk]
-            predictions = (self._rank(sources, eval_set.labels, model, eval_set.name) if eval_set.labels
-                           else self._generate(sources, model, eval_set.name))
-            for i, prediction in zip(chunk, predictions):
-                if i < n:
-                    total += score(prediction, eval_set.targets[i])
-                    count += 1
-        return total, count
+            return self._score_denoising(eval_set, self._share(len(eval_set.sources), model), model)
+        return self._score_sets([eval_set], model)[0]
 
     def _share(self, n: int, model: torch.nn.Module | None) -> list[int]:
         """This rank's indices of ``n`` examples: an equal share, indices >= n padding (every rank
@@ -518,18 +505,22 @@ class Learner(Engine):
         ranks, rank = (1, 0) if model is not None else (self.world_size, self.rank)
         return [rank + ranks * k for k in range(-(-n // ranks))]
 
-    def _score_mixed(self, eval_sets: list[EvalSet]) -> list[tuple[float, int]]:
-        """``_score`` for several generated eval sets at once (``evaluation.mix_tasks``): their examples
-        interleaved (each set's first, then each set's second, ...), so every batch holds several
-        tasks, each input carrying its task in its text. This rank's (summed score, count) per set."""
+    def _score_sets(self, eval_sets: list[EvalSet], model: torch.nn.Module | None = None) -> list[tuple[float, int]]:
+        """This rank's (summed score, count) per eval set, their examples interleaved (each set's first,
+        then each set's second, ...): with several sets (``evaluation.mix_tasks``) every batch holds
+        several tasks, each input carrying its task in its text, and answers are generated; one set
+        alone is ranked over its label set when it has one."""
+        one = eval_sets[0] if len(eval_sets) == 1 else None
         items = [(j, i) for i, j in sorted((i, j) for j, s in enumerate(eval_sets) for i in range(len(s.sources)))]
         n, size = len(items), self.config.evaluation.batch_size
-        mine = self._share(n, None)
+        mine = self._share(n, model)
         totals = [[0.0, 0] for _ in eval_sets]
         for start in range(0, len(mine), size):
             chunk = mine[start : start + size]
             pairs = [items[min(k, n - 1)] for k in chunk]
-            predictions = self._generate([eval_sets[j].sources[i] for j, i in pairs])
+            sources = [eval_sets[j].sources[i] for j, i in pairs]
+            predictions = (self._rank(sources, one.labels, model, one.name) if one is not None and one.labels
+                           else self._generate(sources, model, one.name if one is not None else None))
             for k, (j, i), prediction in zip(chunk, pairs, predictions):
                 if k < n:
                     totals[j][0] += METRICS[eval_sets[j].metric](prediction, eval_sets[j].targets[i])
@@ -571,7 +562,7 @@ class Learner(Engine):
             pooled = ([k for k, s in enumerate(eval_sets) if not s.labels and s.metric != MASKED_TOKEN_ACCURACY]
                       if self.config.evaluation.mix_tasks else [])
             if len(pooled) > 1:
-                for k, result in zip(pooled, self._score_mixed([eval_sets[k] for k in pooled])):
+                for k, result in zip(pooled, self._score_sets([eval_sets[k] for k in pooled])):
                     scores[k] = result
             local = [value for k, s in enumerate(eval_sets) for value in (scores[k] or self._score(s))]
         finally:

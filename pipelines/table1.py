@@ -51,7 +51,7 @@ def run_config(config: RunConfig, paradigm: str, size: int | None, *, output_dir
     if paradigm != "fine_tuning":
         data["recovery"]["enabled"] = False
         data["replay"]["enabled"] = False
-    if paradigm in ("feature_extraction", "prompt_tuning"):
+    if config.paradigm.model_copy(update={"name": paradigm}).has_task_parameters:
         data["evaluation"]["mix_tasks"] = False  # a head or a prompt per task: one task a batch
     for task in data["stream"]["tasks"]:
         if size is not None:

@@ -228,7 +228,7 @@ def test_mixed_task_batches_score_each_task_as_one_task_at_a_time_does(make_lear
     learner.engine.eval()
     alone = [learner._score(s) for s in sets]
     batches.clear()
-    pooled = learner._score_mixed(sets)
+    pooled = learner._score_sets(sets)
     assert any(set(b) & set(sets[0].sources) and set(b) & set(sets[1].sources) for b in batches)
     assert [count for _, count in pooled] == [40, 22]
     assert [v for pair in pooled for v in pair] == pytest.approx([v for pair in alone for v in pair])
@@ -238,7 +238,7 @@ def test_mixed_task_batches_score_each_task_as_one_task_at_a_time_does(make_lear
     shares = []
     for rank in range(3):
         learner.rank = rank
-        shares.append(learner._score_mixed(sets))
+        shares.append(learner._score_sets(sets))
     learner.world_size, learner.rank = 1, 0
     summed = [sum(share[j][k] for share in shares) for j in range(2) for k in range(2)]
     assert summed == pytest.approx([v for pair in alone for v in pair])
