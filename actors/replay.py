@@ -269,24 +269,29 @@ class ReplayStore:
         return [(i, part, self.shards[i].insert.remote(part, self.version)) for i, part in parts]
 
     def _acknowledge(self, sent: list[tuple[int, pa.Table, ray.ObjectRef]]) -> int:
-        stored, stale = 0, []
+        stored, stale, newest = 0, [], 0
         for i, part, ref in sent:
             try:
                 stored += self._reply(i, ref, "insert", part, self.version)
-            except StaleTopologyError:
+            except StaleTopologyError as refused:
                 stale.append(part)
-        for part in stale:  # the store was resized under us: route those rows again
-            self._follow_topology()
-            stored += self._acknowledge(self._send(part))
+                newest = max(newest, refused.current)
+        if stale:  # the store was resized under us: learn the topology the refusals named, route again
+            self._follow_topology(newest)
+            stored += self._acknowledge(self._send(pa.concat_tables(stale)))
         return stored
 
-    def _follow_topology(self) -> None:
-        for attempt in range(200):  # the resizer publishes to shard 0 last-but-not-least; wait for it
-            if self.sync():
+    def _follow_topology(self, version: int) -> None:
+        """Adopt a topology at least ``version`` (the one a refusing shard holds); the resizer tells
+        every shard at once, so shard 0 may learn it a moment after the shard that refused."""
+        for attempt in range(200):
+            if self.version < version:
+                self.sync()
+            if self.version >= version:
                 return
             time.sleep(0.01 * min(attempt + 1, 10))
-        raise StorageError("a replay shard refused an insert as routed under an old topology, but no newer "
-                           "topology could be read from shard 0")
+        raise StorageError(f"a replay shard refused an insert as routed under topology {self.version}, older than "
+                           f"its {version}, but shard 0 still holds topology {self._call(0, 'topology')[0]}")
 
     def insert(self, table: pa.Table) -> int:
         """Route rows by example id and insert them; returns rows newly stored.

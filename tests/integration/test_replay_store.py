@@ -97,6 +97,22 @@ def test_add_shards_moves_rows_without_loss_or_duplicates_and_old_handles_follow
     store.shutdown()
 
 
+def test_a_stale_copy_whose_insert_every_old_shard_refuses_routes_all_of_it_again():
+    """Both old shards refuse the stale copy's parts: the copy reads the new topology once and routes
+    both parts again (a second read, finding nothing newer, must not be taken for a lost topology)."""
+    store = make_store(num_shards=2)
+    stale = pickle.loads(pickle.dumps(store))
+    store.add_shards(2)
+    ids = [f"late:{i}" for i in range(400)]
+    assert set(route(ids, 2).tolist()) == {0, 1}  # a part for each old shard, both refused
+    started = time.monotonic()
+    assert stale.insert(rows(ids)) == 400
+    assert time.monotonic() - started < 5.0, "the copy waited for a topology newer than the one it had read"
+    assert stale.num_shards == 4
+    _placement_is_exact(store, ids)
+    store.shutdown()
+
+
 def _placement_is_exact(store, acknowledged):
     """Every acknowledged row held exactly once, on the shard the store's topology routes it to."""
     held = [ray.get(s.rows.remote()).column("example_id").to_pylist() for s in store.shards]
