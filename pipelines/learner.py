@@ -9,6 +9,7 @@ worker, under torchrun, or in a test with one process.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import random
 import shutil
@@ -34,11 +35,13 @@ from pipelines.denoising import (
 from pipelines.distributed import Collectives, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.models import build_model, check_precision, load_tokenizer, save_pretrained
-from pipelines.paradigms import PARADIGM_FILE, ParadigmModel, TaskSlot, trained_for
+from pipelines.paradigms import PARADIGM_FILE, ParadigmModel, TaskSlot, source_tokens, trained_for
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.scoring import METRICS
 from pipelines.strategies import IGNORE_INDEX, TrainingContext, build_training_strategy
 from storage.files import atomic_directory
+
+log = logging.getLogger("forgetless")
 
 # (step, num_steps, mean loss since the last call, the strategy's metrics averaged the same way)
 StepCallback = Callable[[int, int, float, dict[str, float]], None]
@@ -196,6 +199,11 @@ class Learner(Engine):
         super().__init__(config.model, config.training, tokenizer_dir, seed=config.seed, rank=rank,
                          world_size=world_size, checkpoint=checkpoint, wrap=wrap)
         self.config = config
+        self.source_tokens = source_tokens(self.body, config)  # what a source is cut to
+        if self.source_tokens < config.stream.max_source_tokens and rank == 0:
+            log.warning("prompt tuning: sources cut to %d tokens, what the encoder's positions leave beside the "
+                        "%d-vector prompt (stream.max_source_tokens=%d)", self.source_tokens,
+                        config.paradigm.prompt_length, config.stream.max_source_tokens)
         self.objective = objective  # the pretraining objective (its task's eval corrupts text the same way)
         self._heldout: tuple[str, list] | None = None
         self._built_corruptor: Corruptor | None = None
@@ -213,8 +221,7 @@ class Learner(Engine):
 
     # ------------------------------------------------------------------ data
     def _encode(self, sources: list[str], targets: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        stream = self.config.stream
-        inputs = self.tokenizer(sources, truncation=True, max_length=stream.max_source_tokens)["input_ids"]
+        inputs = self.tokenizer(sources, truncation=True, max_length=self.source_tokens)["input_ids"]
         return inputs, self._encode_targets(targets)
 
     def _encode_targets(self, targets: list[str]) -> list[list[int]]:
@@ -296,8 +303,7 @@ class Learner(Engine):
         if not plan.distill_prefixes:
             return []
         bare = [s[len(plan.prefix):] if s.startswith(plan.prefix) else s for s in sources]
-        limit = self.config.stream.max_source_tokens
-        return [self.tokenizer([prefix + s for s in bare], truncation=True, max_length=limit)["input_ids"]
+        return [self.tokenizer([prefix + s for s in bare], truncation=True, max_length=self.source_tokens)["input_ids"]
                 for prefix in plan.distill_prefixes]
 
     def _with_logits(self, rows: pa.Table) -> dict[str, torch.Tensor]:
@@ -336,7 +342,7 @@ class Learner(Engine):
         if corpus:
             corruptor = self._corruptor("pretraining")
             encoded = self.tokenizer([sources[i] for i in sorted(corpus)], add_special_tokens=False)["input_ids"]
-            limit = self.config.stream.max_source_tokens - 1
+            limit = self.source_tokens - 1
             for ids in encoded:
                 if len(ids) >= 2:
                     example = corruptor(ids[:limit], rng)
@@ -463,8 +469,7 @@ class Learner(Engine):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _generate(self, sources: list[str], model: torch.nn.Module | None = None, task: str | None = None) -> list[str]:
-        stream = self.config.stream
-        enc = self.tokenizer(sources, truncation=True, max_length=stream.max_source_tokens, padding=True,
+        enc = self.tokenizer(sources, truncation=True, max_length=self.source_tokens, padding=True,
                              return_tensors="pt").to(self.device)
         settings = dict(
             max_new_tokens=self.config.evaluation.max_new_tokens, do_sample=False, num_beams=1,
@@ -482,7 +487,7 @@ class Learner(Engine):
     def _rank(self, sources: list[str], labels: tuple[str, ...], model: torch.nn.Module | None,
               task: str) -> list[str]:
         """Likelihood scoring: for each source, the label of ``labels`` the model finds likeliest."""
-        enc = self.tokenizer(sources, truncation=True, max_length=self.config.stream.max_source_tokens, padding=True,
+        enc = self.tokenizer(sources, truncation=True, max_length=self.source_tokens, padding=True,
                              return_tensors="pt").to(self.device)
         if model is None and isinstance(self.model, ParadigmModel):
             body, inputs = self.model.body, self.model.encoder_inputs(enc["input_ids"], enc["attention_mask"], task)
@@ -704,6 +709,4 @@ def silence_library_noise() -> None:
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    import logging
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

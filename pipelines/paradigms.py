@@ -349,11 +349,38 @@ def _hidden_size(config: Any) -> int:
     raise DataError(f"cannot tell the encoder's hidden size from its config ({type(config).__name__})")
 
 
+def _encoder_positions(body: nn.Module) -> int | None:
+    """How many positions the encoder has learned (BART, BERT: 512); None where they are relative (T5)."""
+    return getattr(body.get_encoder().config, "max_position_embeddings", None)
+
+
 def _check_prompt_room(body: nn.Module, prompt_length: int) -> None:
     """A soft prompt takes positions: refuse one that leaves none for the input (BERT: 512)."""
-    limit = getattr(body.get_encoder().config, "max_position_embeddings", None)
+    limit = _encoder_positions(body)
     if limit is not None and prompt_length >= limit:
         raise DataError(f"paradigm.prompt_length={prompt_length} fills the encoder's {limit} positions; lower it")
+
+
+def source_tokens(body: nn.Module, config: RunConfig) -> int:
+    """The most tokens a source is given: ``stream.max_source_tokens``, and under prompt tuning, on
+    an encoder with learned positions, no more than the positions its soft prompt leaves.
+
+    A longer source is cut to this, as to ``stream.max_source_tokens`` under every paradigm (prompt
+    tuning on BART or BERT at 512: 512 positions less a 20-vector prompt, 492 tokens).
+
+    Raises:
+        DataError: ``stream.max_source_tokens`` beyond the encoder's positions, under any paradigm
+            (the first source that long would index past the position table).
+    """
+    tokens, limit = config.stream.max_source_tokens, _encoder_positions(body)
+    if limit is None:
+        return tokens
+    if tokens > limit:
+        raise DataError(f"stream.max_source_tokens={tokens} is more than the {limit} positions of the encoder "
+                        f"(model.arch={config.model.arch}); set it to {limit} or less")
+    if config.paradigm.name != "prompt_tuning" or tokens + config.paradigm.prompt_length <= limit:
+        return tokens
+    return limit - config.paradigm.prompt_length
 
 
 def trained_for(model: nn.Module, config: RunConfig, task: str) -> tuple[int, int]:

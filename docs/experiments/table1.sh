@@ -23,4 +23,13 @@ own() {  # our own small T5 or BART, pretrained on the chitchat corpus: own t5 |
      stream.max_source_tokens=512 training.lr=1e-3 output_dir=$OUT/table1-$arch overwrite=true --no-progress
 }
 
+likelihood() {  # prompt engineering and prompt tuning scored by ranking each task's label set: warm | t5 | bart
+  # Separates "cannot write a label" from "cannot tell the classes apart" (greedy generation gave 0 on every start).
+  local start=$1 args=()
+  [ "$start" = warm ] || args=(model.arch=$start model.encoder=null model.pretrain=configs/pretrain/${start}_small.yaml
+                               stream.max_source_tokens=512)
+  $F table1 configs/table1.yaml "${args[@]}" 'table1.paradigms=[prompt_engineering,prompt_tuning]' \
+     evaluation.scoring=likelihood output_dir=$OUT/table1-$start-likelihood overwrite=true --no-progress
+}
+
 "$@"

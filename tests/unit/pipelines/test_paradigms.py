@@ -250,3 +250,36 @@ def test_a_prompt_that_fills_the_encoders_positions_is_refused(make_learner, toy
     toy_stream_config["model"] = {"arch": "bart", "preset": "tiny", "tokenizer": {"vocab_size": 300}}
     with pytest.raises(DataError, match=r"prompt_length=\d+ fills the encoder's \d+ positions"):
         make_learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=100_000))
+
+
+def _bart(config_dict, max_source_tokens):
+    config_dict["model"] = {"arch": "bart", "preset": "tiny", "tokenizer": {"vocab_size": 300}}
+    config_dict["stream"]["max_source_tokens"] = max_source_tokens
+    return config_dict
+
+
+def test_prompt_tuning_on_learned_positions_cuts_sources_to_what_the_prompt_leaves(make_learner, toy_stream_config,
+                                                                                 tmp_path):
+    # BART's 512 positions: a 512-token source behind a 20-vector prompt would index position 531
+    learner, stream, _ = make_learner(_paradigm(_bart(toy_stream_config, 512), "prompt_tuning", prompt_length=20))
+    assert learner.source_tokens == 492
+    long = " ".join(stream[0].sources("train")) * 20
+    inputs, labels = learner._encode([long], [stream[0].targets("train")[0]])
+    assert len(inputs[0]) == 492
+    assert torch.isfinite(learner.model(**learner._collate(inputs, labels)).loss)
+    assert len(learner._generate([long], task="category")) == 1  # evaluation cuts the same way
+    assert len(learner._views([long], dataclasses.replace(build_plan(learner.config, stream, 1),
+                                                          distill_prefixes=("x: ",)))[0][0]) == 492
+
+
+def test_a_source_limit_beyond_the_encoders_positions_is_refused_under_any_paradigm(make_learner, toy_stream_config,
+                                                                                   tmp_path):
+    with pytest.raises(DataError, match=r"stream.max_source_tokens=600 is more than the 512 positions of the "
+                                        r"encoder \(model.arch=bart\); set it to 512 or less"):
+        make_learner(_bart(toy_stream_config, 600))
+
+
+def test_relative_positions_leave_the_source_limit_as_set(make_learner, toy_stream_config, tmp_path):
+    toy_stream_config["stream"]["max_source_tokens"] = 4096  # T5: no position table to run past
+    learner, _, _ = make_learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=20))
+    assert learner.source_tokens == 4096
