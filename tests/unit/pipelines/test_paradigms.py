@@ -246,16 +246,17 @@ def test_a_paradigm_block_written_as_a_bare_name_is_refused_by_key(toy_stream_co
         validate_config(toy_stream_config)
 
 
-def test_a_prompt_that_fills_the_encoders_positions_is_refused(make_learner, toy_stream_config, tmp_path):
-    toy_stream_config["model"] = {"arch": "bart", "preset": "tiny", "tokenizer": {"vocab_size": 300}}
-    with pytest.raises(DataError, match=r"prompt_length=\d+ fills the encoder's \d+ positions"):
-        make_learner(_paradigm(toy_stream_config, "prompt_tuning", prompt_length=100_000))
-
-
-def _bart(config_dict, max_source_tokens):
+def _bart(config_dict, max_source_tokens=None):
+    """The config on a tiny BART (512 learned positions), its source limit set where given."""
     config_dict["model"] = {"arch": "bart", "preset": "tiny", "tokenizer": {"vocab_size": 300}}
-    config_dict["stream"]["max_source_tokens"] = max_source_tokens
+    if max_source_tokens is not None:
+        config_dict["stream"]["max_source_tokens"] = max_source_tokens
     return config_dict
+
+
+def test_a_prompt_that_fills_the_encoders_positions_is_refused(make_learner, toy_stream_config, tmp_path):
+    with pytest.raises(DataError, match=r"prompt_length=\d+ fills the encoder's \d+ positions"):
+        make_learner(_paradigm(_bart(toy_stream_config), "prompt_tuning", prompt_length=100_000))
 
 
 def test_prompt_tuning_on_learned_positions_cuts_sources_to_what_the_prompt_leaves(make_learner, toy_stream_config,
