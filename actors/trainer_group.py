@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,15 @@ def run_job(job: dict[str, Any], rank: int, world_size: int) -> None:
     except Exception as exc:
         scheduler.fail(f"worker {rank} of {world_size}: {format_exception(exc)}")
         raise
+    try:
+        run_stream(learner, scheduler, replay=replay_feeds(scheduler))
+    finally:
+        learner.close()
+
+
+def replay_feeds(scheduler: Any) -> Callable[[TaskPlan, int], PrefetchingSampler]:
+    """The replay feed of each plan that replays: a sampler of the run's store, seeded by (run seed,
+    task, rank) so that its draws depend on nothing else. The store handle is asked for once."""
     store = None
 
     def replay_feed(plan: TaskPlan, rank: int) -> PrefetchingSampler:
@@ -68,10 +78,7 @@ def run_job(job: dict[str, Any], rank: int, world_size: int) -> None:
         store = store or scheduler.replay_store()
         return PrefetchingSampler(store, batch_size=plan.replay_rows_per_batch, seed=[plan.seed, plan.index, rank])
 
-    try:
-        run_stream(learner, scheduler, replay=replay_feed)
-    finally:
-        learner.close()
+    return replay_feed
 
 
 def serve_runs(group_config: dict[str, Any]) -> None:
