@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup demo test check lint bench clean browser
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP) lint browser
 	$(BIN)/python -m pytest -q -ra --durations=15
+
+# The quick tests only (no end-to-end runs, no Ray cluster, no GPU): feedback while editing, in a
+# few minutes. `make test` is the whole suite, and what CI runs.
+check: $(STAMP) lint
+	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster and not gpu" --durations=10
 
 # The MLflow UI test drives Debian's chromium through chromedriver (no browser download). Installed
 # here when missing and this is root with apt; elsewhere that one test is skipped, saying why.

@@ -131,8 +131,9 @@ def _resume(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from actors.compare import compare, parse_strategies, run_dir
     from pipelines.config import load_config
+    from pipelines.strategies import STRATEGIES
 
-    strategies = parse_strategies(args.strategies)
+    strategies = parse_strategies(args.strategies or ",".join(STRATEGIES))
     config = load_config(args.config, args.overrides)
     result = compare(config, strategies, seeds=args.seeds, orders=args.orders, progress=not args.no_progress)
     out = Path(config.output_dir).resolve()
@@ -277,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "compare", "pretrain", "table1"):
             p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
         if name == "compare":
-            p.add_argument("--strategies", default="naive,cumulative,replay,lwf,ewc,agem,derpp,joint",
-                           help="comma-separated, e.g. naive,replay,lwf,joint")
+            p.add_argument("--strategies", default=None,
+                           help="comma-separated, combinations joined by '+', e.g. naive,replay,replay+lwf,joint "
+                                "(default: every strategy)")
             p.add_argument("--seeds", type=int, default=1, help="seeds per strategy: seed, seed+1, ...")
             p.add_argument("--orders", type=int, default=1,
                            help="task orders per strategy: the config's, then stream.orders, then seeded permutations")

@@ -20,17 +20,17 @@ import numpy as np
 from actors.launch import RunFailedError, run_experiment
 from actors.tracking import MlflowSink, check_tracking
 from actors.trainer_group import WorkerGroups
-from pipelines.config import STRATEGY_CONFIGS, JointStrategyConfig, RunConfig, experiment_dict, flatten, resolve_paths
+from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
 from pipelines.metrics import ForgettingMatrix, final_only, interval, intransigence
 from pipelines.plan import planning_for
+from pipelines.strategies import check_combination
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "intransigence")
-REFERENCE = JointStrategyConfig().name  # intransigence is measured against it, when it is compared
 
 
 @dataclass
@@ -82,16 +82,24 @@ def startup_summary(groups: WorkerGroups, runs: list[TimedRun]) -> dict[str, Any
 
 
 def _trains_only_at_end(name: str) -> bool:
-    return planning_for(STRATEGY_CONFIGS[name]()).trains_only_at_end
+    """Whether strategy ``name`` (or combination ``a+b``) trains once, at the end, on every task."""
+    return planning_for([STRATEGY_CONFIGS[part]() for part in name.split("+")]).trains_only_at_end
 
 
 def parse_strategies(text: str) -> list[str]:
+    """``--strategies naive,replay,replay+lwf``: strategies, or combinations joined by '+'."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in STRATEGY_CONFIGS]
+    unknown = sorted({part for n in names for part in n.split("+") if part not in STRATEGY_CONFIGS})
     if unknown or not names:
-        raise ConfigError(f"--strategies: unknown {unknown or 'empty list'}; choose from {sorted(STRATEGY_CONFIGS)}")
+        raise ConfigError(f"--strategies: unknown {unknown or 'empty list'}; choose from {sorted(STRATEGY_CONFIGS)} "
+                          "(or combine them with '+': replay+lwf)")
     if len(set(names)) != len(names):
         raise ConfigError(f"--strategies: {names} names a strategy twice")
+    for name in names:
+        try:
+            check_combination(name.split("+"))
+        except ValueError as exc:
+            raise ConfigError(f"--strategies: {exc}") from None
     return names
 
 
@@ -141,7 +149,9 @@ def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[
     config's own order (other orders put other tasks in each row). Intransigence needs the joint
     model of the same order and seed: it is there only when joint is compared."""
     out: dict[str, Any] = {}
-    joint = {(tuple(r.tasks), r.seed): r for r in reports.get(REFERENCE, [])}
+    # intransigence's reference: the strategy that trains once on every task (joint), when compared
+    reference = next((name for name in reports if _trains_only_at_end(name)), None)
+    joint = {(tuple(r.tasks), r.seed): r for r in reports.get(reference, [])}
     for name, runs in reports.items():
         finished = [r for r in runs if r.status == "FINISHED"]
         only_at_end = _trains_only_at_end(name)

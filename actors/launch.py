@@ -8,9 +8,7 @@ within seconds.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import secrets
 import socket
 import sys
 import threading
@@ -23,7 +21,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from actors import reaper
-from actors.signals import install_stop_signal
+from actors.cluster import WORKER_ENV, connect_ray, cpus_per_worker
+from actors.pretrain import ensure_pretrained
 from actors.replay import NAMESPACE
 from actors.scheduler import SchedulerActor, run_key
 from actors.tracking import MlflowSink, check_tracking, mark_orphaned_runs, send_pending
@@ -49,16 +48,6 @@ from storage.files import atomic_directory, write_atomic
 
 log = logging.getLogger("forgetless")
 
-# Environment every Ray process of a run gets: deprecation floods off, tokenizer threads off
-# (they fight the trainers for two cores), no usage reporting.
-WORKER_ENV = {
-    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-}
-
-
 class RunFailedError(ForgetlessError, RuntimeError):
     """Training failed in a worker; the message carries the worker's reason."""
 
@@ -69,109 +58,6 @@ class RunFailedError(ForgetlessError, RuntimeError):
 
 class SchedulerStartError(ForgetlessError, RuntimeError):
     """The scheduler actor failed in its constructor (the message carries why)."""
-
-
-def connect_ray(config: RunConfig) -> bool:
-    """Join the configured cluster, or start a local Ray. True when the Ray is local to this run."""
-    if ray.is_initialized():
-        return len(ray.nodes()) == 1
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "logging_level": logging.WARNING,
-                              "configure_logging": True}
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
-    if address:
-        ray.init(address=address, **kwargs)
-        install_stop_signal()
-        return False
-    # A Ray started here serves this run alone and dies with it: it listens on loopback only
-    # (loopback_only_ray), and token auth is on with a token made for this run (fresh_ray_token),
-    # so neither another machine nor another user of this one can attach a driver to it.
-    earlier = loopback_only_ray()
-    fresh_ray_token()
-    # collectives' own sockets on loopback too (one machine: gloo and NCCL's bootstrap need no other)
-    kwargs["runtime_env"]["env_vars"] = {**WORKER_ENV, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    # address="local": a new Ray for this run even if a `ray start` cluster runs on this machine
-    # (ray.address=auto joins that one instead).
-    try:
-        ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-                 _system_config={"enable_metrics_collection": False}, **kwargs)
-    finally:  # its processes have it; a `ray start` this process runs later must not
-        _restore_env(_SINGLE_MACHINE, earlier)
-    if ray.util.get_node_ip_address() != "127.0.0.1":
-        log.warning("this Ray took %s as its address (not loopback): its ports are guarded by the run's token only",
-                    ray.util.get_node_ip_address())
-    install_stop_signal()
-    _watch_local_ray()
-    return True
-
-
-def loopback_only_ray() -> str | None:
-    """Make the Ray this process is about to start bind every server to 127.0.0.1; returns the
-    switch's earlier value (restored once that Ray is up).
-
-    On Linux Ray takes the host's routable address as the node's, and its gRPC servers, agents and
-    two Prometheus endpoints (dashboard and autoscaler metrics, no auth) listen on every interface;
-    ``ray.init(_node_ip_address="127.0.0.1")`` is resolved back to the routable address. Ray's
-    single-machine mode (what it does on macOS and Windows) uses the loopback address instead.
-    Its switch is read when Ray is imported, so the constant is set here too; its processes read
-    the environment.
-    """
-    earlier = os.environ.get(_SINGLE_MACHINE)
-    os.environ[_SINGLE_MACHINE] = "0"
-    try:
-        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
-    except AttributeError:  # a Ray without the switch: token auth still guards every port
-        pass
-    return earlier
-
-
-_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def _restore_env(key: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
-
-
-def fresh_ray_token() -> None:
-    """Turn Ray's token auth on, with a new random token, for the Ray this process is about to start.
-
-    Every process of that Ray inherits it from the environment; nothing writes it to disk. Ray
-    reads the mode and token once, when first imported, so both caches are refreshed here too.
-    """
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:  # a Ray without token auth: nothing to turn on
-        return
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
-_reaper = None  # the watcher of this process's local Ray; held so its pipe stays open while we live
-
-
-def _watch_local_ray() -> None:
-    """Have a watcher end this Ray's processes should this process die without shutting it down."""
-    global _reaper
-    try:
-        session_dir = ray._private.worker._global_node.get_session_dir_path()
-    except AttributeError:  # a Ray without that internal: no watcher, no harm
-        return
-    _reaper = reaper.watch(session_dir)
-
-
-def _cpus_per_worker(config: RunConfig, use_gpu: bool, *, local: bool) -> float:
-    if config.training.cpus_per_worker:
-        return config.training.cpus_per_worker
-    if use_gpu or not local:
-        return 1.0  # a cluster's nodes differ in size: never ask for more than the smallest has
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(1.0, float(int(total // config.training.num_workers)))
 
 
 def _poll_progress(scheduler: Any, num_tasks: int, stop: threading.Event, enabled: bool) -> None:
@@ -290,8 +176,6 @@ def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
     if model.preset is not None:
         return ModelStart(ModelInit(kind="random", source=f"preset {model.arch}/{model.preset}"))
     if model.pretrain is not None:
-        from actors.pretrain import ensure_pretrained
-
         directory, pretrain = ensure_pretrained(model.pretrain, cache_dir=config.stream.cache_dir, progress=progress,
                                                 tracking_uri=config.mlflow.tracking_uri)
         manifest = read_manifest(directory)
@@ -442,7 +326,7 @@ def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, token
             raise SchedulerStartError(f"the run could not start its scheduler: {_innermost_error(exc)}") from None
         first = previous.finished_tasks if previous else 0
         shape = GroupShape(num_workers=config.training.num_workers, use_gpu=use_gpu, local=local,
-                           cpus_per_worker=_cpus_per_worker(config, use_gpu, local=local))
+                           cpus_per_worker=cpus_per_worker(config, use_gpu, local=local))
         group, new = groups.get(shape)
         if progress:
             what = (f"resuming after task {first}/{len(stream)}" if previous else f"{len(stream)} tasks")

@@ -27,7 +27,7 @@ from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from tqdm.auto import tqdm
 
-from actors.launch import WORKER_ENV, _cpus_per_worker, connect_ray
+from actors.cluster import connect_ray, cpus_per_worker
 from actors.trainer_group import LoopbackTorchConfig
 from actors.tracking import MlflowSink, check_tracking
 from pipelines.config import PretrainConfig, experiment_dict, flatten, load_pretrain_config
@@ -211,7 +211,7 @@ def run_pretrain(config: PretrainConfig, *, progress: bool = True) -> Path:
             train_loop_config={**prepared, "config": config, "run_id": sink.run_id, "use_gpu": use_gpu},
             torch_config=LoopbackTorchConfig() if local else None,
             scaling_config=ScalingConfig(num_workers=config.training.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": _cpus_per_worker(config, use_gpu, local=local)}),
+                                         resources_per_worker={"CPU": cpus_per_worker(config, use_gpu, local=local)}),
             run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=str(work / "ray"),
                                            failure_config=FailureConfig(max_failures=0)),
         )

@@ -197,13 +197,13 @@ class Scheduler:
 
     def _open_run(self, previous: RunReport | None, sink: MlflowSink | None) -> MlflowSink:
         config = self.config
-        tags = {"forgetless.strategy": config.strategy.name, "forgetless.paradigm": config.paradigm.name,
+        tags = {"forgetless.strategy": config.strategy_name, "forgetless.paradigm": config.paradigm.name,
                 "forgetless.tasks": ",".join(self.stream.names),
                 "forgetless.output_dir": str(self.output_dir), "forgetless.host": socket.gethostname()}
         if previous is None or previous.mlflow.run_id is None:
             sink = sink or MlflowSink.start(
                 config.mlflow.tracking_uri, config.mlflow.experiment_name,
-                run_name=config.mlflow.run_name or (f"{config.strategy.name}-seed{config.seed}"
+                run_name=config.mlflow.run_name or (f"{config.strategy_name}-seed{config.seed}"
                                                     if config.mlflow.parent_run_id else config.experiment),
                 tags={**tags, **({"mlflow.parentRunId": config.mlflow.parent_run_id}
                                  if config.mlflow.parent_run_id else {})},
@@ -291,7 +291,7 @@ class Scheduler:
         self.sink.log_metrics({f"acc/{k}": v for k, v in accuracies.items()}, step=row)
 
     def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any] | None = None,
-                    checkpoint: str | None = None, replay_logits: pa.Table | None = None) -> dict[str, float | None]:
+                    checkpoint: str | None = None, stored_columns: pa.Table | None = None) -> dict[str, float | None]:
         """Commit task ``task_index``: row, replay rows, report; then log acc/<task> and the metrics
         after it (step = task index)."""
         name = self.stream[task_index].name
@@ -304,7 +304,7 @@ class Scheduler:
             self._checkpoints[name] = checkpoint
         self._write_matrix()
         if self.replay is not None:
-            self._remember(task_index, replay_logits)
+            self._remember(task_index, stored_columns)
             self._replay_checkpoint = replay_tag(task_index)
             self.replay.checkpoint(self._replay_checkpoint)
         self.finished = task_index + 1
@@ -329,19 +329,20 @@ class Scheduler:
         if self.replay is not None:
             self.replay.drop_checkpoints(keep=[self._replay_checkpoint])
 
-    def _remember(self, task_index: int, logits: pa.Table | None = None) -> None:
+    def _remember(self, task_index: int, columns: pa.Table | None = None) -> None:
         """Insert task ``task_index``'s rows into the replay store (``rows_to_store``: a seeded
-        subset of ``replay.rows_per_task`` rows, or all), with their logits when the strategy
-        keeps them (DER++: ``logits`` has one row per stored row, in the same order)."""
+        subset of ``replay.rows_per_task`` rows, or all), with the columns the strategies keep beside
+        them (DER++'s logits: ``columns`` has one row per stored row, in the same order)."""
         rows = rows_to_store(self.config, self.stream, task_index)
         if rows is None:
             return
         if self.planning.stores_logits and self.stream[task_index].trainable:
-            if logits is None or logits.num_rows != rows.num_rows:
+            if columns is None or columns.num_rows != rows.num_rows:
                 raise RuntimeError(f"task {self.stream[task_index].name!r}: the strategy stores logits with its "
-                                   f"rows, but the trainers sent {0 if logits is None else logits.num_rows} "
-                                   f"row(s) of logits for {rows.num_rows} row(s)")
-            rows = rows.append_column("logits", logits.column("logits"))
+                                   f"rows, but the trainers sent {0 if columns is None else columns.num_rows} "
+                                   f"row(s) of them for {rows.num_rows} row(s)")
+            for name in columns.column_names:
+                rows = rows.append_column(name, columns.column(name))
         self.replay.insert(rows)
 
     def recovery_plan(self) -> RecoveryPlan | None:
@@ -391,7 +392,7 @@ class Scheduler:
         """Per shard: rows, capacity, bytes, rows per task, and where it runs."""
         if self.replay is None:
             raise ValueError(f"the run in {self.output_dir} has no replay store (replay.enabled is false and its "
-                             f"strategy {self.config.strategy.name!r} replays nothing)")
+                             f"strategy {self.config.strategy_name!r} replays nothing)")
         stats, nodes = self.replay.stats(), self.replay.nodes()
         return [{"shard": s.shard_id, "rows": s.num_rows, "capacity_rows": s.capacity_rows, "bytes": s.bytes,
                  "rows_per_task": s.rows_per_task, **where} for s, where in zip(stats, nodes)]
@@ -428,7 +429,7 @@ class Scheduler:
         write_atomic(self.output_dir / "acc_matrix.json", _json(self.matrix.to_dict()))
         if self._heatmap is None:
             self._heatmap = HeatmapWriter(self.output_dir / "acc_heatmap.png",
-                                          f"{self.config.experiment} ({self.config.strategy.name})")
+                                          f"{self.config.experiment} ({self.config.strategy_name})")
         self._heatmap.submit(self.matrix)
 
     def report(self, status: str = "RUNNING") -> RunReport:
@@ -438,8 +439,8 @@ class Scheduler:
         data = self.matrix.to_dict()
         return RunReport(
             tasks=data["tasks"], acc_matrix=data["acc_matrix"], baseline=data["baseline"], metrics=metrics,
-            metrics_per_task=self._history, strategy=self.config.strategy.name,
-            strategy_config=self.config.strategy.model_dump(mode="json", by_alias=True),
+            metrics_per_task=self._history, strategy=self.config.strategy_name,
+            strategy_config=_dumped(self.config.strategy),
             paradigm=self.config.paradigm.model_dump(mode="json"),
             note=("trains once, at the last task, on every task's data: only the final row (and avg_acc) is "
                   "meaningful; forgetting, bwt, fwt and learning_acc are not defined for it (null)")
@@ -498,6 +499,13 @@ class Scheduler:
         self._progress["phase"] = "done" if status == "FINISHED" else "failed"
         self._finished_report = report
         return report
+
+
+def _dumped(strategy: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    """A strategy's settings for the report; a combination's, in its order."""
+    if isinstance(strategy, (list, tuple)):
+        return [part.model_dump(mode="json", by_alias=True) for part in strategy]
+    return strategy.model_dump(mode="json", by_alias=True)
 
 
 def _value(x: float) -> float | None:

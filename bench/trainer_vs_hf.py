@@ -166,7 +166,7 @@ def ours_stream(steps: int, workdir: Path) -> dict:
     import ray
 
     from actors.compare import run_timed
-    from actors.launch import connect_ray
+    from actors.cluster import connect_ray
     from actors.trainer_group import WorkerGroups
 
     config = stream_config(steps, workdir, "ours")

@@ -13,16 +13,30 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from pipelines.errors import ConfigError
 from pipelines.redaction import redact_data
-
-_STRICT = ConfigDict(extra="forbid", frozen=True)
-
-
-class Schema(BaseModel):
-    model_config = _STRICT
+from pipelines.schema import Schema
+from pipelines.strategies import (
+    DEFAULT_STRATEGY,
+    STRATEGY_CONFIGS,
+    StrategyConfig,
+    check_combination,
+    combined_name,
+    needs_full_parameters,
+    parts_of,
+    unknown,
+)
 
 
 def _file_name(value: str) -> str:
@@ -312,82 +326,6 @@ class RayConfig(Schema):
     num_cpus: int | None = Field(default=None, gt=0)
 
 
-# ----------------------------------------------------------------------------------- strategies
-class NaiveStrategyConfig(Schema):
-    """Sequential fine-tuning: train on each task in turn, nothing against forgetting."""
-
-    name: Literal["naive"] = "naive"
-
-
-class JointStrategyConfig(Schema):
-    """One training on every task's data at once (the multitask upper bound). Only the final row
-    of its matrix is meaningful: earlier rows are the untrained model."""
-
-    name: Literal["joint"] = "joint"
-
-
-class CumulativeStrategyConfig(Schema):
-    """At each task, train on all data seen so far."""
-
-    name: Literal["cumulative"] = "cumulative"
-
-
-class ReplayStrategyConfig(Schema):
-    """Mix examples of earlier tasks, sampled from the replay store, into each new task's batches."""
-
-    name: Literal["replay"] = "replay"
-    replay_ratio: float = Field(default=0.3, gt=0, lt=1)  # share of each micro-batch drawn from replay
-
-
-class LwfStrategyConfig(Schema):
-    """Learning without Forgetting (Li & Hoiem 2016): the new task's inputs, put under each earlier
-    task's prefix (the old "heads"), are answered by the model saved at the previous task boundary
-    (frozen); the student is trained to give the same answers there, beside CE on the new task.
-    loss = (1 - alpha) * CE + alpha * mean over earlier prefixes of the distillation term."""
-
-    name: Literal["lwf"] = "lwf"
-    # kl: T^2 KL of softened distributions; mse: squared logit difference summed over the
-    # vocabulary; pseudo_labels: CE on the teacher's greedy answers
-    variant: Literal["kl", "mse", "pseudo_labels"] = "kl"
-    temperature: float = Field(default=2.0, gt=0)  # kl: softmax(logits / T); T = 2 ~ square-root probabilities
-    alpha: float = Field(default=0.5, ge=0, le=1)
-
-
-class EwcStrategyConfig(Schema):
-    """Online elastic weight consolidation (Schwarz et al. 2018): after each task, F <- gamma F +
-    F_task (diagonal empirical Fisher) and the anchor w* <- the weights then; the penalty is
-    lambda / 2 * sum F (w - w*)^2. gamma = 1 keeps every task's Fisher at full weight (Huszar 2018's
-    correction of the per-task form)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    name: Literal["ewc"] = "ewc"
-    ewc_lambda: float = Field(default=100.0, ge=0, alias="lambda")
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    fisher_examples: int = Field(default=256, gt=0)
-
-
-class AgemStrategyConfig(Schema):
-    """A-GEM (Chaudhry et al. 2019): each micro-batch's gradient g is checked against the gradient
-    g_ref of a batch of replayed rows; when g . g_ref < 0 it is projected to g - (g . g_ref /
-    g_ref . g_ref) g_ref, so the loss on the replayed rows does not rise to first order."""
-
-    name: Literal["agem"] = "agem"
-    reference_rows: int = Field(default=16, gt=0)  # replayed rows per reference gradient
-
-
-class DerppStrategyConfig(Schema):
-    """DER++ (Buzzega et al. 2020): replayed rows carry the logits the model gave them when they
-    were stored (the top ``top_k`` of each target token); loss = CE on the new batch + alpha * MSE
-    of the current logits to the stored ones (at the stored ids) on one replayed batch + beta * CE
-    on another."""
-
-    name: Literal["derpp"] = "derpp"
-    alpha: float = Field(default=0.3, ge=0)
-    beta: float = Field(default=0.5, ge=0)
-    replay_rows: int = Field(default=8, gt=0)  # rows of each of the two replayed batches per micro-batch
-    top_k: int = Field(default=32, gt=0, le=4096)  # logits stored per target token
-
-
 class ParadigmConfig(Schema):
     """How the pretrained model is reused on each task (the lecture's Table 1; pipelines.paradigms).
 
@@ -457,17 +395,14 @@ class Table1Config(Schema):
         return self
 
 
-# Each strategy's name is written once: in its config class's ``name`` literal. Everything else
-# (the registry, the union, ``strategies:`` settings, the trainers' table) is keyed by the class.
-_STRATEGY_TYPES = (NaiveStrategyConfig, JointStrategyConfig, CumulativeStrategyConfig, ReplayStrategyConfig,
-                   LwfStrategyConfig, EwcStrategyConfig, AgemStrategyConfig, DerppStrategyConfig)
-STRATEGY_CONFIGS: dict[str, type[Schema]] = {cls.model_fields["name"].default: cls for cls in _STRATEGY_TYPES}
-StrategyConfig = Annotated[Union[_STRATEGY_TYPES], Field(discriminator="name")]
-DEFAULT_STRATEGY = NaiveStrategyConfig().name
+OneOrMore = Annotated[
+    Union[Annotated[StrategyConfig, Tag("one")], Annotated[list[StrategyConfig], Tag("combination")]],
+    Discriminator(lambda value: "combination" if isinstance(value, (list, tuple)) else "one"),
+]
 
 StrategySettings = create_model(
     "StrategySettings", __base__=Schema,
-    __doc__="Settings per strategy, for ``forgetless compare`` (each entry is that strategy's block).",
+    __doc__="Settings per strategy: what ``strategy: NAME`` (or a list of names) and ``forgetless compare`` use.",
     **{name: (cls, cls()) for name, cls in STRATEGY_CONFIGS.items()},
 )
 
@@ -487,7 +422,9 @@ class RunConfig(Schema):
     checkpoint: CheckpointConfig = CheckpointConfig()
     replay: ReplayConfig = ReplayConfig()
     recovery: RecoveryConfig = RecoveryConfig()
-    strategy: StrategyConfig = NaiveStrategyConfig()
+    # one strategy (a name, or its block), or a combination: a list of them; a name takes its
+    # settings from ``strategies``
+    strategy: OneOrMore = STRATEGY_CONFIGS[DEFAULT_STRATEGY]()
     strategies: StrategySettings = StrategySettings()
     paradigm: ParadigmConfig = ParadigmConfig()
     table1: Table1Config = Table1Config()
@@ -497,20 +434,36 @@ class RunConfig(Schema):
     @model_validator(mode="before")
     @classmethod
     def _known_strategy(cls, data: Any) -> Any:
-        strategy = data.get("strategy") if isinstance(data, dict) else None
-        if isinstance(strategy, dict):
-            if strategy.get("name", DEFAULT_STRATEGY) not in STRATEGY_CONFIGS:
-                raise ValueError(
-                    f"unknown strategy {strategy.get('name')!r}; choose one of {sorted(STRATEGY_CONFIGS)}"
-                )
-            data = {**data, "strategy": {"name": DEFAULT_STRATEGY, **strategy}}
-        return data
+        if not isinstance(data, dict) or "strategy" not in data:
+            return data
+        settings = data.get("strategies") if isinstance(data.get("strategies"), dict) else {}
+        strategy = data["strategy"]
+        items = strategy if isinstance(strategy, list) else [strategy]
+        parts = []
+        for item in items:
+            if isinstance(item, str):  # a name: its settings from `strategies`
+                if item not in STRATEGY_CONFIGS:
+                    raise ValueError(unknown(item))
+                given = settings.get(item)
+                item = {**(given if isinstance(given, dict) else {}), "name": item}
+            elif isinstance(item, dict):
+                if item.get("name", DEFAULT_STRATEGY) not in STRATEGY_CONFIGS:
+                    raise ValueError(unknown(item.get("name")))
+                item = {"name": DEFAULT_STRATEGY, **item}
+            parts.append(item)
+        if isinstance(strategy, list):
+            if not parts:
+                raise ValueError("strategy is an empty list: name one strategy or several")
+            names = [p["name"] for p in parts if isinstance(p, dict)]
+            check_combination(names)
+        return {**data, "strategy": parts if len(parts) > 1 else parts[0]}
 
     @model_validator(mode="after")
     def _strategy_needs(self) -> RunConfig:
-        if isinstance(self.strategy, (EwcStrategyConfig, AgemStrategyConfig)) and self.training.zero_stage == 3:
-            raise ValueError(f"strategy {self.strategy.name} needs full parameters on every worker: "
-                             "use training.zero_stage <= 2")
+        full = needs_full_parameters(self.strategy)
+        if full and self.training.zero_stage == 3:
+            raise ValueError(f"{' and '.join(full)} need{'s' if len(full) == 1 else ''} full parameters on every "
+                             "worker: use training.zero_stage <= 2")
         if self.replay.pretraining_rows and not self.stream.has_pretraining_task:
             raise ValueError("replay.pretraining_rows replays the pretraining corpus: it needs stream.pretraining_task "
                              "(and model.pretrain)")
@@ -523,9 +476,9 @@ class RunConfig(Schema):
                              "one task only; set evaluation.mix_tasks=false")
         if self.paradigm.freezes_model:
             what = f"paradigm {self.paradigm.name}"
-            if not isinstance(self.strategy, NaiveStrategyConfig):
+            if self.strategy_name != DEFAULT_STRATEGY:
                 raise ValueError(f"{what} trains a task's own parameters only (or none): strategy "
-                                 f"{self.strategy.name} has nothing to protect; use strategy.name=naive")
+                                 f"{self.strategy_name} has nothing to protect; use strategy={DEFAULT_STRATEGY}")
             if self.recovery.enabled:
                 raise ValueError(f"{what} leaves the model as it was: the recovery probe (recovery.enabled) "
                                  "measures what fine-tuning hid in it; turn it off")
@@ -535,14 +488,27 @@ class RunConfig(Schema):
             raise ValueError("resume=true continues what is in output_dir and overwrite=true empties it: choose one")
         return self
 
+    @property
+    def strategy_parts(self) -> tuple[Any, ...]:
+        """The run's strategy configs: one, or a combination's."""
+        return parts_of(self.strategy)
+
+    @property
+    def strategy_name(self) -> str:
+        """The strategy's name; a combination's names joined by '+' (``replay+lwf``)."""
+        return combined_name(self.strategy)
+
     def with_strategy(self, name: str, *, seed: int | None = None, output_dir: str | None = None,
                       parent_run_id: str | None = None, order: list[str] | None = None) -> RunConfig:
-        """This config running strategy ``name`` with its settings from ``strategies`` (and its
-        tasks in ``order``, a list of their names)."""
-        if name not in STRATEGY_CONFIGS:
-            raise ConfigError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGY_CONFIGS)}")
+        """This config running strategy ``name`` (or a combination, ``replay+lwf``) with its settings
+        from ``strategies`` (and its tasks in ``order``, a list of their names)."""
+        names = name.split("+")
+        for one in names:
+            if one not in STRATEGY_CONFIGS:
+                raise ConfigError(unknown(one))
         data = self.model_dump(by_alias=True)
-        data["strategy"] = getattr(self.strategies, name).model_dump(by_alias=True)
+        blocks = [getattr(self.strategies, one).model_dump(by_alias=True) for one in names]
+        data["strategy"] = blocks if len(blocks) > 1 else blocks[0]
         if order is not None:
             data["stream"]["tasks"] = [t.model_dump(by_alias=True) for t in self.stream.in_order(order)]
         if seed is not None:
@@ -644,15 +610,21 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 _UNION_FIELDS = {"source", "strategy"}
-_UNION_TAGS = {"builtin", "file", "hf", *STRATEGY_CONFIGS}
+_UNION_TAGS = {"builtin", "file", "hf", "one", "combination", *STRATEGY_CONFIGS}
 
 
 def _format_problems(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
-        # discriminated unions put the tag in the path (source.builtin.name, strategy.lwf.alpha): drop it
-        loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] in _UNION_FIELDS and p in _UNION_TAGS)]
+        # discriminated unions put the tag in the path (source.builtin.name, strategy.one.lwf.alpha,
+        # strategy.combination.1.lwf.alpha): drop the tags
+        kept: list[str] = []
+        for p in loc:
+            tagged = kept and (kept[-1] in _UNION_FIELDS or (kept[-1].isdigit() and "strategy" in kept))
+            if not (tagged and p in _UNION_TAGS):
+                kept.append(p)
+        loc = kept
         path = ".".join(loc)
         msg = err["msg"].removeprefix("Value error, ")
         problems.append(f"{path}: {msg}" if path else msg)
@@ -716,7 +688,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         key, value = _parse_override(item)
         try:
-            OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+            # a list over a mapping (strategy=[replay, lwf] over a strategy block), or the reverse,
+            # replaces it; a mapping over a mapping merges into it
+            current = OmegaConf.select(cfg, key, default=None)
+            merge = not (OmegaConf.is_config(current) and isinstance(value, (list, dict))
+                         and OmegaConf.is_list(current) != isinstance(value, list))
+            OmegaConf.update(cfg, key, value, merge=merge, force_add=True)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override {item!r} cannot be applied to {path}: {exc}") from None
     data = OmegaConf.to_container(cfg, resolve=True)

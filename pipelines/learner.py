@@ -38,7 +38,8 @@ from pipelines.models import build_model, check_precision, load_tokenizer, save_
 from pipelines.paradigms import PARADIGM_FILE, ParadigmModel, TaskSlot, source_tokens, trained_for
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.scoring import METRICS
-from pipelines.strategies import IGNORE_INDEX, TrainingContext, build_training_strategy
+from pipelines.strategies import build_training_strategy
+from pipelines.strategies.base import IGNORE_INDEX, StepBatch, TrainingContext
 from storage.files import atomic_directory
 
 log = logging.getLogger("forgetless")
@@ -208,6 +209,7 @@ class Learner(Engine):
         self._heldout: tuple[str, list] | None = None
         self._built_corruptor: Corruptor | None = None
         self.strategy = build_training_strategy(config)
+        self._stored_columns: pa.Table | None = None
         self.global_step = 0
 
     def close(self) -> None:
@@ -216,8 +218,11 @@ class Learner(Engine):
         super().close()
 
     def context(self, plan: TaskPlan) -> TrainingContext:
-        return TrainingContext(module=self.model, device=self.device, dtype=next(self.model.parameters()).dtype,
-                               comm=self.comm, batches=lambda: self.batches(plan))
+        return TrainingContext(
+            module=self.model, engine=self.engine, device=self.device, dtype=next(self.model.parameters()).dtype,
+            comm=self.comm, batches=lambda: (batch.inputs for batch in self.batches(plan, extras=False)),
+            collate=lambda sources, targets: self._collate(*self._encode(sources, targets)),
+            eval_batch_size=self.config.evaluation.batch_size, rank=self.rank)
 
     # ------------------------------------------------------------------ data
     def _encode(self, sources: list[str], targets: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -246,15 +251,16 @@ class Learner(Engine):
             label_ids[i, : len(y)] = torch.tensor(y)
         return {**self._collate_inputs(inputs), "labels": label_ids.to(self.device)}
 
-    def batches(self, plan: TaskPlan, replay: ReplaySource | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, plan: TaskPlan, replay: ReplaySource | None = None, *,
+                extras: bool = True) -> Iterator[StepBatch]:
         """Endless micro-batches of this rank's share, reshuffled each epoch with a seeded generator.
 
-        With ``replay``, ``plan.replay_rows_per_batch`` replayed rows per micro-batch, used as
-        ``plan.replay_mode`` says: "mix" appends them to the micro-batch (the rest from the plan);
-        "reference" hands them as a separate ``reference`` batch (A-GEM); "with_logits" splits them into
-        ``replay_logits`` (with their stored logits) and ``replay_ce`` batches. With
-        ``plan.distill_prefixes`` (LwF), ``views`` holds the micro-batch's inputs under each
-        earlier task's prefix instead of this task's.
+        With ``replay``, one draw of ``plan.replay_rows_per_batch`` replayed rows per micro-batch,
+        split as ``plan.replay_parts`` say: a ``mix`` part is appended to the micro-batch (the rest
+        from the plan); any other part is a separate batch in ``extras`` under its name (with the
+        rows' stored logits beside the labels when the part asks for them). With
+        ``plan.distill_prefixes``, ``extras["views"]`` holds the micro-batch's inputs under each
+        earlier task's prefix instead of this task's. ``extras=False``: the task's own rows only.
 
         Raises:
             DataError: this rank's share of the plan is empty (fewer rows than workers).
@@ -264,13 +270,13 @@ class Learner(Engine):
         if len(inputs) <= self.rank:
             raise DataError(f"task {plan.name!r} has {len(inputs)} training row(s) for {self.world_size} workers: "
                             f"worker {self.rank} has none to train on; lower training.num_workers")
-        views = self._views(sources, plan)
+        views = self._views(sources, plan) if extras else []
         classes = None
         if isinstance(self.model, ParadigmModel) and self.config.paradigm.name == "feature_extraction":
             classes = self.model.classes(plan.examples.column("target").to_pylist(), self.model.slot_of[plan.name])
-        num_replayed = plan.replay_rows_per_batch if replay is not None else 0
+        parts = plan.replay_parts if replay is not None and extras and plan.replay_rows_per_batch else ()
         denoise_rng = np.random.default_rng([plan.seed, plan.index, self.rank, 0xDE])
-        size = self.config.training.micro_batch_size - (num_replayed if plan.replay_mode == "mix" else 0)
+        size = self.config.training.micro_batch_size - sum(part.rows for part in parts if part.mix)
         by_class = (np.argsort(np.asarray(plan.examples.column("target").to_pylist(), dtype=object), kind="stable")
                     if plan.order == "by_class" else None)
         for epoch in range(10**9):
@@ -281,22 +287,22 @@ class Learner(Engine):
                 chosen = order[start : start + size]
                 batch_inputs, batch_labels = [inputs[i] for i in chosen], [labels[i] for i in chosen]
                 extra: dict[str, Any] = {}
-                if num_replayed:
-                    rows = replay()
-                    if plan.replay_mode == "mix":
-                        more_inputs, more_labels = self._replayed(rows, plan, denoise_rng)
+                rows, offset = (replay() if parts else None), 0
+                for part in parts:  # one draw, split in the plan's order
+                    chunk, offset = rows.slice(offset, part.rows), offset + part.rows
+                    if part.mix:
+                        more_inputs, more_labels = self._replayed(chunk, plan, denoise_rng)
                         batch_inputs, batch_labels = batch_inputs + more_inputs, batch_labels + more_labels
-                    elif plan.replay_mode == "reference":
-                        extra["reference"] = self._collate(*self._replayed(rows, plan, denoise_rng))
+                    elif part.logits:
+                        extra[part.name] = self._with_logits(chunk)
                     else:
-                        half = rows.num_rows // 2
-                        extra["replay_logits"] = self._with_logits(rows.slice(0, half))
-                        extra["replay_ce"] = self._collate(*self._replayed(rows.slice(half), plan, denoise_rng))
+                        extra[part.name] = self._collate(*self._replayed(chunk, plan, denoise_rng))
                 if views:
                     extra["views"] = [self._collate_inputs([view[i] for i in chosen]) for view in views]
+                model_inputs = self._collate(batch_inputs, batch_labels)
                 if classes is not None:  # feature extraction: the class of each target in the task's label set
-                    extra["class_ids"] = classes[torch.as_tensor(chosen, dtype=torch.long)].to(self.device)
-                yield {**self._collate(batch_inputs, batch_labels), **extra}
+                    model_inputs["class_ids"] = classes[torch.as_tensor(chosen, dtype=torch.long)].to(self.device)
+                yield StepBatch(model_inputs, extra)
 
     def _views(self, sources: list[str], plan: TaskPlan) -> list[list[list[int]]]:
         """LwF: this task's sources under each earlier task's prefix, encoded."""
@@ -362,9 +368,8 @@ class Learner(Engine):
         stops every rank at the same check, naming the first step it appeared at.
         """
         started_at, start = time.time(), time.perf_counter()
-        metrics = getattr(self.strategy, "metrics", None)
-        if metrics is not None:
-            metrics.clear()
+        self.strategy.clear_metrics()
+        self._stored_columns = None
         if plan.examples is None or plan.num_steps == 0:  # nothing to train at this task (joint before the last)
             return {"steps": 0, "mean_loss": None, "seconds": 0.0, "started_at": started_at,
                     "ended_at": time.time(), "examples": 0, "trainable_params": 0, "trainable_bytes": 0}
@@ -385,7 +390,7 @@ class Learner(Engine):
                 group["lr"] = lr if slot is None or k == slot else 0.0  # other tasks' heads/prompts stay put
             for _ in range(training.grad_accum_steps):
                 batch = next(batches)
-                examples += batch["input_ids"].shape[0]
+                examples += batch.inputs["input_ids"].shape[0]
                 loss = self.strategy.loss(self.engine, batch)
                 value = loss.detach().float()
                 bad = ~torch.isfinite(value)
@@ -396,7 +401,8 @@ class Learner(Engine):
             self.global_step += 1
             window_steps += 1
             if (step + 1) % every == 0 or step + 1 == total:
-                names = sorted(metrics) if metrics else []
+                metrics = self.strategy.metrics
+                names = sorted(metrics)
                 synced = torch.cat([window, *(metrics[n].reshape(1) for n in names)]) if names else window
                 summed, num_bad, *extra = self.comm.all_reduce_sum(synced).tolist()  # the loop's one host sync
                 if num_bad:
@@ -408,11 +414,10 @@ class Learner(Engine):
                     on_step(step, total, summed / (window_steps * self.world_size),
                             {n: v / micro_batches for n, v in zip(names, extra)})
                 window.zero_()
-                if metrics:
-                    metrics.clear()
+                self.strategy.clear_metrics()
                 window_steps = 0
         seconds = time.perf_counter() - start
-        self.strategy.after_task(context, plan)
+        self._stored_columns = self.strategy.after_task(context, plan)
         return {"steps": total, "mean_loss": loss_sum / (total * self.world_size), "seconds": seconds,
                 "started_at": started_at, "ended_at": time.time(), "examples": examples,
                 **dict(zip(("trainable_params", "trainable_bytes"), trained_for(self.model, self.config, plan.name)))}
@@ -431,40 +436,11 @@ class Learner(Engine):
             base.state.pop(param, None)
         return slot
 
-    @torch.no_grad()
-    def replay_logits(self, plan: TaskPlan) -> pa.Table | None:
-        """DER++: the top-k logits of each target token of ``plan.logit_rows`` (the rows the store
-        gets after this task), teacher-forced on their targets, as a one-column table (``logits``,
-        the replay store's ``LOGITS_TYPE``) in the rows' order. Collective: every rank runs every
-        forward pass (ZeRO-3 needs them in lockstep); rank 0 returns the table, the others None."""
-        rows = plan.logit_rows
-        if rows is None:
-            return None
-        from storage.replay import LOGITS_TYPE
-
-        k, size = self.config.strategy.top_k, self.config.evaluation.batch_size
-        inputs, labels = self._encode(rows.column("source").to_pylist(), rows.column("target").to_pylist())
-        stored = []
-        self.engine.eval()
-        try:
-            for start in range(0, len(inputs), size):
-                batch = self._collate(inputs[start : start + size], labels[start : start + size])
-                logits = self.engine(**batch).logits.float()
-                top = logits.topk(min(k, logits.shape[-1]), dim=-1)
-                ids, values = top.indices.to(torch.int32).cpu(), top.values.cpu()
-                for i, target in enumerate(labels[start : start + size]):
-                    tokens = len(target)
-                    stored.append({"tokens": tokens, "k": ids.shape[-1], "ids": ids[i, :tokens].flatten().tolist(),
-                                   "values": values[i, :tokens].flatten().numpy()})
-        finally:
-            self.engine.train()
-        if self.rank != 0:
-            return None
-        values = pa.array([row["values"] for row in stored], pa.list_(pa.float32()))  # float32, bit for bit
-        return pa.table({"logits": pa.StructArray.from_arrays(
-            [pa.array([r["tokens"] for r in stored], pa.int32()), pa.array([r["k"] for r in stored], pa.int32()),
-             pa.array([r["ids"] for r in stored], pa.list_(pa.int32())), values],
-            fields=list(LOGITS_TYPE))})
+    def stored_columns(self) -> pa.Table | None:
+        """What the strategies add to the rows the replay store gets after the last trained task (DER++:
+        their logits), one row per stored row, in their order; rank 0 only (None: nothing)."""
+        columns, self._stored_columns = self._stored_columns, None
+        return columns
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -34,7 +34,7 @@ class Coordinator(Protocol):
     def record_fill(self, row: int, accuracies: dict[str, float]) -> None: ...
 
     def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any],
-                    checkpoint: str | None, replay_logits: Any = None) -> Any: ...
+                    checkpoint: str | None, stored_columns: Any = None) -> Any: ...
 
     def recovery_plan(self) -> RecoveryPlan | None: ...
 
@@ -97,7 +97,7 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
             finally:
                 if feed is not None:
                     feed.close()
-            replay_logits = learner.replay_logits(plan)  # DER++: what the store keeps with this task's rows
+            stored_columns = learner.stored_columns()  # what the strategies keep with this task's replay rows
             started = time.perf_counter()
             accuracies = learner.evaluate(eval_sets)
             stats["eval_seconds"] = time.perf_counter() - started
@@ -107,7 +107,7 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
                 learner.save_state(plan.state_dir)
             if leader:
                 coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir,
-                                        replay_logits=replay_logits)
+                                        stored_columns=stored_columns)
             # No rank asks for the next plan before this task is committed (its replay rows stored).
             learner.comm.barrier()
         # The recovery probe runs on rank 0 alone, from the saved final model: no collective, so the

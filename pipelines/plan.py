@@ -10,27 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.config import (
-    AgemStrategyConfig,
-    CumulativeStrategyConfig,
-    DerppStrategyConfig,
-    EwcStrategyConfig,
-    JointStrategyConfig,
-    LwfStrategyConfig,
-    NaiveStrategyConfig,
-    ReplayStrategyConfig,
-    RunConfig,
-    Schema,
-)
+from pipelines.config import RunConfig
 from pipelines.errors import DataError
+from pipelines.strategies import planning_for
+from pipelines.strategies.base import Planning, ReplayPart
 from pipelines.tasks import Task, TaskStream
 
 
@@ -52,15 +41,15 @@ class TaskPlan:
     examples: pa.Table | None  # columns source (prefix applied), target; None: no training at this task
     num_steps: int  # optimizer steps (0 when examples is None)
     seed: int  # run seed: batch order is seeded by (seed, index, epoch), replay draws by (seed, index, rank)
-    replay_rows_per_batch: int = 0  # rows of each micro-batch drawn from the replay store
+    replay_rows_per_batch: int = 0  # rows drawn from the replay store per micro-batch: the parts' sum
     teacher_dir: str | None = None  # the model after the previous task, for distillation
     model_dir: str | None = None  # save a plain transformers checkpoint here after the task (None: don't)
     state_dir: str | None = None  # save the training state here (optimizer, RNG, strategy): what resume loads
     order: str = "shuffled"  # "by_class": the examples in target order, every epoch (no shuffling)
     denoised_tasks: tuple[int, ...] = ()  # replayed rows of these tasks are corpus text: corrupt them (pretraining)
-    # How replayed rows are used: "mix" (appended to the micro-batch), "reference" (a separate batch
-    # for A-GEM's reference gradient), "with_logits" (two separate batches, one with its stored logits)
-    replay_mode: str = "mix"
+    # How each draw of replayed rows is split: appended to the micro-batch, or separate batches the
+    # strategies take by name (A-GEM's reference, DER++'s batch with stored logits), in this order
+    replay_parts: tuple[ReplayPart, ...] = ()
     prefix: str = ""  # this task's prefix (every source in ``examples`` starts with it, for "task" data)
     distill_prefixes: tuple[str, ...] = ()  # LwF: the earlier tasks' prefixes, the old "heads"
     logit_rows: pa.Table | None = None  # DER++: the rows the store gets after this task; their logits go with them
@@ -98,49 +87,7 @@ class RecoveryPlan:
     seed: int
 
 
-# ------------------------------------------------------------------------ strategies, planning side
-@dataclass(frozen=True)
-class Planning:
-    """What a strategy trains on at each task, as the scheduler sees it.
-
-    ``data``: ``task`` (the task's own examples), ``seen`` (every task so far) or ``all_at_end``
-    (nothing until the last task, then every task with the summed step budget).
-    """
-
-    data: Literal["task", "seen", "all_at_end"] = "task"
-    needs_teacher: bool = False
-    replay_ratio: float = 0.0  # "mix": the share of each micro-batch drawn from the store
-    replay_mode: Literal["mix", "reference", "with_logits"] = "mix"
-    replay_rows: int = 0  # "reference" / "with_logits": replayed rows drawn per micro-batch
-    stores_logits: bool = False  # the store's rows carry the model's logits (DER++)
-
-    @property
-    def uses_replay(self) -> bool:
-        return self.replay_ratio > 0 or self.replay_rows > 0
-
-    @property
-    def trains_only_at_end(self) -> bool:
-        """Only the final row of such a run's matrix means anything (earlier rows: the untrained model)."""
-        return self.data == "all_at_end"
-
-
-PLANNING: dict[type[Schema], Callable[[Schema], Planning]] = {
-    NaiveStrategyConfig: lambda config: Planning(),
-    JointStrategyConfig: lambda config: Planning(data="all_at_end"),
-    CumulativeStrategyConfig: lambda config: Planning(data="seen"),
-    ReplayStrategyConfig: lambda config: Planning(replay_ratio=config.replay_ratio),
-    LwfStrategyConfig: lambda config: Planning(needs_teacher=True),
-    EwcStrategyConfig: lambda config: Planning(),
-    AgemStrategyConfig: lambda config: Planning(replay_mode="reference", replay_rows=config.reference_rows),
-    DerppStrategyConfig: lambda config: Planning(replay_mode="with_logits", replay_rows=2 * config.replay_rows,
-                                                 stores_logits=True),
-}
-
-
-def planning_for(strategy: Schema) -> Planning:
-    return PLANNING[type(strategy)](strategy)
-
-
+# ------------------------------------------------------------------------ what a task trains on
 def task_examples(stream: TaskStream, indices: range | list[int]) -> pa.Table | None:
     """(source, target) rows of the given tasks' train splits, prefixes applied; tasks that are
     measured only (the pretraining task) give none. None: no rows at all."""
@@ -238,16 +185,17 @@ def rows_to_store(config: RunConfig, stream: TaskStream, index: int) -> pa.Table
     })
 
 
-def _replay_rows(config: RunConfig, planning: Planning) -> int:
-    if planning.replay_mode == "mix":
-        return replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
-    return planning.replay_rows
+def replay_parts(config: RunConfig, planning: Planning) -> tuple[ReplayPart, ...]:
+    """The replayed parts of every micro-batch: the mixed-in share first, then the strategies' own."""
+    mixed = replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
+    return ((ReplayPart("mix", mixed, mix=True),) if mixed else ()) + planning.replay_parts
 
 
 def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
     """The plan of task ``index``: the one place where what happens at a task is decided."""
     planning = planning_for(config.strategy)
     task = stream[index]
+
     examples = training_examples(planning, stream, index) if config.paradigm.takes_steps else None
     last = index == len(stream) - 1
     teacher = None
@@ -257,15 +205,15 @@ def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
     # LwF's old heads: each distinct prefix of an earlier trained task (one prefix shared by a
     # domain-incremental stream's tasks is one head)
     old_prefixes = tuple(dict.fromkeys(t.prefix for t in stream.tasks[:index] if t.trainable))
+    # Replay draws from earlier tasks' rows: none before the first task that put rows in the store.
+    replays = examples is not None and any(stores_rows(config, t) for t in stream.tasks[:index])
+    parts = replay_parts(config, planning) if replays else ()
     return TaskPlan(
         index=index, name=task.name, examples=examples,
         num_steps=planned_steps(config, stream, index, planning, examples),
         seed=config.seed,
-        # Replay draws from earlier tasks' rows: none before the first task that put rows in the store.
-        replay_rows_per_batch=(_replay_rows(config, planning)
-                               if examples is not None and any(stores_rows(config, t) for t in stream.tasks[:index])
-                               else 0),
-        replay_mode=planning.replay_mode,
+        replay_rows_per_batch=sum(part.rows for part in parts),
+        replay_parts=parts,
         prefix=task.prefix,
         distill_prefixes=old_prefixes if planning.needs_teacher and examples is not None else (),
         logit_rows=rows_to_store(config, stream, index) if planning.stores_logits and examples is not None else None,

@@ -87,7 +87,7 @@ class RunReport(_Model):
     metrics: dict[str, float | None]  # avg_acc, forgetting, bwt, fwt after the last finished task; None: undefined
     metrics_per_task: list[dict[str, Any]] = []
     strategy: str
-    strategy_config: dict[str, Any]
+    strategy_config: dict[str, Any] | list[dict[str, Any]]  # a combination: each strategy's, in its order
     paradigm: dict[str, Any] = {"name": "fine_tuning"}  # how the pretrained model is reused (pipelines.paradigms)
     note: str | None = None
     experiment: str

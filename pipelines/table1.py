@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import NaiveStrategyConfig, RunConfig, validate_config
+from pipelines.config import RunConfig, validate_config
+from pipelines.strategies import DEFAULT_STRATEGY
 from pipelines.paradigms import few_shot_sources, query_text
 from pipelines.report import RunReport
 from pipelines.tasks import TaskStream
@@ -47,7 +48,7 @@ def run_config(config: RunConfig, paradigm: str, size: int | None, *, output_dir
     compares ways of reusing the model, not strategies."""
     data = config.model_dump(by_alias=True)
     data["paradigm"] = {**data["paradigm"], "name": paradigm}
-    data["strategy"] = {"name": NaiveStrategyConfig().name}
+    data["strategy"] = {"name": DEFAULT_STRATEGY}
     if paradigm != "fine_tuning":
         data["recovery"]["enabled"] = False
         data["replay"]["enabled"] = False

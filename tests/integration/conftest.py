@@ -13,6 +13,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test here runs the real thing (a CLI subprocess, a local Ray, an MLflow server): `slow`,
+    left out of `make check`, run by `make test`."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     import socket
 

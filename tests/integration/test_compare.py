@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 # strategies that reach further than the learner — the replay store (replay, DER++ with its stored
 # logits), a teacher model (LwF), a plan of another shape (joint). Cumulative, EWC and A-GEM differ
 # from these only inside one worker's plan and step (A-GEM samples the store as replay does), which
-# tests/unit/pipelines/test_strategies.py runs through the DeepSpeed learner (EWC's collectives across
+# tests/unit/pipelines/strategies/ runs through the DeepSpeed learner (EWC's collectives across
 # two workers: tests/unit/pipelines/test_distributed.py).
 ALL = ["replay", "lwf", "derpp", "joint"]
 

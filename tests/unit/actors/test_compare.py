@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from actors.compare import aggregate, comparison_matrices, format_table, task_orders
+from pipelines.errors import ConfigError
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
 
@@ -110,3 +111,16 @@ def test_bad_orders_are_refused_before_anything_runs():
         task_orders(_config(), 7)
     with pytest.raises(ConfigError, match=r"orders\[0\] must list every task once"):
         _config([["a", "b"]])
+
+
+def test_strategies_to_compare_may_be_combinations_and_are_checked_before_any_run():
+    from actors.compare import _trains_only_at_end, parse_strategies
+
+    assert parse_strategies("naive, replay,replay+lwf ,joint") == ["naive", "replay", "replay+lwf", "joint"]
+    assert _trains_only_at_end("joint") and not _trains_only_at_end("replay+lwf")
+    with pytest.raises(ConfigError, match=r"--strategies: unknown \['lwff'\]"):
+        parse_strategies("naive,replay+lwff")
+    with pytest.raises(ConfigError, match="replay and derpp do not combine"):
+        parse_strategies("naive,replay+derpp")
+    with pytest.raises(ConfigError, match="names a strategy twice"):
+        parse_strategies("replay,replay")

@@ -77,6 +77,7 @@ def measured(report) -> dict:
             "mean_loss": {name: stats.mean_loss for name, stats in report.train.items()}}
 
 
+@pytest.mark.slow  # a minute for all eight: `make test` runs them, `make check` does not
 @pytest.mark.parametrize("name", list(STRATEGIES), ids=list(STRATEGIES))
 def test_a_strategy_gives_its_pinned_matrix_and_losses(name, local_ray, tmp_path, mlflow_store):
     strategy = ",".join(f"{k}: {v}" for k, v in STRATEGIES[name].items())

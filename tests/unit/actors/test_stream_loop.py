@@ -73,8 +73,9 @@ def test_the_loop_trains_a_stream_in_one_process(toy_stream_config, tmp_path):
     assert RunReport.read(out / "report.json") == report
 
 
-@pytest.mark.parametrize("strategy", [{"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, {"name": "lwf"}],
-                         ids=["ewc", "lwf"])
+@pytest.mark.parametrize("strategy", [{"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, {"name": "lwf"},
+                                      [{"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, "lwf"]],
+                         ids=["ewc", "lwf", "ewc+lwf"])
 def test_a_run_killed_between_tasks_resumes_to_the_uninterrupted_result(three_tasks, tmp_path, strategy,
                                                                          mlflow_store):
     three_tasks["strategy"] = strategy

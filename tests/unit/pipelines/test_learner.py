@@ -113,7 +113,7 @@ def test_by_class_order_feeds_a_task_class_by_class(make_learner, toy_stream_con
     plan = build_plan(config, stream, 0)
     assert plan.order == "by_class" and build_plan(config, stream, 1).order == "shuffled"
     pad = learner.tokenizer.pad_token_id
-    decode = lambda batch: learner.tokenizer.batch_decode(batch["labels"].clamp(min=pad), skip_special_tokens=True)  # noqa: E731
+    decode = lambda batch: learner.tokenizer.batch_decode(batch.inputs["labels"].clamp(min=pad), skip_special_tokens=True)  # noqa: E731
     batches = learner.batches(plan)
     seen = [t for _ in range(-(-plan.examples.num_rows // 8)) for t in decode(next(batches))]
     assert seen == sorted(plan.examples.column("target").to_pylist())

@@ -194,7 +194,7 @@ def test_the_warm_start_trains_and_evaluates_through_the_learner(tiny_bert, toy_
     learner = Learner(config, directory)
     plan = build_plan(config, stream, 0)
     batch = next(learner.batches(plan))
-    assert (batch["labels"][:, 0] != tokenizer.cls_token_id).all()  # the decoder starts with [CLS] already
+    assert (batch.inputs["labels"][:, 0] != tokenizer.cls_token_id).all()  # the decoder starts with [CLS] already
     losses = []
     learner.train_task(plan, on_step=lambda step, total, loss, metrics: losses.append(loss))
     assert losses[-1] < losses[0]

@@ -1,0 +1,135 @@
+"""Starting and joining Ray: one place for every command, bench and test that needs a cluster.
+
+A Ray this process starts serves it alone: loopback only, token auth on with a token of its own,
+a watcher that ends its processes should this one die. ``ray.address`` (or ``RAY_ADDRESS``, set
+inside ``ray job submit``) joins a cluster instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Any
+
+import ray
+
+from actors import reaper
+from actors.signals import install_stop_signal
+from pipelines.config import RunConfig
+
+log = logging.getLogger("forgetless")
+
+# Environment every Ray process of a run gets: deprecation floods off, tokenizer threads off
+# (they fight the trainers for two cores), no usage reporting.
+WORKER_ENV = {
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def connect_ray(config: RunConfig) -> bool:
+    """Join the configured cluster, or start a local Ray. True when the Ray is local to this run."""
+    if ray.is_initialized():
+        return len(ray.nodes()) == 1
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "logging_level": logging.WARNING,
+                              "configure_logging": True}
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+    if address:
+        ray.init(address=address, **kwargs)
+        install_stop_signal()
+        return False
+    # A Ray started here serves this run alone and dies with it: it listens on loopback only
+    # (loopback_only_ray), and token auth is on with a token made for this run (fresh_ray_token),
+    # so neither another machine nor another user of this one can attach a driver to it.
+    earlier = loopback_only_ray()
+    fresh_ray_token()
+    # collectives' own sockets on loopback too (one machine: gloo and NCCL's bootstrap need no other)
+    kwargs["runtime_env"]["env_vars"] = {**WORKER_ENV, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    # address="local": a new Ray for this run even if a `ray start` cluster runs on this machine
+    # (ray.address=auto joins that one instead).
+    try:
+        ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                 _system_config={"enable_metrics_collection": False}, **kwargs)
+    finally:  # its processes have it; a `ray start` this process runs later must not
+        _restore_env(_SINGLE_MACHINE, earlier)
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        log.warning("this Ray took %s as its address (not loopback): its ports are guarded by the run's token only",
+                    ray.util.get_node_ip_address())
+    install_stop_signal()
+    _watch_local_ray()
+    return True
+
+
+def loopback_only_ray() -> str | None:
+    """Make the Ray this process is about to start bind every server to 127.0.0.1; returns the
+    switch's earlier value (restored once that Ray is up).
+
+    On Linux Ray takes the host's routable address as the node's, and its gRPC servers, agents and
+    two Prometheus endpoints (dashboard and autoscaler metrics, no auth) listen on every interface;
+    ``ray.init(_node_ip_address="127.0.0.1")`` is resolved back to the routable address. Ray's
+    single-machine mode (what it does on macOS and Windows) uses the loopback address instead.
+    Its switch is read when Ray is imported, so the constant is set here too; its processes read
+    the environment.
+    """
+    earlier = os.environ.get(_SINGLE_MACHINE)
+    os.environ[_SINGLE_MACHINE] = "0"
+    try:
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    except AttributeError:  # a Ray without the switch: token auth still guards every port
+        pass
+    return earlier
+
+
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
+def fresh_ray_token() -> None:
+    """Turn Ray's token auth on, with a new random token, for the Ray this process is about to start.
+
+    Every process of that Ray inherits it from the environment; nothing writes it to disk. Ray
+    reads the mode and token once, when first imported, so both caches are refreshed here too.
+    """
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token auth: nothing to turn on
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+_reaper = None  # the watcher of this process's local Ray; held so its pipe stays open while we live
+
+
+def _watch_local_ray() -> None:
+    """Have a watcher end this Ray's processes should this process die without shutting it down."""
+    global _reaper
+    try:
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+    except AttributeError:  # a Ray without that internal: no watcher, no harm
+        return
+    _reaper = reaper.watch(session_dir)
+
+
+def cpus_per_worker(config: RunConfig, use_gpu: bool, *, local: bool) -> float:
+    """CPUs each trainer worker reserves: ``training.cpus_per_worker``, else a local Ray's CPUs split
+    evenly between the workers (torch's threads follow), else 1 (a cluster's nodes differ in size)."""
+    if config.training.cpus_per_worker:
+        return config.training.cpus_per_worker
+    if use_gpu or not local:
+        return 1.0  # a cluster's nodes differ in size: never ask for more than the smallest has
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(1.0, float(int(total // config.training.num_workers)))

@@ -1,0 +1,76 @@
+"""Facts about the library's imports anyone can check: no cycle, no private name taken from
+another module (what import-linter's layers do not see)."""
+
+import ast
+from pathlib import Path
+
+import grimp
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("storage", "pipelines", "actors")
+
+
+def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(graph[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(graph[child])))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
+    assert _cycles({"a": ["b"], "b": []}) == []
+
+
+def test_no_module_of_the_library_imports_itself_through_others():
+    """Imports inside functions count (a lazy import that hides a cycle is still one); imports made
+    only for type checking do not (they never run)."""
+    graph = grimp.build_graph(*PACKAGES, exclude_type_checking_imports=True)
+    modules = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in graph.modules}
+    assert _cycles(modules) == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    found = []
+    for package in (*PACKAGES, "bench"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PACKAGES:
+                    found += [f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import {alias.name}"
+                              for alias in node.names if alias.name.startswith("_")]
+    assert found == []
