@@ -86,6 +86,11 @@ def _trains_only_at_end(name: str) -> bool:
     return planning_for([STRATEGY_CONFIGS[part]() for part in name.split("+")]).trains_only_at_end
 
 
+def metric_prefix(name: str) -> str:
+    """A strategy's name as MLflow takes it in a metric's key (no '+'): replay+lwf -> replay_with_lwf."""
+    return name.replace("+", "_with_")
+
+
 def parse_strategies(text: str) -> list[str]:
     """``--strategies naive,replay,replay+lwf``: strategies, or combinations joined by '+'."""
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -287,7 +292,7 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     write_atomic(md_path, format_table(tasks, summary, seeds=seeds, orders=orders))
     plots = plot_comparison(comparison_matrices(tasks, summary), base)
     for name, entry in summary.items():
-        parent.log_metrics({f"{name}/{m}": entry[m]["mean"] for m in METRICS}, step=0)
+        parent.log_metrics({f"{metric_prefix(name)}/{m}": entry[m]["mean"] for m in METRICS}, step=0)
     parent.log_metrics({"worker_group_startups": costs["worker_group_startups"],
                         "per_run_overhead_s": costs["per_run_overhead_s"]["mean"]}, step=0)
     for path in (json_path, md_path, *plots):

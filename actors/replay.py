@@ -37,7 +37,7 @@ from storage.replay import (
     route,
     write_store_manifest,
 )
-from storage.tables import StorageError
+from storage.errors import StorageError
 
 
 class _PlacedShard(ReplayShard):

@@ -436,7 +436,7 @@ class RunConfig(Schema):
     def _known_strategy(cls, data: Any) -> Any:
         if not isinstance(data, dict) or "strategy" not in data:
             return data
-        settings = data.get("strategies") if isinstance(data.get("strategies"), dict) else {}
+        settings = dict(data["strategies"]) if isinstance(data.get("strategies"), dict) else {}
         strategy = data["strategy"]
         items = strategy if isinstance(strategy, list) else [strategy]
         parts = []
@@ -447,10 +447,20 @@ class RunConfig(Schema):
                 given = settings.get(item)
                 item = {**(given if isinstance(given, dict) else {}), "name": item}
             elif isinstance(item, dict):
-                if item.get("name", DEFAULT_STRATEGY) not in STRATEGY_CONFIGS:
-                    raise ValueError(unknown(item.get("name")))
-                item = {"name": DEFAULT_STRATEGY, **item}
+                name = item.get("name", DEFAULT_STRATEGY)
+                if name not in STRATEGY_CONFIGS:
+                    raise ValueError(unknown(name))
+                given = settings.get(name) if isinstance(settings.get(name), dict) else {}
+                clash = sorted(k for k in item if k != "name" and k in given and given[k] != item[k])
+                if clash:
+                    raise ValueError("; ".join(f"strategy {name}: {k}={item[k]!r} here and strategies.{name}.{k}="
+                                               f"{given[k]!r} disagree" for k in clash)
+                                     + f": set {name}'s settings in one place (strategies.{name})")
+                item = {**given, "name": DEFAULT_STRATEGY, **item}
+                # one home for a strategy's settings: what the run uses is what `strategies` holds
+                settings[name] = {k: v for k, v in item.items() if k != "name"}
             parts.append(item)
+        data = {**data, "strategies": settings}
         if isinstance(strategy, list):
             if not parts:
                 raise ValueError("strategy is an empty list: name one strategy or several")

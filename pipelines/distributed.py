@@ -15,8 +15,10 @@ import socket
 import torch
 import torch.distributed as dist
 
+from pipelines.errors import ForgetlessError
 
-class DeviceMismatchError(RuntimeError):
+
+class DeviceMismatchError(ForgetlessError, RuntimeError):
     """A collective was handed a tensor on another device than the engine's."""
 
 

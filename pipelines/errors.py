@@ -1,10 +1,11 @@
-"""Project errors. Each subclasses a builtin so callers can catch either."""
+"""Project errors. Each subclasses a builtin so callers can catch either; all share the root
+``ForgetlessError`` (``storage.errors``), which the CLI turns into one line and exit status 2."""
 
 from __future__ import annotations
 
+from storage.errors import ForgetlessError, StorageError
 
-class ForgetlessError(Exception):
-    """Base of every error this project raises on purpose."""
+__all__ = ["ConfigError", "DataError", "ForgetlessError", "NonFiniteLossError", "StorageError"]
 
 
 class ConfigError(ForgetlessError, ValueError):

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.files import fsync_directory, write_atomic
-from storage.tables import StorageError
+from storage.errors import StorageError
 
 logger = logging.getLogger("forgetless.storage")
 

@@ -19,11 +19,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from storage.errors import StorageError
+
 EXAMPLE_SCHEMA = pa.schema([("source", pa.string()), ("target", pa.string())])
-
-
-class StorageError(Exception):
-    """Base of the storage package's errors."""
 
 
 class ExampleFileError(StorageError, ValueError):

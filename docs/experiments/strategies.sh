@@ -11,6 +11,11 @@ tiny() {  # every strategy, 3 seeds x 3 task orders, on the tiny stream: the pro
      --seeds 3 --orders 3 output_dir=$OUT/tiny-compare-3x3 overwrite=true --no-progress
 }
 
+combined() {  # replay alone against replay with LwF and replay with EWC (strategy: [replay, X]), 3 seeds
+  $F compare configs/tiny/compare.yaml --strategies replay,replay+lwf,replay+ewc --seeds 3 \
+     output_dir=$OUT/tiny-combined overwrite=true --no-progress
+}
+
 ewc_sweep() {  # lambda from the first task's training rows only (docs/experiments/ewc_lambda_sweep.py)
   local stream=$1; shift
   .venv/bin/python docs/experiments/ewc_lambda_sweep.py configs/$stream.yaml --out $OUT/ewc-sweep-$stream "$@"

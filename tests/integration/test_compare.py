@@ -8,11 +8,11 @@ from mlflow.tracking import MlflowClient
 
 # End to end through Ray Train and DeepSpeed: naive in the other tests here, and in this one the
 # strategies that reach further than the learner — the replay store (replay, DER++ with its stored
-# logits), a teacher model (LwF), a plan of another shape (joint). Cumulative, EWC and A-GEM differ
+# logits), a teacher model (LwF, here combined with replay), a plan of another shape (joint). Cumulative, EWC and A-GEM differ
 # from these only inside one worker's plan and step (A-GEM samples the store as replay does), which
 # tests/unit/pipelines/strategies/ runs through the DeepSpeed learner (EWC's collectives across
 # two workers: tests/unit/pipelines/test_distributed.py).
-ALL = ["replay", "lwf", "derpp", "joint"]
+ALL = ["replay", "replay+lwf", "derpp", "joint"]
 
 
 def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlflow_store):
@@ -48,7 +48,9 @@ def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlf
     assert reports["joint"]["train"]["category"]["steps"] == 0
     assert reports["joint"]["metrics"]["forgetting"] is None  # its own report agrees: only avg_acc is defined
     assert reports["joint"]["train"]["first_word"]["steps"] == 12  # both tasks' budgets in one training
-    assert (out / "lwf" / "seed-0" / "checkpoints" / "task-00-category" / "model.safetensors").is_file()
+    assert (out / "replay+lwf" / "seed-0" / "checkpoints" / "task-00-category" / "model.safetensors").is_file()
+    assert reports["replay+lwf"]["replay"]["rows_per_task"] == {"category": 51, "first_word": 52}
+    assert [part["name"] for part in reports["replay+lwf"]["strategy_config"]] == ["replay", "lwf"]
 
     client = MlflowClient(mlflow_store)
     parent_id = comparison["mlflow"]["parent_run_id"]
@@ -59,6 +61,8 @@ def test_every_strategy_on_a_two_task_stream(cli, toy_config_file, tmp_path, mlf
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["replay/avg_acc"] == pytest.approx(comparison["strategies"]["replay"]["avg_acc"]["mean"])
+    both = comparison["strategies"]["replay+lwf"]["avg_acc"]["mean"]
+    assert parent.data.metrics["replay_with_lwf/avg_acc"] == pytest.approx(both)  # MLflow's keys take no '+'
     assert {"comparison.json", "comparison.md", "heatmaps.png"} <= {a.path for a in client.list_artifacts(parent_id)}
 
 

@@ -16,7 +16,7 @@ from storage.replay import (
     route,
     upgrade,
 )
-from storage.tables import StorageError
+from storage.errors import StorageError
 
 
 def rows(start, n, task="a", task_id=0):

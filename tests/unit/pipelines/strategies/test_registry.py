@@ -99,3 +99,15 @@ def test_a_strategy_named_takes_its_settings_from_strategies(toy_stream_config):
     assert config.strategy == STRATEGY_CONFIGS["replay"](replay_ratio=0.5)
     single = validate_config({**toy_stream_config, "strategy": ["lwf"]})
     assert single.strategy == STRATEGY_CONFIGS["lwf"]() and single.strategy_name == "lwf"
+
+
+def test_a_strategys_settings_have_one_home(toy_stream_config):
+    """What a run trains with is what ``strategies`` holds: a block under ``strategy`` writes its
+    settings there, and a block that contradicts ``strategies`` is refused, naming both keys."""
+    config = validate_config({**toy_stream_config, "strategy": {"name": "lwf", "alpha": 0.8},
+                              "strategies": {"lwf": {"temperature": 3.0}}})
+    assert config.strategy == config.strategies.lwf == STRATEGY_CONFIGS["lwf"](alpha=0.8, temperature=3.0)
+    assert config.with_strategy("lwf").strategy == config.strategy  # compare runs what run runs
+    with pytest.raises(ConfigError, match=r"strategy lwf: alpha=0\.8 here and strategies\.lwf\.alpha=0\.3 disagree"):
+        validate_config({**toy_stream_config, "strategy": {"name": "lwf", "alpha": 0.8},
+                         "strategies": {"lwf": {"alpha": 0.3}}})
