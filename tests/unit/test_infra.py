@@ -24,6 +24,7 @@ def test_rayjob_manifest_matches_the_kuberay_crd():
     assert manifest["spec"]["entrypoint"].startswith("forgetless run ")
 
 
+@pytest.mark.slow  # runs the CRD checker as a subprocess (~7 s)
 @pytest.mark.skipif(not SCHEMAS.is_dir(), reason="KubeRay CRD schemas are not beside the checkout")
 def test_crd_check_can_fail():
     manifest = yaml.safe_load((REPO / "infra/k8s/rayjob.yaml").read_text())
@@ -65,6 +66,7 @@ def test_the_cluster_yaml_starts_every_node_with_token_auth_and_the_dashboard_on
     assert "~/.ray/auth_token" in cluster["file_mounts"]
 
 
+@pytest.mark.slow  # the whole check script on the CPU (~30 s)
 def test_the_gpu_check_script_runs_its_whole_path_on_a_cpu(tmp_path):
     """The GPU check cannot run here, but everything in it except CUDA can: tiny models, gloo."""
     import json

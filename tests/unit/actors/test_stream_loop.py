@@ -73,9 +73,11 @@ def test_the_loop_trains_a_stream_in_one_process(toy_stream_config, tmp_path):
     assert RunReport.read(out / "report.json") == report
 
 
-@pytest.mark.parametrize("strategy", [{"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, {"name": "lwf"},
-                                      [{"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, "lwf"]],
-                         ids=["ewc", "lwf", "ewc+lwf"])
+@pytest.mark.parametrize("strategy", [
+    pytest.param({"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, marks=pytest.mark.slow),
+    pytest.param({"name": "lwf"}, marks=pytest.mark.slow),
+    [{"name": "ewc", "lambda": 50.0, "fisher_examples": 8}, "lwf"],  # both states, in `make check` too
+], ids=["ewc", "lwf", "ewc+lwf"])
 def test_a_run_killed_between_tasks_resumes_to_the_uninterrupted_result(three_tasks, tmp_path, strategy,
                                                                          mlflow_store):
     three_tasks["strategy"] = strategy
@@ -147,6 +149,7 @@ def test_a_run_killed_while_finishing_is_finished_by_resume_without_training(toy
         run.info.run_id)}
 
 
+@pytest.mark.slow  # three runs in one process (~13 s)
 def test_a_run_does_not_depend_on_what_ran_before_it_in_the_same_process(toy_stream_config, tmp_path):
     # A trainer worker runs a comparison's runs one after another (actors.trainer_group.run_job):
     # naive, then LwF (a teacher model, other losses, other draws from every generator), then naive
