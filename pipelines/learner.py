@@ -25,59 +25,22 @@ import torch
 
 from pipelines.config import ModelConfig, RunConfig, TrainingConfig
 from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
-from pipelines.denoising import (
-    MASKED_TOKEN_ACCURACY,
-    Corruptor,
-    collate_denoised,
-    denoising_examples,
-    score_denoising,
-)
+from pipelines.batching import Batcher, ReplaySource
+from pipelines.denoising import MASKED_TOKEN_ACCURACY, Corruptor, collate_denoised
 from pipelines.distributed import Collectives, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.models import build_model, check_precision, load_tokenizer, save_pretrained
 from pipelines.paradigms import PARADIGM_FILE, ParadigmModel, TaskSlot, source_tokens, trained_for
+from pipelines.evaluation import Evaluator
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
-from pipelines.scoring import METRICS
 from pipelines.strategies import build_training_strategy
-from pipelines.strategies.base import IGNORE_INDEX, StepBatch, TrainingContext
+from pipelines.strategies.base import StepBatch, TrainingContext
 from storage.files import atomic_directory
 
 log = logging.getLogger("forgetless")
 
 # (step, num_steps, mean loss since the last call, the strategy's metrics averaged the same way)
 StepCallback = Callable[[int, int, float, dict[str, float]], None]
-ReplaySource = Callable[[], pa.Table]  # a table of replayed (source, target) rows per call
-
-
-@torch.no_grad()
-def label_log_likelihoods(body: torch.nn.Module, encoder_inputs: dict[str, torch.Tensor], label_ids: list[list[int]],
-                          *, budget: int = 1 << 25) -> torch.Tensor:
-    """(batch, labels) log-likelihood of each whole label sequence given each input, teacher-forced.
-
-    The encoder runs once; the labels go through the decoder in groups of as many as keep a pass's
-    logits under ``budget`` elements. ``encoder_inputs``: the encoder's keyword arguments
-    (``input_ids`` or ``inputs_embeds``, and ``attention_mask``)."""
-    from transformers.modeling_outputs import BaseModelOutput
-
-    mask = encoder_inputs["attention_mask"]
-    hidden = body.get_encoder()(**encoder_inputs, return_dict=True).last_hidden_state
-    batch, count = hidden.shape[0], len(label_ids)
-    width = max(map(len, label_ids))
-    targets = torch.full((count, width), IGNORE_INDEX, dtype=torch.long, device=hidden.device)
-    for k, ids in enumerate(label_ids):
-        targets[k, : len(ids)] = torch.tensor(ids, device=hidden.device)
-    head = body.get_output_embeddings().weight
-    vocab = getattr(head, "ds_shape", head.shape)[0]  # ZeRO-3 leaves an empty placeholder in .shape
-    group = max(1, budget // max(1, batch * width * vocab))
-    scores = torch.empty(batch, count, dtype=torch.float32, device=hidden.device)
-    for start in range(0, count, group):
-        size = min(group, count - start)
-        labels = targets[start : start + size].repeat(batch, 1)  # row b * size + j: input b, label start + j
-        logits = body(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(size, 0)),
-                      attention_mask=mask.repeat_interleave(size, 0), labels=labels).logits
-        picked = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        scores[:, start : start + size] = (picked * (labels != IGNORE_INDEX)).sum(-1).view(batch, size)
-    return scores
 
 
 def lr_at(step: int, total: int, training: TrainingConfig) -> float:
@@ -206,155 +169,40 @@ class Learner(Engine):
                         "%d-vector prompt (stream.max_source_tokens=%d)", self.source_tokens,
                         config.paradigm.prompt_length, config.stream.max_source_tokens)
         self.objective = objective  # the pretraining objective (its task's eval corrupts text the same way)
-        self._heldout: tuple[str, list] | None = None
         self._built_corruptor: Corruptor | None = None
+        model = self.model
+        self.batching = Batcher(
+            self.tokenizer, source_tokens=self.source_tokens, max_target_tokens=config.stream.max_target_tokens,
+            micro_batch_size=config.training.micro_batch_size, device=self.device, rank=rank, world_size=world_size,
+            drop_first=self.body.config.decoder_start_token_id if config.model.arch == "encoder_decoder" else None,
+            label_classes=(lambda targets, task: model.classes(targets, model.slot_of[task]))
+            if isinstance(model, ParadigmModel) and config.paradigm.name == "feature_extraction" else None,
+            corruptor=self._corruptor)
+        self.evaluation = Evaluator(
+            self.batching, model=model, body=self.body, engine=self.engine, comm=self.comm,
+            settings=config.evaluation, lockstep=self.zero_stage == 3 and world_size > 1,
+            corruptor=self._corruptor, objective_seed=objective["seed"] if objective else None)
         self.strategy = build_training_strategy(config)
         self._stored_columns: pa.Table | None = None
         self.global_step = 0
 
     def close(self) -> None:
         self.strategy = None  # a teacher model, Fisher information, reference gradients
-        self._heldout = self._built_corruptor = None
+        self.batching = self.evaluation = self._built_corruptor = None  # they hold the model and engine
         super().close()
 
     def context(self, plan: TaskPlan) -> TrainingContext:
         return TrainingContext(
             module=self.model, engine=self.engine, device=self.device, dtype=next(self.model.parameters()).dtype,
             comm=self.comm, batches=lambda: (batch.inputs for batch in self.batches(plan, extras=False)),
-            collate=lambda sources, targets: self._collate(*self._encode(sources, targets)),
+            collate=lambda sources, targets: self.batching.collate(*self.batching.encode(sources, targets)),
             eval_batch_size=self.config.evaluation.batch_size, rank=self.rank)
 
     # ------------------------------------------------------------------ data
-    def _encode(self, sources: list[str], targets: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        inputs = self.tokenizer(sources, truncation=True, max_length=self.source_tokens)["input_ids"]
-        return inputs, self._encode_targets(targets)
-
-    def _encode_targets(self, targets: list[str]) -> list[list[int]]:
-        labels = self.tokenizer(text_target=targets, truncation=True,
-                                max_length=self.config.stream.max_target_tokens)["input_ids"]
-        if self.config.model.arch == "encoder_decoder":  # BERT writes [CLS] first: the decoder starts with it already
-            start = self.body.config.decoder_start_token_id
-            labels = [y[1:] if y and y[0] == start else y for y in labels]
-        return labels
-
-    def _collate_inputs(self, inputs: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Encoder inputs, padded, and their attention mask, on the engine's device."""
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(inputs), max(map(len, inputs))), pad, dtype=torch.long)
-        for i, x in enumerate(inputs):
-            input_ids[i, : len(x)] = torch.tensor(x)
-        return {"input_ids": input_ids.to(self.device), "attention_mask": (input_ids != pad).to(self.device)}
-
-    def _collate(self, inputs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
-        label_ids = torch.full((len(labels), max(map(len, labels))), IGNORE_INDEX, dtype=torch.long)
-        for i, y in enumerate(labels):
-            label_ids[i, : len(y)] = torch.tensor(y)
-        return {**self._collate_inputs(inputs), "labels": label_ids.to(self.device)}
-
     def batches(self, plan: TaskPlan, replay: ReplaySource | None = None, *,
                 extras: bool = True) -> Iterator[StepBatch]:
-        """Endless micro-batches of this rank's share, reshuffled each epoch with a seeded generator.
-
-        With ``replay``, one draw of ``plan.replay_rows_per_batch`` replayed rows per micro-batch,
-        split as ``plan.replay_parts`` say: a ``mix`` part is appended to the micro-batch (the rest
-        from the plan); any other part is a separate batch in ``extras`` under its name (with the
-        rows' stored logits beside the labels when the part asks for them). With
-        ``plan.distill_prefixes``, ``extras["views"]`` holds the micro-batch's inputs under each
-        earlier task's prefix instead of this task's. ``extras=False``: the task's own rows only.
-
-        Raises:
-            DataError: this rank's share of the plan is empty (fewer rows than workers).
-        """
-        sources = plan.examples.column("source").to_pylist()
-        inputs, labels = self._encode(sources, plan.examples.column("target").to_pylist())
-        if len(inputs) <= self.rank:
-            raise DataError(f"task {plan.name!r} has {len(inputs)} training row(s) for {self.world_size} workers: "
-                            f"worker {self.rank} has none to train on; lower training.num_workers")
-        views = self._views(sources, plan) if extras else []
-        classes = None
-        if isinstance(self.model, ParadigmModel) and self.config.paradigm.name == "feature_extraction":
-            classes = self.model.classes(plan.examples.column("target").to_pylist(), self.model.slot_of[plan.name])
-        parts = plan.replay_parts if replay is not None and extras and plan.replay_rows_per_batch else ()
-        denoise_rng = np.random.default_rng([plan.seed, plan.index, self.rank, 0xDE])
-        size = self.config.training.micro_batch_size - sum(part.rows for part in parts if part.mix)
-        by_class = (np.argsort(np.asarray(plan.examples.column("target").to_pylist(), dtype=object), kind="stable")
-                    if plan.order == "by_class" else None)
-        for epoch in range(10**9):
-            rng = np.random.default_rng([plan.seed, plan.index, epoch])
-            everything = by_class if plan.order == "by_class" else rng.permutation(len(inputs))
-            order = everything[self.rank :: self.world_size]
-            for start in range(0, len(order), size):
-                chosen = order[start : start + size]
-                batch_inputs, batch_labels = [inputs[i] for i in chosen], [labels[i] for i in chosen]
-                extra: dict[str, Any] = {}
-                rows, offset = (replay() if parts else None), 0
-                for part in parts:  # one draw, split in the plan's order
-                    chunk, offset = rows.slice(offset, part.rows), offset + part.rows
-                    if part.mix:
-                        more_inputs, more_labels = self._replayed(chunk, plan, denoise_rng)
-                        batch_inputs, batch_labels = batch_inputs + more_inputs, batch_labels + more_labels
-                    elif part.logits:
-                        extra[part.name] = self._with_logits(chunk)
-                    else:
-                        extra[part.name] = self._collate(*self._replayed(chunk, plan, denoise_rng))
-                if views:
-                    extra["views"] = [self._collate_inputs([view[i] for i in chosen]) for view in views]
-                model_inputs = self._collate(batch_inputs, batch_labels)
-                if classes is not None:  # feature extraction: the class of each target in the task's label set
-                    model_inputs["class_ids"] = classes[torch.as_tensor(chosen, dtype=torch.long)].to(self.device)
-                yield StepBatch(model_inputs, extra)
-
-    def _views(self, sources: list[str], plan: TaskPlan) -> list[list[list[int]]]:
-        """LwF: this task's sources under each earlier task's prefix, encoded."""
-        if not plan.distill_prefixes:
-            return []
-        bare = [s[len(plan.prefix):] if s.startswith(plan.prefix) else s for s in sources]
-        return [self.tokenizer([prefix + s for s in bare], truncation=True, max_length=self.source_tokens)["input_ids"]
-                for prefix in plan.distill_prefixes]
-
-    def _with_logits(self, rows: pa.Table) -> dict[str, torch.Tensor]:
-        """DER++: replayed rows with their stored top-k logits, as tensors beside the labels
-        (``logit_valid`` marks the target tokens that have stored logits)."""
-        batch = self._collate(*self._encode(rows.column("source").to_pylist(), rows.column("target").to_pylist()))
-        stored = rows.column("logits").to_pylist() if "logits" in rows.column_names else [None] * rows.num_rows
-        ks = {logits["k"] for logits in stored if logits is not None}
-        width, k = batch["labels"].shape[1], max(ks, default=1)
-        ids = torch.zeros((rows.num_rows, width, k), dtype=torch.long)
-        values = torch.zeros((rows.num_rows, width, k), dtype=torch.float32)
-        valid = torch.zeros((rows.num_rows, width), dtype=torch.bool)
-        for i, logits in enumerate(stored):
-            if logits is None or logits["k"] != k:
-                continue
-            tokens = min(logits["tokens"], width)
-            shape = (logits["tokens"], k)
-            ids[i, :tokens] = torch.tensor(logits["ids"], dtype=torch.long).view(shape)[:tokens]
-            values[i, :tokens] = torch.tensor(logits["values"], dtype=torch.float32).view(shape)[:tokens]
-            valid[i, :tokens] = True
-        device = self.device
-        return {**batch, "logit_ids": ids.to(device), "logit_values": values.to(device), "logit_valid": valid.to(device)}
-
-    def _replayed(self, rows: pa.Table, plan: TaskPlan,
-                  rng: np.random.Generator) -> tuple[list[list[int]], list[list[int]]]:
-        """Encoded replayed rows; rows of the pretraining corpus (general-sample replay) are
-        corrupted with the pretraining objective instead."""
-        sources, targets = rows.column("source").to_pylist(), rows.column("target").to_pylist()
-        if not plan.denoised_tasks or "task_id" not in rows.column_names:
-            return self._encode(sources, targets)
-        corpus = set(np.flatnonzero(np.isin(rows.column("task_id").to_numpy(), plan.denoised_tasks)).tolist())
-        inputs, labels = [], []
-        if len(corpus) < len(sources):
-            inputs, labels = self._encode([s for i, s in enumerate(sources) if i not in corpus],
-                                          [t for i, t in enumerate(targets) if i not in corpus])
-        if corpus:
-            corruptor = self._corruptor("pretraining")
-            encoded = self.tokenizer([sources[i] for i in sorted(corpus)], add_special_tokens=False)["input_ids"]
-            limit = self.source_tokens - 1
-            for ids in encoded:
-                if len(ids) >= 2:
-                    example = corruptor(ids[:limit], rng)
-                    inputs.append(example.input_ids)
-                    labels.append(example.labels)
-        return inputs, labels
+        """This rank's endless micro-batches of ``plan`` (see ``Batcher.batches``)."""
+        return self.batching.batches(plan, replay, extras=extras)
 
     # ------------------------------------------------------------------ training
     def train_task(self, plan: TaskPlan, on_step: StepCallback | None = None,
@@ -443,71 +291,6 @@ class Learner(Engine):
         return columns
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def _generate(self, sources: list[str], model: torch.nn.Module | None = None, task: str | None = None) -> list[str]:
-        enc = self.tokenizer(sources, truncation=True, max_length=self.source_tokens, padding=True,
-                             return_tensors="pt").to(self.device)
-        settings = dict(
-            max_new_tokens=self.config.evaluation.max_new_tokens, do_sample=False, num_beams=1,
-            # ZeRO-3 partitions the weights: every rank must run every forward pass together.
-            synced_gpus=model is None and self.config.training.zero_stage == 3 and self.world_size > 1,
-        )
-        if model is None and isinstance(self.model, ParadigmModel):
-            out = self.model.predict(enc["input_ids"], enc["attention_mask"], task, settings)
-            if isinstance(out, list):  # feature extraction answers with label strings
-                return out
-        else:
-            out = (model or self.model).generate(**enc, **settings)
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
-
-    def _rank(self, sources: list[str], labels: tuple[str, ...], model: torch.nn.Module | None,
-              task: str) -> list[str]:
-        """Likelihood scoring: for each source, the label of ``labels`` the model finds likeliest."""
-        enc = self.tokenizer(sources, truncation=True, max_length=self.source_tokens, padding=True,
-                             return_tensors="pt").to(self.device)
-        if model is None and isinstance(self.model, ParadigmModel):
-            body, inputs = self.model.body, self.model.encoder_inputs(enc["input_ids"], enc["attention_mask"], task)
-        else:
-            body, inputs = model or self.model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        scores = label_log_likelihoods(body, inputs, self._encode_targets(list(labels)))
-        return [labels[k] for k in scores.argmax(-1).tolist()]
-
-    def _score(self, eval_set: EvalSet, model: torch.nn.Module | None = None) -> tuple[float, int]:
-        """This rank's summed score and count: an equal share of the examples, padded so every rank
-        generates the same number of batches (ZeRO-3 needs them in lockstep). With ``model`` (a
-        plain module on this rank alone), every example."""
-        if eval_set.metric == MASKED_TOKEN_ACCURACY:
-            return self._score_denoising(eval_set, self._share(len(eval_set.sources), model), model)
-        return self._score_sets([eval_set], model)[0]
-
-    def _share(self, n: int, model: torch.nn.Module | None) -> list[int]:
-        """This rank's indices of ``n`` examples: an equal share, indices >= n padding (every rank
-        runs the same number of batches); all of them for a plain ``model`` on this rank alone."""
-        ranks, rank = (1, 0) if model is not None else (self.world_size, self.rank)
-        return [rank + ranks * k for k in range(-(-n // ranks))]
-
-    def _score_sets(self, eval_sets: list[EvalSet], model: torch.nn.Module | None = None) -> list[tuple[float, int]]:
-        """This rank's (summed score, count) per eval set, their examples interleaved (each set's first,
-        then each set's second, ...): with several sets (``evaluation.mix_tasks``) every batch holds
-        several tasks, each input carrying its task in its text, and answers are generated; one set
-        alone is ranked over its label set when it has one."""
-        one = eval_sets[0] if len(eval_sets) == 1 else None
-        items = [(j, i) for i, j in sorted((i, j) for j, s in enumerate(eval_sets) for i in range(len(s.sources)))]
-        n, size = len(items), self.config.evaluation.batch_size
-        mine = self._share(n, model)
-        totals = [[0.0, 0] for _ in eval_sets]
-        for start in range(0, len(mine), size):
-            chunk = mine[start : start + size]
-            pairs = [items[min(k, n - 1)] for k in chunk]
-            sources = [eval_sets[j].sources[i] for j, i in pairs]
-            predictions = (self._rank(sources, one.labels, model, one.name) if one is not None and one.labels
-                           else self._generate(sources, model, one.name if one is not None else None))
-            for k, (j, i), prediction in zip(chunk, pairs, predictions):
-                if k < n:
-                    totals[j][0] += METRICS[eval_sets[j].metric](prediction, eval_sets[j].targets[i])
-                    totals[j][1] += 1
-        return [(total, count) for total, count in totals]
-
     def _corruptor(self, task: str) -> Corruptor:
         """The pretraining objective over this tokenizer, built once (replay asks for it every batch)."""
         if self.objective is None:
@@ -518,38 +301,9 @@ class Learner(Engine):
                                                     self.tokenizer)
         return self._built_corruptor
 
-    def _score_denoising(self, eval_set: EvalSet, mine: list[int],
-                         model: torch.nn.Module | None = None) -> tuple[float, int]:
-        """The pretraining task: masked-token accuracy on its held-out texts, corrupted as the
-        pretraining's held-out set was (same objective, same seeds)."""
-        if self._heldout is None or self._heldout[0] != eval_set.name:
-            self._heldout = (eval_set.name, denoising_examples(eval_set.sources, self.tokenizer,
-                                                               self._corruptor(eval_set.name),
-                                                               seed=self.objective["seed"]))
-        examples = self._heldout[1]
-        n = len(examples)
-        real = sum(1 for i in mine if i < n)
-        ordered = [examples[i] for i in mine if i < n] + [examples[-1]] * (len(mine) - real)
-        totals = score_denoising(model or self.body, ordered, batch_size=self.config.evaluation.batch_size,
-                                 pad_id=self.tokenizer.pad_token_id, device=self.device, counted=real)
-        correct, masked = totals[:2].tolist()
-        return correct, int(masked)
-
     def evaluate(self, eval_sets: list[EvalSet]) -> dict[str, float]:
-        """Mean score on each eval set; one all-reduce for all of them."""
-        self.engine.eval()
-        try:
-            scores: list[tuple[float, int] | None] = [None] * len(eval_sets)
-            pooled = ([k for k, s in enumerate(eval_sets) if not s.labels and s.metric != MASKED_TOKEN_ACCURACY]
-                      if self.config.evaluation.mix_tasks else [])
-            if len(pooled) > 1:
-                for k, result in zip(pooled, self._score_sets([eval_sets[k] for k in pooled])):
-                    scores[k] = result
-            local = [value for k, s in enumerate(eval_sets) for value in (scores[k] or self._score(s))]
-        finally:
-            self.engine.train()
-        totals = self.comm.all_reduce_sum(self.comm.tensor(local, dtype=torch.float64)).view(-1, 2).tolist()
-        return {s.name: total / count for s, (total, count) in zip(eval_sets, totals)}
+        """Mean score on each eval set (see ``Evaluator.evaluate``). Collective."""
+        return self.evaluation.evaluate(eval_sets)
 
     # ------------------------------------------------------------------ the recovery probe
     def recovery_probe(self, plan: RecoveryPlan) -> dict[str, float]:
@@ -568,7 +322,7 @@ class Learner(Engine):
             model.requires_grad_(False)
             trained = [head.weight]
             if plan.last_decoder_block:
-                block = _last_decoder_block(model)
+                block = last_decoder_block(model)
                 block.requires_grad_(True)
                 trained += list(block.parameters())
             head.weight.requires_grad_(True)
@@ -581,7 +335,7 @@ class Learner(Engine):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             model.eval()
-            total, count = self._score(task.eval_set, model)
+            total, count = self.evaluation.score(task.eval_set, model)
             results[task.name] = total / max(count, 1)
         return results
 
@@ -590,14 +344,14 @@ class Learner(Engine):
         sources, targets = task.examples.column("source").to_pylist(), task.examples.column("target").to_pylist()
         corruptor = self._corruptor(task.name) if task.eval_set.metric == MASKED_TOKEN_ACCURACY else None
         if corruptor is None:
-            inputs, labels = self._encode(sources, targets)
+            inputs, labels = self.batching.encode(sources, targets)
         else:
             encoded = self.tokenizer(sources, add_special_tokens=False)["input_ids"]
         rng = np.random.default_rng([seed, task.index, 0xC0DE])
         while True:
             chosen = rng.choice(len(sources), size=min(size, len(sources)), replace=False)
             if corruptor is None:
-                yield self._collate([inputs[i] for i in chosen], [labels[i] for i in chosen])
+                yield self.batching.collate([inputs[i] for i in chosen], [labels[i] for i in chosen])
             else:
                 batch = collate_denoised([corruptor(encoded[i], rng) for i in chosen if len(encoded[i]) >= 2],
                                          self.tokenizer.pad_token_id, self.device)
@@ -653,7 +407,7 @@ class Learner(Engine):
                                                  map_location=self.device))
 
 
-def _last_decoder_block(model: torch.nn.Module) -> torch.nn.Module:
+def last_decoder_block(model: torch.nn.Module) -> torch.nn.Module:
     """The last block of the decoder stack of a T5, BART or BERT2BERT model."""
     decoder = model.get_decoder()
     for name in ("block", "layers"):  # T5, BART

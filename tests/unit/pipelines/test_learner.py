@@ -10,7 +10,8 @@ import dataclasses
 
 from pipelines.config import validate_config
 from pipelines.errors import ConfigError, NonFiniteLossError
-from pipelines.learner import label_log_likelihoods, lr_at, silence_library_noise
+from pipelines.evaluation import label_log_likelihoods
+from pipelines.learner import lr_at, silence_library_noise
 from pipelines.paradigms import eval_sets
 from pipelines.plan import EvalSet, build_plan, num_steps
 from pipelines.table1 import run_config
@@ -126,7 +127,7 @@ def test_the_recovery_probe_retrains_a_copy_of_the_head_and_leaves_the_model_alo
                                                                                    tmp_path):
     import torch
 
-    from pipelines.learner import _last_decoder_block
+    from pipelines.learner import last_decoder_block
     from pipelines.plan import recovery_plan
 
     toy_stream_config["model"] = {"arch": arch, "preset": "tiny", "tokenizer": {"vocab_size": 300}}
@@ -144,7 +145,7 @@ def test_the_recovery_probe_retrains_a_copy_of_the_head_and_leaves_the_model_alo
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(saved)
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in learner.model.state_dict().items()
                if k in reloaded.state_dict())
-    block = _last_decoder_block(reloaded)
+    block = last_decoder_block(reloaded)
     stack = reloaded.get_decoder().block if arch == "t5" else reloaded.get_decoder().layers
     assert block is stack[-1]
 
@@ -184,7 +185,7 @@ def test_likelihood_scoring_picks_the_label_the_model_finds_likeliest(make_learn
                                                                          task.name)
     else:
         body, inputs = learner.model, dict(enc)
-    label_ids = learner._encode_targets(list(task.labels))
+    label_ids = learner.batching.encode_targets(list(task.labels))
     learner.engine.eval()  # no dropout, as in evaluate()
     with torch.no_grad():
         expected = _brute_force_ranking(body, inputs, label_ids)
@@ -222,24 +223,25 @@ def test_mixed_task_batches_score_each_task_as_one_task_at_a_time_does(make_lear
     sets = [EvalSet(t.name, t.metric, t.sources("train")[:40], t.targets("train")[:40]) for t in stream]
     sets[1] = dataclasses.replace(sets[1], sources=sets[1].sources[:22], targets=sets[1].targets[:22])  # unequal; 62 = 3 x 21 - 1
 
+    evaluation = learner.evaluation
     batches = []
-    generate = learner._generate
-    learner._generate = lambda sources, *a, **k: batches.append(sources) or generate(sources, *a, **k)
+    generate = evaluation.generate
+    evaluation.generate = lambda sources, *a, **k: batches.append(sources) or generate(sources, *a, **k)
     learner.engine.eval()
-    alone = [learner._score(s) for s in sets]
+    alone = [evaluation.score(s) for s in sets]
     batches.clear()
-    pooled = learner._score_sets(sets)
+    pooled = evaluation.score_sets(sets)
     assert any(set(b) & set(sets[0].sources) and set(b) & set(sets[1].sources) for b in batches)
     assert [count for _, count in pooled] == [40, 22]
     assert [v for pair in pooled for v in pair] == pytest.approx([v for pair in alone for v in pair])
     assert alone[0][0] > alone[1][0] + 5  # the tasks' scores differ: a swap would show
 
-    learner.world_size = 3  # three ranks' shares (stage 0: no collective in generation) add up to the whole
+    evaluation.world_size = 3  # three ranks' shares (stage 0: no collective in generation) add up to the whole
     shares = []
     for rank in range(3):
-        learner.rank = rank
-        shares.append(learner._score_sets(sets))
-    learner.world_size, learner.rank = 1, 0
+        evaluation.rank = rank
+        shares.append(evaluation.score_sets(sets))
+    evaluation.world_size, evaluation.rank = 1, 0
     summed = [sum(share[j][k] for share in shares) for j in range(2) for k in range(2)]
     assert summed == pytest.approx([v for pair in alone for v in pair])
     learner.engine.train()

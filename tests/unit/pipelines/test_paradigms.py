@@ -135,7 +135,7 @@ def test_evaluation_uses_each_tasks_own_head_or_prompt(make_learner, name, stage
     after_second = learner.evaluate(sets)
     assert after_second["category"] == after_first["category"]  # nothing of task 0's changed: no forgetting
     if name == "feature_extraction":  # answers are label strings of the task's own label set
-        answers = learner._generate(sets[0].sources[:8], task="category")
+        answers = learner.evaluation.generate(sets[0].sources[:8], task="category")
         assert set(answers) <= set(stream[0].targets("train"))
 
 
@@ -265,11 +265,11 @@ def test_prompt_tuning_on_learned_positions_cuts_sources_to_what_the_prompt_leav
     learner, stream, _ = make_learner(_paradigm(_bart(toy_stream_config, 512), "prompt_tuning", prompt_length=20))
     assert learner.source_tokens == 492
     long = " ".join(stream[0].sources("train")) * 20
-    inputs, labels = learner._encode([long], [stream[0].targets("train")[0]])
+    inputs, labels = learner.batching.encode([long], [stream[0].targets("train")[0]])
     assert len(inputs[0]) == 492
-    assert torch.isfinite(learner.model(**learner._collate(inputs, labels)).loss)
-    assert len(learner._generate([long], task="category")) == 1  # evaluation cuts the same way
-    assert len(learner._views([long], dataclasses.replace(build_plan(learner.config, stream, 1),
+    assert torch.isfinite(learner.model(**learner.batching.collate(inputs, labels)).loss)
+    assert len(learner.evaluation.generate([long], task="category")) == 1  # evaluation cuts the same way
+    assert len(learner.batching.views([long], dataclasses.replace(build_plan(learner.config, stream, 1),
                                                           distill_prefixes=("x: ",)))[0][0]) == 492
 
 

@@ -26,7 +26,7 @@ def test_derpp_stored_logits_match_the_model_that_stored_them_and_drift_after_tr
     shard.insert(plan.logit_rows.append_column("logits", logits.column("logits")))
     shard.close()
     rows = ReplayShard(1000, seed=0, directory=tmp_path / "shard").sample(8, np.random.default_rng(0))
-    dark = learner._with_logits(rows)
+    dark = learner.batching.with_logits(rows)
     assert dark["logit_valid"].any(dim=1).all() and dark["logit_ids"].shape[-1] == 8
 
     def mse():

@@ -95,7 +95,7 @@ def _old_head_divergence(learner, teacher, sources):
     teacher-forced on the teacher's own greedy answers: how far the old head has moved."""
     lwf = LwF(LwfStrategyConfig(), learner.config)
     lwf.teacher = teacher
-    view = learner._collate_inputs(learner.tokenizer(sources)["input_ids"])
+    view = learner.batching.collate_inputs(learner.tokenizer(sources)["input_ids"])
     labels, teacher_logits = lwf.teacher_answers(view)
     learner.model.eval()
     with torch.no_grad():
