@@ -29,7 +29,7 @@ import ray
 import yaml
 
 from actors.replay import ReplayStore
-from actors.tracking import CLIENT_ENV, BufferedSink, MlflowSink, send_pending
+from actors.tracking import CLIENT_ENV, BufferedSink, MlflowSink, open_run, reopen_run
 from pipelines.config import RunConfig, experiment_dict, flatten
 from pipelines.metrics import ForgettingMatrix, final_only
 from pipelines.paradigms import eval_sets as build_eval_sets
@@ -47,6 +47,7 @@ from pipelines.plan import (
 )
 from pipelines.plots import plot_heatmap
 from pipelines.report import MlflowRef, ModelInit, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
+from pipelines.resume import carry_over
 from pipelines.rundir import REPORT_FILES, OutputDir
 from pipelines.tasks import TaskStream
 from storage.files import write_atomic
@@ -132,7 +133,13 @@ class Scheduler:
         self.init = init
         self._recovery: dict[str, dict[str, float | None]] = {}
         if previous is not None:
-            self._carry_over(previous, changes)
+            carried = carry_over(previous, tasks=stream.names, fingerprints=self.fingerprints, untrained=self.untrained,
+                                 scored_by=[t.metric for t in stream], changes=changes, now=time.time())
+            self.finished, self.matrix, self._history = carried.finished, carried.matrix, carried.history
+            self._train_stats, self._checkpoints, self._recovery = (carried.train_stats, carried.checkpoints,
+                                                                    carried.recovery)
+            self._training_state, self._fill_tasks, self._resumes = (carried.training_state, carried.fill_tasks,
+                                                                     carried.resumes)
         self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
         try:
             self._start(previous)
@@ -168,65 +175,20 @@ class Scheduler:
         self._write_report()  # the commit record exists from the start: a run killed now resumes at task 0
 
     # ------------------------------------------------------------------ starting or resuming
-    def _carry_over(self, previous: RunReport, changes: list[str] | tuple[str, ...]) -> None:
-        """Keep the previous attempt's finished rows; find the columns still to be measured."""
-        kept = {name: j for j, name in enumerate(previous.tasks)
-                if previous.resume.data_fingerprints.get(name) == self.fingerprints.get(name)}
-        self.finished = previous.finished_tasks
-        acc = np.full((len(self.stream), len(self.stream)), np.nan)
-        baseline = np.full(len(self.stream), np.nan)
-        for j, name in enumerate(self.stream.names):
-            if name in kept:
-                old = kept[name]
-                column = [previous.acc_matrix[t][old] for t in range(self.finished)]
-                acc[: self.finished, j] = [np.nan if v is None else v for v in column]
-                baseline[j] = np.nan if previous.baseline[old] is None else previous.baseline[old]
-        self.matrix = ForgettingMatrix(self.stream.names, acc=acc, baseline=baseline, untrained=self.untrained,
-                                       scored_by=[t.metric for t in self.stream])
-        self._history = [h for h in previous.metrics_per_task if h["task_index"] < self.finished]
-        self._train_stats = {k: v for k, v in previous.train.items() if k in self.stream.names[: self.finished]}
-        self._checkpoints = {k: v for k, v in previous.checkpoints.items() if k in self.stream.names[: self.finished]}
-        self._recovery = dict(previous.recovery) if previous.finished_tasks == len(self.stream) else {}
-        self._training_state = previous.resume.training_state if self.finished else None
-        if self.finished:
-            self._fill_tasks = tuple(j for j in range(len(self.stream)) if np.isnan(acc[self.finished - 1, j]))
-        new_tasks = [n for n in self.stream.names if n not in kept]
-        self._resumes = [*previous.resumes, Resumption(at=time.time(), finished_tasks=self.finished,
-                                                       previous_status=previous.status, new_tasks=new_tasks,
-                                                       changed=list(changes))]
-
     def _open_run(self, previous: RunReport | None, sink: MlflowSink | None) -> MlflowSink:
         config = self.config
         tags = {"forgetless.strategy": config.strategy_name, "forgetless.paradigm": config.paradigm.name,
                 "forgetless.tasks": ",".join(self.stream.names),
                 "forgetless.output_dir": str(self.output_dir), "forgetless.host": socket.gethostname()}
+        params = flatten(experiment_dict(config))
         if previous is None or previous.mlflow.run_id is None:
-            sink = sink or MlflowSink.start(
-                config.mlflow.tracking_uri, config.mlflow.experiment_name,
-                run_name=config.mlflow.run_name or (f"{config.strategy_name}-seed{config.seed}"
-                                                    if config.mlflow.parent_run_id else config.experiment),
-                tags={**tags, **({"mlflow.parentRunId": config.mlflow.parent_run_id}
-                                 if config.mlflow.parent_run_id else {})},
-            )
-            sink.log_params(flatten(experiment_dict(config)))
+            if sink is None:
+                return open_run(config, tags=tags, params=params)
+            sink.log_params(params)
             return sink
-        sink = sink or MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id, previous.mlflow.experiment_id)
-        if sink.experiment_id is None:  # a report written before it was recorded
-            sink.experiment_id = sink.client.get_run(sink.run_id).info.experiment_id
-        send_pending(sink, self.output.pending_mlflow)  # what the last attempt could not send
-        attempt = len(self._resumes)
-        if previous.status == "RUNNING":  # the last attempt died without a word: say so before going on
-            sink.end("KILLED")
-        sink.set_tags({**tags, f"forgetless.resume.{attempt}": (
-            f"resumed after {self.finished} finished task(s); the previous attempt ended "
-            f"{'without a word (killed)' if previous.status == 'RUNNING' else previous.status}"
-            + (f"; new tasks {self._resumes[-1].new_tasks}" if self._resumes[-1].new_tasks else "")
-            + (f"; changed {self._resumes[-1].changed}" if self._resumes[-1].changed else ""))})
-        sink.client.update_run(sink.run_id, status="RUNNING")
-        logged = sink.params()
-        sink.log_params({k: v for k, v in flatten(experiment_dict(config)).items() if k not in logged})
-        last = sink.last_step("train_loss")
-        self._logged_until = -1 if last is None else last
+        sink, self._logged_until = reopen_run(config, previous, tags=tags, params=params, sink=sink,
+                                              pending=self.output.pending_mlflow, resumption=self._resumes[-1],
+                                              attempt=len(self._resumes))
         return sink
 
     def start(self) -> StreamStart:

@@ -30,8 +30,10 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
+from pipelines.config import RunConfig
 from pipelines.errors import ForgetlessError
 from pipelines.redaction import redact
+from pipelines.report import Resumption, RunReport
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
@@ -413,3 +415,41 @@ def send_pending(sink: MlflowSink, path: Path) -> int:
             raise
     path.unlink(missing_ok=True)
     return len(records)
+
+
+def open_run(config: RunConfig, *, tags: dict[str, str], params: dict[str, Any]) -> MlflowSink:
+    """A new run's MLflow run: named, tagged (a child of ``mlflow.parent_run_id`` when set), its
+    config as params."""
+    mlflow_config = config.mlflow
+    parent = {"mlflow.parentRunId": mlflow_config.parent_run_id} if mlflow_config.parent_run_id else {}
+    sink = MlflowSink.start(
+        mlflow_config.tracking_uri, mlflow_config.experiment_name,
+        run_name=mlflow_config.run_name or (f"{config.strategy_name}-seed{config.seed}"
+                                            if mlflow_config.parent_run_id else config.experiment),
+        tags={**tags, **parent})
+    sink.log_params(params)
+    return sink
+
+
+def reopen_run(config: RunConfig, previous: RunReport, *, tags: dict[str, str], params: dict[str, Any],
+               sink: MlflowSink | None, pending: Path, resumption: Resumption, attempt: int) -> tuple[MlflowSink, int]:
+    """A resumed run's MLflow run, the one its earlier attempts wrote: what they could not send is
+    sent, an attempt that died without a word is ended KILLED, the resumption is tagged, params it
+    lacks are added. Returns the sink and the last ``train_loss`` step already logged (-1: none), so
+    a redone task logs no step twice."""
+    sink = sink or MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id, previous.mlflow.experiment_id)
+    if sink.experiment_id is None:  # a report written before it was recorded
+        sink.experiment_id = sink.client.get_run(sink.run_id).info.experiment_id
+    send_pending(sink, pending)  # what the last attempt could not send
+    if previous.status == "RUNNING":  # the last attempt died without a word: say so before going on
+        sink.end("KILLED")
+    sink.set_tags({**tags, f"forgetless.resume.{attempt}": (
+        f"resumed after {resumption.finished_tasks} finished task(s); the previous attempt ended "
+        f"{'without a word (killed)' if previous.status == 'RUNNING' else previous.status}"
+        + (f"; new tasks {resumption.new_tasks}" if resumption.new_tasks else "")
+        + (f"; changed {resumption.changed}" if resumption.changed else ""))})
+    sink.client.update_run(sink.run_id, status="RUNNING")
+    logged = sink.params()
+    sink.log_params({k: v for k, v in params.items() if k not in logged})
+    last = sink.last_step("train_loss")
+    return sink, -1 if last is None else last

@@ -1,0 +1,42 @@
+"""The resume carry-over, a pure function: a worked example of what a resumed run keeps."""
+
+import math
+
+from pipelines.report import MlflowRef, ResumePoint, RunReport, TaskStats
+from pipelines.resume import carry_over
+
+
+def _previous():
+    stats = TaskStats(steps=4, mean_loss=1.0, seconds=1.0, started_at=0.0, ended_at=1.0, examples=8)
+    return RunReport(
+        tasks=["a", "b", "c"], acc_matrix=[[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [None, None, None]],
+        baseline=[0.0, 0.1, 0.2], metrics={}, strategy="naive", strategy_config={"name": "naive"},
+        experiment="e", seed=0, status="RUNNING", finished_tasks=2, complete=False,
+        train={"a": stats, "b": stats}, checkpoints={"a": "/ck/a", "b": "/ck/b"},
+        metrics_per_task=[{"task_index": 0, "avg_acc": 0.9}, {"task_index": 1, "avg_acc": 0.65}],
+        mlflow=MlflowRef(tracking_uri="sqlite:///x", run_id="r"), output_dir="/o",
+        resume=ResumePoint(training_state="/o/state/task-01", data_fingerprints={"a": "A", "b": "B", "c": "C"}))
+
+
+def test_finished_rows_are_kept_and_a_changed_or_new_tasks_column_is_measured_again():
+    # the resumed stream: a and b as before, c's data changed, d new
+    carried = carry_over(_previous(), tasks=["a", "b", "c", "d"], fingerprints={"a": "A", "b": "B", "c": "C2", "d": "D"},
+                         untrained=(), scored_by=["exact_match"] * 4, changes=["training.lr: 0.001 -> 0.002"], now=5.0)
+    assert carried.finished == 2 and carried.training_state == "/o/state/task-01"
+    acc = carried.matrix.acc
+    assert acc[:2, :2].tolist() == [[0.9, 0.1], [0.5, 0.8]]  # row t, column j: as written
+    assert all(math.isnan(v) for v in acc[:2, 2:].flatten()) and all(math.isnan(v) for v in acc[2:].flatten())
+    assert carried.matrix.baseline[:2].tolist() == [0.0, 0.1] and math.isnan(carried.matrix.baseline[2])
+    assert carried.fill_tasks == (2, 3)  # the last finished row (1) lacks c and d: the restored model fills them
+    assert [h["task_index"] for h in carried.history] == [0, 1]
+    assert set(carried.train_stats) == set(carried.checkpoints) == {"a", "b"}
+    resumption = carried.resumes[-1]
+    assert (resumption.at, resumption.finished_tasks, resumption.previous_status) == (5.0, 2, "RUNNING")
+    assert resumption.new_tasks == ["c", "d"] and resumption.changed == ["training.lr: 0.001 -> 0.002"]
+
+
+def test_a_column_moves_with_its_task_when_the_order_changes():
+    carried = carry_over(_previous(), tasks=["b", "a", "c"], fingerprints={"a": "A", "b": "B", "c": "C"},
+                         untrained=(), scored_by=["exact_match"] * 3, changes=[], now=0.0)
+    assert carried.matrix.acc[:2].tolist()[1] == [0.8, 0.5, 0.2] and carried.matrix.acc[0, 0] == 0.1
+    assert carried.fill_tasks == () and carried.resumes[-1].new_tasks == []  # every column of row 1 was measured
