@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from actors.launch import RunFailedError, run_experiment
-from actors.tracking import MlflowSink, check_tracking
-from actors.trainer_group import WorkerGroups
+from actors.sweep import Sweep, TimedRun
+from actors.tracking import check_tracking
 from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
 from pipelines.metrics import ForgettingMatrix, final_only, interval, intransigence
@@ -31,54 +28,6 @@ from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "intransigence")
-
-
-@dataclass
-class TimedRun:
-    """One run of a command that runs several, and what it cost beyond its training and evaluation."""
-
-    report: RunReport
-    wall_s: float  # from the call to its report
-    startup_s: float  # the worker group start-up this run waited for (0: it was handed to a running group)
-    failure: RunFailedError | None = None
-
-    @property
-    def train_eval_s(self) -> float:
-        return sum(t.seconds + t.eval_seconds for t in self.report.train.values())
-
-    @property
-    def seconds(self) -> float:
-        """The run's own time: its wall time less the group start-up it waited for."""
-        return round(self.wall_s - self.startup_s, 1)
-
-    @property
-    def overhead_s(self) -> float:
-        """Everything but the start-up, training and evaluating: preparing the stream, the scheduler and
-        its MLflow run, building the model and engine, the baseline, checkpoints, the report."""
-        return round(self.seconds - self.train_eval_s, 1)
-
-    def timing(self) -> dict[str, float]:
-        return {"wall_s": round(self.wall_s, 1), "startup_s": round(self.startup_s, 1),
-                "train_eval_s": round(self.train_eval_s, 1), "overhead_s": self.overhead_s}
-
-
-def run_timed(config: RunConfig, groups: WorkerGroups, *, progress: bool) -> TimedRun:
-    """``run_experiment`` on the command's worker groups, timed; a failed run is returned, not raised."""
-    known, began = len(groups.started), time.perf_counter()
-    try:
-        report, failure = run_experiment(config, progress=progress, groups=groups), None
-    except RunFailedError as exc:
-        report, failure = exc.report, exc
-    wall = time.perf_counter() - began
-    return TimedRun(report, wall, sum(s or 0.0 for s in groups.startups_s()[known:]), failure)
-
-
-def startup_summary(groups: WorkerGroups, runs: list[TimedRun]) -> dict[str, Any]:
-    """What the command paid to start worker groups, and each run beyond training and evaluating."""
-    overheads = [r.overhead_s for r in runs if r.report.status == "FINISHED"]
-    return {"worker_group_startups": len(groups.started),
-            "worker_group_startup_s": [None if s is None else round(s, 1) for s in groups.startups_s()],
-            "per_run_overhead_s": interval(overheads)}
 
 
 def _trains_only_at_end(name: str) -> bool:
@@ -245,42 +194,25 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     config = resolve_paths(config)
     check_tracking(config.mlflow.tracking_uri)
     base = Path(config.output_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
-                              run_name=config.mlflow.run_name or f"{config.experiment}-compare",
-                              tags={"forgetless.compare": ",".join(strategies)})
-    parent.log_params({**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies),
-                       "compare.seeds": seeds, "compare.orders": json.dumps(order_list)})
     runs: dict[str, list[TimedRun]] = {name: [] for name in strategies}
-    status = "FINISHED"
-    # Every run goes to one worker group, started by the first: Ray Train's start-up is paid once.
-    groups = WorkerGroups(base / "ray", name=f"{config.experiment}-compare")
-    try:
+    params = {**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies), "compare.seeds": seeds,
+              "compare.orders": json.dumps(order_list)}
+    with Sweep(config, "compare", tags={"forgetless.compare": ",".join(strategies)}, params=params) as sweep:
         for name in strategies:
             for o, order in enumerate(order_list):
                 for k in range(seeds):
                     seed = config.seed + k
-                    run_config = config.with_strategy(name, seed=seed, order=order, parent_run_id=parent.run_id,
+                    run_config = config.with_strategy(name, seed=seed, order=order,
                                                       output_dir=str(run_dir(base, name, seed, o, orders)))
-                    if progress:
-                        print(f"\n== {name}, order {o} ({' -> '.join(order)}), seed {seed} ==", flush=True)
-                    run = run_timed(run_config, groups, progress=progress)
-                    if run.failure is not None:  # one bad run does not sink the comparison
-                        log.error("%s order %s seed %s failed: %s", name, o, seed, run.failure)
-                        status = "FAILED"
-                    runs[name].append(run)
-    except BaseException:
-        parent.end("KILLED")
-        raise
-    groups.close()
+                    runs[name].append(sweep.run(run_config, f"{name}, order {o} ({' -> '.join(order)}), seed {seed}",
+                                                progress=progress))
     reports = {name: [r.report for r in timed] for name, timed in runs.items()}
     first = next(r for timed in reports.values() for r in timed)
     tasks = first.tasks
     summary = aggregate(reports, {name: [r.timing() for r in timed] for name, timed in runs.items()})
-    costs = startup_summary(groups, [r for timed in runs.values() for r in timed])
+    costs = sweep.startup_summary()
     comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "strategies": summary, **costs,
-                  "mlflow": {"tracking_uri": parent.shown_uri, "parent_run_id": parent.run_id,
-                             "experiment_id": parent.experiment_id}}
+                  "mlflow": sweep.mlflow_ref()}
     if progress:
         overhead = costs["per_run_overhead_s"]
         print(f"\n{sum(map(len, runs.values()))} run(s), {costs['worker_group_startups']} worker group start-up(s) "
@@ -291,11 +223,7 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     md_path = base / "comparison.md"
     write_atomic(md_path, format_table(tasks, summary, seeds=seeds, orders=orders))
     plots = plot_comparison(comparison_matrices(tasks, summary), base)
-    for name, entry in summary.items():
-        parent.log_metrics({f"{metric_prefix(name)}/{m}": entry[m]["mean"] for m in METRICS}, step=0)
-    parent.log_metrics({"worker_group_startups": costs["worker_group_startups"],
-                        "per_run_overhead_s": costs["per_run_overhead_s"]["mean"]}, step=0)
-    for path in (json_path, md_path, *plots):
-        parent.log_artifact(path)
-    parent.end(status)
+    metrics = {f"{metric_prefix(name)}/{m}": entry[m]["mean"] for name, entry in summary.items() for m in METRICS}
+    sweep.finish({**metrics, "worker_group_startups": costs["worker_group_startups"],
+                  "per_run_overhead_s": costs["per_run_overhead_s"]["mean"]}, artifacts=[json_path, md_path, *plots])
     return comparison

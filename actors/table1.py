@@ -13,10 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from actors.compare import TimedRun, run_timed, startup_summary
-from actors.launch import ModelStart, resolve_start
-from actors.tracking import MlflowSink, check_tracking
-from actors.trainer_group import WorkerGroups
+from actors.preflight import ModelStart, resolve_start
+from actors.sweep import Sweep
+from actors.tracking import check_tracking
 from pipelines.config import RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import DataError
 from pipelines.models import stream_tokenizer
@@ -67,31 +66,14 @@ def table1(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
              for p in paradigms for s in sizes]
     start = resolve_start(config, progress=progress)  # a pretrained start is built or fetched once, before the runs
     streams = _check_cells(cells, start)
-    base.mkdir(parents=True, exist_ok=True)
-    parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
-                              run_name=config.mlflow.run_name or f"{config.experiment}-table1",
-                              tags={"forgetless.table1": ",".join(paradigms)})
-    parent.log_params({**flatten(experiment_dict(config))})
     reports: dict[str, dict[str, RunReport]] = {p: {} for p in paradigms}
-    runs: list[TimedRun] = []
-    status = "FINISHED"
-    groups = WorkerGroups(base / "ray", name=f"{config.experiment}-table1")  # one start-up for every cell
-    try:
+    # one worker group start-up for every cell
+    with Sweep(config, "table1", tags={"forgetless.table1": ",".join(paradigms)},
+               params=flatten(experiment_dict(config))) as sweep:
         for paradigm, size, cell in cells:
-            cell = cell.model_copy(update={"mlflow": cell.mlflow.model_copy(update={"parent_run_id": parent.run_id})})
-            if progress:
-                print(f"\n== {paradigm}, {size_label(size)} training rows per task ==", flush=True)
-            run = run_timed(cell, groups, progress=progress)
-            if run.failure is not None:  # one bad run does not sink the table
-                log.error("%s at %s rows failed: %s", paradigm, size_label(size), run.failure)
-                status = "FAILED"
+            run = sweep.run(cell, f"{paradigm}, {size_label(size)} training rows per task", progress=progress)
             # a cell's seconds are its own: the group start-up the first cell waited for is reported apart
             reports[paradigm][size_label(size)] = run.report.model_copy(update={"seconds": run.seconds})
-            runs.append(run)
-    except BaseException:
-        parent.end("KILLED")
-        raise
-    groups.close()
     largest = streams[sizes[-1]]
     first = next(t.name for t in largest if t.trainable)
     eval_examples = sum(t.eval.num_rows for t in largest)
@@ -100,18 +82,16 @@ def table1(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                             stored_text_bytes=shot_bytes(pe_config, largest) if p == "prompt_engineering" else None)
                for p in paradigms}
     table = {"tasks": largest.names, "model": _model_name(config), "seed": config.seed,
-             "train_sizes": [size_label(s) for s in sizes], "paradigms": columns, **startup_summary(groups, runs),
-             "mlflow": {"tracking_uri": parent.shown_uri, "parent_run_id": parent.run_id,
-                             "experiment_id": parent.experiment_id}}
+             "train_sizes": [size_label(s) for s in sizes], "paradigms": columns, **sweep.startup_summary(),
+             "mlflow": sweep.mlflow_ref()}
     json_path, md_path = base / "table1.json", base / "table1.md"
     write_atomic(json_path, json.dumps(table, indent=2))
     write_atomic(md_path, format_table(table))
+    metrics = {}
     for p, entry in columns.items():
-        metrics = {f"{p}/trainable_params": entry["trainable_params"], f"{p}/bytes_per_task": entry["bytes_per_task"],
-                   f"{p}/forgetting": entry["forgetting"], f"{p}/seconds": entry["seconds"],
-                   **{f"{p}/learning_acc/{label}": v for label, v in entry["acc_by_train_size"].items()}}
-        parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
-    for path in (json_path, md_path):
-        parent.log_artifact(path)
-    parent.end(status)
+        metrics.update({f"{p}/trainable_params": entry["trainable_params"],
+                        f"{p}/bytes_per_task": entry["bytes_per_task"], f"{p}/forgetting": entry["forgetting"],
+                        f"{p}/seconds": entry["seconds"],
+                        **{f"{p}/learning_acc/{label}": v for label, v in entry["acc_by_train_size"].items()}})
+    sweep.finish(metrics, artifacts=[json_path, md_path])
     return table

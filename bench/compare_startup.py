@@ -22,7 +22,7 @@ from common import quiet_environment, report  # noqa: E402
 
 quiet_environment()
 
-from actors.compare import run_timed  # noqa: E402
+from actors.sweep import run_timed  # noqa: E402
 from actors.cluster import connect_ray  # noqa: E402
 from actors.trainer_group import WorkerGroups  # noqa: E402
 from pipelines.config import load_config, resolve_paths  # noqa: E402

@@ -165,7 +165,7 @@ def stream_config(steps: int, workdir: Path, name: str) -> RunConfig:
 def ours_stream(steps: int, workdir: Path) -> dict:
     import ray
 
-    from actors.compare import run_timed
+    from actors.sweep import run_timed
     from actors.cluster import connect_ray
     from actors.trainer_group import WorkerGroups
 

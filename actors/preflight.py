@@ -1,0 +1,168 @@
+"""What a run is, resolved on the driver before any worker starts: the report and config changes
+it resumes from, its stream (with the pretraining task when it measures one), its starting weights,
+its tokenizer, a frozen-model paradigm's heads or prompts — every check of the input on the way.
+``forgetless run``, ``compare`` and ``table1`` resolve a run here; ``actors.launch`` runs it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from actors.pretrain import ensure_pretrained
+from actors.tracking import mark_orphaned_runs
+from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
+from pipelines.errors import ConfigError, DataError
+from pipelines.models import build_model, fetch_encoder, load_tokenizer, long_targets, stream_tokenizer
+from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
+from pipelines.plan import check_stream, fingerprint
+from pipelines.pretraining import pretraining_task, read_manifest
+from pipelines.report import ModelInit, RunReport
+from pipelines.rundir import OutputDir, config_changes
+from pipelines.tasks import TaskStream, load_stream
+from storage.files import atomic_directory
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run ready to start: what the scheduler and the workers are handed."""
+
+    stream: TaskStream
+    start: ModelStart
+    tokenizer_dir: Path
+    slots: list[TaskSlot] | None  # a frozen-model paradigm's heads or prompts (None: fine-tuning)
+    previous: RunReport | None = None  # the report it resumes from
+    changes: list[str] | None = None  # the config changes that resumption brings
+
+
+def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progress: bool) -> ResolvedRun | RunReport:
+    """Resolve a run whose output directory this process holds; the previous report itself when every
+    task is finished and the resume adds none (nothing to train).
+
+    Raises:
+        ConfigError, DataError: bad input, each named with where it is.
+    """
+    previous, changes = prepare_resume(config, output) if resuming else (None, [])
+    mark_orphaned_runs(config.mlflow.tracking_uri, config.mlflow.experiment_name)
+    stream = load_stream(config)
+    start = resolve_start(config, progress=progress)
+    stream = _with_pretraining_task(config, stream, start)
+    if previous is not None:
+        _check_finished_data(previous, stream, output)
+        if config.paradigm.has_task_parameters and stream.names != previous.tasks:
+            raise ConfigError(f"paradigm {config.paradigm.name} gives each task of the stream its own parameters "
+                              f"when the run starts ({previous.tasks}); a resume cannot add or change tasks "
+                              f"({stream.names}): start a new run for the longer stream")
+        if previous.finished_tasks == len(stream) and previous.tasks == stream.names:
+            return previous
+    check_stream(config, stream)
+    check_paradigm(config, stream)
+    tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming, start=start)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    slots = task_slots(config, stream, tokenizer)  # a frozen-model paradigm's heads or prompts
+    check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
+    return ResolvedRun(stream, start, tokenizer_dir, slots, previous, changes)
+
+
+def prepare_resume(config: RunConfig, output: OutputDir) -> tuple[RunReport, list[str]]:
+    """The report to resume from and the (allowed) config changes; refuse the others, all listed.
+
+    Raises:
+        ConfigError: the saved run cannot be read, or the config changes what its finished rows mean.
+    """
+    previous = RunReport.read(output.report)
+    try:
+        saved = yaml.safe_load(output.config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{output.config}: cannot read the saved config of the run to resume ({exc})") from None
+    refused, allowed = config_changes(saved, experiment_dict(config), finished_tasks=previous.finished_tasks)
+    if refused:
+        raise ConfigError(
+            f"cannot resume {output.path}: {len(refused)} change(s) would alter what its {previous.finished_tasks} "
+            f"finished task(s) mean, or what its saved state loads into:\n  " + "\n  ".join(refused)
+            + "\nUndo them (the saved config is " + str(output.config) + "), or start a new run in another "
+              "output_dir", problems=refused)
+    return previous, allowed
+
+
+def _check_finished_data(previous: RunReport, stream: TaskStream, output: OutputDir) -> None:
+    changed = []
+    for task in stream.tasks[: previous.finished_tasks]:
+        digest, now = previous.resume.data_fingerprints.get(task.name), fingerprint(task)
+        if digest is not None and digest != now:
+            changed.append(f"task {task.name!r}: its examples changed since it was trained ({digest} -> {now})")
+    if changed:
+        raise DataError(f"cannot resume {output.path}: the data of finished tasks changed:\n  " + "\n  ".join(changed)
+                        + "\nRestore the original data, or start a new run in another output_dir")
+
+
+def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir, *, resuming: bool,
+                       start: ModelStart) -> Path:
+    """A resumed run keeps its tokenizer (the model's vocabulary); a new one builds and saves it."""
+    if resuming and output.tokenizer.is_dir():
+        return output.tokenizer
+    tokenizer = stream_tokenizer(config.model, stream, start.checkpoint)
+    for problem in long_targets(tokenizer, stream, config.stream.max_target_tokens):
+        tqdm.write(f"warning: {problem}", file=sys.stderr)
+    with atomic_directory(output.tokenizer) as tmp:
+        tokenizer.save_pretrained(tmp)
+    if config.model.name_or_path:
+        build_model(config.model, tokenizer)  # a bad directory fails here, not in every worker
+    return output.tokenizer
+
+
+@dataclass(frozen=True)
+class ModelStart:
+    """Where a stream's weights come from, resolved on the driver: the ``init`` record of the report,
+    the directory workers load, and (our own pretrained T5/BART) the objective and pretrain config."""
+
+    init: ModelInit
+    checkpoint: str | None = None
+    objective: dict[str, Any] | None = None
+    pretrain: PretrainConfig | None = None
+
+
+def _objective(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pretraining objective a checkpoint's manifest records (its seed corrupts the held-out set)."""
+    if not manifest or "objective" not in manifest:
+        return None
+    fields = {k: v for k, v in manifest["objective"].items() if k in ObjectiveConfig.model_fields}
+    return {"arch": manifest["arch"], "objective": fields, "seed": manifest["seed"]}
+
+
+def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
+    """The stream's starting weights: a pretrain config built (once) into the cache, the named encoder
+    fetched, a checkpoint directory's manifest read.
+
+    Raises:
+        ConfigError: the pretrain config or the checkpoint cannot be used.
+    """
+    model = config.model
+    kind = "random" if model.weights == "random" else "pretrained"
+    if model.preset is not None:
+        return ModelStart(ModelInit(kind="random", source=f"preset {model.arch}/{model.preset}"))
+    if model.pretrain is not None:
+        directory, pretrain = ensure_pretrained(model.pretrain, cache_dir=config.stream.cache_dir, progress=progress,
+                                                tracking_uri=config.mlflow.tracking_uri)
+        manifest = read_manifest(directory)
+        return ModelStart(ModelInit(kind=kind, source=f"pretrain {model.pretrain}", checkpoint=str(directory),
+                                    pretrain=manifest), str(directory), _objective(manifest), pretrain)
+    if model.encoder is not None:
+        directory = fetch_encoder(model.encoder, config.stream.cache_dir)
+        return ModelStart(ModelInit(kind=kind, source=f"encoder {model.encoder}", checkpoint=directory), directory)
+    manifest = read_manifest(model.name_or_path) if Path(model.name_or_path).is_dir() else None
+    return ModelStart(ModelInit(kind=kind, source=f"name_or_path {model.name_or_path}",
+                                checkpoint=model.name_or_path, pretrain=manifest),
+                      model.name_or_path, _objective(manifest))
+
+
+def _with_pretraining_task(config: RunConfig, stream: TaskStream, start: ModelStart) -> TaskStream:
+    if not config.stream.has_pretraining_task:  # the config's validation ties it to model.pretrain
+        return stream
+    task = pretraining_task(config.stream.pretraining_task, start.pretrain, load_tokenizer(start.checkpoint))
+    return TaskStream((task, *stream.tasks))
