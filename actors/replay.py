@@ -27,7 +27,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipelines.config import ReplayConfig
 from storage.replay import (
     EmptyReplayError,
-    RateLimitedError,
     ReplayShard,
     ShardStats,
     StaleTopologyError,
@@ -38,6 +37,7 @@ from storage.replay import (
     write_store_manifest,
 )
 from storage.errors import StorageError
+from storage.policy import RateLimitedError
 
 
 class _PlacedShard(ReplayShard):

@@ -29,6 +29,9 @@ import pyarrow.compute as pc
 
 from storage.files import fsync_directory, write_atomic
 from storage.errors import StorageError
+from storage.policy import RateLimiter, Remover, Sampler
+from storage.policy import remover as make_remover
+from storage.policy import sampler as make_sampler
 
 logger = logging.getLogger("forgetless.storage")
 
@@ -52,8 +55,6 @@ REPLAY_SCHEMA = pa.schema(
 INSERT_COLUMNS = [f.name for f in REPLAY_SCHEMA if f.name != "seq"]  # the shard assigns seq
 OPTIONAL_COLUMNS = ("logits",)  # an insert may leave them out: stored as null
 
-REMOVERS = ("fifo", "reservoir", "task_balanced")
-SAMPLERS = ("uniform", "task_balanced")
 
 
 class SchemaMismatchError(StorageError, TypeError):
@@ -74,10 +75,6 @@ class CorruptSnapshotError(StorageError, ValueError):
 
 class EmptyReplayError(StorageError, LookupError):
     """Sampling from a shard or store that holds no rows."""
-
-
-class RateLimitedError(StorageError, RuntimeError):
-    """Sampling would exceed the configured samples-per-insert ratio; insert more first."""
 
 
 class StaleTopologyError(StorageError, RuntimeError):
@@ -212,20 +209,10 @@ class ShardStats:
 
 
 def draw_index(table: pa.Table, num_rows: int, rng: np.random.Generator, sampler: str = "uniform") -> pa.Array:
-    """Which rows of ``table`` a sample of ``num_rows`` takes (with replacement): ``uniform`` over the
-    rows, or ``task_balanced`` (a task uniformly, then a row of it). A shard draws with it, and so
-    does a sampler taking rows from a shard's published table: the same seed gives the same rows."""
-    if sampler == "uniform":
-        return pa.array(rng.integers(0, table.num_rows, num_rows), pa.int64())
-    tasks = table.column("task_name").to_numpy(zero_copy_only=False)
-    names, inverse = np.unique(tasks, return_inverse=True)
-    chosen = rng.integers(0, len(names), num_rows)
-    index = np.empty(num_rows, dtype=np.int64)
-    for t in np.unique(chosen):
-        members = np.flatnonzero(inverse == t)
-        picks = chosen == t
-        index[picks] = members[rng.integers(0, len(members), int(picks.sum()))]
-    return pa.array(index, pa.int64())
+    """Which rows of ``table`` a sample of ``num_rows`` takes (with replacement), by the named
+    sampler (``storage.policy``). A shard draws with it, and so does a sampler taking rows from a
+    shard's published table: the same seed gives the same rows."""
+    return make_sampler(sampler).draw(table, num_rows, rng)
 
 
 class ReplayShard:
@@ -233,10 +220,12 @@ class ReplayShard:
 
     Args:
         capacity_rows: the most rows held; a positive integer.
-        remover: what goes when full — ``fifo`` (oldest first), ``reservoir`` (every example ever
-            inserted is kept with equal probability, Vitter's algorithm R) or ``task_balanced``
-            (oldest row of the task holding the most rows).
-        sampler: ``uniform`` over rows, or ``task_balanced`` (a task uniformly, then a row of it).
+        remover: what goes when full (a ``storage.policy.Remover``, or its name) — ``fifo``
+            (oldest first), ``reservoir`` (every example ever inserted is kept with equal
+            probability, Vitter's algorithm R) or ``task_balanced`` (oldest row of the task
+            holding the most rows).
+        sampler: a ``storage.policy.Sampler`` or its name: ``uniform`` over rows, or
+            ``task_balanced`` (a task uniformly, then a row of it).
         seed: seeds two generators: one for eviction (so a restore replays the same decisions)
             and one for sampling.
         directory: where the log and snapshots go; None keeps the shard in memory only.
@@ -251,8 +240,8 @@ class ReplayShard:
         self,
         capacity_rows: int,
         *,
-        remover: str = "fifo",
-        sampler: str = "uniform",
+        remover: str | Remover = "fifo",
+        sampler: str | Sampler = "uniform",
         seed: int = 0,
         shard_id: int = 0,
         directory: str | os.PathLike | None = None,
@@ -263,20 +252,14 @@ class ReplayShard:
     ):
         if not isinstance(capacity_rows, (int, np.integer)) or isinstance(capacity_rows, bool) or capacity_rows <= 0:
             raise ValueError(f"capacity_rows ({capacity_rows!r}) must be a positive integer")
-        if remover not in REMOVERS:
-            raise ValueError(f"unknown remover {remover!r}; choose one of {list(REMOVERS)}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
         if snapshot_every_rows is not None and snapshot_every_rows <= 0:
             raise ValueError(f"snapshot_every_rows ({snapshot_every_rows}) must be positive or None")
-        if max_samples_per_insert is not None and max_samples_per_insert <= 0:
-            raise ValueError(f"max_samples_per_insert ({max_samples_per_insert}) must be positive or None")
         self.capacity_rows = int(capacity_rows)
-        self.remover, self.sampler = remover, sampler
+        self.remover, self.sampler = make_remover(remover), make_sampler(sampler)
+        self.rate_limiter = (RateLimiter(max_samples_per_insert, min_rows_to_sample)
+                             if max_samples_per_insert is not None else None)
         self.seed, self.shard_id = seed, shard_id
         self.snapshot_every_rows = snapshot_every_rows
-        self.max_samples_per_insert = max_samples_per_insert
-        self.min_rows_to_sample = min_rows_to_sample
         self.fsync = fsync
         self._evict_rng = np.random.default_rng([seed, shard_id, 0])
         self._table = REPLAY_SCHEMA.empty_table()
@@ -336,55 +319,14 @@ class ReplayShard:
         return rows.num_rows
 
     def _apply(self, rows: pa.Table) -> None:
+        inserted_before = self._next_seq
         self._next_seq += rows.num_rows
         self._since_snapshot += rows.num_rows
         self._ids.update(rows.column("example_id").to_pylist())
-        if self.remover == "reservoir":
-            self._apply_reservoir(rows)
-        else:
-            self._table = pa.concat_tables([self._table, rows])
-            overflow = self._table.num_rows - self.capacity_rows
-            if overflow > 0:
-                self._evict(overflow)
+        self._table, removed = self.remover.admit(self._table, rows, capacity_rows=self.capacity_rows,
+                                                  inserted_before=inserted_before, rng=self._evict_rng)
+        self._forget(removed)
         self._combined = False
-
-    def _apply_reservoir(self, rows: pa.Table) -> None:
-        # Algorithm R, one draw per row: the k-th example ever inserted (0-based) fills a free slot,
-        # or replaces slot j ~ U[0, k] when j < capacity. Draws come from the eviction generator
-        # only, so replaying the log after a restart makes the same choices.
-        held, incoming = self._table.num_rows, rows.num_rows
-        free = max(0, min(incoming, self.capacity_rows - held))
-        index = np.arange(held + free)  # slot -> position in concat(held, incoming)
-        k = np.arange(self._next_seq - incoming + free, self._next_seq)
-        draws = self._evict_rng.integers(0, k + 1) if len(k) else np.empty(0, dtype=np.int64)
-        for offset, j in zip(range(free, incoming), draws):
-            if j < self.capacity_rows:
-                index[j] = held + offset  # a later row of the batch wins a shared slot
-        combined = pa.concat_tables([self._table, rows])
-        keep = np.zeros(held + incoming, dtype=bool)
-        keep[index] = True
-        if not keep.all():
-            self._forget(combined.filter(pa.array(~keep)))
-        self._table = combined.take(pa.array(index, pa.int64()))
-
-    def _evict(self, count: int) -> None:
-        if self.remover == "fifo":
-            self._forget(self._table.slice(0, count))
-            self._table = self._table.slice(count)
-            return
-        # task_balanced: repeatedly drop the oldest row of the task holding the most rows
-        tasks = self._table.column("task_name").to_numpy(zero_copy_only=False)
-        counts = Counter(tasks.tolist())
-        drop: list[int] = []
-        positions = {t: list(np.flatnonzero(tasks == t)) for t in counts}
-        for _ in range(count):
-            largest = max(counts, key=lambda t: (counts[t], t))
-            drop.append(positions[largest].pop(0))
-            counts[largest] -= 1
-        mask = np.ones(self._table.num_rows, dtype=bool)
-        mask[drop] = False
-        self._forget(self._table.take(pa.array(np.array(drop, dtype=np.int64))))
-        self._table = self._table.filter(pa.array(mask))
 
     def _forget(self, removed: pa.Table | None) -> None:
         if removed is not None and removed.num_rows:
@@ -432,22 +374,15 @@ class ReplayShard:
             raise ValueError(f"num_rows ({num_rows}) must be >= 0")
         if self.num_rows == 0:
             raise EmptyReplayError(f"replay shard {self.shard_id} is empty: insert examples before sampling")
-        if self.max_samples_per_insert is not None:
-            if self._next_seq < self.min_rows_to_sample:
-                raise RateLimitedError(
-                    f"replay shard {self.shard_id} has had {self._next_seq} rows inserted; sampling starts at "
-                    f"min_rows_to_sample={self.min_rows_to_sample}")
-            if self._sampled + num_rows > self.max_samples_per_insert * self._next_seq:
-                raise RateLimitedError(
-                    f"replay shard {self.shard_id}: sampling {num_rows} more rows would exceed "
-                    f"{self.max_samples_per_insert} samples per inserted row ({self._sampled} sampled, "
-                    f"{self._next_seq} inserted)")
+        if self.rate_limiter is not None:
+            self.rate_limiter.check(shard_id=self.shard_id, inserted=self._next_seq, sampled=self._sampled,
+                                    num_rows=num_rows)
         table = self._ready()
         if num_rows == 0:
             return table.slice(0, 0)
         rng = self._sample_rng if seed is None else np.random.default_rng(seed)
         self._sampled += num_rows
-        return table.take(draw_index(table, num_rows, rng, self.sampler))
+        return table.take(self.sampler.draw(table, num_rows, rng))
 
     def sample_with_size(self, num_rows: int, seed: int | None = None) -> tuple[pa.Table, int, int]:
         """``sample`` plus this shard's row count and topology version, in one actor round trip."""
@@ -501,7 +436,7 @@ class ReplayShard:
     def _counters(self) -> dict[str, Any]:
         return {"next_seq": self._next_seq, "evicted": self._evicted, "sampled": self._sampled,
                 "evict_rng": self._evict_rng.bit_generator.state, "generation": self._generation,
-                "capacity_rows": self.capacity_rows, "remover": self.remover, "shard_id": self.shard_id}
+                "capacity_rows": self.capacity_rows, "remover": self.remover.name, "shard_id": self.shard_id}
 
     def get_state(self) -> dict[str, Any]:
         """Everything needed to rebuild this shard: rows (one-chunk table) and counters."""
@@ -722,10 +657,10 @@ class ReplayShard:
             self.snapshot()  # a sound snapshot again, so the next restore needs no fallback
 
     def _check_counters(self, counters: dict[str, Any], path: Path) -> None:
-        if counters["shard_id"] != self.shard_id or counters["remover"] != self.remover:
+        if counters["shard_id"] != self.shard_id or counters["remover"] != self.remover.name:
             raise StorageError(
                 f"{path} belongs to shard {counters['shard_id']} with remover {counters['remover']!r}, not shard "
-                f"{self.shard_id} with {self.remover!r}; point the shard at its own directory")
+                f"{self.shard_id} with {self.remover.name!r}; point the shard at its own directory")
         if counters["capacity_rows"] > self.capacity_rows:
             raise StorageError(
                 f"{path} holds a shard of capacity {counters['capacity_rows']}; restoring into capacity "

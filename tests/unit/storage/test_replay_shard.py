@@ -10,13 +10,13 @@ from storage.replay import (
     LOGITS_TYPE,
     REPLAY_SCHEMA,
     EmptyReplayError,
-    RateLimitedError,
     ReplayShard,
     SchemaMismatchError,
     route,
     upgrade,
 )
 from storage.errors import StorageError
+from storage.policy import RateLimitedError
 
 
 def rows(start, n, task="a", task_id=0):
@@ -404,3 +404,44 @@ def test_an_insert_with_malformed_logits_is_rejected_whole():
     with pytest.raises(SchemaMismatchError, match="logits"):
         shard.insert(bad)
     assert shard.rows().num_rows == 0
+
+
+# ---------------------------------------------------------------- the policy is objects the shard is handed
+class _KeepNewest:
+    """A remover of our own: keeps the newest rows (the opposite of FIFO), to show the shard uses
+    whatever remover it is handed."""
+
+    name = "keep_newest"
+
+    def admit(self, held, rows, *, capacity_rows, inserted_before, rng):
+        table = pa.concat_tables([held, rows])
+        overflow = table.num_rows - capacity_rows
+        if overflow <= 0:
+            return table, None
+        return table.slice(0, capacity_rows), table.slice(capacity_rows)
+
+
+def test_a_shard_takes_its_remover_and_sampler_as_objects():
+    from storage.policy import Fifo, TaskBalancedSampler
+
+    shard = ReplayShard(3, remover=_KeepNewest(), sampler=TaskBalancedSampler(), seed=0)
+    shard.insert(rows(0, 5))
+    assert shard.rows().column("example_id").to_pylist() == ["a:0", "a:1", "a:2"]
+    assert shard.stats().evicted_rows == 2
+    named = ReplayShard(3, remover="fifo", seed=0)
+    assert isinstance(named.remover, Fifo) and named.sampler.name == "uniform"
+    with pytest.raises(ValueError, match=r"unknown remover 'lifo'; choose one of \['fifo', 'reservoir', 'task_balanced'\]"):
+        ReplayShard(3, remover="lifo")
+
+
+def test_the_rate_limiter_alone():
+    from storage.policy import RateLimiter
+
+    limiter = RateLimiter(max_samples_per_insert=2.0, min_rows_to_sample=4)
+    with pytest.raises(RateLimitedError, match="min_rows_to_sample=4"):
+        limiter.check(shard_id=0, inserted=3, sampled=0, num_rows=1)
+    limiter.check(shard_id=0, inserted=4, sampled=6, num_rows=2)  # 8 = 2 x 4: allowed
+    with pytest.raises(RateLimitedError, match="would exceed 2.0 samples per inserted row"):
+        limiter.check(shard_id=0, inserted=4, sampled=7, num_rows=2)
+    with pytest.raises(ValueError, match=r"max_samples_per_insert \(0\) must be positive"):
+        RateLimiter(0)
