@@ -75,8 +75,9 @@ def forgetless(*args, env, timeout=120):
 def test_submitted_run_trains_and_its_replay_store_is_scaled_out_while_it_runs(ray_cluster, toy_config_file, tmp_path):
     address, env, gcs = ray_cluster
     config = toy_config_file(max_steps=40)
-    # the second task long enough (~15 s) for the store to be resized while the run is on it
-    overrides = ["replay.enabled=true", "replay.num_shards=2", "replay.rows_per_task=20", "stream.tasks.1.max_steps=400"]
+    # the second task long enough (~30 s alone on 2 cores) for the store to be resized while the run is on
+    # it, also when the machine is busy (at 400 steps, ~15 s, a loaded machine once finished the task first)
+    overrides = ["replay.enabled=true", "replay.num_shards=2", "replay.rows_per_task=20", "stream.tasks.1.max_steps=800"]
     submitted = forgetless("submit", str(config), "--address", address, *overrides, env=env, timeout=300)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr[-3000:]
     job_id = submitted.stdout.split("submitted job ", 1)[1].split()[0]
