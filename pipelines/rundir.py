@@ -204,8 +204,19 @@ def config_changes(saved: dict[str, Any], given: dict[str, Any], *, finished_tas
 def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A config saved by an older version, with the keys added since at their defaults (what that
     version did), so they do not read as changes. Left as it is when it no longer validates."""
+    data = dict(saved)
+    # Before a strategy's settings had one home, a run used its `strategy` block and saved a
+    # `strategies` block of defaults beside it: the block is what the run used.
+    strategy = data.get("strategy")
+    settings = dict(data["strategies"]) if isinstance(data.get("strategies"), dict) else {}
+    for block in strategy if isinstance(strategy, list) else [strategy]:
+        if isinstance(block, dict) and isinstance(block.get("name"), str):
+            given = settings.get(block["name"]) if isinstance(settings.get(block["name"]), dict) else {}
+            settings[block["name"]] = {**given, **{k: v for k, v in block.items() if k != "name"}}
+    if settings:
+        data["strategies"] = settings
     try:
-        return experiment_dict(validate_config(dict(saved), origin="the saved config"))
+        return experiment_dict(validate_config(data, origin="the saved config"))
     except ConfigError:
         return dict(saved)
 

@@ -79,3 +79,18 @@ def test_a_config_saved_before_keys_were_added_resumes_without_changes(toy_strea
     assert config_changes(saved, given, finished_tasks=2) == ([], [])
     given["recovery"]["enabled"] = True  # the probe runs after the stream: changing it changes no row
     assert config_changes(saved, given, finished_tasks=2)[0] == []
+
+
+def test_a_run_saved_before_strategy_settings_had_one_home_resumes_without_changes(toy_stream_config):
+    """Older versions saved the run's strategy block and a `strategies` block of defaults beside it;
+    the block is what the run used, and resuming it with the same command changes nothing."""
+    toy_stream_config["strategy"] = {"name": "ewc", "lambda": 10000.0}
+    given = experiment_dict(validate_config(toy_stream_config))
+    assert given["strategies"]["ewc"]["lambda"] == 10000.0
+    saved = json.loads(json.dumps(given))
+    saved["strategies"]["ewc"]["lambda"] = 100.0  # what the older version wrote: the default
+    assert config_changes(saved, given, finished_tasks=2) == ([], [])
+    given["strategies"]["ewc"]["lambda"] = 50.0
+    given["strategy"]["lambda"] = 50.0
+    refused, _ = config_changes(saved, given, finished_tasks=2)
+    assert refused == ["strategies.ewc.lambda: 10000.0 -> 50.0", "strategy.lambda: 10000.0 -> 50.0"]
