@@ -2,8 +2,9 @@
 
 ``ReplayShard`` is a plain class (the Ray actor in ``actors.replay`` is this class, wrapped). It
 holds at most ``capacity_rows`` rows; a *remover* decides what goes when it is full, a *sampler*
-what comes out. Every acknowledged insert is first appended to an Arrow IPC log; snapshots are
-written to a temporary name and renamed, and a restart restores snapshot + log.
+what comes out (``storage.policy``). With a directory, every acknowledged insert is first appended
+to the shard's log, and a restart restores the newest sound snapshot plus the log after it
+(``storage.journal``: its files, their checks, and how a corrupt snapshot is fallen back from).
 
 Token ids are not cached: rows hold text, so a snapshot outlives any tokenizer, and a fast
 tokenizer encodes a sampled batch in well under a millisecond. The schema metadata says so. A row
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -27,8 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.files import fsync_directory, write_atomic
 from storage.errors import StorageError
+from storage.files import write_atomic
+# The journal's two errors are the shard's too: a caller catches them from here.
+from storage.journal import TAG, CorruptSnapshotError, LogWriteError, ShardJournal, generation_of  # noqa: F401
 from storage.policy import RateLimiter, Remover, Sampler
 from storage.policy import remover as make_remover
 from storage.policy import sampler as make_sampler
@@ -59,18 +61,6 @@ OPTIONAL_COLUMNS = ("logits",)  # an insert may leave them out: stored as null
 
 class SchemaMismatchError(StorageError, TypeError):
     """An insert batch does not have the replay schema; nothing of it was stored."""
-
-
-class LogWriteError(StorageError, OSError):
-    """Appending to a shard's log failed: the insert or delete was not applied (nor acknowledged)."""
-
-
-class CorruptSnapshotError(StorageError, ValueError):
-    """A snapshot file fails its checks (size, CRC-32, rows, readability); the message names it."""
-
-    def __init__(self, path: Path, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = path
 
 
 class EmptyReplayError(StorageError, LookupError):
@@ -260,7 +250,6 @@ class ReplayShard:
                              if max_samples_per_insert is not None else None)
         self.seed, self.shard_id = seed, shard_id
         self.snapshot_every_rows = snapshot_every_rows
-        self.fsync = fsync
         self._evict_rng = np.random.default_rng([seed, shard_id, 0])
         self._table = REPLAY_SCHEMA.empty_table()
         self._ids: set[str] = set()
@@ -270,24 +259,20 @@ class ReplayShard:
         self._sampled = 0
         self._since_snapshot = 0
         self._restored = 0
-        self._generation = 0
-        self._log: pa.RecordBatchStreamWriter | None = None
-        self._log_file = None
         self._topology: tuple[int, Any] = (0, None)
         self._memory_checkpoints: dict[str, dict[str, Any]] = {}
         self.restore_report: dict[str, Any] | None = None  # what a restore used, fell back from and skipped
         self.directory = Path(directory) if directory is not None else None
+        self.journal: ShardJournal | None = None
         if self.directory is not None:
             manifest = read_store_manifest(self.directory.parent)
             if manifest is not None:  # a restarted shard refuses writers of an older topology at once
                 self._topology = (int(manifest["version"]), None)
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.journal = ShardJournal(self.directory, REPLAY_SCHEMA, shard_id=shard_id, fsync=fsync)
             self._restore()
-            if self._log is None:
-                self._open_log()
         # Calls without a seed of their own draw from this generator (a restarted shard draws
         # afresh); reproducible sampling passes a seed per call (see ``sample``).
-        self._sample_rng = np.random.default_rng([seed, shard_id, 1, self._generation, self._restored])
+        self._sample_rng = np.random.default_rng([seed, shard_id, 1, self.generation, self._restored])
 
     # ------------------------------------------------------------------ writes
     def insert(self, batch: pa.Table, topology: int | None = None) -> int:
@@ -312,7 +297,8 @@ class ReplayShard:
             batch = batch.take(pa.array(fresh))
         seq = pa.array(np.arange(self._next_seq, self._next_seq + batch.num_rows), pa.int64())
         rows = pa.Table.from_arrays([*batch.columns, seq], schema=REPLAY_SCHEMA)
-        self._append_log(rows)
+        if self.journal is not None:
+            self.journal.append_insert(rows)
         self._apply(rows)
         if self.snapshot_every_rows and self._since_snapshot >= self.snapshot_every_rows:
             self.snapshot()
@@ -338,7 +324,8 @@ class ReplayShard:
         doomed = set(example_ids) & self._ids
         if not doomed:
             return 0
-        self._append_log(None, deleted=sorted(doomed))
+        if self.journal is not None:
+            self.journal.append_delete(sorted(doomed))
         self._apply_delete(doomed)
         return len(doomed)
 
@@ -435,7 +422,7 @@ class ReplayShard:
     # ------------------------------------------------------------------ state
     def _counters(self) -> dict[str, Any]:
         return {"next_seq": self._next_seq, "evicted": self._evicted, "sampled": self._sampled,
-                "evict_rng": self._evict_rng.bit_generator.state, "generation": self._generation,
+                "evict_rng": self._evict_rng.bit_generator.state, "generation": self.generation,
                 "capacity_rows": self.capacity_rows, "remover": self.remover.name, "shard_id": self.shard_id}
 
     def get_state(self) -> dict[str, Any]:
@@ -455,190 +442,43 @@ class ReplayShard:
         self._combined = False
 
     # ------------------------------------------------------------------ durability
-    # Files in ``directory``: snapshot-G.arrow (rows + counters at generation G) with its manifest
-    # snapshot-G.json (rows, bytes, CRC-32, written once the snapshot was read back), and
-    # log-G-P.arrow (segment P of the inserts and deletes made after snapshot G). Restore =
-    # the newest snapshot that checks out + every log of its generation and later ones. A new
-    # snapshot removes only what is older than its predecessor: the predecessor and its logs stay
-    # as the fallback should the newest one turn out corrupt. checkpoint-TAG.arrow/.json are
-    # hard links to a snapshot, kept until dropped (a run's task boundaries).
-    def _snapshot_path(self, generation: int) -> Path:
-        return self.directory / f"snapshot-{generation:06d}.arrow"
+    @property
+    def generation(self) -> int:
+        """The snapshot generation the log is appended to (0: in memory, or nothing snapshotted)."""
+        return self.journal.generation if self.journal is not None else 0
 
-    def _log_paths(self, generation: int) -> list[Path]:
-        return sorted(self.directory.glob(f"log-{generation:06d}-*.arrow"))
-
-    def _open_log(self) -> None:
-        # One IPC stream per segment, one record batch per insert. A restarted shard, or one whose
-        # append failed, starts a new segment, so a torn batch can only ever end a segment.
-        part = len(self._log_paths(self._generation))
-        path = self.directory / f"log-{self._generation:06d}-{part:04d}.arrow"
-        try:
-            self._log_file = _LogFile(path)
-            self._log = pa.ipc.new_stream(self._log_file, _LOG_SCHEMA)
-            self._log_file.flush()
-        except OSError as exc:
-            self._abandon_log()
-            raise LogWriteError(f"replay shard {self.shard_id}: cannot start log segment {path}: {exc}") from exc
-
-    def _abandon_log(self) -> None:
-        """Stop writing the current segment (whatever state it is in); the next append starts a new one."""
-        for closer in (self._log, self._log_file):
-            try:
-                if closer is not None:
-                    closer.close()
-            except (OSError, pa.ArrowException):
-                pass
-        self._log = self._log_file = None
-
-    def _append_log(self, rows: pa.Table | None, *, deleted: list[str] | None = None) -> None:
-        if self.directory is None:
-            return
-        if rows is not None:
-            batch = pa.RecordBatch.from_arrays(
-                [*(c.combine_chunks() for c in rows.columns), pa.nulls(rows.num_rows, pa.string())],
-                schema=_LOG_SCHEMA)
-        else:
-            ids = pa.array(deleted, pa.string())
-            n = len(ids)
-            batch = pa.RecordBatch.from_arrays(
-                [ids, pa.array([0] * n, pa.int32()), pa.array([""] * n), pa.array([""] * n), pa.array([""] * n),
-                 pa.nulls(n, LOGITS_TYPE), pa.array([-1] * n, pa.int64()), pa.array(["delete"] * n)],
-                schema=_LOG_SCHEMA)
-        if self._log is None:
-            self._open_log()
-        path = self._log_file.path
-        try:
-            self._log.write_batch(batch)
-            self._log_file.flush()
-            if self.fsync:
-                os.fsync(self._log_file.fileno())
-        except (OSError, pa.ArrowException) as exc:
-            # Whatever part of the batch reached the file is a torn batch: nothing may follow it in
-            # this segment, or restore could not read past it.
-            self._abandon_log()
-            raise LogWriteError(
-                f"replay shard {self.shard_id}: appending to {path.name} failed ({exc}); the "
-                f"{'insert' if rows is not None else 'delete'} was not applied. The next one starts a new "
-                "log segment, and a restore skips the torn end of this one") from exc
+    @property
+    def fsync(self) -> bool:
+        return self.journal is not None and self.journal.fsync
 
     def snapshot(self) -> Path | None:
-        """Write rows and counters to a new snapshot and start a new log generation.
-
-        The snapshot is written to a temporary name, fsynced, renamed, then read back and checked
-        before its manifest is written; only then are files older than its predecessor removed.
-        """
-        if self.directory is None:
+        """Write rows and counters to a new snapshot and start a new log generation (see
+        ``ShardJournal.write_snapshot``); None for a shard held in memory only."""
+        if self.journal is None:
             return None
-        generation = self._generation + 1
-        path = self._snapshot_path(generation)
-        tmp = path.with_suffix(".arrow.tmp")
-        table = self._ready()
-        schema = table.schema.with_metadata({**(REPLAY_SCHEMA.metadata or {}),
-                                             b"forgetless.counters": json.dumps(self._counters()).encode()})
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table.cast(schema))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        manifest = {"generation": generation, "rows": table.num_rows, "bytes": path.stat().st_size,
-                    "crc32": _crc32(path)}
-        self._read_snapshot(path, manifest)  # read back: raises CorruptSnapshotError, keeping the old files
-        write_atomic(path.with_suffix(".json"), json.dumps(manifest))
-        self._close_log()
-        self._generation = generation
+        path = self.journal.write_snapshot(self._ready(), self._counters())
         self._since_snapshot = 0
-        self._open_log()
-        self._remove_generations_before(generation - 1)  # the predecessor stays: the fallback
         return path
 
-    def _remove_generations_before(self, generation: int) -> None:
-        """Delete snapshots (with manifests) and logs of every generation older than ``generation``."""
-        for old in [*self.directory.glob("snapshot-*"), *self.directory.glob("log-*.arrow")]:
-            if _generation_of(old) < generation:
-                old.unlink(missing_ok=True)
-
-    def _read_snapshot(self, path: Path, manifest: dict[str, Any] | None = None) -> tuple[pa.Table, dict[str, Any]]:
-        """A snapshot's rows and counters, checked against its manifest (size, CRC-32, rows).
-
-        Raises:
-            CorruptSnapshotError: naming the file and what is wrong with it.
-        """
-        if manifest is None:
-            manifest_path = path.with_suffix(".json")
-            try:
-                manifest = json.loads(manifest_path.read_text())
-            except FileNotFoundError:
-                manifest = {}  # renamed but never read back (killed in between): the checks below still run
-            except (OSError, ValueError) as exc:
-                raise CorruptSnapshotError(manifest_path, f"unreadable manifest ({exc})") from None
-        try:
-            if "bytes" in manifest and path.stat().st_size != manifest["bytes"]:
-                raise CorruptSnapshotError(path, f"{path.stat().st_size} bytes, its manifest says {manifest['bytes']}")
-            if "crc32" in manifest and _crc32(path) != manifest["crc32"]:
-                raise CorruptSnapshotError(path, "CRC-32 does not match its manifest (the file changed on disk)")
-            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            table.validate(full=True)
-            counters = json.loads(table.schema.metadata[b"forgetless.counters"])
-        except CorruptSnapshotError:
-            raise
-        except (OSError, pa.ArrowException, KeyError, ValueError, TypeError) as exc:
-            raise CorruptSnapshotError(path, f"not a readable replay snapshot ({type(exc).__name__}: {exc})") from None
-        if "rows" in manifest and table.num_rows != manifest["rows"]:
-            raise CorruptSnapshotError(path, f"{table.num_rows} rows, its manifest says {manifest['rows']}")
-        table = upgrade(table)
-        if table.schema.remove_metadata() != REPLAY_SCHEMA.remove_metadata():
-            raise CorruptSnapshotError(path, f"schema {table.schema.remove_metadata()} is not the replay schema")
-        return table.replace_schema_metadata(REPLAY_SCHEMA.metadata), counters
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log_file.close()
-            self._log = self._log_file = None
-
     def close(self) -> None:
-        self._close_log()
+        if self.journal is not None:
+            self.journal.close()
 
     def _restore(self) -> None:
-        for tmp in self.directory.glob("*.tmp"):
-            tmp.unlink()  # a snapshot that never finished
-        report: dict[str, Any] = {"snapshot": None, "corrupt": [], "skipped": [], "replayed_batches": 0}
-        generations = sorted({_generation_of(p) for p in self.directory.glob("snapshot-*.arrow")}, reverse=True)
-        base = 0
-        for generation in generations:
-            path = self._snapshot_path(generation)
-            try:
-                table, counters = self._read_snapshot(path)
-            except CorruptSnapshotError as exc:
-                report["corrupt"].append({"file": str(path), "reason": str(exc)})
-                continue
+        recovered = self.journal.recover(upgrade=upgrade)
+        if recovered.snapshot is not None:
+            table, counters, path = recovered.snapshot
             self._check_counters(counters, path)
             self.set_state({"table": table, "counters": counters})
-            report["snapshot"], base = path.name, generation
-            break
-        newest = max([base, *generations, *(_generation_of(p) for p in self.directory.glob("log-*.arrow"))])
-        if report["corrupt"]:
-            # Falling back is only sound if every generation since the base still has its log.
-            gaps = [g for g in range(base, newest + 1) if not self._log_paths(g)]
-            if gaps or (report["snapshot"] is None and base == 0 and generations and not self._log_paths(0)):
-                raise StorageError(
-                    f"replay shard {self.shard_id} cannot be restored: {'; '.join(c['reason'] for c in report['corrupt'])}; no "
-                    f"older snapshot with its logs is left to rebuild from (missing logs of generation(s) "
-                    f"{gaps or [0]}). Move {self.directory} aside to start this shard empty, or restore it "
-                    "from a backup")
         replayed = 0
-        for generation in range(base, newest + 1):
-            for log in self._log_paths(generation):
-                for batch in _read_log(log, report["skipped"]):
-                    report["replayed_batches"] += 1
-                    if batch.column("op").null_count == batch.num_rows:  # op null: an insert
-                        rows = upgrade(pa.Table.from_batches([batch]).drop_columns(["op"])).cast(REPLAY_SCHEMA)
-                        self._apply(rows)
-                        replayed += rows.num_rows
-                    else:
-                        self._apply_delete(set(batch.column("example_id").to_pylist()))
-        self._generation = newest
+        for op, rows in recovered.operations():
+            if op == "insert":
+                rows = upgrade(rows).cast(REPLAY_SCHEMA)
+                self._apply(rows)
+                replayed += rows.num_rows
+            else:
+                self._apply_delete(set(rows.column("example_id").to_pylist()))
+        report = recovered.report
         self._restored = self.num_rows
         self._since_snapshot = replayed
         self.restore_report = report
@@ -647,13 +487,10 @@ class ReplayShard:
                            self.shard_id, corrupt["reason"], report["snapshot"] or "its logs alone")
         for skip in report["skipped"]:
             logger.warning("replay shard %s: skipped %s bytes of %s from byte %s: %s", self.shard_id, skip["bytes"],
-                        skip["file"], skip["offset"], skip["reason"])
+                           skip["file"], skip["offset"], skip["reason"])
+        self.journal.open_segment()
         if report["corrupt"]:
-            for corrupt in report["corrupt"]:  # keep the evidence, out of the restore path
-                bad = Path(corrupt["file"])
-                os.replace(bad, bad.with_suffix(".arrow.corrupt"))
-                bad.with_suffix(".json").unlink(missing_ok=True)
-            self._open_log()
+            self.journal.quarantine(report)  # the evidence, out of the restore path
             self.snapshot()  # a sound snapshot again, so the next restore needs no fallback
 
     def _check_counters(self, counters: dict[str, Any], path: Path) -> None:
@@ -672,25 +509,18 @@ class ReplayShard:
 
         On disk this is a snapshot plus a hard link to it (no second copy); in memory, the state.
         """
-        if not _TAG.fullmatch(tag):
-            raise ValueError(f"checkpoint tag {tag!r} must match {_TAG.pattern}")
-        if self.directory is None:
+        if not TAG.fullmatch(tag):
+            raise ValueError(f"checkpoint tag {tag!r} must match {TAG.pattern}")
+        if self.journal is None:
             self._memory_checkpoints[tag] = self.get_state()
             return tag
-        path = self.snapshot()
-        for suffix in (".arrow", ".json"):
-            target = self.directory / f"checkpoint-{tag}{suffix}"
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            os.link(path.with_suffix(suffix), tmp)
-            os.replace(tmp, target)
-        fsync_directory(self.directory)
+        self.journal.link_checkpoint(tag, self.snapshot())
         return tag
 
     def checkpoints(self) -> list[str]:
-        if self.directory is None:
+        if self.journal is None:
             return sorted(self._memory_checkpoints)
-        return sorted(p.stem.removeprefix("checkpoint-") for p in self.directory.glob("checkpoint-*.arrow"))
+        return self.journal.checkpoints()
 
     def rollback(self, tag: str) -> int:
         """Make the shard exactly what it was at ``checkpoint(tag)``; returns the rows it then holds.
@@ -702,97 +532,28 @@ class ReplayShard:
             KeyError: no checkpoint ``tag``.
             CorruptSnapshotError: the checkpoint file is damaged (named).
         """
-        if self.directory is None:
+        if self.journal is None:
             if tag not in self._memory_checkpoints:
                 raise KeyError(f"replay shard {self.shard_id} has no checkpoint {tag!r}; it has {self.checkpoints()}")
             self.set_state(self._memory_checkpoints[tag])
             return self.num_rows
-        path = self.directory / f"checkpoint-{tag}.arrow"
+        path = self.journal.checkpoint_path(tag)
         if not path.exists():
             raise KeyError(f"replay shard {self.shard_id} has no checkpoint {tag!r} in {self.directory}; "
                            f"it has {self.checkpoints()}")
-        table, counters = self._read_snapshot(path)
+        table, counters = self.journal.read_snapshot(path, upgrade=upgrade)
         self._check_counters(counters, path)
         self.set_state({"table": table, "counters": counters})
         path = self.snapshot()
-        self._remove_generations_before(_generation_of(path))  # the abandoned future, and what it was built on
+        self.journal.remove_generations_before(generation_of(path))  # the abandoned future, and what it was built on
         return self.num_rows
 
     def drop_checkpoints(self, keep: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Remove every checkpoint not named in ``keep``; returns the tags removed."""
         dropped = [t for t in self.checkpoints() if t not in keep]
         for tag in dropped:
-            if self.directory is None:
+            if self.journal is None:
                 del self._memory_checkpoints[tag]
             else:
-                for suffix in (".arrow", ".json"):
-                    (self.directory / f"checkpoint-{tag}{suffix}").unlink(missing_ok=True)
+                self.journal.drop_checkpoint(tag)
         return dropped
-
-
-class _LogFile:
-    """The log segment being appended to: a file and its path (and one place a test can fail it)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._handle = open(path, "wb")
-
-    @property
-    def closed(self) -> bool:
-        return self._handle.closed
-
-    def write(self, data: bytes) -> int:
-        return self._handle.write(data)
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-    def fileno(self) -> int:
-        return self._handle.fileno()
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _generation_of(path: Path) -> int:
-    return int(path.name.split("-")[1].split(".")[0])
-
-
-_TAG = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-_LOG_SCHEMA = pa.schema([*REPLAY_SCHEMA, pa.field("op", pa.string())])  # op: null = insert, "delete"
-
-
-def _read_log(path: Path, skipped: list[dict[str, Any]]):
-    """The record batches of one log segment; a torn or damaged end is recorded in ``skipped``.
-
-    A segment can only end torn (an append that failed, or the process died mid-write: never
-    acknowledged either way), because a failed append closes its segment for good.
-    """
-    size = path.stat().st_size
-    source = pa.memory_map(str(path))
-    offset = 0
-    try:
-        reader = pa.ipc.open_stream(source)
-        offset = source.tell()
-        while True:
-            batch = reader.read_next_batch()
-            batch.validate(full=True)
-            offset = source.tell()
-            yield batch
-    except StopIteration:
-        return
-    except (pa.ArrowException, OSError) as exc:
-        if size > offset:
-            skipped.append({"file": path.name, "offset": offset, "bytes": size - offset,
-                            "reason": f"torn or damaged batch ({type(exc).__name__}: {str(exc)[:200]}); an insert "
-                                      "that was never acknowledged"})

@@ -246,21 +246,21 @@ def test_a_corrupt_snapshot_with_nothing_to_fall_back_on_fails_naming_the_file(t
 
 
 def test_a_failed_log_append_starts_a_new_segment_and_restore_skips_only_the_torn_batch(tmp_path, monkeypatch):
-    from storage import replay
+    from storage import journal, replay
 
     shard = ReplayShard(100, directory=tmp_path)
     shard.insert(rows(0, 10))
-    real_write = replay._LogFile.write
+    real_write = journal.LogFile.write
 
     def half_then_fail(self, data):  # the disk filled up halfway through the batch
         real_write(self, bytes(data)[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(replay._LogFile, "write", half_then_fail)
+    monkeypatch.setattr(journal.LogFile, "write", half_then_fail)
     with pytest.raises(replay.LogWriteError, match=r"appending to log-000000-0000.arrow failed.*was not applied"):
         shard.insert(rows(10, 10))
     assert ids_of(shard) == [f"a:{i}" for i in range(10)]  # nothing of the failed insert
-    monkeypatch.setattr(replay._LogFile, "write", real_write)
+    monkeypatch.setattr(journal.LogFile, "write", real_write)
     shard.insert(rows(20, 10))  # acknowledged: lands in a new segment
     assert sorted(p.name for p in tmp_path.glob("log-*")) == ["log-000000-0000.arrow", "log-000000-0001.arrow"]
     shard.close()
