@@ -41,27 +41,36 @@ def connect_ray(config: RunConfig) -> bool:
         ray.init(address=address, **kwargs)
         install_stop_signal()
         return False
-    # A Ray started here serves this run alone and dies with it: it listens on loopback only
-    # (loopback_only_ray), and token auth is on with a token made for this run (fresh_ray_token),
-    # so neither another machine nor another user of this one can attach a driver to it.
+    start_local_ray(config.ray.num_cpus)
+    install_stop_signal()
+    return True
+
+
+def start_local_ray(num_cpus: int | None = None, *, dashboard: bool = True, log_to_driver: bool = True) -> None:
+    """Start a Ray that serves this process alone and dies with it: every server on loopback
+    (``loopback_only_ray``), token auth on with a token made for it (``fresh_ray_token``), so that
+    neither another machine nor another user of this one can attach a driver to it; its workers get
+    ``WORKER_ENV`` and keep their collectives' sockets on loopback too.
+
+    ``dashboard``: the dashboard serves the state API that Ray Train's placement-group cleaner
+    polls; only a process that never trains goes without. A new Ray even if a ``ray start`` cluster
+    runs on this machine (``ray.address=auto`` joins that one instead).
+    """
     earlier = loopback_only_ray()
     fresh_ray_token()
-    # collectives' own sockets on loopback too (one machine: gloo and NCCL's bootstrap need no other)
-    kwargs["runtime_env"]["env_vars"] = {**WORKER_ENV, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    # address="local": a new Ray for this run even if a `ray start` cluster runs on this machine
-    # (ray.address=auto joins that one instead).
+    # one machine: gloo's and NCCL's bootstrap need no other interface
+    env = {**WORKER_ENV, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     try:
-        ray.init(address="local", num_cpus=config.ray.num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-                 _system_config={"enable_metrics_collection": False}, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                 **({} if dashboard else {"include_dashboard": False}), log_to_driver=log_to_driver,
+                 runtime_env={"env_vars": env}, logging_level=logging.WARNING, configure_logging=True,
+                 _system_config={"enable_metrics_collection": False})
     finally:  # its processes have it; a `ray start` this process runs later must not
         _restore_env(_SINGLE_MACHINE, earlier)
     if ray.util.get_node_ip_address() != "127.0.0.1":
         log.warning("this Ray took %s as its address (not loopback): its ports are guarded by the run's token only",
                     ray.util.get_node_ip_address())
-    install_stop_signal()
     _watch_local_ray()
-    return True
 
 
 def loopback_only_ray() -> str | None:

@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
+from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
 from peer_runner import SAMPLE_ROWS, growth_per_row, resident_bytes, timed_round  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
@@ -211,7 +212,7 @@ def main() -> int:
                 out.write(json.dumps({c: part.column(c).to_pylist()
                                       for c in ("example_id", "task_id", "source", "target")}) + "\n")
         log("forgetless and the in-process Arrow take")
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        start_local_ray(dashboard=False, log_to_driver=False)
         try:
             ours, arrow = run_forgetless(data, Path(workdir))
         finally:

@@ -10,7 +10,6 @@ does grow with the store).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
+from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
 from replay_common import shards_send  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    start_local_ray(dashboard=False, log_to_driver=False)
     results: dict[str, object] = {"shards": SHARDS, "batch_rows": BATCH, "calls": CALLS, "by_size": {}}
     try:
         for size in sizes:

@@ -30,6 +30,7 @@ quiet_environment()
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
+from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
 
@@ -50,8 +51,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    start_local_ray(2, dashboard=False, log_to_driver=False)
     directory = Path(tempfile.mkdtemp(prefix="replay-soak-"))
     config = ReplayConfig(enabled=True, num_shards=4, capacity_rows=10_000_000, remover="fifo",
                           snapshot_every_rows=20_000)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
+from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
 from replay_common import payload_bytes, review_corpus, shards_send  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rows", type=int, default=100_000)
     args = parser.parse_args()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    start_local_ray(dashboard=False, log_to_driver=False)
     data = review_corpus(args.rows)
     results: dict = {"rows": args.rows, "batch_rows": BATCH_ROWS}
     root = Path(tempfile.mkdtemp(prefix="replay-bench-"))

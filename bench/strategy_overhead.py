@@ -24,6 +24,7 @@ quiet_environment()
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
+from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig, load_config, resolve_paths  # noqa: E402
 from pipelines.learner import Learner, silence_library_noise  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     silence_library_noise()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2, dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="strategy-bench-"))
     overrides = ["model.preset=small", "model.tokenizer.vocab_size=2000", f"training.max_steps={args.steps}",
                  f"output_dir={work}"]

@@ -19,6 +19,30 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the tests that use one in this process (replay shards as actors), started as a
+    run starts its own (``actors.cluster.start_local_ray``: loopback, a token of its own) and shared
+    by every module that asks: one start-up for the whole session. A module that needs a cluster of
+    another shape shuts it down first (``ray.shutdown()``); the next module to ask starts it again."""
+    import ray
+
+    from actors.cluster import start_local_ray
+
+    if not ray.is_initialized():
+        start_local_ray(2, dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_ray():
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
 @pytest.fixture(autouse=True)
 def mlflow_store(tmp_path, monkeypatch) -> str:
     """Every test gets its own SQLite MLflow store; nothing leaks into ./mlflow.db."""

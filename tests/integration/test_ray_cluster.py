@@ -90,6 +90,7 @@ def test_submitted_run_trains_and_its_replay_store_is_scaled_out_while_it_runs(r
 
     from actors.remote import RunNotFoundError, find_run
 
+    ray.shutdown()  # the tests' shared local Ray, if up: this driver joins the head started here
     ray.init(address=gcs, log_to_driver=False)
     try:
         deadline, rows = time.monotonic() + 300, 0

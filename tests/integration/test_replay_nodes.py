@@ -18,6 +18,7 @@ from storage.replay import route
 
 @pytest.fixture(scope="module")
 def cluster():
+    ray.shutdown()  # the tests' shared local Ray, if up: this module needs three nodes of its own
     # Node loss noticed within ~2 s, not Ray's default ~15 s.
     head = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,

@@ -17,11 +17,8 @@ from storage.replay import EmptyReplayError, SchemaMismatchError, route
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
+def _ray(local_ray):
+    return local_ray
 
 
 def rows(ids, task="a"):

@@ -1,7 +1,7 @@
 """Every strategy's accuracy matrix and per-task mean losses, pinned on the tiny stream.
 
 One process: the plain scheduler as the coordinator, one learner, the replay store's shards on a
-local Ray (module-scoped), the replay feeds the trainer workers use. The same seed gives the same
+local Ray (the tests' shared one, ``local_ray``), the replay feeds the trainer workers use. The same seed gives the same
 batches, replay draws, teachers and Fisher, so a change that only moves code gives the same
 numbers to the last bit. The pins are in ``strategy_pins.json``; a change that means to move them
 (a new loss average, a new default) rewrites them with ``FORGETLESS_REPIN=1`` and says so in its
@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
 
 from actors.scheduler import Scheduler
 from actors.trainer_group import replay_feeds
@@ -45,14 +44,6 @@ TINY = [
     "training.max_steps=15", "evaluation.batch_size=24", "replay.rows_per_task=32", "replay.num_shards=1",
     *(f"stream.tasks.{i}.{key}" for i in range(3) for key in ("max_train_examples=64", "max_eval_examples=24")),
 ]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
 
 
 # The tiny stream's tokenizer, trained once and kept: the tokenizers library's Unigram trainer
