@@ -336,5 +336,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``forgetless`` command: ``main``, then an exit that skips the interpreter's teardown.
+
+    Finalizing the modules a run imports (torch, DeepSpeed, Ray, MLflow) takes seconds and does
+    nothing for the run: everything it writes is written and closed by then. The exit is otherwise
+    the interpreter's own: threads that are not daemons are waited for, exit handlers run (Ray's
+    shutdown, logging's flush), the standard streams are flushed.
+    """
+    import atexit
+    import threading
+
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

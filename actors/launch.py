@@ -2,8 +2,10 @@
 the trainer group, follow the run to its end.
 
 Everything that can be wrong with the input (tracking store, output directory, config, data,
-tokenizer, model directory) fails before a single worker starts — the tracking store first,
-within seconds.
+tokenizer, model directory) fails before a single worker starts — the tracking store, the
+precision and the output directory first, within a second or two: the modules that resolve and
+train a run (torch, transformers, DeepSpeed, Ray Train: ~7 s to import) are imported once those
+checks pass.
 """
 
 from __future__ import annotations
@@ -13,27 +15,27 @@ import re
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from tqdm.auto import tqdm
 
 from actors import reaper
 from actors.cluster import WORKER_ENV, connect_ray, cpus_per_worker
-from actors.preflight import ModelStart, resolve_run
 from actors.replay import NAMESPACE
-from actors.scheduler import SchedulerActor, run_key
 from actors.tracking import MlflowSink, check_tracking, send_pending
-from actors.trainer_group import GroupShape, WorkerGroups
-from pipelines.config import RunConfig, resolve_paths
+from pipelines.config import RunConfig, check_precision, resolve_paths
 from pipelines.errors import ForgetlessError
 from pipelines.loop import format_exception
-from pipelines.models import check_precision
-from pipelines.paradigms import TaskSlot
 from pipelines.report import RunReport
 from pipelines.rundir import REPORT_FILES, OutputDir
 from pipelines.tasks import TaskStream
 from storage.files import write_atomic
+
+if TYPE_CHECKING:
+    from actors.preflight import ModelStart
+    from actors.trainer_group import WorkerGroups
+    from pipelines.paradigms import TaskSlot
 
 log = logging.getLogger("forgetless")
 
@@ -150,6 +152,8 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
     output = OutputDir(config.output_dir, replay_dir=config.replay.directory)
     resuming = output.claim(resume=config.resume, overwrite=config.overwrite)
     try:
+        from actors.preflight import resolve_run  # the checks above pass first: see the module's docstring
+
         run = resolve_run(config, output, resuming=resuming, progress=progress)
         if isinstance(run, RunReport):  # every task finished, none new
             if progress:
@@ -164,6 +168,8 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
 def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previous: RunReport | None,
            changes: list[str], progress: bool, start: ModelStart, slots: list[TaskSlot] | None,
            groups: WorkerGroups | None) -> RunReport:
+    from actors.trainer_group import WorkerGroups
+
     local = connect_ray(config)
     if groups is not None:
         return _train_on(groups, config, stream, tokenizer_dir, previous=previous, changes=changes,
@@ -184,6 +190,9 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
 def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *,
               previous: RunReport | None, changes: list[str], progress: bool, start: ModelStart,
               slots: list[TaskSlot] | None, local: bool) -> RunReport:
+    from actors.scheduler import SchedulerActor, run_key
+    from actors.trainer_group import GroupShape
+
     use_gpu = config.training.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
@@ -194,14 +203,16 @@ def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, token
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
     try:  # from here on, however the run ends, the scheduler records how
+        # The trainer group starts while the scheduler does (MLflow, the replay store): its workers
+        # wait for a run, and a scheduler that cannot start ends them with the group.
+        shape = GroupShape(num_workers=config.training.num_workers, use_gpu=use_gpu, local=local,
+                           cpus_per_worker=cpus_per_worker(config, use_gpu, local=local))
+        group, new = groups.get(shape)
         try:
             ray.get(scheduler.progress.remote())  # up, or why not (MLflow, the replay store's files...)
         except ray.exceptions.RayActorError as exc:
             raise SchedulerStartError(f"the run could not start its scheduler: {_innermost_error(exc)}") from None
         first = previous.finished_tasks if previous else 0
-        shape = GroupShape(num_workers=config.training.num_workers, use_gpu=use_gpu, local=local,
-                           cpus_per_worker=cpus_per_worker(config, use_gpu, local=local))
-        group, new = groups.get(shape)
         if progress:
             what = (f"resuming after task {first}/{len(stream)}" if previous else f"{len(stream)} tasks")
             where = (f"starting {shape.num_workers} trainer worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train "

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -28,9 +28,10 @@ from ray.train.torch import config as torch_config_module
 
 from actors.replay import PrefetchingSampler
 from pipelines.config import RunConfig
-from pipelines.learner import Learner, silence_library_noise
 from pipelines.loop import format_exception, run_stream
-from pipelines.plan import TaskPlan
+
+if TYPE_CHECKING:
+    from pipelines.plan import TaskPlan
 
 # Calls a worker does not wait for: progress reports.
 _FIRE_AND_FORGET = frozenset({"log_step", "set_phase"})
@@ -53,6 +54,8 @@ class RemoteScheduler:
 def run_job(job: dict[str, Any], rank: int, world_size: int) -> None:
     """One worker's share of one run: its learner (model, optimizer, engine) built, the stream run
     (see ``pipelines.loop.run_stream``), the learner released."""
+    from pipelines.learner import Learner  # see serve_runs
+
     config: RunConfig = job["config"]
     scheduler = RemoteScheduler(job["scheduler"])
     scheduler.register_worker(rank, pid=os.getpid(), host=socket.gethostname())
@@ -83,6 +86,11 @@ def replay_feeds(scheduler: Any) -> Callable[[TaskPlan, int], PrefetchingSampler
 
 def serve_runs(group_config: dict[str, Any]) -> None:
     """A worker's life: take the group's runs in order (every rank takes each), until it is closed."""
+    # Imported here, not at the top: Ray Train's controller and the driver import this module too
+    # (to unpickle and to pickle this function) and need none of the learner's imports (transformers,
+    # DeepSpeed: seconds of start-up on the path to the first step).
+    from pipelines.learner import silence_library_noise
+
     if not group_config["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for CUDA and warns
     silence_library_noise()

@@ -600,6 +600,15 @@ PRETRAIN_PLACEMENT = ("overwrite", "experiment", "output_dir", "cache_dir", "mlf
 RUN_CONTROL = ("resume", "overwrite")  # RunConfig keys that steer this invocation, not the experiment
 
 
+def check_precision(arch: str, precision: str) -> None:
+    """Refuse fp16 for T5: its activations overflow fp16's range (transformers #5651, #11461)."""
+    if precision == "fp16" and arch == "t5":
+        raise ConfigError(
+            "training.precision: fp16 is refused for T5 — its feed-forward activations overflow fp16 "
+            "and the loss turns NaN (transformers issues #5651, #11461); use bf16 (GPU) or fp32"
+        )
+
+
 def experiment_dict(config: RunConfig) -> dict[str, Any]:
     """The config as JSON-ready data without the run-control keys: what a run is, not how it was started.
     Secrets in URIs are redacted (see ``pipelines.redaction``): this is what config.yaml, MLflow params

@@ -24,13 +24,13 @@ import pyarrow as pa
 import torch
 
 from pipelines.batching import Batcher, ReplaySource
-from pipelines.config import ModelConfig, RunConfig, TrainingConfig
+from pipelines.config import ModelConfig, RunConfig, TrainingConfig, check_precision
 from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
 from pipelines.denoising import MASKED_TOKEN_ACCURACY, Corruptor, collate_denoised
 from pipelines.distributed import Collectives, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.evaluation import Evaluator
-from pipelines.models import build_model, check_precision, load_tokenizer, save_pretrained
+from pipelines.models import build_model, load_tokenizer, save_pretrained
 from pipelines.paradigms import PARADIGM_FILE, ParadigmModel, TaskSlot, source_tokens, trained_for
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.strategies import build_training_strategy

@@ -11,10 +11,12 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pipelines.learner import Learner
 from pipelines.plan import RecoveryPlan, StreamStart, TaskPlan
+
+if TYPE_CHECKING:  # the learner's imports (torch, transformers, DeepSpeed) are its own
+    from pipelines.learner import Learner
 
 
 class Coordinator(Protocol):

@@ -356,15 +356,6 @@ def long_targets(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_tok
     return problems
 
 
-def check_precision(arch: str, precision: str) -> None:
-    """Refuse fp16 for T5: its activations overflow fp16's range (transformers #5651, #11461)."""
-    if precision == "fp16" and arch == "t5":
-        raise ConfigError(
-            "training.precision: fp16 is refused for T5 — its feed-forward activations overflow fp16 "
-            "and the loss turns NaN (transformers issues #5651, #11461); use bf16 (GPU) or fp32"
-        )
-
-
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
     """Write model and tokenizer so ``AutoModelForSeq2SeqLM``/``AutoTokenizer`` reopen them."""
     directory = Path(directory)

@@ -74,3 +74,17 @@ def test_no_private_name_is_imported_from_another_module():
                     found += [f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import {alias.name}"
                               for alias in node.names if alias.name.startswith("_")]
     assert found == []
+
+
+def test_a_refusal_and_the_ray_train_controller_import_no_model_library():
+    # `forgetless run` checks the tracking store, precision and output directory before importing
+    # what trains (actors.launch), and Ray Train's controller imports the module of the function it
+    # runs on the workers (actors.trainer_group): neither pays for transformers or DeepSpeed.
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport actors.launch, actors.trainer_group\n"
+              "print(sorted(m for m in ('transformers', 'deepspeed', 'pipelines.learner') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -18,7 +18,7 @@ def test_generic_top_level_names_belong_to_forgetless(package):
 
 def test_console_script_is_installed():
     scripts = importlib.metadata.entry_points(group="console_scripts")
-    assert scripts["forgetless"].value == "actors.cli:main"
+    assert scripts["forgetless"].value == "actors.cli:entry"
 
 
 def test_layers_and_forbidden_imports_hold():

@@ -78,7 +78,7 @@ def four_task_config(tmp_path, toy_stream_config, toy_task):
     for name, kind, seed in (("last_word", "last_word", 3), ("count", "count", 4)):
         path = toy_task(tmp_path / "data" / f"{name}.jsonl", kind, seed=seed)
         config["stream"]["tasks"].append({"name": name, "source": {"kind": "file", "path": str(path)}})
-    config["stream"]["tasks"][2]["max_steps"] = 150
+    config["stream"]["tasks"][2]["max_steps"] = 60  # seconds of steps: the kill lands within a poll (0.2 s)
     config["strategy"] = {"name": "replay", "replay_ratio": 0.25}
     config["replay"] = {"enabled": True, "num_shards": 2, "rows_per_task": 24}
 

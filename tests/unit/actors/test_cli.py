@@ -25,3 +25,20 @@ def test_errors_are_printed_with_their_credentials_redacted(tmp_path, toy_stream
     assert main(["run", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "MLflow tracking server http://alice:***@127.0.0.1:1 is unreachable" in err and "hunter2" not in err
+
+
+def test_the_command_exits_with_its_code_after_the_exit_handlers_ran(tmp_path, toy_stream_config):
+    # `entry` skips the interpreter's teardown (seconds of torch's and Ray's finalizers), not what
+    # a process owes before it ends: exit handlers, the exit code, flushed output.
+    import subprocess
+    import sys
+
+    toy_stream_config["mlflow"]["tracking_uri"] = "http://127.0.0.1:1"  # nothing listens there: exit 2
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(toy_stream_config))
+    script = ("import atexit, sys\nfrom actors import cli\natexit.register(print, 'exit handler ran')\n"
+              f"sys.argv = ['forgetless', 'run', {str(path)!r}]\ncli.entry()\nprint('not reached')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "MLflow tracking server http://127.0.0.1:1 is unreachable" in result.stderr
+    assert result.stdout.splitlines() == ["exit handler ran"]

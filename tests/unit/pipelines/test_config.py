@@ -3,10 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import flatten, load_config, load_pretrain_config, resolve_paths, validate_config
+from pipelines.config import check_precision, flatten, load_config, load_pretrain_config, resolve_paths, validate_config
 from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
 from pipelines.errors import ConfigError
-from pipelines.models import check_precision
 
 REPO = Path(__file__).resolve().parents[3]
 EXPERIMENT_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("deepspeed", "pretrain"))
