@@ -3,10 +3,8 @@ and the encoder-decoder warm start."""
 
 from __future__ import annotations
 
-import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
