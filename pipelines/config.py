@@ -509,7 +509,7 @@ class RunConfig(Schema):
         return combined_name(self.strategy)
 
     def with_strategy(self, name: str, *, seed: int | None = None, output_dir: str | None = None,
-                      parent_run_id: str | None = None, order: list[str] | None = None) -> RunConfig:
+                      order: list[str] | None = None) -> RunConfig:
         """This config running strategy ``name`` (or a combination, ``replay+lwf``) with its settings
         from ``strategies`` (and its tasks in ``order``, a list of their names)."""
         names = name.split("+")
@@ -525,8 +525,6 @@ class RunConfig(Schema):
             data["seed"] = seed
         if output_dir is not None:
             data["output_dir"] = output_dir
-        if parent_run_id is not None:
-            data["mlflow"]["parent_run_id"] = parent_run_id
         return validate_config(data, origin=f"strategy {name}")
 
 
