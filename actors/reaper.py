@@ -57,23 +57,20 @@ def reap(session_dir: str | Path, *, grace_s: float = GRACE_S, spare: int | None
 
 
 def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def running(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not ended (a zombie, ended but not yet waited for by
-    its parent, has ended)."""
+    """Whether process ``pid`` exists on this machine and has not ended (a zombie, ended but not
+    yet waited for by its parent, has ended)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:  # no /proc to read: whether the pid exists at all
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     return stat[stat.rindex(")") + 2 :].split()[0] != "Z"
 
 
@@ -90,7 +87,7 @@ def main() -> None:
     session_dir, driver = sys.argv[1], int(sys.argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver's Ctrl-C is for the driver
     sys.stdin.buffer.read()  # end-of-file: the driver died, or is tearing down (its objects closed)
-    while running(driver):  # never the driver itself: one tearing down still holds its session's files
+    while alive(driver):  # never the driver itself: one tearing down still holds its session's files
         time.sleep(0.2)
     reap(session_dir, spare=driver)
 

@@ -58,14 +58,13 @@ class Recovered:
     snapshot: tuple[pa.Table, dict[str, Any], Path] | None
     generation: int  # the newest generation on disk: appends continue there, in a new segment
     report: dict[str, Any]
-    _logs: list[Path] = field(default_factory=list)
-    _read: Callable[[Path, list], Iterator[pa.RecordBatch]] | None = None
+    logs: list[Path] = field(default_factory=list)  # read by ``operations``, in order
 
     def operations(self) -> Iterator[tuple[str, pa.Table]]:
         """``("insert", rows)`` or ``("delete", rows whose example_id goes)``, as they were logged.
         A torn end of a segment is skipped and recorded in ``report["skipped"]``."""
-        for path in self._logs:
-            for batch in self._read(path, self.report["skipped"]):
+        for path in self.logs:
+            for batch in read_log(path, self.report["skipped"]):
                 self.report["replayed_batches"] += 1
                 op = "insert" if batch.column("op").null_count == batch.num_rows else "delete"
                 yield op, pa.Table.from_batches([batch]).drop_columns(["op"])
@@ -267,7 +266,7 @@ class ShardJournal:
                     "from a backup")
         self.generation = newest
         logs = [log for generation in range(base, newest + 1) for log in self.log_paths(generation)]
-        return Recovered(snapshot, newest, report, logs, read_log)
+        return Recovered(snapshot, newest, report, logs)
 
     def quarantine(self, report: dict[str, Any]) -> None:
         """Move the corrupt snapshots ``recover`` fell back from out of the restore path, as evidence."""
