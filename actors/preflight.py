@@ -14,14 +14,12 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from actors.pretrain import ensure_pretrained
 from actors.tracking import mark_orphaned_runs
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
 from pipelines.errors import ConfigError, DataError
 from pipelines.models import build_model, fetch_encoder, load_tokenizer, long_targets, stream_tokenizer
 from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
-from pipelines.pretraining import pretraining_task, read_manifest
 from pipelines.report import ModelInit, RunReport
 from pipelines.rundir import OutputDir, config_changes
 from pipelines.tasks import TaskStream, load_stream
@@ -63,9 +61,11 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
     check_stream(config, stream)
     check_paradigm(config, stream)
     tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming, start=start)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    slots = task_slots(config, stream, tokenizer)  # a frozen-model paradigm's heads or prompts
-    check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
+    slots = None
+    if config.paradigm.name != "fine_tuning":  # a frozen-model paradigm's heads or prompts, its prompts' lengths
+        tokenizer = load_tokenizer(tokenizer_dir)
+        slots = task_slots(config, stream, tokenizer)
+        check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
     return ResolvedRun(stream, start, tokenizer_dir, slots, previous, changes)
 
 
@@ -146,7 +146,11 @@ def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
     kind = "random" if model.weights == "random" else "pretrained"
     if model.preset is not None:
         return ModelStart(ModelInit(kind="random", source=f"preset {model.arch}/{model.preset}"))
+    from pipelines.pretraining import read_manifest  # imports torch: only a start from a checkpoint reads one
+
     if model.pretrain is not None:
+        from actors.pretrain import ensure_pretrained
+
         directory, pretrain = ensure_pretrained(model.pretrain, cache_dir=config.stream.cache_dir, progress=progress,
                                                 tracking_uri=config.mlflow.tracking_uri)
         manifest = read_manifest(directory)
@@ -164,5 +168,7 @@ def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
 def _with_pretraining_task(config: RunConfig, stream: TaskStream, start: ModelStart) -> TaskStream:
     if not config.stream.has_pretraining_task:  # the config's validation ties it to model.pretrain
         return stream
+    from pipelines.pretraining import pretraining_task
+
     task = pretraining_task(config.stream.pretraining_task, start.pretrain, load_tokenizer(start.checkpoint))
     return TaskStream((task, *stream.tasks))

@@ -200,6 +200,8 @@ def mark_orphaned_runs(tracking_uri: str, experiment_name: str) -> list[str]:
     """
     from pipelines.rundir import OutputDir
 
+    if urlparse(tracking_uri).scheme == "sqlite" and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return []  # a store not made yet holds no run (opening it here would make it, which takes seconds)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         experiment = client.get_experiment_by_name(experiment_name)

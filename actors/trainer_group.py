@@ -3,18 +3,16 @@
 A group starts once (Ray Train's start-up is ~15 s on a small machine) and then runs stream
 after stream: ``forgetless compare`` and ``table1`` hand every run to the same group, and each
 run builds its own model, optimizer and DeepSpeed engine in it (and releases them after). This
-module is only the adapter: the scheduler actor behind a ``Coordinator`` proxy, the queue of runs
-a group is handed, and replay feeds that sample the Ray replay store. What a worker does with a run
+module is only the adapter: the scheduler actor behind a ``Coordinator`` proxy, the group's queue of
+runs (``actors.run_queue``), and replay feeds that sample the Ray replay store. What a worker does with a run
 is ``pipelines.loop.run_stream``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch import config as torch_config_module
 
 from actors.replay import PrefetchingSampler
+from actors.run_queue import RunQueue
 from pipelines.config import RunConfig
 from pipelines.loop import format_exception, run_stream
 
@@ -105,55 +104,6 @@ def serve_runs(group_config: dict[str, Any]) -> None:
         seq += 1
 
 
-@ray.remote(num_cpus=0)
-class _Jobs:
-    """The runs handed to one worker group, in order; each is done when every rank is done with it.
-    Times are this actor's clock (one clock for the start-up and each run)."""
-
-    def __init__(self, world_size: int):
-        self._world_size = world_size
-        self._jobs: list[dict[str, Any]] = []
-        self._closed = False
-        self._ready: set[int] = set()
-        self._done: dict[int, set[int]] = {}
-        self._changed = asyncio.Condition()
-        self.created_at, self.ready_at = time.time(), None
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def ready(self, rank: int) -> None:
-        self._ready.add(rank)
-        if len(self._ready) == self._world_size and self.ready_at is None:
-            self.ready_at = time.time()
-
-    async def startup_s(self) -> float | None:
-        return None if self.ready_at is None else self.ready_at - self.created_at
-
-    async def put(self, job: dict[str, Any]) -> int:
-        self._jobs.append(job)
-        await self._notify()
-        return len(self._jobs) - 1
-
-    async def take(self, seq: int) -> dict[str, Any] | None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: seq < len(self._jobs) or self._closed)
-        return self._jobs[seq] if seq < len(self._jobs) else None
-
-    async def done(self, seq: int, rank: int) -> None:
-        self._done.setdefault(seq, set()).add(rank)
-        await self._notify()
-
-    async def wait_done(self, seq: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self._done.get(seq, ())) == self._world_size)
-
-    async def close(self) -> None:
-        self._closed = True
-        await self._notify()
-
-
 @dataclass(frozen=True)
 class GroupShape:
     """What a worker group is made of; a run whose shape differs needs another group."""
@@ -172,7 +122,7 @@ class WorkerGroup:
 
     def __init__(self, shape: GroupShape, *, storage_path: Path, name: str):
         self.shape = shape
-        self._jobs = _Jobs.remote(shape.num_workers)
+        self._jobs = RunQueue.remote(shape.num_workers)
         trainer = TorchTrainer(
             serve_runs,
             train_loop_config={"jobs": self._jobs, "use_gpu": shape.use_gpu},

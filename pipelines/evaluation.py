@@ -15,7 +15,7 @@ from pipelines.batching import Batcher
 from pipelines.config import EvaluationConfig
 from pipelines.denoising import MASKED_TOKEN_ACCURACY, Corruptor, denoising_examples, score_denoising
 from pipelines.distributed import Collectives
-from pipelines.paradigms import ParadigmModel
+from pipelines.paradigm_model import ParadigmModel
 from pipelines.plan import EvalSet
 from pipelines.scoring import METRICS
 from pipelines.strategies.base import IGNORE_INDEX

@@ -31,7 +31,8 @@ from pipelines.distributed import Collectives, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.evaluation import Evaluator
 from pipelines.models import build_model, load_tokenizer, save_pretrained
-from pipelines.paradigms import PARADIGM_FILE, ParadigmModel, TaskSlot, source_tokens, trained_for
+from pipelines.paradigm_model import PARADIGM_FILE, ParadigmModel, source_tokens, trained_for
+from pipelines.paradigms import TaskSlot
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.strategies import build_training_strategy
 from pipelines.strategies.base import StepBatch, TrainingContext

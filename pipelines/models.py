@@ -14,28 +14,21 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (
-    AutoConfig,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    BartConfig,
-    BartForConditionalGeneration,
-    EncoderDecoderConfig,
-    EncoderDecoderModel,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
 from pipelines.tasks import TaskStream, fetch_wheel
 from storage.files import atomic_directory
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# The model classes and the Auto* loaders are imported where they are used: they import torch, and
+# the driver only trains and checks a tokenizer (a run of our own presets starts without them).
 
 # Size presets. t5/base is the t5-small architecture (60M with a 32k vocabulary); medium is ~15M
 # with an 8k vocabulary.
@@ -200,6 +193,8 @@ def _canonicalize_unigram(tok: Tokenizer, *, keep: list[str], unseen: list[str])
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     try:
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises its own bare Exception for a damaged file
         raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}: {type(exc).__name__}: {exc}") from None
@@ -255,6 +250,8 @@ _MODEL_TYPES = {"t5": "t5", "bart": "bart", "encoder_decoder": "encoder-decoder"
 
 
 def _loaded_type(source: str, key: str) -> str:
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(source).model_type
     except (OSError, ValueError) as exc:
@@ -273,6 +270,9 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpo
     Raises:
         ConfigError: the directory holds another architecture than ``model.arch``, or cannot be read.
     """
+    from transformers import (AutoConfig, AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration, T5Config,
+                              T5ForConditionalGeneration)
+
     if config.arch == "encoder_decoder":
         return _build_encoder_decoder(checkpoint or config.encoder, tokenizer, random=config.weights == "random")
     source = checkpoint or config.name_or_path
@@ -311,6 +311,8 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpo
 def _build_encoder_decoder(source: str | None, tokenizer: PreTrainedTokenizerBase, *, random: bool) -> PreTrainedModel:
     """BERT2BERT (Rothe et al. 2020): encoder and decoder both start from the pretrained encoder;
     the decoder's cross-attention is new. A saved encoder-decoder reloads as it is."""
+    from transformers import AutoConfig, EncoderDecoderConfig, EncoderDecoderModel
+
     if source is None:
         raise ConfigError("model.encoder: name the pretrained encoder (a directory, a hub name, or minilm)")
     loaded_type = _loaded_type(source, "model.encoder")

@@ -88,3 +88,17 @@ def test_a_refusal_and_the_ray_train_controller_import_no_model_library():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_scheduler_and_the_run_queue_start_without_torch():
+    # Each Ray actor's process imports the module its class is in: the scheduler (MLflow, metrics,
+    # plots) and a worker group's queue of runs never touch a tensor, and torch costs seconds of CPU
+    # in every run's start-up. The driver's checks (data, tokenizer, paradigm) are in the same case.
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport actors.scheduler, actors.run_queue, pipelines.paradigms, pipelines.models\n"
+              "print(sorted(m for m in ('torch', 'transformers.models.t5', 'deepspeed') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -106,3 +106,9 @@ def test_a_run_whose_process_died_is_marked_killed_by_the_next_run(mlflow_store,
     dead = client.get_run(ids[dead_dir])
     assert dead.info.status == "KILLED" and "forgetless resume" in dead.data.tags["forgetless.error"]
     assert client.get_run(ids[live_dir]).info.status == "RUNNING"
+
+
+def test_looking_for_orphans_in_a_store_not_made_yet_leaves_it_unmade(tmp_path):
+    db = tmp_path / "new" / "mlflow.db"
+    assert mark_orphaned_runs(f"sqlite:///{db}", "orphans") == []
+    assert not db.exists()  # the run's scheduler makes it, while the trainer workers start

@@ -12,9 +12,8 @@ from pipelines.config import validate_config
 from pipelines.errors import ConfigError, DataError
 from pipelines.learner import Learner, silence_library_noise
 from pipelines.models import stream_tokenizer
+from pipelines.paradigm_model import PARADIGM_FILE, ParadigmModel
 from pipelines.paradigms import (
-    PARADIGM_FILE,
-    ParadigmModel,
     check_prompt_lengths,
     eval_sets,
     few_shot_sources,
