@@ -28,6 +28,7 @@ def init_distributed() -> None:
     Ray Train and torchrun set RANK/WORLD_SIZE/MASTER_*; a plain ``python`` process gets a
     one-process group on a free loopback port (else DeepSpeed reaches for mpi4py).
     """
+    without_the_inference_comm_kernel()  # before DeepSpeed's comm starts, here or in deepspeed.initialize
     if dist.is_initialized():
         return
     import deepspeed
@@ -35,6 +36,20 @@ def init_distributed() -> None:
     if "RANK" not in os.environ:
         os.environ.update(single_process_group_env())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def without_the_inference_comm_kernel() -> None:
+    """Keep DeepSpeed's comm from compiling and loading its shared-memory all-reduce kernel.
+
+    On CPU, DeepSpeed's torch comm backend builds that kernel (``ShareMemCommBuilder``: g++, about
+    100 s on 2 cores, once per machine, so a new user's first run paid it) and maps a shared-memory
+    segment per rank. Only DeepSpeed inference's tensor-parallel all-reduce uses it; training's
+    collectives go through the process group (gloo, NCCL) either way. Marked incompatible, it is
+    skipped; on GPUs the CUDA accelerator has no such kernel to skip.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the dict DeepSpeed keeps and reads
 
 
 def single_process_group_env() -> dict[str, str]:

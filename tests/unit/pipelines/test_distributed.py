@@ -61,3 +61,17 @@ def test_training_evaluation_and_ewc_hand_collectives_only_engine_tensors_once_p
     learner.comm.barrier()
     assert len(seen) > len(training) + 1
     assert all(device == learner.device for device, _, _ in seen), seen
+
+
+def test_training_starts_deepspeed_without_its_inference_all_reduce_kernel(toy_stream_config, tmp_path):
+    # DeepSpeed's CPU comm compiles that kernel with g++ (~100 s the first time on a machine) for
+    # an all-reduce only its inference uses: a learner's comm starts without it.
+    from deepspeed.comm import comm as ds_comm
+
+    config = validate_config(toy_stream_config)
+    stream = load_stream(config)
+    stream_tokenizer(config.model, stream).save_pretrained(tmp_path / "tok")
+    learner = Learner(config, tmp_path / "tok")
+    assert learner.engine is not None and ds_comm.cdb is not None
+    assert ds_comm.cdb.shm_comm_op is None
+
