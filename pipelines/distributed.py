@@ -45,8 +45,11 @@ def without_the_inference_comm_kernel() -> None:
     100 s on 2 cores, once per machine, so a new user's first run paid it) and maps a shared-memory
     segment per rank. Only DeepSpeed inference's tensor-parallel all-reduce uses it; training's
     collectives go through the process group (gloo, NCCL) either way. Marked incompatible, it is
-    skipped; on GPUs the CUDA accelerator has no such kernel to skip.
+    skipped. On GPUs nothing is done: the CUDA accelerator has no such kernel, and reading the
+    table of compatible ops would make DeepSpeed probe every op (compiler runs) for nothing.
     """
+    if torch.cuda.is_available():
+        return
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the dict DeepSpeed keeps and reads
