@@ -60,17 +60,22 @@ class TrackingUnreachableError(ForgetlessError, ConnectionError):
     """The MLflow tracking store cannot be reached or written; the message names its URI."""
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a SQLite store (``sqlite:////abs`` or ``sqlite:///relative``); None for
+    any other scheme."""
+    if urlparse(tracking_uri).scheme != "sqlite":
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
 def default_artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store go in ``mlartifacts/`` beside the database file.
 
     Otherwise MLflow would use ``./mlruns`` relative to whichever process created the experiment.
     A server decides for itself (None).
     """
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        db_path = Path(tracking_uri.removeprefix("sqlite:///"))  # sqlite:////abs or sqlite:///relative
-        return (db_path.parent.resolve() / "mlartifacts").as_uri()
-    return None
+    db_path = sqlite_path(tracking_uri)
+    return None if db_path is None else (db_path.parent.resolve() / "mlartifacts").as_uri()
 
 
 def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
@@ -100,7 +105,7 @@ def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
             raise TrackingUnreachableError(f"MLflow tracking server {shown} is unreachable ({reason}); "
                                            f"{fix}") from None
     elif parsed.scheme == "sqlite":
-        db_path = Path(tracking_uri.removeprefix("sqlite:///"))
+        db_path = sqlite_path(tracking_uri)
         directory = db_path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -200,7 +205,8 @@ def mark_orphaned_runs(tracking_uri: str, experiment_name: str) -> list[str]:
     """
     from pipelines.rundir import OutputDir
 
-    if urlparse(tracking_uri).scheme == "sqlite" and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+    db_path = sqlite_path(tracking_uri)
+    if db_path is not None and not db_path.exists():
         return []  # a store not made yet holds no run (opening it here would make it, which takes seconds)
     client = MlflowClient(tracking_uri=tracking_uri)
     try:

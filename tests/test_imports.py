@@ -76,29 +76,27 @@ def test_no_private_name_is_imported_from_another_module():
     assert found == []
 
 
+def loaded_by(imports: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of ``watched`` a fresh interpreter has loaded after ``import {imports}``."""
+    import subprocess
+    import sys
+
+    script = f"import sys\nimport {imports}\nprint(sorted(m for m in {watched!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.strip())
+
+
 def test_a_refusal_and_the_ray_train_controller_import_no_model_library():
     # `forgetless run` checks the tracking store, precision and output directory before importing
     # what trains (actors.launch), and Ray Train's controller imports the module of the function it
     # runs on the workers (actors.trainer_group): neither pays for transformers or DeepSpeed.
-    import subprocess
-    import sys
-
-    script = ("import sys\nimport actors.launch, actors.trainer_group\n"
-              "print(sorted(m for m in ('transformers', 'deepspeed', 'pipelines.learner') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert loaded_by("actors.launch, actors.trainer_group", ("transformers", "deepspeed", "pipelines.learner")) == []
 
 
 def test_the_scheduler_and_the_run_queue_start_without_torch():
     # Each Ray actor's process imports the module its class is in: the scheduler (MLflow, metrics,
     # plots) and a worker group's queue of runs never touch a tensor, and torch costs seconds of CPU
     # in every run's start-up. The driver's checks (data, tokenizer, paradigm) are in the same case.
-    import subprocess
-    import sys
-
-    script = ("import sys\nimport actors.scheduler, actors.run_queue, pipelines.paradigms, pipelines.models\n"
-              "print(sorted(m for m in ('torch', 'transformers.models.t5', 'deepspeed') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert loaded_by("actors.scheduler, actors.run_queue, pipelines.paradigms, pipelines.models",
+                     ("torch", "transformers.models.t5", "deepspeed")) == []

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from actors.reaper import GRACE_S
+
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -21,7 +23,7 @@ def test_a_driver_tearing_down_is_spared_and_its_session_is_ended_once_it_is_gon
     driver = ("import time\nfrom actors import reaper\n"
               f"log = open({str(session / 'driver.log')!r}, 'w')\n"
               f"watcher = reaper.watch({str(session)!r})\nwatcher.stdin.close()\n"
-              f"time.sleep({reaper_grace() + 2})\nprint('driver done', flush=True)\n")
+              f"time.sleep({GRACE_S + 2})\nprint('driver done', flush=True)\n")
     try:
         time.sleep(0.5)  # the leftover has its file open
         result = subprocess.run([sys.executable, "-c", driver], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -29,9 +31,3 @@ def test_a_driver_tearing_down_is_spared_and_its_session_is_ended_once_it_is_gon
         assert leftover.wait(timeout=30) == -signal.SIGTERM  # and the session's process went after it
     finally:
         leftover.kill()
-
-
-def reaper_grace() -> float:
-    from actors.reaper import GRACE_S
-
-    return GRACE_S
