@@ -6,6 +6,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,44 @@ def _stop_local_ray():
         sys.modules["ray"].shutdown()
 
 
+def empty_mlflow_store() -> Path:
+    """An SQLite file holding MLflow's schema and nothing else, made once per MLflow version under
+    ~/.cache/forgetless/test-stores and copied for each test that needs a store.
+
+    A new store runs every one of MLflow's schema migrations: about 3 s of CPU, paid by some fifty
+    tests and three `mlflow server` starts in one session. A copy is the same file those migrations
+    would write. Stores made from nothing are still tested: tests marked ``new_mlflow_store`` get an
+    empty path, which the run under test has to create.
+    """
+    from importlib.metadata import version
+
+    template = Path(os.path.expanduser("~/.cache/forgetless/test-stores")) / f"mlflow-{version('mlflow')}.db"
+    if not template.is_file():
+        from mlflow.tracking import MlflowClient
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        part = template.with_name(f"{template.name}.{os.getpid()}.part")
+        part.unlink(missing_ok=True)
+        MlflowClient(f"sqlite:///{part}").search_experiments()  # runs the migrations
+        os.replace(part, template)
+    return template
+
+
+# Tests of the layers that cannot reach MLflow (only actors imports it: lint-imports checks that)
+# get no copy of the store; one would be 1 MB of disk for each of ~370 tests.
+_WITHOUT_MLFLOW = (REPO / "tests" / "unit" / "storage", REPO / "tests" / "unit" / "pipelines")
+
+
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    """Every test gets its own SQLite MLflow store; nothing leaks into ./mlflow.db."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def mlflow_store(request, tmp_path, monkeypatch) -> str:
+    """Every test gets its own SQLite MLflow store (a copy of ``empty_mlflow_store``; no file at all
+    under the ``new_mlflow_store`` marker or in the layers below actors); nothing leaks into
+    ./mlflow.db."""
+    path = tmp_path / "mlflow.db"
+    if request.node.get_closest_marker("new_mlflow_store") is None and not any(
+            layer in Path(request.node.path).parents for layer in _WITHOUT_MLFLOW):
+        shutil.copyfile(empty_mlflow_store(), path)
+    uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

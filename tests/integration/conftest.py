@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import empty_mlflow_store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,12 +34,14 @@ def free_port() -> int:
 
 
 def start_mlflow_server(directory: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on loopback (``port``, or a free one) with its store in ``directory``; returns
-    it and its URI once it answers."""
+    """`mlflow server` on loopback (``port``, or a free one) with its store in ``directory`` (a copy
+    of ``empty_mlflow_store`` unless one is there); returns it and its URI once it answers."""
     import time
     import urllib.request
 
     port = port or free_port()
+    if not (directory / "server.db").exists():  # a restarted server keeps its store
+        shutil.copyfile(empty_mlflow_store(), directory / "server.db")
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
            "--artifacts-destination", str(directory / "server-artifacts")]

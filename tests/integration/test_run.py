@@ -56,8 +56,10 @@ def test_tiny_config_end_to_end(tiny_run_on_server):
     assert answer.strip() in {"positive", "negative", "neutral"}
 
 
-def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_config_file, tmp_path):
-    """...and the run's Ray listens on loopback only, every port of it refusing a caller without the run's token."""
+@pytest.mark.new_mlflow_store
+def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_config_file, tmp_path, mlflow_store):
+    """...and the run's Ray listens on loopback only, every port of it refusing a caller without the
+    run's token; the run makes its MLflow store, which nothing made in advance."""
     path = toy_config_file(num_workers=2, zero_stage=3, max_steps=8)
     result, listeners = cli_watching_listeners("run", str(path), "replay.enabled=true", "replay.num_shards=2",
                                                    "replay.rows_per_task=20", "--no-progress")
@@ -75,6 +77,7 @@ def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_confi
     assert sorted(p.name for p in (tmp_path / "out" / "replay").iterdir()) == ["shard-000", "shard-001", "store.json"]
     assert np.array(report["acc_matrix"], dtype=float).shape == (2, 2)
     assert report["status"] == "FINISHED"
+    assert MlflowClient(mlflow_store).get_run(report["mlflow"]["run_id"]).info.status == "FINISHED"
     model = AutoModelForSeq2SeqLM.from_pretrained(report["checkpoints"]["first_word"])
     assert model.config.model_type == "t5"
 
