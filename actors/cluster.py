@@ -30,6 +30,19 @@ WORKER_ENV = {
 }
 
 
+# What a Ray this process starts adds for its processes. One machine: gloo's and NCCL's bootstrap
+# need no other interface. Ray Train's preemption watcher polls for nodes being drained; this
+# Ray's one node is the machine itself, so it would watch for nothing at the cost of one more
+# process per worker group. Ray Train's metrics feed Ray's metrics agent, which this Ray does not
+# run (enable_metrics_collection is off).
+LOCAL_RAY_ENV = {
+    "GLOO_SOCKET_IFNAME": "lo",
+    "NCCL_SOCKET_IFNAME": "lo",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
 def connect_ray(config: RunConfig) -> bool:
     """Join the configured cluster, or start a local Ray. True when the Ray is local to this run."""
     if ray.is_initialized():
@@ -58,8 +71,7 @@ def start_local_ray(num_cpus: int | None = None, *, dashboard: bool = True, log_
     """
     earlier = loopback_only_ray()
     fresh_ray_token()
-    # one machine: gloo's and NCCL's bootstrap need no other interface
-    env = {**WORKER_ENV, "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    env = {**WORKER_ENV, **LOCAL_RAY_ENV}
     try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
                  **({} if dashboard else {"include_dashboard": False}), log_to_driver=log_to_driver,
