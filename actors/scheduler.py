@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,6 @@ import ray
 import yaml
 
 from actors.replay import ReplayStore
-from actors.tracking import CLIENT_ENV, BufferedSink, MlflowSink, open_run, reopen_run
 from pipelines.config import RunConfig, experiment_dict, flatten
 from pipelines.metrics import ForgettingMatrix, final_only
 from pipelines.paradigms import eval_sets as build_eval_sets
@@ -45,12 +44,18 @@ from pipelines.plan import (
     rows_to_store,
     state_dir,
 )
-from pipelines.plots import plot_heatmap
 from pipelines.report import MlflowRef, ModelInit, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
 from pipelines.resume import carry_over
 from pipelines.rundir import REPORT_FILES, OutputDir
 from pipelines.tasks import TaskStream
 from storage.files import write_atomic
+
+# MLflow (actors.tracking) and matplotlib (pipelines.plots) are imported where they are used, not
+# here: Ray loads an actor's class, and so imports its module, in every process that receives a
+# handle to it. The trainer workers and the run queue hold the scheduler's handle and log nothing
+# themselves; at the top, each would pay ~1.5 s of CPU for libraries it never calls.
+if TYPE_CHECKING:
+    from actors.tracking import MlflowSink
 
 START_TAG = "start"  # the replay store's checkpoint before any task: empty
 
@@ -86,6 +91,8 @@ class HeatmapWriter:
                     self._thread = None
                     return
             try:
+                from pipelines.plots import plot_heatmap
+
                 plot_heatmap(matrix, self.path, title=self.title)
             except Exception as exc:  # noqa: BLE001 - a picture must not fail the run; finish() reports it
                 self.error = exc
@@ -112,6 +119,8 @@ class Scheduler:
     def __init__(self, config: RunConfig, stream: TaskStream, *, previous: RunReport | None = None,
                  sink: MlflowSink | None = None, changes: list[str] | tuple[str, ...] = (),
                  init: ModelInit | None = None):
+        from actors.tracking import CLIENT_ENV, BufferedSink
+
         for key, value in CLIENT_ENV.items():
             os.environ.setdefault(key, value)
         self.config = config
@@ -176,6 +185,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ starting or resuming
     def _open_run(self, previous: RunReport | None, sink: MlflowSink | None) -> MlflowSink:
+        from actors.tracking import open_run, reopen_run
+
         config = self.config
         tags = {"forgetless.strategy": config.strategy_name, "forgetless.paradigm": config.paradigm.name,
                 "forgetless.tasks": ",".join(self.stream.names),

@@ -100,3 +100,9 @@ def test_the_scheduler_and_the_run_queue_start_without_torch():
     # in every run's start-up. The driver's checks (data, tokenizer, paradigm) are in the same case.
     assert loaded_by("actors.scheduler, actors.run_queue, pipelines.paradigms, pipelines.models",
                      ("torch", "transformers.models.t5", "deepspeed")) == []
+
+
+def test_a_process_holding_the_scheduler_s_handle_loads_neither_mlflow_nor_matplotlib():
+    # Ray imports an actor's module wherever its handle is unpickled: in each trainer worker and in
+    # the run queue. Only the scheduler itself writes to MLflow and draws.
+    assert loaded_by("actors.scheduler", ("mlflow", "matplotlib", "scipy")) == []

@@ -118,6 +118,7 @@ def test_the_heatmap_is_drawn_off_the_commit_path_and_shows_the_last_matrix(tmp_
     import numpy as np
 
     import actors.scheduler as scheduler_module
+    import pipelines.plots
     from pipelines.metrics import ForgettingMatrix
     from pipelines.plots import plot_heatmap
 
@@ -128,7 +129,7 @@ def test_the_heatmap_is_drawn_off_the_commit_path_and_shows_the_last_matrix(tmp_
         drawn.append(float(matrix.acc[0, 0]))
         return plot_heatmap(matrix, path, title=title)
 
-    monkeypatch.setattr(scheduler_module, "plot_heatmap", slow_plot)
+    monkeypatch.setattr(pipelines.plots, "plot_heatmap", slow_plot)
     writer = scheduler_module.HeatmapWriter(tmp_path / "acc_heatmap.png", "toy")
     matrix = ForgettingMatrix(["a", "b"])
     for value in (0.1, 0.2, 0.3):
