@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
@@ -31,8 +33,7 @@ def init_distributed() -> None:
     without_the_inference_comm_kernel()  # before DeepSpeed's comm starts, here or in deepspeed.initialize
     if dist.is_initialized():
         return
-    import deepspeed
-
+    deepspeed = deepspeed_module()
     if "RANK" not in os.environ:
         os.environ.update(single_process_group_env())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -50,9 +51,34 @@ def without_the_inference_comm_kernel() -> None:
     """
     if torch.cuda.is_available():
         return
+    deepspeed_module()
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the dict DeepSpeed keeps and reads
+
+
+def deepspeed_module() -> ModuleType:
+    """``import deepspeed``, without the MLflow that DeepSpeed's autotuner imports.
+
+    ``deepspeed/autotuning/autotuner.py`` imports mlflow at its top whenever it is installed (it
+    is: the scheduler logs to it), which cost every trainer worker ~1.5 s of CPU at start-up for a
+    library it never calls: workers log through the scheduler, and nothing here autotunes. While
+    DeepSpeed imports, mlflow is marked absent (a ``None`` in ``sys.modules`` makes ``import
+    mlflow`` raise ImportError, which the autotuner expects); the mark is gone afterwards, so an
+    ``import mlflow`` later in the process loads it as usual. A process that already has MLflow
+    (a driver, a test) imports DeepSpeed as it is.
+    """
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]
+    try:
+        import deepspeed
+    finally:
+        if hide and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
 
 
 def single_process_group_env() -> dict[str, str]:

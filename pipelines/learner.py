@@ -27,7 +27,7 @@ from pipelines.batching import Batcher, ReplaySource
 from pipelines.config import ModelConfig, RunConfig, TrainingConfig, check_precision
 from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
 from pipelines.denoising import MASKED_TOKEN_ACCURACY, Corruptor, collate_denoised
-from pipelines.distributed import Collectives, init_distributed
+from pipelines.distributed import Collectives, deepspeed_module, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.evaluation import Evaluator
 from pipelines.models import build_model, load_tokenizer, save_pretrained
@@ -84,9 +84,7 @@ class Engine:
                   else model.parameters())
         optimizer = torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay)
 
-        import deepspeed
-
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+        self.engine, self.optimizer, _, _ = deepspeed_module().initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config)
         self.comm = Collectives(device=self.engine.device, world_size=world_size)
 
@@ -125,9 +123,7 @@ class Engine:
                     extra(tmp)
 
         if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            with deepspeed_module().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
                 if self.rank == 0:
                     write()
         elif self.rank == 0:

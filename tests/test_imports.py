@@ -106,3 +106,16 @@ def test_a_process_holding_the_scheduler_s_handle_loads_neither_mlflow_nor_matpl
     # Ray imports an actor's module wherever its handle is unpickled: in each trainer worker and in
     # the run queue. Only the scheduler itself writes to MLflow and draws.
     assert loaded_by("actors.scheduler", ("mlflow", "matplotlib", "scipy")) == []
+
+
+def test_deepspeed_comes_without_mlflow_and_mlflow_still_imports_after():
+    # DeepSpeed's autotuner imports mlflow when installed; a trainer worker never calls it.
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom pipelines.distributed import deepspeed_module\n"
+              "deepspeed = deepspeed_module()\nprint('mlflow' in sys.modules, deepspeed.initialize is not None)\n"
+              "import mlflow\nprint(mlflow.MlflowClient is not None)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-3:] == ["False", "True", "True"]  # (after DeepSpeed's accelerator line)
