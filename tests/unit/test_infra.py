@@ -68,7 +68,9 @@ def test_the_cluster_yaml_starts_every_node_with_token_auth_and_the_dashboard_on
 
 @pytest.mark.slow  # the whole check script on the CPU (~30 s)
 def test_the_gpu_check_script_runs_its_whole_path_on_a_cpu(tmp_path):
-    """The GPU check cannot run here, but everything in it except CUDA can: tiny models, gloo."""
+    """The GPU check cannot run here, but everything in it except CUDA can: tiny models, gloo; both
+    architectures at ZeRO-3, the stage with the most of its own (partitioned weights gathered to
+    save and restore; the learner's tests run every stage)."""
     import json
     import os
     import subprocess
@@ -76,12 +78,12 @@ def test_the_gpu_check_script_runs_its_whole_path_on_a_cpu(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, "infra/scripts/gpu_check.py", "--out", str(tmp_path), "--smoke",
-                             "--archs", "t5,bart", "--zero", "2,3"], cwd=REPO, env=env, capture_output=True,
+                             "--archs", "t5,bart", "--zero", "3"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["failures"] == []
-    assert [(r["arch"], r["zero_stage"]) for r in report["runs"]] == [("t5", 2), ("t5", 3), ("bart", 2), ("bart", 3)]
+    assert [(r["arch"], r["zero_stage"]) for r in report["runs"]] == [("t5", 3), ("bart", 3)]
     for run in report["runs"]:
         assert run["collectives"] == "ok" and run["tokens_per_s"] > 0 and run["restore"]["matches"], run
         assert run["restore"]["loss_saved"] == run["restore"]["loss_restored"]  # fp32: exactly
