@@ -31,16 +31,15 @@ WORKER_ENV = {
 
 
 # What a Ray this process starts adds for its processes. One machine: gloo's and NCCL's bootstrap
-# need no other interface. Ray Train's preemption watcher polls for nodes being drained; this
-# Ray's one node is the machine itself, so it would watch for nothing at the cost of one more
-# process per worker group. Ray Train's metrics feed Ray's metrics agent, which this Ray does not
-# run (enable_metrics_collection is off).
-LOCAL_RAY_ENV = {
-    "GLOO_SOCKET_IFNAME": "lo",
-    "NCCL_SOCKET_IFNAME": "lo",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    "RAY_TRAIN_METRICS_ENABLED": "0",
-}
+# need no other interface.
+LOCAL_RAY_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+
+# Ray Train's switches for runs on that Ray, read in the process that calls fit() (this one), which
+# hands the watcher's on to Ray Train's controller. Its preemption watcher polls for nodes being
+# drained: this Ray's one node is the machine itself, so it would watch for nothing at the cost of
+# a process per worker group. Its metrics feed Ray's metrics agent, which this Ray does not run
+# (enable_metrics_collection is off). A value already in the environment is kept.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 def connect_ray(config: RunConfig) -> bool:
@@ -66,12 +65,16 @@ def start_local_ray(num_cpus: int | None = None, *, dashboard: bool = True, log_
     ``WORKER_ENV`` and keep their collectives' sockets on loopback too.
 
     ``dashboard``: the dashboard serves the state API that Ray Train's placement-group cleaner
-    polls; only a process that never trains goes without. A new Ray even if a ``ray start`` cluster
+    polls; only a process that never trains goes without. One that trains gets
+    ``LOCAL_RAY_TRAIN_ENV`` in its environment. A new Ray even if a ``ray start`` cluster
     runs on this machine (``ray.address=auto`` joins that one instead).
     """
     earlier = loopback_only_ray()
     fresh_ray_token()
     env = {**WORKER_ENV, **LOCAL_RAY_ENV}
+    if dashboard:  # a process that trains
+        for key, value in LOCAL_RAY_TRAIN_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
                  **({} if dashboard else {"include_dashboard": False}), log_to_driver=log_to_driver,

@@ -66,6 +66,8 @@ def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_confi
     assert result.returncode == 0, result.stderr[-3000:]
     names = {name for name, _ in listeners.seen.values()}
     assert {"gcs_server", "raylet"} <= names and len(listeners.seen) >= 8, listeners.seen  # the watch saw the run
+    # Ray Train's actors listen too; its preemption watcher does not run on a Ray of one machine
+    assert "ray::RayTrainWorker" in names and not any(name.startswith("ray::Preemption") for name in names), names
     assert listeners.exposed() == [], listeners.exposed()  # nothing answers a stranger without the token...
     beyond_loopback = {f"{name} on {ip}:{port}" for (ip, port), (name, verdict) in listeners.seen.items()
                        if verdict != "loopback"}
