@@ -85,7 +85,7 @@ class Engine:
         optimizer = torch.optim.AdamW(groups, lr=training.lr, weight_decay=training.weight_decay)
 
         self.engine, self.optimizer, _, _ = deepspeed_module().initialize(model=model, optimizer=optimizer,
-                                                                 config=self.ds_config)
+                                                                          config=self.ds_config)
         self.comm = Collectives(device=self.engine.device, world_size=world_size)
 
     @property

@@ -48,7 +48,7 @@ def empty_mlflow_store() -> Path:
     """An SQLite file holding MLflow's schema and nothing else, made once per MLflow version under
     ~/.cache/forgetless/test-stores and copied for each test that needs a store.
 
-    A new store runs every one of MLflow's schema migrations: about 3 s of CPU, paid by some fifty
+    A new store runs every one of MLflow's schema migrations: about 3 s of CPU, paid by some forty
     tests and three `mlflow server` starts in one session. A copy is the same file those migrations
     would write. Stores made from nothing are still tested: tests marked ``new_mlflow_store`` get an
     empty path, which the run under test has to create.
