@@ -76,15 +76,20 @@ def test_no_private_name_is_imported_from_another_module():
     assert found == []
 
 
-def loaded_by(imports: str, watched: tuple[str, ...]) -> list[str]:
-    """Which of ``watched`` a fresh interpreter has loaded after ``import {imports}``."""
+def printed_by(script: str) -> str:
+    """What ``script`` prints, run in a fresh interpreter (nothing imported yet)."""
     import subprocess
     import sys
 
-    script = f"import sys\nimport {imports}\nprint(sorted(m for m in {watched!r} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
-    return ast.literal_eval(result.stdout.strip())
+    return result.stdout
+
+
+def loaded_by(imports: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of ``watched`` a fresh interpreter has loaded after ``import {imports}``."""
+    script = f"import sys\nimport {imports}\nprint(sorted(m for m in {watched!r} if m in sys.modules))"
+    return ast.literal_eval(printed_by(script).strip())
 
 
 def test_a_refusal_and_the_ray_train_controller_import_no_model_library():
@@ -110,12 +115,7 @@ def test_a_process_holding_the_scheduler_s_handle_loads_neither_mlflow_nor_matpl
 
 def test_deepspeed_comes_without_mlflow_and_mlflow_still_imports_after():
     # DeepSpeed's autotuner imports mlflow when installed; a trainer worker never calls it.
-    import subprocess
-    import sys
-
     script = ("import sys\nfrom pipelines.distributed import deepspeed_module\n"
               "deepspeed = deepspeed_module()\nprint('mlflow' in sys.modules, deepspeed.initialize is not None)\n"
               "import mlflow\nprint(mlflow.MlflowClient is not None)")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-3:] == ["False", "True", "True"]  # (after DeepSpeed's accelerator line)
+    assert printed_by(script).split()[-3:] == ["False", "True", "True"]  # (after DeepSpeed's accelerator line)

@@ -66,7 +66,7 @@ def test_the_cluster_yaml_starts_every_node_with_token_auth_and_the_dashboard_on
     assert "~/.ray/auth_token" in cluster["file_mounts"]
 
 
-@pytest.mark.slow  # the whole check script on the CPU (~30 s)
+@pytest.mark.slow  # the whole check script on the CPU (~16 s)
 def test_the_gpu_check_script_runs_its_whole_path_on_a_cpu(tmp_path):
     """The GPU check cannot run here, but everything in it except CUDA can: tiny models, gloo; both
     architectures at ZeRO-3, the stage with the most of its own (partitioned weights gathered to
