@@ -228,15 +228,16 @@ def listener_probe():
 
 
 @pytest.fixture(scope="session")
-def tiny_run_on_server(tmp_path_factory):
-    """configs/tiny/naive.yaml run once through the CLI against a real `mlflow server` on loopback:
-    (the CLI's result, the output_dir, the server's URI). The run end to end and the UI in a browser
-    are checked on this one run; the server stays up until the tests end."""
-    base = tmp_path_factory.mktemp("tiny-run")
+def tiny_compare_on_server(tmp_path_factory):
+    """``forgetless compare configs/tiny/compare.yaml --strategies naive,replay`` run once through the
+    CLI against a real `mlflow server` on loopback: (the CLI's result, the output_dir, the server's
+    URI). The comparison, its naive run end to end (configs/tiny/naive.yaml's stream and settings)
+    and the UI in a browser are checked on this one command; the server stays up until the tests end."""
+    base = tmp_path_factory.mktemp("tiny-compare")
     server, uri = start_mlflow_server(base)
     try:
-        result = run_cli("run", "configs/tiny/naive.yaml", f"output_dir={base / 'out'}", f"mlflow.tracking_uri={uri}",
-                         "--no-progress")
+        result = run_cli("compare", "configs/tiny/compare.yaml", "--strategies", "naive,replay", "--seeds", "1",
+                         f"output_dir={base / 'out'}", f"mlflow.tracking_uri={uri}", "--no-progress", timeout=900)
         yield result, base / "out", uri
     finally:
         stop_server(server)

@@ -1,10 +1,12 @@
 """`forgetless compare`: every strategy on the same stream, one MLflow parent run, one table."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 # End to end through Ray Train and DeepSpeed: naive in the other tests here, and in this one the
 # strategies that reach further than the learner — the replay store (replay, DER++ with its stored
@@ -84,10 +86,10 @@ def test_task_orders_give_intervals_over_every_run(cli, toy_config_file, tmp_pat
     assert "2 task order(s) x 1 seed(s)" in (out / "comparison.md").read_text()
 
 
-def test_tiny_compare_config(cli, tmp_path, mlflow_store):
-    out = tmp_path / "cmp"
-    result = cli("compare", "configs/tiny/compare.yaml", "--strategies", "naive,replay", "--seeds", "1",
-                 f"output_dir={out}", f"mlflow.tracking_uri={mlflow_store}", "--no-progress", timeout=900)
+def test_tiny_compare_config_on_a_tracking_server(tiny_compare_on_server):
+    """configs/tiny/compare.yaml, naive against replay, logged to an `mlflow server`: the comparison,
+    and the naive run end to end (its stream and settings are configs/tiny/naive.yaml's)."""
+    result, out, server_uri = tiny_compare_on_server
     assert result.returncode == 0, result.stderr[-4000:]
     comparison = json.loads((out / "comparison.json").read_text())
     strategies = comparison["strategies"]
@@ -96,6 +98,48 @@ def test_tiny_compare_config(cli, tmp_path, mlflow_store):
     naive_final, replay_final = strategies["naive"]["acc_matrix_mean"][-1], strategies["replay"]["acc_matrix_mean"][-1]
     assert sum(replay_final[:-1]) > sum(naive_final[:-1])
     assert strategies["replay"]["forgetting"]["mean"] < strategies["naive"]["forgetting"]["mean"]
+
+    assert "after sentiment_movies" in result.stdout and "| naive |" in result.stdout
+    report = json.loads((out / "naive" / "seed-0" / "report.json").read_text())
+    tasks = ["question_type", "sms_spam", "sentiment_movies"]
+    assert report["tasks"] == tasks
+    acc = np.array(report["acc_matrix"], dtype=float)
+    assert acc.shape == (3, 3) and not np.isnan(acc).any()
+    assert len(report["baseline"]) == 3
+    assert set(report["metrics"]) == {"avg_acc", "forgetting", "bwt", "fwt", "learning_acc"}
+    assert report["strategy"] == "naive"
+    # sequential fine-tuning on disjoint labels: the first task is learned, then forgotten
+    assert acc[0, 0] > 0.1 and acc[2, 0] < acc[0, 0]
+    assert report["metrics"]["forgetting"] > 0
+
+    assert report["mlflow"]["tracking_uri"] == server_uri
+    client = MlflowClient(server_uri)
+    run = client.get_run(report["mlflow"]["run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
+    parent_id = comparison["mlflow"]["parent_run_id"]
+    assert run.data.tags["mlflow.parentRunId"] == parent_id
+    assert (f"{server_uri}/#/experiments/{experiment.experiment_id}/runs/{parent_id}?workflowType=machine_learning"
+            in result.stdout)
+    assert run.info.status == "FINISHED" and client.get_run(parent_id).info.status == "FINISHED"
+    assert run.data.params["strategy.name"] == "naive"
+    for name in tasks:
+        history = client.get_metric_history(run.info.run_id, f"acc/{name}")
+        assert [m.step for m in history] == [0, 1, 2]
+        assert [m.value for m in history] == pytest.approx(acc[:, tasks.index(name)].tolist())
+    assert run.data.metrics["avg_acc"] == pytest.approx(report["metrics"]["avg_acc"])
+    assert run.data.metrics["forgetting"] == pytest.approx(report["metrics"]["forgetting"])
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 3 * 40 // 5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"} <= artifacts
+
+    checkpoint = Path(report["checkpoints"]["sentiment_movies"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    batch = tokenizer(["sentiment: a warm, funny and moving film"], return_tensors="pt")
+    # the config's stream.max_target_tokens: a tokenizer trained on the first task spells later labels in pieces
+    answer = tokenizer.batch_decode(model.generate(**batch, max_new_tokens=8), skip_special_tokens=True)[0]
+    assert answer.strip() in {"positive", "negative", "neutral"}
 
 
 def test_unknown_strategy_in_the_list_is_refused(cli, toy_config_file):

@@ -1,4 +1,5 @@
-"""The MLflow UI, in a real (headless) Chromium, showing a run of the tiny config: the run in the
+"""The MLflow UI, in a real (headless) Chromium, showing a run of the tiny config (the naive run of
+the comparison in tests/integration/conftest.py::tiny_compare_on_server): its comparison in the
 experiment's model-training view, its avg_acc and forgetting, the metric charts drawn, and the
 heatmap artifact. Screenshots go to the test's directory (and to $FORGETLESS_UI_SCREENSHOTS, which
 is how docs/img/mlflow_ui_*.png were made)."""
@@ -62,20 +63,22 @@ def shoot(driver, tmp_path: Path, name: str) -> None:
         driver.save_screenshot(str(target / f"mlflow_ui_{name}.png"))
 
 
-def test_the_ui_shows_the_run_its_metrics_charts_and_heatmap(tiny_run_on_server, browser, tmp_path):
+def test_the_ui_shows_the_run_its_metrics_charts_and_heatmap(tiny_compare_on_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    result, out, server = tiny_run_on_server
+    result, out, server = tiny_compare_on_server
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(server)
-    run_id = __import__("json").loads((out / "report.json").read_text())["mlflow"]["run_id"]
+    run_id = __import__("json").loads((out / "naive" / "seed-0" / "report.json").read_text())["mlflow"]["run_id"]
     run = client.get_run(run_id)
     eid = run.info.experiment_id
     body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
 
-    # the experiment, opened with the link the CLI printed: the run is listed as a training run
+    # the experiment, opened with the link the CLI printed: the comparison is listed as a training run
+    # (the UI folds its strategies' runs under it)
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     browser.get(f"{server}/#/experiments/{eid}?workflowType=machine_learning")
-    wait_for(browser, lambda d: run.info.run_name in body(d), f"the run {run.info.run_name!r} in the run list")
+    wait_for(browser, lambda d: parent.info.run_name in body(d), f"the run {parent.info.run_name!r} in the run list")
     assert "Model training" in body(browser)
     shoot(browser, tmp_path, "experiment")
 

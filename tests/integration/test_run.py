@@ -1,4 +1,5 @@
-"""End to end through `forgetless run`: local Ray, Ray Train workers, DeepSpeed, MLflow."""
+"""End to end through `forgetless run`: local Ray, Ray Train workers, DeepSpeed, MLflow. (The tiny
+config's stream end to end against an `mlflow server`: tests/integration/test_compare.py.)"""
 
 import json
 from pathlib import Path
@@ -6,54 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_tiny_config_end_to_end(tiny_run_on_server):
-    result, out, server_uri = tiny_run_on_server
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "after sentiment_movies" in result.stdout and "forgetting" in result.stdout
-
-    report = json.loads((out / "report.json").read_text())
-    tasks = ["question_type", "sms_spam", "sentiment_movies"]
-    assert report["tasks"] == tasks
-    acc = np.array(report["acc_matrix"], dtype=float)
-    assert acc.shape == (3, 3) and not np.isnan(acc).any()
-    assert len(report["baseline"]) == 3
-    assert set(report["metrics"]) == {"avg_acc", "forgetting", "bwt", "fwt", "learning_acc"}
-    assert report["strategy"] == "naive"
-    # sequential fine-tuning on disjoint labels: the first task is learned, then forgotten
-    assert acc[0, 0] > 0.1 and acc[2, 0] < acc[0, 0]
-    assert report["metrics"]["forgetting"] > 0
-
-    assert report["mlflow"]["tracking_uri"] == server_uri
-    client = MlflowClient(server_uri)
-    run = client.get_run(report["mlflow"]["run_id"])
-    experiment = client.get_experiment(run.info.experiment_id)
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
-    assert (f"{server_uri}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
-            in result.stdout)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["strategy.name"] == "naive"
-    for name in tasks:
-        history = client.get_metric_history(run.info.run_id, f"acc/{name}")
-        assert [m.step for m in history] == [0, 1, 2]
-        assert [m.value for m in history] == pytest.approx(acc[:, tasks.index(name)].tolist())
-    assert run.data.metrics["avg_acc"] == pytest.approx(report["metrics"]["avg_acc"])
-    assert run.data.metrics["forgetting"] == pytest.approx(report["metrics"]["forgetting"])
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 3 * 40 // 5
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json"} <= artifacts
-
-    checkpoint = Path(report["checkpoints"]["sentiment_movies"])
-    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    batch = tokenizer(["sentiment: a warm, funny and moving film"], return_tensors="pt")
-    # the config's stream.max_target_tokens: a tokenizer trained on the first task spells later labels in pieces
-    answer = tokenizer.batch_decode(model.generate(**batch, max_new_tokens=8), skip_special_tokens=True)[0]
-    assert answer.strip() in {"positive", "negative", "neutral"}
 
 
 @pytest.mark.new_mlflow_store

@@ -205,3 +205,13 @@ def test_a_config_file_that_is_not_yaml_text_names_the_file(tmp_path, data, mess
     path.write_bytes(data)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_the_tiny_comparison_s_naive_run_is_the_tiny_naive_config():
+    """tests/integration checks configs/tiny/naive.yaml's stream end to end through the naive run of
+    `forgetless compare configs/tiny/compare.yaml`: the two must train the same thing."""
+    naive = load_config(REPO / "configs/tiny/naive.yaml").model_dump()
+    compared = load_config(REPO / "configs/tiny/compare.yaml").with_strategy("naive").model_dump()
+    differ = sorted(key for key in naive if naive[key] != compared[key])
+    assert differ == ["experiment", "output_dir", "replay", "strategies"]
+    assert not compared["replay"]["enabled"]  # naive keeps no store: its settings go unused
