@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from actors.tracking import mark_orphaned_runs
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
 from pipelines.errors import ConfigError, DataError
 from pipelines.models import build_model, fetch_encoder, load_tokenizer, long_targets, stream_tokenizer
@@ -46,7 +45,6 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
         ConfigError, DataError: bad input, each named with where it is.
     """
     previous, changes = prepare_resume(config, output) if resuming else (None, [])
-    mark_orphaned_runs(config.mlflow.tracking_uri, config.mlflow.experiment_name)
     stream = load_stream(config)
     start = resolve_start(config, progress=progress)
     stream = _with_pretraining_task(config, stream, start)

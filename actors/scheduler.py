@@ -185,9 +185,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ starting or resuming
     def _open_run(self, previous: RunReport | None, sink: MlflowSink | None) -> MlflowSink:
-        from actors.tracking import open_run, reopen_run
+        from actors.tracking import mark_orphaned_runs, open_run, reopen_run
 
         config = self.config
+        if sink is None:  # the store's runs whose process died are ended first (this run's own is locked by its driver)
+            mark_orphaned_runs(config.mlflow.tracking_uri, config.mlflow.experiment_name)
         tags = {"forgetless.strategy": config.strategy_name, "forgetless.paradigm": config.paradigm.name,
                 "forgetless.tasks": ",".join(self.stream.names),
                 "forgetless.output_dir": str(self.output_dir), "forgetless.host": socket.gethostname()}

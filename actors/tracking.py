@@ -8,6 +8,10 @@ so a slow or unreachable tracking server never stalls training. Records wait in 
 retried until the server is back; whatever is still unwritten when the run ends goes to a file
 beside the report, which ``forgetless resume`` sends later. The local files (matrix, report) are
 always written first.
+
+MLflow itself (~1 s of imports) is imported where a client is made: the driver of a
+``forgetless run`` checks the store (``check_tracking``) and prints links, and only the
+scheduler writes; the driver does without it.
 """
 
 from __future__ import annotations
@@ -23,18 +27,17 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import mlflow
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.tracking import MlflowClient
 
 from pipelines.config import RunConfig
 from pipelines.errors import ForgetlessError
 from pipelines.redaction import redact
 from pipelines.report import Resumption, RunReport
 from storage.files import write_atomic
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("forgetless")
 _MAX_PARAM_CHARS = 6000
@@ -116,6 +119,18 @@ def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
             raise TrackingUnreachableError(f"MLflow store {shown}: {db_path} is not writable; {fix}")
 
 
+def client_of(tracking_uri: str) -> MlflowClient:
+    """An ``MlflowClient`` of the store (MLflow imported here, on first use)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def now_ms() -> int:
+    """A metric's timestamp: milliseconds since the epoch, as MLflow stamps them."""
+    return int(time.time() * 1000)
+
+
 class MlflowSink:
     """Writes one MLflow run, synchronously. Create with ``start`` (new run) or ``resume`` (by run_id)."""
 
@@ -123,7 +138,7 @@ class MlflowSink:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.experiment_id = experiment_id
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = client_of(tracking_uri)
 
     @property
     def shown_uri(self) -> str:
@@ -134,7 +149,7 @@ class MlflowSink:
     def start(
         cls, tracking_uri: str, experiment_name: str, *, run_name: str | None = None, tags: dict[str, str] | None = None
     ) -> MlflowSink:
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = client_of(tracking_uri)
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             experiment_id = client.create_experiment(
@@ -150,7 +165,7 @@ class MlflowSink:
     @classmethod
     def resume(cls, tracking_uri: str, run_id: str) -> MlflowSink:
         """Continue writing an existing run (marks it RUNNING again)."""
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = client_of(tracking_uri)
         run = client.get_run(run_id)  # raises MlflowException naming the id if it does not exist
         client.update_run(run_id, status="RUNNING")
         return cls(tracking_uri, run_id, run.info.experiment_id)
@@ -167,13 +182,17 @@ class MlflowSink:
         return max((m.step for m in history), default=None)
 
     def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
 
     def log_metrics(self, metrics: dict[str, float | None], *, step: int, timestamp: int | None = None) -> None:
         """Log finite values; undefined (None) or NaN metrics are skipped, not logged as 0."""
-        now = timestamp or mlflow.utils.time.get_current_time_millis()
+        from mlflow.entities import Metric
+
+        now = timestamp or now_ms()
         items = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
@@ -191,6 +210,8 @@ class MlflowSink:
 
     def end(self, status: str = "FINISHED") -> None:
         """Terminate the run: FINISHED, FAILED or KILLED."""
+        from mlflow.entities import RunStatus
+
         RunStatus.from_string(status)  # raises on a typo
         self.client.set_terminated(self.run_id, status=status)
 
@@ -208,7 +229,7 @@ def mark_orphaned_runs(tracking_uri: str, experiment_name: str) -> list[str]:
     db_path = sqlite_path(tracking_uri)
     if db_path is not None and not db_path.exists():
         return []  # a store not made yet holds no run (opening it here would make it, which takes seconds)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = client_of(tracking_uri)
     try:
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
@@ -299,7 +320,7 @@ class BufferedSink:
         values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         if values:
             self._put({"kind": "metrics", "values": values, "step": step,
-                       "timestamp": mlflow.utils.time.get_current_time_millis()})
+                       "timestamp": now_ms()})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._put({"kind": "tags", "values": dict(tags)})
@@ -350,6 +371,8 @@ class BufferedSink:
     def end(self, status: str = "FINISHED", *, timeout_s: float = 60.0) -> int:
         """Write what is queued, then end the run with ``status``. Returns the records left unwritten
         (saved to ``pending_path``, with the status, for ``forgetless resume`` to send); 0 when all is in."""
+        from mlflow.entities import RunStatus
+
         RunStatus.from_string(status)
         self._put({"kind": "end", "status": status})
         left = self.flush(timeout_s)

@@ -113,6 +113,12 @@ def test_a_process_holding_the_scheduler_s_handle_loads_neither_mlflow_nor_matpl
     assert loaded_by("actors.scheduler", ("mlflow", "matplotlib", "scipy")) == []
 
 
+def test_the_driver_of_a_run_does_without_mlflow():
+    # `forgetless run` checks the store by itself (a /health call, a writable directory) and only
+    # its scheduler writes to it, so the driver skips MLflow's ~1 s of imports.
+    assert loaded_by("actors.cli, actors.launch, actors.preflight, actors.trainer_group", ("mlflow",)) == []
+
+
 def test_deepspeed_comes_without_mlflow_and_mlflow_still_imports_after():
     # DeepSpeed's autotuner imports mlflow when installed; a trainer worker never calls it.
     script = ("import sys\nfrom pipelines.distributed import deepspeed_module\n"

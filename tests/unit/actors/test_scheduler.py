@@ -1,6 +1,7 @@
 """The scheduler as a plain object, with a real SQLite MLflow store and no cluster."""
 
 import json
+import socket
 
 import mlflow
 import pytest
@@ -92,6 +93,21 @@ def test_a_run_left_active_elsewhere_in_the_process_does_not_interfere(toy_strea
         assert mlflow.active_run().info.run_id == outer.info.run_id
     client = MlflowClient(mlflow_store)
     assert client.get_run(report.mlflow.run_id).info.status == "FINISHED"
+
+
+def test_a_new_run_ends_the_store_s_runs_whose_process_died(toy_stream_config, mlflow_store, tmp_path):
+    # The scheduler looks for them as it opens its own run (the driver never imports MLflow).
+    config = resolve_paths(validate_config(toy_stream_config))
+    dead = tmp_path / "killed-earlier"
+    dead.mkdir()
+    orphan = MlflowSink.start(mlflow_store, config.mlflow.experiment_name, tags={
+        "forgetless.output_dir": str(dead), "forgetless.host": socket.gethostname()})
+    (dead / "report.json").write_text(json.dumps({"status": "RUNNING", "mlflow": {"run_id": orphan.run_id}}))
+    scheduler = Scheduler(config, load_stream(config))
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(orphan.run_id).info.status == "KILLED"
+    assert client.get_run(scheduler.run_id).info.status == "RUNNING"
+    scheduler.finish()
 
 
 def test_sink_resumes_a_run_by_id(mlflow_store):
