@@ -22,17 +22,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray for the tests that use one in this process (replay shards as actors), started as a
-    run starts its own (``actors.cluster.start_local_ray``: loopback, a token of its own) and shared
-    by every module that asks: one start-up for the whole session. A module that needs a cluster of
-    another shape shuts it down first (``ray.shutdown()``); the next module to ask starts it again."""
+    """A local Ray for the tests of a module that use one in this process (replay shards as actors),
+    started as a run starts its own (``actors.cluster.start_local_ray``: loopback, a token of its
+    own) and stopped after the module's last test. Not kept for the session: the modules that run
+    between two that use it start Rays of their own (CLI runs, `ray start`), and an idle Ray costs
+    ~1.8 s of CPU every 30 s. A module that needs a cluster of another shape shuts it down first
+    (``ray.shutdown()``)."""
     import ray
 
     from actors.cluster import start_local_ray
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         start_local_ray(2, dashboard=False, log_to_driver=False)
-    return ray
+    yield ray
+    if started and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session", autouse=True)

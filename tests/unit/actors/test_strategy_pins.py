@@ -1,8 +1,8 @@
 """Every strategy's accuracy matrix and per-task mean losses, pinned on the tiny stream.
 
 One process: the plain scheduler as the coordinator, one learner, the replay store's shards on a
-local Ray (the tests' shared one, ``local_ray``), the replay feeds the trainer workers use. The same seed gives the same
-batches, replay draws, teachers and Fisher, so a change that only moves code gives the same
+local Ray (the tests' ``local_ray``), the replay feeds the trainer workers use. The same seed gives
+the same batches, replay draws, teachers and Fisher, so a change that only moves code gives the same
 numbers to the last bit. The pins are in ``strategy_pins.json``; a change that means to move them
 (a new loss average, a new default) rewrites them with ``FORGETLESS_REPIN=1`` and says so in its
 commit. The losses are compared to 1e-6 relative: they come from this machine's CPU kernels, and a
