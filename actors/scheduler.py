@@ -188,7 +188,7 @@ class Scheduler:
         from actors.tracking import mark_orphaned_runs, open_run, reopen_run
 
         config = self.config
-        if sink is None:  # the store's runs whose process died are ended first (this run's own is locked by its driver)
+        if sink is None:  # first, the store's runs whose process died (this run's own is locked by its driver)
             mark_orphaned_runs(config.mlflow.tracking_uri, config.mlflow.experiment_name)
         tags = {"forgetless.strategy": config.strategy_name, "forgetless.paradigm": config.paradigm.name,
                 "forgetless.tasks": ",".join(self.stream.names),

@@ -60,7 +60,8 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
     assert reports["joint", 1]["train"]["category"]["steps"] == 12  # both tasks' budgets in one training, at the end
     assert reports["joint", 1]["train"]["first_word"]["steps"] == 0
     assert reports["joint", 0]["metrics"]["forgetting"] is None  # its own report agrees: only avg_acc is defined
-    assert (out / "replay+lwf" / "order-1" / "seed-0" / "checkpoints" / "task-00-first_word" / "model.safetensors").is_file()
+    checkpoints = out / "replay+lwf" / "order-1" / "seed-0" / "checkpoints"
+    assert (checkpoints / "task-00-first_word" / "model.safetensors").is_file()
 
     client = MlflowClient(mlflow_store)
     parent_id = comparison["mlflow"]["parent_run_id"]
