@@ -172,7 +172,8 @@ def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, order
         for name, entry in summary.items():
             lines.append(f"| {name} | " + " | ".join(cell(entry[m], False) if m in entry else "n/a"
                                                     for m in by_metric) + " |")
-    lines += ["", "forgetting = mean over earlier tasks of (best accuracy before the last task - accuracy after it);",
+    lines += ["", "forgetting = mean over earlier tasks of (best accuracy from the task's own training until before "
+              "the last task - accuracy after it);",
               "bwt = mean of acc[T-1, i] - acc[i, i]; fwt = mean of acc[i-1, i] - baseline[i]; "
               "learning_acc = mean of acc[i, i] (each task just after training it); "
               "intransigence = mean of joint's final acc on task i - acc[i, i] (only when joint is compared). "

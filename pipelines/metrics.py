@@ -40,14 +40,31 @@ def average_accuracy(acc: np.ndarray, upto: int) -> float:
     return float(np.mean(acc[upto, : upto + 1]))
 
 
-def forgetting(acc: np.ndarray, upto: int) -> float | None:
-    """Mean over i < upto of (max over k < upto of acc[k, i]) - acc[upto, i] (Chaudhry et al. 2018).
+def task_forgetting(acc: np.ndarray, upto: int) -> list[float]:
+    """Per earlier task i < upto: f_i = (max over i <= k < upto of acc[k, i]) - acc[upto, i], how far
+    task i has fallen from its best accuracy since it was learned (its own row i, where it was
+    trained, and the rows after it). Empty when upto == 0.
 
-    Max-based, as Renate (Avalanche uses first-based: acc[i, i] - acc[upto, i]). ``None`` when
-    upto == 0: no earlier task can have been forgotten.
+    Chaudhry et al. 2018 (RWalk, sec. 4) take the max over every earlier row, k < upto. In their
+    class-incremental setting a task scores nothing before it is trained, and there the two agree.
+    Here a task can score before its training (a pretrained start, labels shared with an earlier
+    task, a frozen body with a new head), and a max over those rows would count as forgotten what
+    was never learned: the column [0.855 before its training, 0.775 trained, 0.775 at the end] has
+    f = 0 here, 0.08 over every earlier row. Avalanche's forgetting is first-based,
+    acc[i, i] - acc[upto, i]; this one is max-based from the task's own row on, as Chaudhry's, so a
+    task learned further after its own training (a later task helping) and then lost counts from
+    its best. Negative: the task is better now than ever before.
     """
     acc = _check(acc, upto)
-    return _mean([float(np.max(acc[:upto, i]) - acc[upto, i]) for i in range(upto)])
+    return [float(np.max(acc[i:upto, i]) - acc[upto, i]) for i in range(upto)]
+
+
+def forgetting(acc: np.ndarray, upto: int) -> float | None:
+    """Mean over i < upto of ``task_forgetting``: (max over i <= k < upto of acc[k, i]) - acc[upto, i]
+    (Chaudhry et al. 2018, with the max from the task's own row: see ``task_forgetting``). ``None``
+    when upto == 0: no earlier task can have been forgotten.
+    """
+    return _mean(task_forgetting(acc, upto))
 
 
 def backward_transfer(acc: np.ndarray, upto: int) -> float | None:

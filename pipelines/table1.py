@@ -182,7 +182,8 @@ def format_table(table: dict[str, Any]) -> str:
     if failed:
         lines += ["", "Runs that did not finish: " + "; ".join(failed)]
     lines += ["", "learning acc = mean accuracy on each task just after training it; forgetting = mean over earlier "
-              "tasks of the best accuracy before the last task minus the accuracy after it; bytes per task: what "
+              "tasks of the best accuracy from the task's own training until before the last task minus the accuracy "
+              "after it; bytes per task: what "
               "serving one more task stores (fine-tuning: a model copy, the frozen paradigms: one head or prompt, "
               "prompt engineering: the in-context examples' text)."]
     return "\n".join(lines) + "\n"

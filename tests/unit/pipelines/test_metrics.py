@@ -12,6 +12,7 @@ from pipelines.metrics import (
     interval,
     intransigence,
     summary,
+    task_forgetting,
 )
 
 # Hand-computed 3x3 example. acc[t, j]: accuracy on task j after training task t.
@@ -32,17 +33,28 @@ def test_average_accuracy_is_mean_of_seen_tasks():
 
 
 def test_forgetting_is_max_based():
-    # task 0: max(0.9, 0.6) - 0.3 = 0.6; task 1: max(0.1, 0.8) - 0.7 = 0.1 -> mean 0.35
+    # task 0: max(0.9, 0.6) - 0.3 = 0.6; task 1: max over rows 1.. of column 1 = 0.8, - 0.7 = 0.1 -> mean 0.35
     assert forgetting(ACC, 2) == pytest.approx(0.35)
+    assert task_forgetting(ACC, 2) == pytest.approx([0.6, 0.1])
     assert forgetting(ACC, 1) == pytest.approx(0.9 - 0.6)
 
 
-def test_forgetting_uses_the_best_earlier_row_not_the_first():
+def test_forgetting_uses_the_best_row_since_the_task_was_learned_not_the_first():
     acc = np.array([[0.2, 0.0], [0.0, 0.0]])
     acc3 = np.array([[0.2, 0.0, 0.0], [0.8, 0.5, 0.0], [0.4, 0.5, 0.6]])
     assert forgetting(acc, 1) == pytest.approx(0.2)
-    # max over k<2 of acc[k,0] is 0.8 (row 1), not acc[0,0] = 0.2: first-based would say -0.2
+    # max over 0 <= k < 2 of acc[k,0] is 0.8 (row 1), not acc[0,0] = 0.2: first-based would say -0.2
     assert forgetting(acc3, 2) == pytest.approx(((0.8 - 0.4) + (0.5 - 0.5)) / 2)
+
+
+def test_forgetting_starts_at_the_row_where_the_task_was_trained():
+    # A task that scored 0.855 before its training (row 0), 0.775 once trained (row 1) and 0.775 at
+    # the end (row 2) lost nothing: the max runs over rows 1.. of its column, not row 0.
+    acc = np.array([[0.9, 0.855, 0.0], [0.5, 0.775, 0.1], [0.4, 0.775, 0.8]])
+    assert task_forgetting(acc, 2) == pytest.approx([0.9 - 0.4, 0.0])
+    assert forgetting(acc, 2) == pytest.approx(0.25)
+    # an off-by-one (rows from i + 1) would miss row 1 and say task 1 is undefined or -0.775; from 0, 0.08
+    assert task_forgetting(acc, 1) == pytest.approx([0.9 - 0.5])
 
 
 def test_backward_transfer():
