@@ -49,10 +49,16 @@ def format_matrix(report: RunReport) -> str:
                          f"{fmt2(r['after_stream'])}, after the head retrain {fmt2(r['after_head_retrain'])}")
     if report.init is not None:
         lines.append(f"\nstarted from: {report.init.kind} ({report.init.source})")
-    metrics = report.metrics
-    shown = ", ".join(f"{k} {'undefined' if v is None else f'{v:+.3f}' if k.split('/')[0] not in ('avg_acc', 'learning_acc') else f'{v:.3f}'}"
-                      for k, v in metrics.items())
-    lines.append(f"\n{report.strategy}: {shown}")
+    def shown(key: str, value: float | None) -> str:
+        if value is None:
+            return "undefined"
+        return f"{value:.3f}" if key.split("/")[0] in ("avg_acc", "learning_acc") else f"{value:+.3f}"
+
+    per_task = {k.split("/", 1)[1]: v for k, v in report.metrics.items() if k.startswith("forgetting/")}
+    headline = {k: v for k, v in report.metrics.items() if not k.startswith("forgetting/")}
+    lines.append(f"\n{report.strategy}: " + ", ".join(f"{k} {shown(k, v)}" for k, v in headline.items()))
+    if per_task:
+        lines.append("forgetting by task: " + ", ".join(f"{k} {shown('forgetting', v)}" for k, v in per_task.items()))
     return "\n".join(lines)
 
 

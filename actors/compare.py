@@ -165,7 +165,7 @@ def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, order
         seconds = entry["seconds"]["mean"]
         lines.append(f"| {name} | " + " | ".join(cell(entry[m], m not in unsigned) for m in METRICS)
                      + f" | {'n/a' if seconds is None else f'{seconds:.0f}'} | [{row}] |")
-    by_metric = sorted({m for entry in summary.values() for m in entry if "/" in m})
+    by_metric = sorted({m for entry in summary.values() for m in entry if "/" in m and not m.startswith("forgetting/")})
     if by_metric:
         lines += ["", "Per scoring metric (the tasks mix them):", "",
                   "| strategy | " + " | ".join(by_metric) + " |", "|---" * (len(by_metric) + 1) + "|"]

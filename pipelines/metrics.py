@@ -97,12 +97,13 @@ def learning_accuracy(acc: np.ndarray, upto: int, *, skip: tuple[int, ...] = ())
 
 
 def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int, ...] = (),
-            scored_by: list[str] | None = None) -> dict[str, float | None]:
+            scored_by: list[str] | None = None, names: list[str] | None = None) -> dict[str, float | None]:
     """All metrics after task ``upto``: keys avg_acc, forgetting, bwt, fwt, learning_acc.
 
     ``scored_by``: each task's metric name. When the tasks seen so far mix metrics (exact match
     and ROUGE-L), an average over both mixes scales; ``avg_acc/<metric>`` and
-    ``learning_acc/<metric>`` then give each metric's own average too.
+    ``learning_acc/<metric>`` then give each metric's own average too. ``names``: the tasks' names;
+    each earlier task's ``task_forgetting`` is then ``forgetting/<name>``.
     """
     out = {
         "avg_acc": average_accuracy(acc, upto),
@@ -111,6 +112,8 @@ def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int
         "fwt": forward_transfer(acc, baseline, upto),
         "learning_acc": learning_accuracy(acc, upto, skip=skip),
     }
+    if names is not None:
+        out |= {f"forgetting/{names[i]}": value for i, value in enumerate(task_forgetting(acc, upto))}
     if scored_by is not None and len(set(scored_by[: upto + 1])) > 1:
         acc = _check(acc, upto)
         for metric in sorted(set(scored_by[: upto + 1])):
@@ -216,7 +219,8 @@ class ForgettingMatrix:
         upto = self.num_rows - 1 if upto is None else upto
         if upto < 0:
             raise ValueError("no row recorded yet")
-        return summary(self.acc, self.baseline, upto, skip=self.untrained, scored_by=self.scored_by)
+        return summary(self.acc, self.baseline, upto, skip=self.untrained, scored_by=self.scored_by,
+                       names=list(self.tasks))
 
     def to_dict(self) -> dict[str, Any]:
         return {

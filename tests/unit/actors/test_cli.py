@@ -42,3 +42,18 @@ def test_the_command_exits_with_its_code_after_the_exit_handlers_ran(tmp_path, t
     assert result.returncode == 2, result.stderr
     assert "MLflow tracking server http://127.0.0.1:1 is unreachable" in result.stderr
     assert result.stdout.splitlines() == ["exit handler ran"]
+
+
+def test_the_printed_matrix_gives_the_headline_metrics_then_each_task_s_forgetting():
+    from actors.cli import format_matrix
+    from pipelines.metrics import summary
+    from pipelines.report import RunReport
+
+    acc = [[0.9, 0.855, 0.0], [0.5, 0.775, 0.1], [0.4, 0.775, 0.8]]  # task b scored 0.855 before its training
+    metrics = summary(acc, [0.0, 0.855, 0.0], 2, names=["a", "b", "c"])
+    report = RunReport(tasks=["a", "b", "c"], seed=0, status="FINISHED", acc_matrix=acc, baseline=[0.0, 0.855, 0.0],
+                       metrics=metrics, mlflow={"tracking_uri": "sqlite:///x.db", "run_id": "r"}, strategy="naive",
+                       strategy_config={}, experiment="e", output_dir="/x", finished_tasks=3)
+    lines = format_matrix(report).splitlines()
+    assert lines[-2].startswith("naive: avg_acc 0.658, forgetting +0.250, bwt -0.250") and "forgetting/" not in lines[-2]
+    assert lines[-1] == "forgetting by task: a +0.500, b +0.000"

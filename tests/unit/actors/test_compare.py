@@ -87,6 +87,14 @@ def test_per_metric_averages_are_aggregated_when_runs_report_them():
     assert "avg_acc/rouge_l" in format_table(TASKS, {"naive": entry}, seeds=2)
 
 
+def test_each_task_s_forgetting_is_aggregated_but_not_tabled_as_a_scoring_metric():
+    runs = [_report(s, [[0.8, 0.0], [0.2 + s / 10, 0.9]], {"avg_acc": 0.55, "forgetting": 0.6 - s / 10,
+                                                           "forgetting/a": 0.6 - s / 10}) for s in (0, 1)]
+    entry = aggregate({"naive": runs})["naive"]
+    assert entry["forgetting/a"]["mean"] == pytest.approx(0.55) and entry["forgetting/a"]["n"] == 2
+    assert "Per scoring metric" not in format_table(TASKS, {"naive": entry}, seeds=2)
+
+
 def _config(orders=None, names=("a", "b", "c")):
     from pipelines.config import validate_config
 

@@ -61,6 +61,9 @@ def test_records_rows_logs_metrics_and_finishes(scheduler, mlflow_store):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc/category")] == [0, 1]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1.5, 1.0]
     assert client.get_metric_history(run.info.run_id, "forgetting")[-1].value == pytest.approx(0.6)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "forgetting/category")] == [
+        (1, pytest.approx(0.6))]  # each earlier task's own, once it has an earlier row to fall from
+    assert report.metrics["forgetting/category"] == pytest.approx(0.6) and "forgetting/first_word" not in report.metrics
     # undefined after the first task: not logged as 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "forgetting")] == [1]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -173,7 +176,7 @@ def test_joint_reports_only_what_training_at_the_end_defines(toy_stream_config, 
     scheduler.record_eval(1, _row(0.7, 0.8))
     report = scheduler.finish()
     assert report.metrics == {"avg_acc": pytest.approx(0.75), "forgetting": None, "bwt": None, "fwt": None,
-                              "learning_acc": None}
+                              "learning_acc": None, "forgetting/category": None}
     assert "learning_acc are not defined" in report.note
     logged = MlflowClient(mlflow_store).get_run(report.mlflow.run_id).data.metrics
-    assert logged["avg_acc"] == pytest.approx(0.75) and not {"forgetting", "bwt", "fwt", "learning_acc"} & set(logged)
+    assert logged["avg_acc"] == pytest.approx(0.75) and not {"forgetting", "forgetting/category", "bwt", "fwt", "learning_acc"} & set(logged)

@@ -102,7 +102,11 @@ def test_matrix_records_rows_in_order_and_round_trips():
     for t, row in enumerate(ACC):
         m.record(t, dict(zip("abc", row)))
         assert m.num_rows == t + 1
-    assert m.summary() == summary(ACC, BASELINE, 2)
+    assert m.summary() == summary(ACC, BASELINE, 2, names=["a", "b", "c"])
+    # each earlier task's own forgetting, by name, beside the mean (logged as forgetting/<task>)
+    assert {k: m.summary()[k] for k in ("forgetting/a", "forgetting/b")} == pytest.approx({"forgetting/a": 0.6,
+                                                                                          "forgetting/b": 0.1})
+    assert "forgetting/c" not in m.summary() and "forgetting/b" not in m.summary(1)
     again = ForgettingMatrix.from_dict(m.to_dict())
     np.testing.assert_allclose(again.acc, ACC)
 
