@@ -19,7 +19,7 @@ from actors.sweep import Sweep, TimedRun
 from actors.tracking import check_tracking
 from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
-from pipelines.metrics import ForgettingMatrix, final_only, interval, intransigence
+from pipelines.metrics import ForgettingMatrix, final_only, gap_to_joint, interval
 from pipelines.plan import planning_for
 from pipelines.strategies import check_combination
 from pipelines.plots import plot_comparison
@@ -27,7 +27,7 @@ from pipelines.report import RunReport
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
-METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "intransigence")
+METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "gap_to_joint")
 
 
 def _trains_only_at_end(name: str) -> bool:
@@ -89,21 +89,21 @@ def _untrained(report: RunReport) -> tuple[int, ...]:
     return tuple(j for j, name in enumerate(report.tasks) if name in report.train and not report.train[name].steps)
 
 
-def _intransigence(report: RunReport, reference: RunReport | None) -> float | None:
+def _gap_to_joint(report: RunReport, reference: RunReport | None) -> float | None:
     if reference is None or reference.status != "FINISHED" or reference.tasks != report.tasks:
         return None
     acc, final = (ForgettingMatrix.from_dict(r.model_dump()).acc for r in (report, reference))
-    return intransigence(acc, final[-1], skip=_untrained(report))
+    return gap_to_joint(acc, final[-1], skip=_untrained(report))
 
 
 def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[str, float]]] | None = None
               ) -> dict[str, Any]:
     """Per strategy: mean, sample std and 95% interval over (order, seed) runs of each metric
     (and of each per-metric average the runs report), and the mean matrix over the runs in the
-    config's own order (other orders put other tasks in each row). Intransigence needs the joint
+    config's own order (other orders put other tasks in each row). The gap to joint needs the joint
     model of the same order and seed: it is there only when joint is compared."""
     out: dict[str, Any] = {}
-    # intransigence's reference: the strategy that trains once on every task (joint), when compared
+    # the gap to joint's reference: the strategy that trains once on every task (joint), when compared
     reference = next((name for name in reports if _trains_only_at_end(name)), None)
     joint = {(tuple(r.tasks), r.seed): r for r in reports.get(reference, [])}
     for name, runs in reports.items():
@@ -111,7 +111,7 @@ def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[
         only_at_end = _trains_only_at_end(name)
         values: dict[str, list[float | None]] = {}
         for r in finished:
-            metrics = {**r.metrics, "intransigence": _intransigence(r, joint.get((tuple(r.tasks), r.seed)))}
+            metrics = {**r.metrics, "gap_to_joint": _gap_to_joint(r, joint.get((tuple(r.tasks), r.seed)))}
             for metric, value in (final_only(metrics) if only_at_end else metrics).items():
                 values.setdefault(metric, []).append(value)
         entry: dict[str, Any] = {metric: interval(values.get(metric, [])) for metric in METRICS}
@@ -176,7 +176,8 @@ def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, order
               "the last task - accuracy after it);",
               "bwt = mean of acc[T-1, i] - acc[i, i]; fwt = mean of acc[i-1, i] - baseline[i]; "
               "learning_acc = mean of acc[i, i] (each task just after training it); "
-              "intransigence = mean of joint's final acc on task i - acc[i, i] (only when joint is compared). "
+              "gap_to_joint = mean of joint's final acc on task i - acc[i, i] (only when joint is compared; not "
+              "Chaudhry's intransigence, whose reference for task i is joint on tasks 0..i). "
               "joint: only avg_acc is defined."]
     return "\n".join(lines) + "\n"
 

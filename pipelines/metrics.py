@@ -125,7 +125,7 @@ def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int
 
 # Undefined for a strategy that trains once, on every task, at the end (joint): its rows before the
 # last are the untrained model, so nothing was learned task by task to forget, transfer or measure.
-ONLY_AT_END = ("forgetting", "bwt", "fwt", "learning_acc", "intransigence")
+ONLY_AT_END = ("forgetting", "bwt", "fwt", "learning_acc", "gap_to_joint")
 
 
 def final_only(metrics: dict[str, float | None]) -> dict[str, float | None]:
@@ -134,11 +134,14 @@ def final_only(metrics: dict[str, float | None]) -> dict[str, float | None]:
     return {k: None if k.split("/")[0] in ONLY_AT_END else v for k, v in metrics.items()}
 
 
-def intransigence(acc: np.ndarray, reference: np.ndarray | list[float], *, skip: tuple[int, ...] = ()) -> float | None:
-    """Mean over tasks k (not in ``skip``) of reference[k] - acc[k, k] (Chaudhry et al. 2018): how
-    much less a strategy learns each task than a model trained on the tasks together could.
-    Chaudhry's reference for task k is a model trained jointly on tasks 0..k; ours is the joint
-    model's final row (trained on every task), one reference for all k."""
+def gap_to_joint(acc: np.ndarray, reference: np.ndarray | list[float], *, skip: tuple[int, ...] = ()) -> float | None:
+    """Mean over tasks k (not in ``skip``) of reference[k] - acc[k, k], with ``reference`` the joint
+    model's final row (trained on every task together): how much less a strategy learns each task,
+    just after training it, than one model trained on the whole stream scores on it.
+
+    Not Chaudhry et al.'s (2018) intransigence, which takes for task k a model trained jointly on
+    tasks 0..k only (one joint run per k); the two differ wherever training on the tasks after k
+    together with k helps or hurts k."""
     acc = np.asarray(acc, dtype=float)
     reference = np.asarray(reference, dtype=float)
     return _mean([float(reference[k] - acc[k, k]) for k in range(acc.shape[0])

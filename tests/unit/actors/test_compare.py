@@ -42,7 +42,7 @@ def test_joint_reports_only_avg_acc(summary):
     assert joint["avg_acc"]["mean"] == pytest.approx(0.75)
     assert all(joint[m]["mean"] is None for m in ("forgetting", "bwt", "fwt"))
     row = next(line for line in format_table(TASKS, summary, seeds=1).splitlines() if line.startswith("| joint"))
-    assert row.count("n/a") == 5 and "0.750" in row  # forgetting, bwt, fwt, learning_acc, intransigence
+    assert row.count("n/a") == 5 and "0.750" in row  # forgetting, bwt, fwt, learning_acc, gap_to_joint
 
 
 def test_joint_earlier_rows_are_blank_in_the_pictures_not_zero(summary, tmp_path):
@@ -62,12 +62,12 @@ def test_intervals_are_student_t_over_the_runs(summary):
     assert summary["joint"]["avg_acc"]["ci95"] is None  # one run: no interval
 
 
-def test_intransigence_is_measured_against_joint_of_the_same_seed_and_order(summary):
+def test_the_gap_to_joint_is_measured_against_joint_of_the_same_seed_and_order(summary):
     naive = summary["naive"]
     # seed 0: joint's final row [0.7, 0.8] - diagonal [0.8, 0.9] = -0.1; seed 1 has no joint run
-    assert naive["intransigence"]["mean"] == pytest.approx(-0.1) and naive["intransigence"]["n"] == 1
+    assert naive["gap_to_joint"]["mean"] == pytest.approx(-0.1) and naive["gap_to_joint"]["n"] == 1
     alone = aggregate({"naive": [_report(0, [[0.8, 0.0], [0.2, 0.9]], {"avg_acc": 0.55})]})
-    assert alone["naive"]["intransigence"]["mean"] is None
+    assert alone["naive"]["gap_to_joint"]["mean"] is None
 
 
 def test_the_mean_matrix_is_over_the_first_order_only_while_metrics_pool_every_order():

@@ -9,8 +9,8 @@ from pipelines.metrics import (
     backward_transfer,
     forgetting,
     forward_transfer,
+    gap_to_joint,
     interval,
-    intransigence,
     summary,
     task_forgetting,
 )
@@ -147,10 +147,10 @@ def test_per_metric_averages_appear_only_when_the_seen_tasks_mix_metrics():
     assert final["avg_acc"] == pytest.approx((0.4 + 0.7 + 0.3) / 3)
 
 
-def test_intransigence_against_a_reference_row_skips_untrained_tasks():
+def test_the_gap_to_joint_against_a_reference_row_skips_untrained_tasks():
     acc = np.array([[0.5, 0.0], [0.2, 0.6]])
-    assert intransigence(acc, [0.7, 0.9]) == pytest.approx(((0.7 - 0.5) + (0.9 - 0.6)) / 2)
-    assert intransigence(acc, [0.7, 0.9], skip=(0,)) == pytest.approx(0.3)
+    assert gap_to_joint(acc, [0.7, 0.9]) == pytest.approx(((0.7 - 0.5) + (0.9 - 0.6)) / 2)
+    assert gap_to_joint(acc, [0.7, 0.9], skip=(0,)) == pytest.approx(0.3)
 
 
 def test_interval_is_a_student_t_half_width():
