@@ -30,7 +30,7 @@ import yaml
 
 from actors.replay import ReplayStore
 from pipelines.config import RunConfig, experiment_dict, flatten
-from pipelines.metrics import ForgettingMatrix, final_only
+from pipelines.metrics import ForgettingMatrix, final_only, what_fwt_measures
 from pipelines.paradigms import eval_sets as build_eval_sets
 from pipelines.plan import (
     EvalSet,
@@ -421,6 +421,10 @@ class Scheduler:
                   "meaningful; forgetting, bwt, fwt and learning_acc are not defined for it (null)")
             if self.planning.trains_only_at_end
             else None,
+            fwt_measures=what_fwt_measures(
+                # feature extraction classifies over the label set whatever the scoring
+                "likelihood" if self.config.paradigm.name == "feature_extraction" else self.config.evaluation.scoring,
+                self.matrix.scored_by or []),
             experiment=self.config.experiment, seed=self.config.seed, status=status, error=self._failure,
             finished_tasks=rows, complete=rows == len(self.stream), train=self._train_stats,
             between_task_overhead_s=self.between_task_overhead(), checkpoints=self._checkpoints,

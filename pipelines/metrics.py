@@ -88,6 +88,24 @@ def forward_transfer(acc: np.ndarray, baseline: np.ndarray, upto: int) -> float 
     return _mean([float(acc[i - 1, i] - baseline[i]) for i in range(1, upto + 1)])
 
 
+def what_fwt_measures(scoring: str, task_metrics: list[str]) -> str:
+    """What forward transfer, acc[i-1, i] - baseline[i], reads as under a run's scoring
+    (``evaluation.scoring``) and its tasks' metrics; report.json carries it beside the number."""
+    if scoring == "likelihood":
+        text = ("fwt: classification tasks rank their label set by likelihood, so every answer is a valid "
+                "label and the baseline is the untrained model's ranking (near chance): fwt is how far "
+                "earlier tasks moved task i's ranking before it was trained (transfer of the skill)")
+    else:
+        text = ("fwt: answers are generated and must match a target exactly, and an untrained model rarely "
+                "writes any label (baseline near 0): fwt mostly measures whether earlier tasks taught the "
+                "output format and task i's label words, not transfer of the skill; "
+                "evaluation.scoring=likelihood measures that")
+    if "rouge_l" in task_metrics:
+        text += ("; ROUGE-L tasks give credit for every word shared with the target, so their fwt also "
+                 "counts learning the targets' vocabulary")
+    return text
+
+
 def learning_accuracy(acc: np.ndarray, upto: int, *, skip: tuple[int, ...] = ()) -> float | None:
     """Mean over j <= upto (not in ``skip``) of acc[j, j]: how well each task was learned, measured
     right after training it (Riemer et al. 2019). A strategy that does not learn cannot hide behind

@@ -90,6 +90,7 @@ class RunReport(_Model):
     strategy_config: dict[str, Any] | list[dict[str, Any]]  # a combination: each strategy's, in its order
     paradigm: dict[str, Any] = {"name": "fine_tuning"}  # how the pretrained model is reused (pipelines.paradigms)
     note: str | None = None
+    fwt_measures: str | None = None  # what fwt reads as under this run's scoring (metrics.what_fwt_measures)
     experiment: str
     seed: int
     status: Status = "RUNNING"

@@ -64,6 +64,7 @@ def test_records_rows_logs_metrics_and_finishes(scheduler, mlflow_store):
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "forgetting/category")] == [
         (1, pytest.approx(0.6))]  # each earlier task's own, once it has an earlier row to fall from
     assert report.metrics["forgetting/category"] == pytest.approx(0.6) and "forgetting/first_word" not in report.metrics
+    assert "output format" in report.fwt_measures  # generated answers: what fwt reads as is said beside it
     # undefined after the first task: not logged as 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "forgetting")] == [1]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -13,6 +13,7 @@ from pipelines.metrics import (
     interval,
     summary,
     task_forgetting,
+    what_fwt_measures,
 )
 
 # Hand-computed 3x3 example. acc[t, j]: accuracy on task j after training task t.
@@ -159,3 +160,11 @@ def test_interval_is_a_student_t_half_width():
     assert out["ci95"] == pytest.approx(4.303 * 0.1 / np.sqrt(3))  # t(0.975, 2) x s / sqrt(n)
     assert interval([0.4])["ci95"] is None and interval([])["mean"] is None
     assert interval([0.5] * 40)["ci95"] == pytest.approx(0.0)  # beyond the table: the normal's 1.96
+
+
+def test_what_fwt_measures_follows_the_scoring_and_the_metrics():
+    generated = what_fwt_measures("generate", ["exact_match", "exact_match"])
+    ranked = what_fwt_measures("likelihood", ["exact_match"])
+    assert "output format" in generated and "ROUGE-L" not in generated
+    assert "near chance" in ranked and "output format" not in ranked
+    assert "ROUGE-L" in what_fwt_measures("generate", ["exact_match", "rouge_l"])
