@@ -160,25 +160,25 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
                 tqdm.write(f"nothing to train: the {len(run.tasks)} tasks of {output.path} are finished")
             return _nothing_to_train(run, config, output)
         return _train(config, run.stream, run.tokenizer_dir, previous=run.previous, changes=run.changes,
-                      progress=progress, start=run.start, slots=run.slots, groups=groups)
+                      progress=progress, start=run.start, slots=run.slots, groups=groups, ceilings=run.ceilings)
     finally:
         output.unlock()
 
 
 def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previous: RunReport | None,
            changes: list[str], progress: bool, start: ModelStart, slots: list[TaskSlot] | None,
-           groups: WorkerGroups | None) -> RunReport:
+           groups: WorkerGroups | None, ceilings: dict[str, float] | None = None) -> RunReport:
     from actors.trainer_group import WorkerGroups
 
     local = connect_ray(config)
     if groups is not None:
         return _train_on(groups, config, stream, tokenizer_dir, previous=previous, changes=changes,
-                         progress=progress, start=start, slots=slots, local=local)
+                         progress=progress, start=start, slots=slots, local=local, ceilings=ceilings)
     groups = WorkerGroups(Path(config.output_dir) / "ray", name=f"{config.experiment}-{Path(config.output_dir).name}")
     interrupted = False
     try:
         return _train_on(groups, config, stream, tokenizer_dir, previous=previous, changes=changes,
-                         progress=progress, start=start, slots=slots, local=local)
+                         progress=progress, start=start, slots=slots, local=local, ceilings=ceilings)
     except KeyboardInterrupt:
         interrupted = True  # the process ends, and its workers with it: nothing to wait for
         raise
@@ -189,7 +189,7 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
 
 def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *,
               previous: RunReport | None, changes: list[str], progress: bool, start: ModelStart,
-              slots: list[TaskSlot] | None, local: bool) -> RunReport:
+              slots: list[TaskSlot] | None, local: bool, ceilings: dict[str, float] | None = None) -> RunReport:
     from actors.scheduler import SchedulerActor, run_key
     from actors.trainer_group import GroupShape
 
@@ -199,7 +199,7 @@ def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, token
     # Named, so `forgetless replay status|add-shards` can find the run (and its store) from outside.
     scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}, name=f"run-{run_key(config.output_dir)}",
                                        namespace=NAMESPACE).remote(
-        config, stream, previous=previous, changes=changes, init=start.init)
+        config, stream, previous=previous, changes=changes, init=start.init, ceilings=ceilings)
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
     try:  # from here on, however the run ends, the scheduler records how

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
 from pipelines.errors import ConfigError, DataError
-from pipelines.models import build_model, fetch_encoder, load_tokenizer, long_targets, stream_tokenizer
+from pipelines.models import (build_model, fetch_encoder, load_tokenizer, long_targets, stream_tokenizer,
+                              target_ceilings)
 from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
 from pipelines.report import ModelInit, RunReport
@@ -35,6 +36,7 @@ class ResolvedRun:
     slots: list[TaskSlot] | None  # a frozen-model paradigm's heads or prompts (None: fine-tuning)
     previous: RunReport | None = None  # the report it resumes from
     changes: list[str] | None = None  # the config changes that resumption brings
+    ceilings: dict[str, float] | None = None  # each task's best reachable score (models.target_ceilings)
 
 
 def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progress: bool) -> ResolvedRun | RunReport:
@@ -59,12 +61,15 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
     check_stream(config, stream)
     check_paradigm(config, stream)
     tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming, start=start)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ceilings, problems = target_ceilings(tokenizer, stream, config.stream.max_target_tokens)
+    for problem in problems:
+        tqdm.write(f"warning: {problem}", file=sys.stderr)
     slots = None
     if config.paradigm.name != "fine_tuning":  # a frozen-model paradigm's heads or prompts, its prompts' lengths
-        tokenizer = load_tokenizer(tokenizer_dir)
         slots = task_slots(config, stream, tokenizer)
         check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
-    return ResolvedRun(stream, start, tokenizer_dir, slots, previous, changes)
+    return ResolvedRun(stream, start, tokenizer_dir, slots, previous, changes, ceilings)
 
 
 def prepare_resume(config: RunConfig, output: OutputDir) -> tuple[RunReport, list[str]]:

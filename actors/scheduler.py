@@ -118,7 +118,7 @@ class Scheduler:
 
     def __init__(self, config: RunConfig, stream: TaskStream, *, previous: RunReport | None = None,
                  sink: MlflowSink | None = None, changes: list[str] | tuple[str, ...] = (),
-                 init: ModelInit | None = None):
+                 init: ModelInit | None = None, ceilings: dict[str, float] | None = None):
         from actors.tracking import CLIENT_ENV, BufferedSink
 
         for key, value in CLIENT_ENV.items():
@@ -140,6 +140,8 @@ class Scheduler:
         self._training_state: str | None = None
         self._logged_until = -1  # train_loss steps an interrupted attempt already logged
         self.init = init
+        # each task's best reachable score through the run's tokenizer; a resume keeps the earlier ones
+        self.ceilings = ceilings if ceilings is not None else (previous.ceilings if previous is not None else {})
         self._recovery: dict[str, dict[str, float | None]] = {}
         if previous is not None:
             carried = carry_over(previous, tasks=stream.names, fingerprints=self.fingerprints, untrained=self.untrained,
@@ -421,6 +423,7 @@ class Scheduler:
                   "meaningful; forgetting, bwt, fwt and learning_acc are not defined for it (null)")
             if self.planning.trains_only_at_end
             else None,
+            ceilings=self.ceilings,
             fwt_measures=what_fwt_measures(
                 # feature extraction classifies over the label set whatever the scoring
                 "likelihood" if self.config.paradigm.name == "feature_extraction" else self.config.evaluation.scoring,

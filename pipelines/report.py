@@ -91,6 +91,9 @@ class RunReport(_Model):
     paradigm: dict[str, Any] = {"name": "fine_tuning"}  # how the pretrained model is reused (pipelines.paradigms)
     note: str | None = None
     fwt_measures: str | None = None  # what fwt reads as under this run's scoring (metrics.what_fwt_measures)
+    # each task's best reachable score: its evaluation targets through the run's tokenizer and back,
+    # under its metric (models.target_ceilings); below 1, no model can reach 1 on that task
+    ceilings: dict[str, float] = {}
     experiment: str
     seed: int
     status: Status = "RUNNING"

@@ -82,3 +82,50 @@ def test_a_byte_level_unigram_vocabulary_is_the_same_every_time_and_keeps_every_
     weird = "Ωmega \x00 zebra ü 🙂"
     assert tokenizers[0].decode(tokenizers[0](weird)["input_ids"], skip_special_tokens=True) == weird
     assert tokenizers[0].unk_token_id not in tokenizers[0](weird)["input_ids"]
+
+
+def _task(name, targets, metric="exact_match"):
+    import pyarrow as pa
+
+    from pipelines.tasks import Task
+
+    table = pa.table({"source": [f"conjugate {i}" for i in range(len(targets))], "target": targets})
+    return Task(name=name, prefix=f"{name}: ", metric=metric, train=table, eval=table)
+
+
+def test_targets_a_tokenizer_cannot_give_back_cap_the_task_and_are_named():
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    from pipelines.models import target_ceilings
+    from pipelines.tasks import TaskStream
+
+    # an uncased WordPiece vocabulary that strips accents, as MiniLM's (the warm start's) does
+    words = ["mangeâmes", "mangeames", "finîmes", "parlons", "parlez", "Spam", "ham"]
+    wordpiece = BertWordPieceTokenizer(lowercase=True, strip_accents=True)
+    wordpiece.train_from_iterator(words * 20, vocab_size=200, min_frequency=1)
+    uncased = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    stream = TaskStream((_task("conjugation", ["mangeâmes", "parlons", "finîmes", "parlez", "parlons"]),
+                         _task("spam", ["Spam", "ham", "ham", "Spam"])))
+    ceilings, problems = target_ceilings(uncased, stream, max_target_tokens=16)
+    # two of five targets lose their accents; case alone is forgiven (exact match is case-folded)
+    assert ceilings == {"conjugation": pytest.approx(3 / 5), "spam": 1.0}
+    assert len(problems) == 1 and "task 'conjugation': 2 of 5 evaluation targets (40%)" in problems[0]
+    assert "decodes as 'mangeames'" in problems[0] and "cannot pass 0.600" in problems[0]
+
+    # a cut at max_target_tokens loses targets too; ROUGE-L keeps the words that do come back
+    words_task = _task("summary", ["parlons parlez parlons parlez"], metric="rouge_l")
+    ceilings, _ = target_ceilings(uncased, TaskStream((words_task,)), max_target_tokens=3)
+    assert 0 < ceilings["summary"] < 1
+
+
+def test_our_own_tokenizer_gives_every_target_back(toy_stream_config):
+    from pipelines.config import validate_config
+    from pipelines.models import stream_tokenizer, target_ceilings
+    from pipelines.tasks import load_stream
+
+    config = validate_config(toy_stream_config)
+    stream = load_stream(config)
+    ceilings, problems = target_ceilings(stream_tokenizer(config.model, stream), stream, max_target_tokens=8)
+    assert ceilings == {"category": 1.0, "first_word": 1.0} and problems == []
