@@ -373,8 +373,8 @@ def target_ceilings(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_
     problems = []
     for task in stream:
         targets = task.targets("eval")
-        if not task.trainable or not targets:
-            continue
+        if not task.trainable or task.metric not in METRICS or not targets:
+            continue  # the pretraining task: its masked tokens are scored by ids, not decoded text
         distinct = sorted(set(targets))
         ids = tokenizer(text_target=distinct, truncation=True, max_length=max_target_tokens)["input_ids"]
         back = dict(zip(distinct, tokenizer.batch_decode(ids, skip_special_tokens=True)))
