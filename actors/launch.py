@@ -29,13 +29,11 @@ from pipelines.errors import ForgetlessError
 from pipelines.loop import format_exception
 from pipelines.report import RunReport
 from pipelines.rundir import REPORT_FILES, OutputDir
-from pipelines.tasks import TaskStream
 from storage.files import write_atomic
 
 if TYPE_CHECKING:
-    from actors.preflight import ModelStart
+    from actors.preflight import ResolvedRun
     from actors.trainer_group import WorkerGroups
-    from pipelines.paradigms import TaskSlot
 
 log = logging.getLogger("forgetless")
 
@@ -159,26 +157,21 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
             if progress:
                 tqdm.write(f"nothing to train: the {len(run.tasks)} tasks of {output.path} are finished")
             return _nothing_to_train(run, config, output)
-        return _train(config, run.stream, run.tokenizer_dir, previous=run.previous, changes=run.changes,
-                      progress=progress, start=run.start, slots=run.slots, groups=groups, ceilings=run.ceilings)
+        return _train(config, run, progress=progress, groups=groups)
     finally:
         output.unlock()
 
 
-def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previous: RunReport | None,
-           changes: list[str], progress: bool, start: ModelStart, slots: list[TaskSlot] | None,
-           groups: WorkerGroups | None, ceilings: dict[str, float] | None = None) -> RunReport:
+def _train(config: RunConfig, run: ResolvedRun, *, progress: bool, groups: WorkerGroups | None) -> RunReport:
     from actors.trainer_group import WorkerGroups
 
     local = connect_ray(config)
     if groups is not None:
-        return _train_on(groups, config, stream, tokenizer_dir, previous=previous, changes=changes,
-                         progress=progress, start=start, slots=slots, local=local, ceilings=ceilings)
+        return _train_on(groups, config, run, progress=progress, local=local)
     groups = WorkerGroups(Path(config.output_dir) / "ray", name=f"{config.experiment}-{Path(config.output_dir).name}")
     interrupted = False
     try:
-        return _train_on(groups, config, stream, tokenizer_dir, previous=previous, changes=changes,
-                         progress=progress, start=start, slots=slots, local=local, ceilings=ceilings)
+        return _train_on(groups, config, run, progress=progress, local=local)
     except KeyboardInterrupt:
         interrupted = True  # the process ends, and its workers with it: nothing to wait for
         raise
@@ -187,11 +180,11 @@ def _train(config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *, previo
             groups.close()
 
 
-def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, tokenizer_dir: Path, *,
-              previous: RunReport | None, changes: list[str], progress: bool, start: ModelStart,
-              slots: list[TaskSlot] | None, local: bool, ceilings: dict[str, float] | None = None) -> RunReport:
+def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, progress: bool, local: bool) -> RunReport:
     from actors.scheduler import SchedulerActor, run_key
     from actors.trainer_group import GroupShape
+
+    stream, previous, start = run.stream, run.previous, run.start
 
     use_gpu = config.training.use_gpu
     if use_gpu is None:
@@ -199,7 +192,7 @@ def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, token
     # Named, so `forgetless replay status|add-shards` can find the run (and its store) from outside.
     scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}, name=f"run-{run_key(config.output_dir)}",
                                        namespace=NAMESPACE).remote(
-        config, stream, previous=previous, changes=changes, init=start.init, ceilings=ceilings)
+        config, stream, previous=previous, changes=run.changes, init=start.init, ceilings=run.ceilings)
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
     try:  # from here on, however the run ends, the scheduler records how
@@ -219,8 +212,8 @@ def _train_on(groups: WorkerGroups, config: RunConfig, stream: TaskStream, token
                      "takes ~30 s to start" if new else f"on the running group of {shape.num_workers} trainer worker(s)")
             tqdm.write(f"{what} ({', '.join(stream.names)}); {where}")
         poller.start()
-        group.run({"config": config, "scheduler": scheduler, "tokenizer_dir": str(tokenizer_dir),
-                   "checkpoint": start.checkpoint, "objective": start.objective, "slots": slots})
+        group.run({"config": config, "scheduler": scheduler, "tokenizer_dir": str(run.tokenizer_dir),
+                   "checkpoint": start.checkpoint, "objective": start.objective, "slots": run.slots})
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         stop.set()
         try:
