@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ConfigError, ForgetlessError
+from pipelines.metrics import TASK_FORGETTING
 from pipelines.redaction import redact, redacted_keys
 from pipelines.report import RunReport
 
@@ -54,8 +55,8 @@ def format_matrix(report: RunReport) -> str:
             return "undefined"
         return f"{value:.3f}" if key.split("/")[0] in ("avg_acc", "learning_acc") else f"{value:+.3f}"
 
-    per_task = {k.split("/", 1)[1]: v for k, v in report.metrics.items() if k.startswith("forgetting/")}
-    headline = {k: v for k, v in report.metrics.items() if not k.startswith("forgetting/")}
+    per_task = {k.removeprefix(TASK_FORGETTING): v for k, v in report.metrics.items() if k.startswith(TASK_FORGETTING)}
+    headline = {k: v for k, v in report.metrics.items() if not k.startswith(TASK_FORGETTING)}
     lines.append(f"\n{report.strategy}: " + ", ".join(f"{k} {shown(k, v)}" for k, v in headline.items()))
     if per_task:
         lines.append("forgetting by task: " + ", ".join(f"{k} {shown('forgetting', v)}" for k, v in per_task.items()))

@@ -19,7 +19,7 @@ from actors.sweep import Sweep, TimedRun
 from actors.tracking import check_tracking
 from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import ConfigError
-from pipelines.metrics import ForgettingMatrix, final_only, gap_to_joint, interval
+from pipelines.metrics import TASK_FORGETTING, ForgettingMatrix, final_only, gap_to_joint, interval
 from pipelines.plan import planning_for
 from pipelines.strategies import check_combination
 from pipelines.plots import plot_comparison
@@ -165,7 +165,8 @@ def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, order
         seconds = entry["seconds"]["mean"]
         lines.append(f"| {name} | " + " | ".join(cell(entry[m], m not in unsigned) for m in METRICS)
                      + f" | {'n/a' if seconds is None else f'{seconds:.0f}'} | [{row}] |")
-    by_metric = sorted({m for entry in summary.values() for m in entry if "/" in m and not m.startswith("forgetting/")})
+    by_metric = sorted({m for entry in summary.values() for m in entry
+                        if "/" in m and not m.startswith(TASK_FORGETTING)})
     if by_metric:
         lines += ["", "Per scoring metric (the tasks mix them):", "",
                   "| strategy | " + " | ".join(by_metric) + " |", "|---" * (len(by_metric) + 1) + "|"]

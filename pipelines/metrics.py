@@ -114,6 +114,11 @@ def learning_accuracy(acc: np.ndarray, upto: int, *, skip: tuple[int, ...] = ())
     return _mean([float(acc[j, j]) for j in range(upto + 1) if j not in skip])
 
 
+# The key prefix of each earlier task's own forgetting in a summary (``forgetting/<task>``), beside
+# the per-scoring-metric averages (``avg_acc/<metric>``), which share the "/" form.
+TASK_FORGETTING = "forgetting/"
+
+
 def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int, ...] = (),
             scored_by: list[str] | None = None, names: list[str] | None = None) -> dict[str, float | None]:
     """All metrics after task ``upto``: keys avg_acc, forgetting, bwt, fwt, learning_acc.
@@ -131,7 +136,7 @@ def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int
         "learning_acc": learning_accuracy(acc, upto, skip=skip),
     }
     if names is not None:
-        out |= {f"forgetting/{names[i]}": value for i, value in enumerate(task_forgetting(acc, upto))}
+        out |= {f"{TASK_FORGETTING}{names[i]}": value for i, value in enumerate(task_forgetting(acc, upto))}
     if scored_by is not None and len(set(scored_by[: upto + 1])) > 1:
         acc = _check(acc, upto)
         for metric in sorted(set(scored_by[: upto + 1])):
