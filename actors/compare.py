@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from actors.preflight import shared_tokenizer
 from actors.sweep import Sweep, TimedRun
 from actors.tracking import check_tracking
-from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths
+from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths, validate_config
 from pipelines.errors import ConfigError
 from pipelines.metrics import TASK_FORGETTING, ForgettingMatrix, final_only, gap_to_joint, interval
 from pipelines.plan import planning_for
-from pipelines.strategies import check_combination
+from pipelines.strategies import check_combination, deviations
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
 from storage.files import write_atomic
@@ -126,6 +127,8 @@ def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[
         entry["runs"] = [{"seed": r.seed, "order": r.tasks, "status": r.status, "run_id": r.mlflow.run_id,
                           "metrics": r.metrics, "seconds": t.get("wall_s", r.seconds) - t.get("startup_s", 0.0),
                           **t, "error": r.error} for r, t in zip(runs, timed)]
+        held = [max(r.replay.rows_after_task.values()) for r in finished if r.replay and r.replay.rows_after_task]
+        entry["replay_rows_max"] = max(held) if held else None  # the most rows its store held after any task
         entry["seconds"] = interval([run["seconds"] for run in entry["runs"] if run["status"] == "FINISHED"])
         if only_at_end:
             entry["note"] = "trained once, on every task at the end: only avg_acc is meaningful"
@@ -188,15 +191,62 @@ def run_dir(base: Path, name: str, seed: int, order: int, orders: int) -> Path:
     return base / name / (f"order-{order}" if orders > 1 else "") / f"seed-{seed}"
 
 
+def check_protocol(config: RunConfig, strategies: list[str]) -> None:
+    """Refuse a comparison whose replay-based strategies would not share one memory: each would keep
+    and replay rows by its own settings (replay ``rows_per_task`` per task, DER++ two batches of its
+    own size), and the comparison would measure the settings, not the strategies.
+
+    Raises:
+        ConfigError: naming the strategies and the missing keys.
+    """
+    replaying = [name for name in strategies
+                 if planning_for([STRATEGY_CONFIGS[part]() for part in name.split("+")]).uses_replay]
+    missing = [f"replay.{key}" for key in ("memory_rows", "rows_per_batch") if getattr(config.replay, key) is None]
+    if replaying and missing:
+        raise ConfigError(
+            f"compare: {', '.join(replaying)} replay rows, and a fair comparison gives each the same memory and the "
+            f"same replayed rows per step: set {' and '.join(missing)} (e.g. replay.memory_rows=1000: the store's "
+            "total rows, shared by every task; replay.rows_per_batch=8: rows replayed per micro-batch)")
+
+
+def protocol(config: RunConfig, strategies: list[str], tokenizer: dict[str, str]) -> dict[str, Any]:
+    """What every run of the comparison shares, and how each strategy departs from its paper."""
+    training = config.training
+    return {
+        "tokenizer": tokenizer,
+        "replay_memory_rows": config.replay.memory_rows,
+        "replay_rows_per_batch": config.replay.rows_per_batch,
+        "loss_mean": training.loss_mean,
+        "steps_per_task": training.max_steps, "epochs_per_task": None if training.max_steps else training.epochs,
+        "micro_batch_size": training.micro_batch_size, "grad_accum_steps": training.grad_accum_steps,
+        "num_workers": training.num_workers, "lr": training.lr, "lr_schedule": training.lr_schedule,
+        "settings": {name: [getattr(config.strategies, part).model_dump(by_alias=True) for part in name.split("+")]
+                     for name in strategies},
+        "deviations": {name: {part: text for part, text in deviations(config.with_strategy(name)).items() if text}
+                       for name in strategies},
+    }
+
+
+def with_tokenizer(config: RunConfig, directory: str) -> RunConfig:
+    """``config`` with every run loading the tokenizer saved in ``directory``."""
+    data = config.model_dump(by_alias=True)
+    data["model"]["tokenizer"]["name_or_path"] = directory
+    return validate_config(data, origin="compare's shared tokenizer")
+
+
 def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int = 1,
             progress: bool = True) -> dict[str, Any]:
     """Run every (strategy, order, seed) on the same tasks; returns the comparison written to disk."""
     if seeds < 1:
         raise ConfigError(f"--seeds ({seeds}) must be at least 1")
+    check_protocol(config, strategies)
     order_list = task_orders(config, orders)
     config = resolve_paths(config)
     check_tracking(config.mlflow.tracking_uri)
     base = Path(config.output_dir)
+    tokenizer = shared_tokenizer(config, base / "tokenizer", progress=progress)
+    shared = protocol(config, strategies, tokenizer)
+    config = with_tokenizer(config, tokenizer["path"])
     runs: dict[str, list[TimedRun]] = {name: [] for name in strategies}
     params = {**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies), "compare.seeds": seeds,
               "compare.orders": json.dumps(order_list)}
@@ -214,8 +264,8 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     tasks = first.tasks
     summary = aggregate(reports, {name: [r.timing() for r in timed] for name, timed in runs.items()})
     costs = sweep.startup_summary()
-    comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "strategies": summary, **costs,
-                  "mlflow": sweep.mlflow_ref()}
+    comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "protocol": shared, "strategies": summary,
+                  **costs, "mlflow": sweep.mlflow_ref()}
     if progress:
         overhead = costs["per_run_overhead_s"]
         print(f"\n{sum(map(len, runs.values()))} run(s), {costs['worker_group_startups']} worker group start-up(s) "

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
 from pipelines.errors import ConfigError, DataError
-from pipelines.models import (build_model, fetch_encoder, load_tokenizer, long_targets, stream_tokenizer,
-                              target_ceilings)
+from pipelines.models import (build_model, directory_digest, fetch_encoder, load_tokenizer, long_targets,
+                              stream_tokenizer, target_ceilings)
 from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
 from pipelines.report import ModelInit, RunReport
@@ -117,6 +117,28 @@ def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir,
     if config.model.name_or_path:
         build_model(config.model, tokenizer)  # a bad directory fails here, not in every worker
     return output.tokenizer
+
+
+def shared_tokenizer(config: RunConfig, directory: Path, *, progress: bool) -> dict[str, str]:
+    """The one tokenizer of a comparison (``forgetless compare``): built as a run of ``config`` in its
+    own task order builds its own (trained on what ``model.tokenizer.train_on`` allows, or a
+    checkpoint's), saved in ``directory`` for every run to load. Returns where it is, its digest
+    and what it came from (comparison.json records them).
+
+    Every strategy, order and seed then reads the same vocabulary: a tokenizer trained per run
+    would confound the orders with their vocabularies (and Unigram training is not bit-for-bit
+    repeatable across processes). An order whose first task is another reads a vocabulary fitted
+    to the config's first task."""
+    stream = load_stream(config)
+    start = resolve_start(config, progress=progress)
+    stream = _with_pretraining_task(config, stream, start)
+    tokenizer = stream_tokenizer(config.model, stream, start.checkpoint)
+    with atomic_directory(directory) as tmp:
+        tokenizer.save_pretrained(tmp)
+    source = config.model.tokenizer.name_or_path or start.checkpoint
+    trained_on = (stream.names[0] if config.model.tokenizer.train_on == "first_task" else "every task's training rows")
+    return {"path": str(directory), "digest": directory_digest(directory),
+            "source": f"loaded from {source}" if source else f"trained on {trained_on} (the config's own order)"}
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ class ReplayStore:
             options["memory"] = cfg.memory_bytes
         directory = str(self._shard_dir(shard_id)) if self.directory else None
         return ReplayShardActor.options(**options).remote(
-            cfg.capacity_rows, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed, shard_id=shard_id,
+            cfg.shard_capacity, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed, shard_id=shard_id,
             directory=directory, snapshot_every_rows=cfg.snapshot_every_rows,
             max_samples_per_insert=cfg.max_samples_per_insert, min_rows_to_sample=cfg.min_rows_to_sample,
             fsync=cfg.fsync)
@@ -316,6 +316,19 @@ class ReplayStore:
             stored += self._acknowledge(pending.popleft())
         self._sizes = None
         return stored
+
+    def delete(self, example_ids: list[str]) -> int:
+        """Remove rows by example id (routed as inserts are; ids not held are skipped, so a retry
+        deletes nothing twice); returns rows removed."""
+        if not example_ids:
+            return 0
+        self.sync()
+        ids = pa.array(example_ids, pa.string())
+        targets = route(ids, self.num_shards, self.routing)
+        removed = sum(self._call(int(j), "delete", ids.filter(pa.array(targets == j)).to_pylist())
+                      for j in np.unique(targets))
+        self._sizes = None
+        return removed
 
     # ------------------------------------------------------------------ resizing
     def _move(self, rows: pa.Table, *, num_shards: int | None = None) -> int:
@@ -545,7 +558,7 @@ class ReplayStore:
     def _retired_rows(self, retired: dict[str, Any], tag: str) -> pa.Table:
         """The rows a retired shard held at checkpoint ``tag``, read from its files in this process."""
         cfg = self.config
-        shard = ReplayShard(cfg.capacity_rows, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed,
+        shard = ReplayShard(cfg.shard_capacity, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed,
                             shard_id=retired["shard_id"], directory=Path(self.directory) / retired["directory"])
         try:
             shard.rollback(tag)

@@ -41,6 +41,7 @@ from pipelines.plan import (
     fingerprint,
     planning_for,
     recovery_plan,
+    rows_to_drop,
     rows_to_store,
     state_dir,
 )
@@ -142,6 +143,8 @@ class Scheduler:
         self.init = init
         # each task's best reachable score through the run's tokenizer; a resume keeps the earlier ones
         self.ceilings = ceilings if ceilings is not None else (previous.ceilings if previous is not None else {})
+        self._replay_rows: dict[str, int] = dict(previous.replay.rows_after_task) \
+            if previous is not None and previous.replay is not None else {}
         self._recovery: dict[str, dict[str, float | None]] = {}
         if previous is not None:
             carried = carry_over(previous, tasks=stream.names, fingerprints=self.fingerprints, untrained=self.untrained,
@@ -282,6 +285,7 @@ class Scheduler:
         self._write_matrix()
         if self.replay is not None:
             self._remember(task_index, stored_columns)
+            self._replay_rows[name] = self.replay.num_rows()
             self._replay_checkpoint = replay_tag(task_index)
             self.replay.checkpoint(self._replay_checkpoint)
         self.finished = task_index + 1
@@ -307,12 +311,15 @@ class Scheduler:
             self.replay.drop_checkpoints(keep=[self._replay_checkpoint])
 
     def _remember(self, task_index: int, columns: pa.Table | None = None) -> None:
-        """Insert task ``task_index``'s rows into the replay store (``rows_to_store``: a seeded
-        subset of ``replay.rows_per_task`` rows, or all), with the columns the strategies keep beside
-        them (DER++'s logits: ``columns`` has one row per stored row, in the same order)."""
+        """Insert task ``task_index``'s rows into the replay store (``rows_to_store``: its share of
+        ``replay.memory_rows``, or a seeded subset of ``replay.rows_per_task`` rows, or all), with the
+        columns the strategies keep beside them (DER++'s logits: ``columns`` has one row per stored
+        row, in the same order). Under a total budget the earlier tasks' surplus goes first, so the
+        store never holds more than the budget."""
         rows = rows_to_store(self.config, self.stream, task_index)
         if rows is None:
             return
+        self.replay.delete(rows_to_drop(self.config, self.stream, task_index))
         if self.planning.stores_logits and self.stream[task_index].trainable:
             if columns is None or columns.num_rows != rows.num_rows:
                 raise RuntimeError(f"task {self.stream[task_index].name!r}: the strategy stores logits with its "
@@ -356,7 +363,8 @@ class Scheduler:
         return ReplaySummary(num_shards=len(stats), rows=sum(s.num_rows for s in stats), rows_per_task=per_task,
                              rows_per_shard=[s.num_rows for s in stats], bytes=sum(s.bytes for s in stats),
                              directory=self.replay.directory,
-                             restore_warnings=[w for s in stats for w in s.restore_warnings])
+                             restore_warnings=[w for s in stats for w in s.restore_warnings],
+                             memory_rows=self.config.replay.memory_rows, rows_after_task=dict(self._replay_rows))
 
     # ------------------------------------------------------------------ seen from outside (`forgetless replay`)
     def describe(self) -> dict[str, Any]:

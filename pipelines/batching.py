@@ -100,7 +100,7 @@ class Batcher:
             classes = self.label_classes(plan.examples.column("target").to_pylist(), plan.name)
         parts = plan.replay_parts if replay is not None and extras and plan.replay_rows_per_batch else ()
         denoise_rng = np.random.default_rng([plan.seed, plan.index, self.rank, 0xDE])
-        size = self.micro_batch_size - sum(part.rows for part in parts if part.mix)
+        size = self.micro_batch_size - sum(part.rows for part in parts if part.mix and not part.on_top)
         by_class = (np.argsort(np.asarray(plan.examples.column("target").to_pylist(), dtype=object), kind="stable")
                     if plan.order == "by_class" else None)
         for epoch in range(10**9):

@@ -35,6 +35,7 @@ from pipelines.strategies import (
     combined_name,
     needs_full_parameters,
     parts_of,
+    planning_for,
     unknown,
 )
 
@@ -233,6 +234,10 @@ class TrainingConfig(Schema):
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     grad_clip: float | None = Field(default=1.0, gt=0)
+    # How the cross-entropy of a batch is averaged: per_example (each example's mean over its target
+    # tokens, then the mean over examples: a one-token label weighs what a long answer does) or
+    # per_token (the mean over every target token of the batch, as transformers' models compute it)
+    loss_mean: Literal["per_example", "per_token"] = "per_example"
     log_every_n_steps: int = Field(default=10, gt=0)
     deepspeed_config: str | None = None  # JSON or YAML; keys the run owns must be "auto" or agree
     # ZeRO-1/2 partition optimizer state and gradients across workers; with one worker there is
@@ -276,11 +281,22 @@ class ReplayConfig(Schema):
     enabled: bool = False
     num_shards: int = Field(default=2, ge=1)
     capacity_rows: int = Field(default=10_000, gt=0)  # per shard
+    # A total memory budget in rows, over every shard and task, shared by every strategy that keeps
+    # rows (replay, DER++, A-GEM, general-sample replay): the store never holds more. Each task's
+    # share is balanced (the budget split evenly over the tasks stored so far, a task short of rows
+    # leaving its rest to the others); old tasks' shares shrink as tasks arrive, their rows deleted
+    # before the new task's go in. None: the per-task sample below, each shard capped by capacity_rows.
+    memory_rows: int | None = Field(default=None, gt=0)
     remover: Literal["fifo", "reservoir", "task_balanced"] = "reservoir"
     sampler: Literal["uniform", "task_balanced"] = "uniform"
-    # Inserted after each task: a seeded sample of its training rows (the buffer's budget grows by
-    # this much per task). None keeps every row: cumulative training by another name.
+    # Without memory_rows: inserted after each task, a seeded sample of its training rows (the
+    # buffer grows by this much per task). None keeps every row: cumulative training by another name.
     rows_per_task: int | None = Field(default=200, gt=0)
+    # Replayed rows per micro-batch for every replay-based strategy (replay's mixed-in rows, appended
+    # to a full micro-batch of the new task; DER++'s two batches, split evenly; A-GEM's reference
+    # batch). None: each strategy's own setting (replay's replay_ratio, derpp.replay_rows,
+    # agem.reference_rows). `forgetless compare` needs it set when it compares replay-based strategies.
+    rows_per_batch: int | None = Field(default=None, gt=0)
     directory: str | None = None  # logs and snapshots; None: <output_dir>/replay
     snapshot_every_rows: int | None = Field(default=10_000, gt=0)
     max_samples_per_insert: float | None = Field(default=None, gt=0)  # Reverb-style rate limit
@@ -296,6 +312,22 @@ class ReplayConfig(Schema):
     # General-sample replay (GeRe, arXiv 2508.04676): rows of the pretraining corpus kept in the store
     # beside the tasks' rows and replayed with the pretraining objective. Needs stream.pretraining_task.
     pretraining_rows: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> ReplayConfig:
+        if self.memory_rows is not None:
+            for key in ("rows_per_task", "capacity_rows", "remover"):
+                if getattr(self, key) != type(self).model_fields[key].default:  # (a dumped config sets every key)
+                    raise ValueError(f"replay.{key} and replay.memory_rows are two ways of sizing the store: with "
+                                     f"memory_rows ({self.memory_rows}) the budget decides each task's rows and "
+                                     f"which go; drop replay.{key}")
+        return self
+
+    @property
+    def shard_capacity(self) -> int:
+        """Rows one shard may hold: with a total budget, all of it (the plan keeps the budget, deleting
+        old tasks' surplus rows itself, so no shard's remover ever acts); otherwise ``capacity_rows``."""
+        return self.memory_rows if self.memory_rows is not None else self.capacity_rows
 
 
 class RecoveryConfig(Schema):
@@ -494,6 +526,11 @@ class RunConfig(Schema):
                                  "measures what fine-tuning hid in it; turn it off")
             if self.replay.enabled:
                 raise ValueError(f"{what} does not replay: set replay.enabled=false")
+        planning = planning_for(self.strategy)
+        batches = len(planning.replay_parts) + (1 if planning.replay_ratio else 0)
+        if self.replay.rows_per_batch is not None and self.replay.rows_per_batch < batches:
+            raise ValueError(f"replay.rows_per_batch ({self.replay.rows_per_batch}) is split over strategy "
+                             f"{self.strategy_name}'s {batches} replayed batches: give each at least one row")
         if self.resume and self.overwrite:
             raise ValueError("resume=true continues what is in output_dir and overwrite=true empties it: choose one")
         return self

@@ -8,6 +8,8 @@ worker, under torchrun, or in a test with one process.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import logging
 import math
@@ -189,9 +191,10 @@ class Learner(Engine):
         super().close()
 
     def context(self, plan: TaskPlan) -> TrainingContext:
+        shuffled = dataclasses.replace(plan, order="shuffled")  # what a strategy estimates from: every class
         return TrainingContext(
             module=self.model, engine=self.engine, device=self.device, dtype=next(self.model.parameters()).dtype,
-            comm=self.comm, batches=lambda: (batch.inputs for batch in self.batches(plan, extras=False)),
+            comm=self.comm, batches=lambda: (batch.inputs for batch in self.batches(shuffled, extras=False)),
             collate=lambda sources, targets: self.batching.collate(*self.batching.encode(sources, targets)),
             eval_batch_size=self.config.evaluation.batch_size, rank=self.rank)
 

@@ -9,6 +9,8 @@ directory, or trained with the ``tokenizers`` library. Everything written here r
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import warnings
 import zipfile
@@ -189,6 +191,17 @@ def _canonicalize_unigram(tok: Tokenizer, *, keep: list[str], unseen: list[str])
     pieces = pieces + [[c, UNSEEN_SCORE] for c in keep if c not in present]
     pieces = sorted(((p, round(score, 2)) for p, score in pieces), key=lambda item: (-item[1], item[0]))
     tok.model = models.Unigram([tuple(v) for v in specials] + pieces, unk_id=state["unk_id"], byte_fallback=False)
+
+
+def directory_digest(directory: str | Path) -> str:
+    """A digest of what a directory holds (a saved tokenizer): every file's relative path and bytes."""
+    root = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\1")
+    return digest.hexdigest()[:16]
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:

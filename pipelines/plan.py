@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -164,18 +164,44 @@ def stores_rows(config: RunConfig, task: Task) -> bool:
     return task.trainable or config.replay.pretraining_rows > 0
 
 
-def rows_to_store(config: RunConfig, stream: TaskStream, index: int) -> pa.Table | None:
-    """The rows task ``index`` adds to the replay store after it is trained: a seeded sample of
-    ``replay.rows_per_task`` of its training rows (all, when unset), or ``replay.pretraining_rows``
-    of the pretraining corpus. None: it adds none."""
+def _store_order(config: RunConfig, stream: TaskStream, index: int) -> np.ndarray:
+    """Task ``index``'s candidate rows for the store, in the seeded order a total budget keeps them
+    (the first ``share`` of them), and the most it can store."""
     task = stream[index]
-    if not stores_rows(config, task):
-        return None
+    order = np.random.default_rng([config.seed, index]).permutation(len(task.sources("train")))
+    return order if task.trainable else order[: config.replay.pretraining_rows]
+
+
+def balanced_shares(caps: dict[int, int], budget: int) -> dict[int, int]:
+    """Split ``budget`` rows over tasks as evenly as their ``caps`` allow (water-filling): the tasks
+    in increasing cap, each taking min(cap, what is left // tasks left). The shares sum to at most
+    ``budget``; a task capped below its even share leaves the rest to the others; ties go to the
+    later task (the newest gets the odd row)."""
+    shares, left = {}, budget
+    ranked = sorted(caps, key=lambda k: (caps[k], k))
+    for position, k in enumerate(ranked):
+        shares[k] = min(caps[k], left // (len(ranked) - position))
+        left -= shares[k]
+    return dict(sorted(shares.items()))
+
+
+def memory_shares(config: RunConfig, stream: TaskStream, upto: int) -> dict[int, int]:
+    """Under ``replay.memory_rows``: the rows of each task the store holds once task ``upto`` added
+    its own. Replayed from the first task, so it needs no state (a resumed run gets the same): at
+    each task that stores rows, the budget is re-split over the tasks stored so far, an old task
+    capped by what it holds (shares only shrink: a row once deleted is gone, and DER++'s stored
+    logits could not be made again), the new one by its rows."""
+    budget = config.replay.memory_rows
+    shares: dict[int, int] = {}
+    for index in range(upto + 1):
+        if budget is None or not stores_rows(config, stream[index]):
+            continue
+        shares = balanced_shares({**shares, index: len(_store_order(config, stream, index))}, budget)
+    return shares
+
+
+def _table(task: Task, index: int, chosen: np.ndarray) -> pa.Table:
     sources, targets = task.sources("train"), task.targets("train")
-    chosen = np.arange(len(sources))
-    limit = config.replay.rows_per_task if task.trainable else config.replay.pretraining_rows
-    if limit and limit < len(chosen):
-        chosen = np.sort(np.random.default_rng([config.seed, index]).choice(len(chosen), limit, replace=False))
     return pa.table({
         "example_id": [f"{task.name}:{i}" for i in chosen],
         "task_id": pa.array([index] * len(chosen), pa.int32()),
@@ -185,10 +211,54 @@ def rows_to_store(config: RunConfig, stream: TaskStream, index: int) -> pa.Table
     })
 
 
+def rows_to_store(config: RunConfig, stream: TaskStream, index: int) -> pa.Table | None:
+    """The rows task ``index`` adds to the replay store after it is trained. Under a total budget
+    (``replay.memory_rows``), its share (``memory_shares``), the first of its seeded order;
+    otherwise a seeded sample of ``replay.rows_per_task`` of its training rows (all, when unset),
+    or ``replay.pretraining_rows`` of the pretraining corpus. None: it adds none."""
+    task = stream[index]
+    if not stores_rows(config, task):
+        return None
+    if config.replay.memory_rows is not None:
+        share = memory_shares(config, stream, index)[index]
+        return _table(task, index, _store_order(config, stream, index)[:share])
+    chosen = np.arange(len(task.sources("train")))
+    limit = config.replay.rows_per_task if task.trainable else config.replay.pretraining_rows
+    if limit and limit < len(chosen):
+        chosen = np.sort(np.random.default_rng([config.seed, index]).choice(len(chosen), limit, replace=False))
+    return _table(task, index, chosen)
+
+
+def rows_to_drop(config: RunConfig, stream: TaskStream, index: int) -> list[str]:
+    """Under ``replay.memory_rows``: the ids of earlier tasks' rows that leave the store before task
+    ``index``'s rows go in (each old task's surplus over its new share: the end of what it kept)."""
+    if config.replay.memory_rows is None or not stores_rows(config, stream[index]):
+        return []
+    before, after = memory_shares(config, stream, index - 1), memory_shares(config, stream, index)
+    doomed = []
+    for j, held in before.items():
+        order = _store_order(config, stream, j)
+        doomed += [f"{stream[j].name}:{i}" for i in order[after[j]:held]]
+    return doomed
+
+
 def replay_parts(config: RunConfig, planning: Planning) -> tuple[ReplayPart, ...]:
-    """The replayed parts of every micro-batch: the mixed-in share first, then the strategies' own."""
-    mixed = replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
-    return ((ReplayPart("mix", mixed, mix=True),) if mixed else ()) + planning.replay_parts
+    """The replayed parts of every micro-batch: the mixed-in share first, then the strategies' own.
+
+    With ``replay.rows_per_batch`` every replay-based strategy replays that many rows per
+    micro-batch, split evenly over its parts (the first parts take the odd rows), and replay's
+    mixed-in rows come on top of a full micro-batch of the new task, as the strategies' separate
+    batches do; otherwise each strategy's own setting, and replay's rows take ``replay_ratio`` of
+    the micro-batch."""
+    total = config.replay.rows_per_batch
+    if total is None:
+        mixed = replayed_per_batch(config.training.micro_batch_size, planning.replay_ratio)
+        return ((ReplayPart("mix", mixed, mix=True),) if mixed else ()) + planning.replay_parts
+    parts = ((ReplayPart("mix", 0, mix=True, on_top=True),) if planning.replay_ratio else ()) + planning.replay_parts
+    if not parts:
+        return ()
+    each, odd = divmod(total, len(parts))
+    return tuple(replace(part, rows=each + (k < odd)) for k, part in enumerate(parts))
 
 
 def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:

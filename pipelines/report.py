@@ -51,6 +51,8 @@ class ReplaySummary(_Model):
     bytes: int
     directory: str | None
     restore_warnings: list[str] = []
+    memory_rows: int | None = None  # replay.memory_rows: the total budget (None: none)
+    rows_after_task: dict[str, int] = {}  # the store's rows once each task's were in (the budget's check)
 
 
 class Resumption(_Model):

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Annotated, Any, Union
 import pyarrow as pa
 from pydantic import Field
 
-from pipelines.strategies.base import Planning, StepBatch, StrategyDef, TrainingContext, TrainingStrategy
+from pipelines.strategies.base import (
+    Planning,
+    StepBatch,
+    StrategyDef,
+    TrainingContext,
+    TrainingStrategy,
+    averages_per_example,
+    sequence_ce,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +102,11 @@ def planning_for(strategy: Any) -> Planning:
     return merged
 
 
+def deviations(run: RunConfig) -> dict[str, list[str]]:
+    """How each of the run's strategies differs from its paper, as it is configured (empty: none stated)."""
+    return {part.name: list(STRATEGIES[part.name].deviations(part, run)) for part in parts_of(run.strategy)}
+
+
 def needs_full_parameters(strategy: Any) -> list[str]:
     """The strategies of ``strategy`` that read every parameter on every worker (not under ZeRO-3)."""
     return [part.name for part in parts_of(strategy) if STRATEGIES[part.name].full_parameters]
@@ -107,6 +120,7 @@ class Combination:
         parts = sorted(parts_of(run.strategy), key=lambda part: STRATEGIES[part.name].nesting)
         self.names = [part.name for part in parts]
         self.parts: list[TrainingStrategy] = [STRATEGIES[part.name].training(part, run) for part in parts]
+        self.per_example = averages_per_example(run)
 
     @property
     def metrics(self) -> dict[str, torch.Tensor]:
@@ -124,7 +138,7 @@ class Combination:
         """The micro-batch's loss: the cross-entropy of its inputs, wrapped by each strategy in turn."""
 
         def inner(m: torch.nn.Module) -> torch.Tensor:
-            return m(**batch.inputs).loss
+            return sequence_ce(m, batch.inputs, per_example=self.per_example)
 
         for part in self.parts:
             inner = _wrapped(part, batch, inner)

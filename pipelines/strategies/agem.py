@@ -25,7 +25,9 @@ from pipelines.strategies.base import (
     StrategyDef,
     TrainingContext,
     accumulate,
+    averages_per_example,
     quiet_metrics,
+    sequence_ce,
     torch,
 )
 
@@ -62,6 +64,7 @@ class AGEM:
 
     def __init__(self, config: AgemStrategyConfig, run: RunConfig):
         self.config = config
+        self.per_example = averages_per_example(run)
         self.comm: Collectives | None = None
         self.device: torch.device | None = None
         self.metrics: dict[str, torch.Tensor] = {}
@@ -82,7 +85,7 @@ class AGEM:
         state = _rng_state(self.device)
         with quiet_metrics():
             grad = _grads(inner(module), params)
-        ref_grad = _grads(module(**reference).loss, params)
+        ref_grad = _grads(sequence_ce(module, reference, per_example=self.per_example), params)
         if self.comm is not None and self.comm.world_size > 1:
             sizes = [g.numel() for g in grad + ref_grad]
             flat = torch.cat([g.flatten().float() for g in grad + ref_grad])
@@ -93,7 +96,7 @@ class AGEM:
         accumulate(self.metrics, "agem_projected", (dot < 0).float())
         del grad, ref_grad
         _set_rng_state(state, self.device)
-        loss, ref_loss = inner(model), model(**reference).loss
+        loss, ref_loss = inner(model), sequence_ce(model, reference, per_example=self.per_example)
         return loss - coefficient.detach() * ref_loss
 
     def after_task(self, context: TrainingContext, plan: TaskPlan) -> None:
@@ -128,4 +131,8 @@ STRATEGY = StrategyDef(
     config=AgemStrategyConfig,
     planning=lambda config: Planning(replay_parts=(ReplayPart(REFERENCE, config.reference_rows),)),
     training=AGEM, nesting=40, claims=frozenset({"memory"}), full_parameters=True,
+    deviations=lambda config, run: (
+        ("with training.grad_accum_steps > 1 each micro-batch's gradient is projected against its own "
+         "reference batch, not the accumulated step's gradient against one (each projected part agreeing with "
+         "its reference is a stricter condition)",) if run.training.grad_accum_steps > 1 else ()),
 )

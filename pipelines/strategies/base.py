@@ -51,14 +51,16 @@ IGNORE_INDEX = -100  # label positions that count for nothing (padding), as tran
 # ------------------------------------------------------------------------ the planning side
 @dataclass(frozen=True)
 class ReplayPart:
-    """Replayed rows a micro-batch carries: ``rows`` of each draw from the store, either appended to
-    the micro-batch itself (``mix``) or handed to the strategy as a separate batch under ``name``
-    (with the rows' stored logits beside the labels when ``logits``)."""
+    """Replayed rows a micro-batch carries: ``rows`` of each draw from the store, either mixed into
+    the micro-batch itself (``mix``: in place of as many new rows, or ``on_top`` of them) or handed
+    to the strategy as a separate batch under ``name`` (with the rows' stored logits beside the
+    labels when ``logits``)."""
 
     name: str
     rows: int
     mix: bool = False
     logits: bool = False
+    on_top: bool = False  # mix: appended to a full micro-batch of the new task (else it takes their place)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ class StrategyDef:
             (``data``: what a task trains on; ``memory``: the replayed rows' use).
         alone: why it combines with nothing (None: it combines).
         full_parameters: it reads every parameter on every worker (refused under ZeRO-3).
+        deviations: its config and the run's -> how it differs from its paper here, each stated
+            (recorded in comparison.json beside its results).
     """
 
     config: type[Schema]
@@ -117,6 +121,7 @@ class StrategyDef:
     claims: frozenset[str] = frozenset()
     alone: str | None = None
     full_parameters: bool = False
+    deviations: Callable[[Any, RunConfig], tuple[str, ...]] = lambda config, run: ()
 
     @property
     def name(self) -> str:
@@ -148,7 +153,9 @@ class TrainingContext:
     device: torch.device
     dtype: torch.dtype
     comm: Collectives
-    batches: Callable[[], Iterator[Batch]]  # a fresh iterator over this rank's micro-batches of the task (inputs only)
+    # a fresh iterator over this rank's micro-batches of the task (inputs only), shuffled even when
+    # the task trains by class: an estimate over its first batches sees every class
+    batches: Callable[[], Iterator[Batch]]
     collate: Callable[[list[str], list[str]], Batch]  # (sources, targets) -> a batch on the device
     eval_batch_size: int
     rank: int
@@ -223,6 +230,35 @@ def accumulate(metrics: dict[str, torch.Tensor], name: str, value: torch.Tensor)
         return
     value = value.detach().float()
     metrics[name] = metrics[name] + value if name in metrics else value
+
+
+def example_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged per example: each example's mean over its target tokens, then the
+    mean over the examples that have any (padding, ``IGNORE_INDEX``, counts for nothing). A batch's
+    token mean instead weighs an example by its target's length: a one-token label counts a tenth
+    of a ten-token answer beside it."""
+    tokens = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    valid = labels != IGNORE_INDEX
+    counts = valid.sum(1)
+    means = (tokens * valid).sum(1) / counts.clamp(min=1)
+    has = (counts > 0).to(means.dtype)
+    return (means * has).sum() / has.sum().clamp(min=1)
+
+
+def sequence_ce(model: torch.nn.Module, batch: Batch, *, per_example: bool) -> torch.Tensor:
+    """The model's cross-entropy on ``batch`` (its ``labels``): averaged per example
+    (``example_mean_ce``), or the token mean the model computes itself. A model whose logits are
+    one class per example (feature extraction's heads) has one label per example: the two agree."""
+    out = model(**batch)
+    labels = batch.get("labels")
+    if not per_example or labels is None or out.logits.dim() != 3:
+        return out.loss
+    return example_mean_ce(out.logits, labels)
+
+
+def averages_per_example(run: RunConfig) -> bool:
+    """Whether the run averages its cross-entropy per example (``training.loss_mean``)."""
+    return run.training.loss_mean == "per_example"
 
 
 def load_frozen(directory: str, *, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -25,6 +25,8 @@ from pipelines.strategies.base import (
     StrategyDef,
     TrainingContext,
     accumulate,
+    averages_per_example,
+    sequence_ce,
     torch,
 )
 
@@ -98,6 +100,7 @@ class DERpp:
 
     def __init__(self, config: DerppStrategyConfig, run: RunConfig):
         self.config = config
+        self.per_example = averages_per_example(run)
         self.metrics: dict[str, torch.Tensor] = {}
 
     def before_task(self, context: TrainingContext, plan: TaskPlan) -> None:
@@ -112,7 +115,7 @@ class DERpp:
             accumulate(self.metrics, "derpp_mse", mse)
             loss = loss + self.config.alpha * mse
         if replayed is not None and self.config.beta:
-            ce = model(**replayed).loss
+            ce = sequence_ce(model, replayed, per_example=self.per_example)
             accumulate(self.metrics, "derpp_replay_ce", ce)
             loss = loss + self.config.beta * ce
         return loss
@@ -134,4 +137,8 @@ STRATEGY = StrategyDef(
                                                    ReplayPart(REPLAYED, config.replay_rows)),
                                      stores_logits=True),
     training=DERpp, nesting=20, claims=frozenset({"memory"}),
+    deviations=lambda config, run: (
+        "DER++ with end-of-task logits: a row's stored logits are the model's at the end of the row's task "
+        "(Buzzega et al. store them while the row is trained on; rows enter our store at the task boundary)",
+        f"the top {config.top_k} logits of each target token are stored and matched, not the whole vocabulary"),
 )

@@ -122,5 +122,11 @@ class EWC:
         self.fisher, self.anchor = dict(state.get("fisher", {})), dict(state.get("anchor", {}))
 
 
-STRATEGY = StrategyDef(config=EwcStrategyConfig, planning=lambda config: Planning(), training=EWC, nesting=30,
-                       full_parameters=True)
+STRATEGY = StrategyDef(
+    config=EwcStrategyConfig, planning=lambda config: Planning(), training=EWC, nesting=30, full_parameters=True,
+    deviations=lambda config, run: (
+        "empirical Fisher: squared gradients of each example's own target, over shuffled training examples "
+        "(Kirkpatrick et al. sample the target from the model's own output distribution)",
+        f"online EWC (Schwarz et al. 2018): one Fisher, decayed by gamma={config.gamma}, and one anchor, the "
+        "latest weights (not one penalty per task)"),
+)

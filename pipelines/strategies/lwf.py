@@ -31,6 +31,8 @@ from pipelines.strategies.base import (
     TrainingContext,
     F,
     accumulate,
+    averages_per_example,
+    example_mean_ce,
     load_frozen,
     torch,
 )
@@ -44,7 +46,9 @@ class LwfStrategyConfig(Schema):
     """Learning without Forgetting (Li & Hoiem 2016): the new task's inputs, put under each earlier
     task's prefix (the old "heads"), are answered by the model saved at the previous task boundary
     (frozen); the student is trained to give the same answers there, beside CE on the new task.
-    loss = (1 - alpha) * CE + alpha * mean over earlier prefixes of the distillation term."""
+    loss = (1 - alpha) * CE + alpha * the distillation terms of the earlier prefixes, averaged
+    (``old_heads: mean``, the default: alpha weighs old tasks against the new one alike at task 2
+    and task 20) or summed as Li & Hoiem do (``sum``: the old tasks' weight grows with their number)."""
 
     name: Literal["lwf"] = "lwf"
     # kl: T^2 KL of softened distributions; mse: squared logit difference summed over the
@@ -52,6 +56,7 @@ class LwfStrategyConfig(Schema):
     variant: Literal["kl", "mse", "pseudo_labels"] = "kl"
     temperature: float = Field(default=2.0, gt=0)  # kl: softmax(logits / T); T = 2 ~ square-root probabilities
     alpha: float = Field(default=0.5, ge=0, le=1)
+    old_heads: Literal["mean", "sum"] = "mean"
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -92,6 +97,7 @@ class LwF:
     def __init__(self, config: LwfStrategyConfig, run: RunConfig):
         self.config = config
         self.max_target_tokens = run.stream.max_target_tokens
+        self.per_example = averages_per_example(run)
         self.teacher: torch.nn.Module | None = None
         self.metrics: dict[str, torch.Tensor] = {}
 
@@ -123,11 +129,11 @@ class LwF:
             labels, teacher_logits = self.teacher_answers(view)
             student = model(input_ids=view["input_ids"], attention_mask=view["attention_mask"], labels=labels)
             if config.variant == "pseudo_labels":
-                terms.append(student.loss)
+                terms.append(example_mean_ce(student.logits, labels) if self.per_example else student.loss)
             else:
                 terms.append(distillation_loss(student.logits, teacher_logits, labels, variant=config.variant,
                                                temperature=config.temperature))
-        distill = torch.stack(terms).mean()
+        distill = torch.stack(terms).mean() if config.old_heads == "mean" else torch.stack(terms).sum()
         accumulate(self.metrics, "lwf_distill", distill)
         accumulate(self.metrics, "lwf_ce", own)
         return (1 - config.alpha) * own + config.alpha * distill
@@ -142,5 +148,11 @@ class LwF:
         pass
 
 
-STRATEGY = StrategyDef(config=LwfStrategyConfig, planning=lambda config: Planning(needs_teacher=True),
-                       training=LwF, nesting=10)
+STRATEGY = StrategyDef(
+    config=LwfStrategyConfig, planning=lambda config: Planning(needs_teacher=True), training=LwF, nesting=10,
+    deviations=lambda config, run: (
+        "an old task's head is its prefix; the teacher answers the new inputs under it greedily, per micro-batch "
+        "(Li & Hoiem record the old heads' outputs once, before training)",
+        *(("the old heads' distillation terms are averaged, so alpha weighs old against new alike at any task "
+           "(Li & Hoiem sum them)",) if config.old_heads == "mean" else ())),
+)

@@ -132,3 +132,23 @@ def test_strategies_to_compare_may_be_combinations_and_are_checked_before_any_ru
         parse_strategies("naive,replay+derpp")
     with pytest.raises(ConfigError, match="names a strategy twice"):
         parse_strategies("replay,replay")
+
+
+def test_replay_based_strategies_are_compared_only_under_one_memory_and_one_rate():
+    from pathlib import Path
+
+    from actors.compare import check_protocol, protocol
+    from pipelines.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[3] / "configs/tiny/compare.yaml")
+    check_protocol(config, ["naive", "replay", "derpp", "agem"])  # the shipped config sets both
+    unset = load_config(Path(__file__).resolve().parents[3] / "configs/tiny/compare.yaml",
+                        ["replay.memory_rows=null", "replay.rows_per_batch=null"])
+    check_protocol(unset, ["naive", "lwf", "ewc"])  # nothing replays: nothing to share
+    with pytest.raises(ConfigError, match=r"compare: replay, derpp replay rows.*set replay.memory_rows and "
+                                          r"replay.rows_per_batch"):
+        check_protocol(unset, ["naive", "replay", "derpp"])
+    shared = protocol(config, ["naive", "derpp"], {"path": "t", "digest": "d", "source": "s"})
+    assert (shared["replay_memory_rows"], shared["replay_rows_per_batch"], shared["loss_mean"]) == (384, 8, "per_example")
+    assert list(shared["deviations"]) == ["naive", "derpp"] and shared["deviations"]["naive"] == {}
+    assert "end-of-task logits" in shared["deviations"]["derpp"]["derpp"][0]

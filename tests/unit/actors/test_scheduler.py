@@ -181,3 +181,44 @@ def test_joint_reports_only_what_training_at_the_end_defines(toy_stream_config, 
     assert "learning_acc are not defined" in report.note
     logged = MlflowClient(mlflow_store).get_run(report.mlflow.run_id).data.metrics
     assert logged["avg_acc"] == pytest.approx(0.75) and not {"forgetting", "forgetting/category", "bwt", "fwt", "learning_acc"} & set(logged)
+
+
+def test_a_total_replay_budget_holds_over_six_tasks(toy_stream_config, toy_task, tmp_path, local_ray):
+    """replay.memory_rows is the store's most rows, checked on a real two-shard store after every
+    task of a six-task stream: the old tasks' shares shrink (their surplus deleted before the new
+    task's rows go in), a task short of rows leaves the rest to the others, and nothing is kept
+    twice."""
+    from pipelines.plan import memory_shares
+
+    sizes, kinds = [64, 14, 64, 64, 10, 64], ["category", "first_word", "last_word", "count"]
+    toy_stream_config["stream"]["tasks"] = [
+        {"name": f"t{i}", "source": {"kind": "file", "path": str(toy_task(tmp_path / f"t{i}.jsonl", kinds[i % 4],
+                                                                          n=n, seed=i))}}
+        for i, n in enumerate(sizes)]
+    toy_stream_config["strategy"] = {"name": "replay"}
+    toy_stream_config["replay"] = {"memory_rows": 50, "rows_per_batch": 4, "num_shards": 2}
+    config = resolve_paths(validate_config(toy_stream_config))
+    stream = load_stream(config)
+    scheduler = Scheduler(config, stream)
+    held, shares_before = [], {}
+    try:
+        for t in range(len(stream)):
+            scheduler.next_task(0)
+            scheduler.record_eval(t, {name: 0.5 for name in stream.names})
+            stats = scheduler.replay_summary()
+            held.append(stats.rows)
+            shares = memory_shares(config, stream, t)
+            assert stats.rows_per_task == {stream[j].name: n for j, n in shares.items() if n}, t
+            assert all(shares[j] <= n for j, n in shares_before.items()), t  # an old task's share never grows
+            shares_before = shares
+        report = scheduler.finish()
+    finally:
+        scheduler.replay.shutdown()
+    train_rows = [len(task.sources("train")) for task in stream]
+    assert train_rows[1] < 25 and train_rows[4] < 50 / 6  # two tasks short of their even share
+    assert max(held) <= 50 and held[-1] == 50 and held[0] == min(50, train_rows[0])
+    assert report.replay.rows_after_task == dict(zip(stream.names, held)) and report.replay.memory_rows == 50
+    final = report.replay.rows_per_task
+    assert final["t4"] == train_rows[4]  # all it has
+    full = [final[name] for name in ("t0", "t2", "t3", "t5")]
+    assert max(full) - min(full) <= 1 and final["t1"] <= max(full)  # the rest split evenly

@@ -4,7 +4,7 @@ One process: the plain scheduler as the coordinator, one learner, the replay sto
 local Ray (the tests' ``local_ray``), the replay feeds the trainer workers use. The same seed gives
 the same batches, replay draws, teachers and Fisher, so a change that only moves code gives the same
 numbers to the last bit. The pins are in ``strategy_pins.json``; a change that means to move them
-(a new loss average, a new default) rewrites them with ``FORGETLESS_REPIN=1`` and says so in its
+(a new loss average, a new default: the per-example mean replaced the token mean) rewrites them with ``FORGETLESS_REPIN=1`` and says so in its
 commit. The losses are compared to 1e-6 relative: they come from this machine's CPU kernels, and a
 different vector unit could move the last digits.
 """
@@ -40,6 +40,9 @@ STRATEGIES = {
     "agem": {"name": "agem", "reference_rows": 8},
     "derpp": {"name": "derpp", "replay_rows": 4, "top_k": 8},
 }
+# The same strategies under one memory budget and one replayed-rows rate (what `compare` requires)
+BUDGET = ["replay.memory_rows=48", "replay.rows_per_batch=4"]
+WITH_BUDGET = {f"{name} (budget)": name for name in ("replay", "agem", "derpp")}
 TINY = [
     "training.max_steps=15", "evaluation.batch_size=24", "replay.rows_per_task=32", "replay.num_shards=1",
     *(f"stream.tasks.{i}.{key}" for i in range(3) for key in ("max_train_examples=64", "max_eval_examples=24")),
@@ -69,13 +72,17 @@ def measured(report) -> dict:
 
 
 @pytest.mark.slow  # a minute for all eight: `make test` runs them, `make check` does not
-@pytest.mark.parametrize("name", list(STRATEGIES), ids=list(STRATEGIES))
+@pytest.mark.parametrize("name", [*STRATEGIES, *WITH_BUDGET], ids=[*STRATEGIES, *WITH_BUDGET])
 def test_a_strategy_gives_its_pinned_matrix_and_losses(name, local_ray, tmp_path, mlflow_store):
-    strategy = ",".join(f"{k}: {v}" for k, v in STRATEGIES[name].items())
+    strategy = ",".join(f"{k}: {v}" for k, v in STRATEGIES[WITH_BUDGET.get(name, name)].items())
+    tiny = [o for o in TINY if not o.startswith("replay.rows_per_task")] + BUDGET if name in WITH_BUDGET else TINY
     config = resolve_paths(load_config(REPO / "configs/tiny/naive.yaml", [
-        *TINY, f"strategy={{{strategy}}}", f"output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={mlflow_store}"]))
+        *tiny, f"strategy={{{strategy}}}", f"output_dir={tmp_path / 'out'}", f"mlflow.tracking_uri={mlflow_store}"]))
     report = run_in_one_process(config)
     assert report.status == "FINISHED" and report.complete, report.error
+    if name in WITH_BUDGET:  # the store never held more than the budget; each task its balanced share
+        assert report.replay.rows_after_task == {"question_type": 48, "sms_spam": 48, "sentiment_movies": 48}
+        assert report.replay.rows_per_task == {"question_type": 16, "sms_spam": 16, "sentiment_movies": 16}
     got = measured(report)
     pins = json.loads(PINS.read_text()) if PINS.is_file() else {}
     if os.environ.get("FORGETLESS_REPIN") == "1":

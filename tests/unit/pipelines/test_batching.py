@@ -97,3 +97,14 @@ def test_every_rank_scores_an_equal_share_padded_past_the_end(n, ranks, expected
     alone = Evaluator(_batcher(rank=1, world_size=ranks), model=None, body=None, engine=None, comm=None,
                       settings=None, lockstep=False)
     assert alone.share(n, model=torch.nn.Linear(1, 1)) == list(range(n))  # a plain module on one rank: all
+
+
+def test_rows_mixed_on_top_come_beside_a_full_micro_batch_of_the_task():
+    def replay():
+        return pa.table({"source": ["r-0", "r-1"], "target": ["y", "y"]})
+
+    parts = (ReplayPart("mix", 2, mix=True, on_top=True),)
+    first = next(_batcher().batches(_plan(replay_rows_per_batch=2, replay_parts=parts), replay))
+    decoded = TOKENIZER.batch_decode(first.inputs["input_ids"], skip_special_tokens=True)
+    assert len(decoded) == 6 and decoded[4:] == ["r-0", "r-1"]  # micro_batch_size 4 of the task, then the two
+    assert all(d.startswith("t: ") for d in decoded[:4])

@@ -9,8 +9,19 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import validate_config
-from pipelines.errors import DataError
-from pipelines.plan import TaskPlan, build_plan, check_stream, fingerprint
+from pipelines.errors import ConfigError, DataError
+from pipelines.plan import (
+    TaskPlan,
+    balanced_shares,
+    build_plan,
+    check_stream,
+    fingerprint,
+    memory_shares,
+    replay_parts,
+    rows_to_drop,
+    rows_to_store,
+)
+from pipelines.strategies import planning_for
 from pipelines.tasks import load_stream
 
 REPO = Path(__file__).resolve().parents[3]
@@ -86,3 +97,51 @@ def test_joint_and_cumulative_leave_a_measured_only_task_out(toy_stream_config):
         assert last.examples.num_rows == stream[1].train.num_rows + stream[2].train.num_rows
         if name == "joint":
             assert last.num_steps == 2 * config.training.max_steps  # the two trained tasks' budgets
+
+
+def test_balanced_shares_split_the_budget_evenly_as_the_caps_allow():
+    # task 2 has 3 rows: it keeps them all; 17 left for two tasks: 8 (task 0) and 9 (the newest)
+    assert balanced_shares({0: 10, 1: 256, 2: 3}, 20) == {0: 8, 1: 9, 2: 3}
+    assert balanced_shares({0: 256}, 20) == {0: 20}
+    assert balanced_shares({0: 5, 1: 5, 2: 256}, 10) == {0: 3, 1: 3, 2: 4}
+    assert balanced_shares({0: 2, 1: 2}, 10) == {0: 2, 1: 2}  # fewer rows than the budget: all of them
+
+
+def test_a_budget_s_plan_deletes_old_surplus_then_stores_the_new_share(toy_stream_config):
+    toy_stream_config["strategy"] = {"name": "replay"}
+    toy_stream_config["replay"] = {"memory_rows": 20}
+    config = validate_config(toy_stream_config)
+    stream = load_stream(config)
+    first = rows_to_store(config, stream, 0)
+    assert first.num_rows == 20 and rows_to_drop(config, stream, 0) == []
+    second, dropped = rows_to_store(config, stream, 1), rows_to_drop(config, stream, 1)
+    kept = set(first.column("example_id").to_pylist()) - set(dropped)
+    assert second.num_rows == 10 and len(dropped) == 10 and len(kept) == 10
+    assert set(dropped) <= set(first.column("example_id").to_pylist())  # only rows it holds
+    assert memory_shares(config, stream, 1) == {0: 10, 1: 10}
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    ({"name": "replay"}, [("mix", 7, True)]),
+    ({"name": "derpp"}, [("replay_logits", 4, False), ("replay_ce", 3, False)]),
+    ({"name": "agem"}, [("reference", 7, False)]),
+])
+def test_one_replay_rate_is_split_over_each_strategy_s_replayed_batches(toy_stream_config, strategy, expected):
+    toy_stream_config["strategy"] = strategy
+    toy_stream_config["replay"] = {"memory_rows": 20, "rows_per_batch": 7}
+    config = validate_config(toy_stream_config)
+    parts = replay_parts(config, planning_for(config.strategy))
+    assert [(p.name, p.rows, p.on_top) for p in parts] == expected
+    assert build_plan(config, load_stream(config), 1).replay_rows_per_batch == 7
+
+
+@pytest.mark.parametrize(("replay", "message"), [
+    ({"memory_rows": 20, "rows_per_task": 5}, r"replay.rows_per_task and replay.memory_rows"),
+    ({"memory_rows": 20, "capacity_rows": 5}, r"replay.capacity_rows and replay.memory_rows"),
+    ({"rows_per_batch": 1}, r"replay.rows_per_batch \(1\) is split over strategy derpp's 2 replayed batches"),
+])
+def test_a_replay_budget_set_two_ways_is_refused_by_key(toy_stream_config, replay, message):
+    toy_stream_config["strategy"] = {"name": "derpp"}
+    toy_stream_config["replay"] = replay
+    with pytest.raises(ConfigError, match=message):
+        validate_config(toy_stream_config)

@@ -24,7 +24,8 @@ class _Linear(torch.nn.Module):
 
 
 def _agem_step(new, reference):
-    model, agem = _Linear(), AGEM(AgemStrategyConfig(), None)
+    run = SimpleNamespace(training=SimpleNamespace(loss_mean="per_token"))  # the model computes its own loss
+    model, agem = _Linear(), AGEM(AgemStrategyConfig(), run)
     grad = torch.autograd.grad(model(**new).loss, [model.w])[0]
     ref = torch.autograd.grad(model(**reference).loss, [model.w])[0]
     agem.loss(model, StepBatch(new, {"reference": reference}), lambda m: m(**new).loss).backward()

@@ -103,3 +103,42 @@ def test_a_state_saved_before_strategies_combined_loads_into_the_one_strategy(to
     combination = Combination(config)
     combination.load_state_dict({"fisher": {"w": torch.ones(2)}, "anchor": {"w": torch.zeros(2)}})
     assert torch.equal(combination.parts[0].fisher["w"], torch.ones(2))
+
+
+def test_the_per_example_mean_weighs_a_one_token_label_as_a_long_answer():
+    """Two examples, token losses [2] and [4, 4, 4]: per example (2 + 4) / 2 = 3; per token
+    (2 + 12) / 4 = 3.5. A padded row with no target token counts for nothing."""
+    from pipelines.strategies.base import IGNORE_INDEX, example_mean_ce
+
+    vocab = 4
+    labels = torch.tensor([[0, IGNORE_INDEX, IGNORE_INDEX], [1, 2, 3], [IGNORE_INDEX] * 3])
+    logits = torch.zeros(3, 3, vocab)
+    # a token's cross-entropy is log(sum exp) - logit(target): with zeros but a boost of b on one wrong
+    # class, it is log(3 + e^b); choose b per token so the losses are 2 and 4
+
+    def loss_of(b):
+        return math.log(3 + math.exp(b))
+
+    b2, b4 = math.log(math.exp(2.0) - 3), math.log(math.exp(4.0) - 3)
+    for (i, j), b in {(0, 0): b2, (1, 0): b4, (1, 1): b4, (1, 2): b4}.items():
+        wrong = (labels[i, j].item() + 1) % vocab
+        logits[i, j, wrong] = b
+    assert loss_of(b2) == pytest.approx(2.0) and loss_of(b4) == pytest.approx(4.0)
+    assert example_mean_ce(logits, labels).item() == pytest.approx(3.0)
+    token_mean = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX)
+    assert token_mean.item() == pytest.approx(3.5)
+
+
+def test_strategies_state_how_they_depart_from_their_papers(toy_stream_config):
+    from pipelines.strategies import deviations
+
+    def of(strategy, **training):
+        return deviations(validate_config({**toy_stream_config, "strategy": strategy,
+                                           "training": {**toy_stream_config["training"], **training}}))
+
+    assert "end-of-task logits" in of("derpp")["derpp"][0]
+    assert "empirical Fisher" in of("ewc")["ewc"][0]
+    assert any("averaged" in text for text in of("lwf")["lwf"])
+    assert not any("averaged" in text for text in of({"name": "lwf", "old_heads": "sum"})["lwf"])
+    assert of("agem")["agem"] == [] and "projected" in of("agem", grad_accum_steps=2)["agem"][0]
+    assert of("naive") == {"naive": []}

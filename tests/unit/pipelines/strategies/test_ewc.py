@@ -76,3 +76,17 @@ def test_online_ewc_decays_the_old_fisher_by_gamma_and_logs_the_penalty(make_lea
         torch.testing.assert_close(ewc.fisher[k], 0.5 * first[k] + second[k])
     assert logged and all(m["ewc_penalty"] >= 0 and "ewc_penalty_ratio" in m for m in logged)
     assert logged[-1]["ewc_penalty"] > 0  # the weights moved away from the anchor
+
+
+def test_what_a_strategy_estimates_from_is_shuffled_even_when_the_task_trains_by_class(make_learner, make_plan):
+    """A task fed by class gives its first micro-batches one class; the context's batches (EWC's
+    Fisher reads its first fisher_examples from them) are shuffled, so they see several."""
+    learner, stream = make_learner({"name": "ewc", "fisher_examples": 8})
+    try:
+        plan = make_plan(learner, stream, 0, order="by_class")
+        trained = next(learner.batches(plan, extras=False)).inputs["labels"]
+        estimated = next(learner.context(plan).batches())["labels"]
+        assert len({tuple(row.tolist()) for row in trained}) == 1  # one class: the task's order
+        assert len({tuple(row.tolist()) for row in estimated}) > 1
+    finally:
+        learner.close()

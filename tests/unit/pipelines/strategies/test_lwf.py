@@ -120,3 +120,25 @@ def test_lwf_keeps_the_old_heads_answers_close_to_the_teachers_where_naive_does_
         bare = [s.removeprefix(stream[1].prefix) for s in stream[1].sources("eval")]
         results[name] = _old_head_divergence(learner, teacher, [stream[0].prefix + s for s in bare])
     assert results["lwf"] < 0.5 * results["naive"], results
+
+
+def test_the_old_heads_terms_are_averaged_or_summed_as_configured(toy_stream_config):
+    from types import SimpleNamespace
+
+    from pipelines.config import validate_config
+    from pipelines.strategies.base import StepBatch
+    from pipelines.strategies.lwf import LwF, LwfStrategyConfig
+
+    run = validate_config(toy_stream_config)
+    results = {}
+    for heads in ("mean", "sum"):
+        lwf = LwF(LwfStrategyConfig(alpha=1.0, variant="pseudo_labels", old_heads=heads), run)
+        lwf.teacher = object()
+        lwf.teacher_answers = lambda view: (view["labels"], None)
+        # the student's loss on a view is its number: two old heads at 1 and 3
+        student = lambda **view: SimpleNamespace(loss=view["input_ids"].float().sum(), logits=None)  # noqa: E731
+        lwf.per_example = False
+        views = [{"input_ids": torch.tensor([[1.0]]), "attention_mask": None, "labels": None},
+                 {"input_ids": torch.tensor([[3.0]]), "attention_mask": None, "labels": None}]
+        results[heads] = lwf.loss(student, StepBatch({}, {"views": views}), lambda m: torch.tensor(0.0)).item()
+    assert results == {"mean": 2.0, "sum": 4.0}
