@@ -25,10 +25,16 @@ from pipelines.plan import planning_for
 from pipelines.strategies import check_combination, deviations
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
+from pipelines.significance import HEADLINE, RunCell, pairwise
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "gap_to_joint")
+BOOTSTRAP_REPLICATES = 1000
+SIGNIFICANCE = (f"paired differences A - B over the (order, seed) cells both finished; 95% interval: percentile "
+                f"hierarchical bootstrap ({BOOTSTRAP_REPLICATES} replicates: orders, then seeds within an order, then "
+                "each task's eval examples, shared by A and B and by every row); p: two-sided bootstrap, Holm-corrected "
+                "over the pairs per metric; significant: corrected p < 0.05 (pipelines/significance.py)")
 
 
 def _trains_only_at_end(name: str) -> bool:
@@ -150,7 +156,30 @@ def comparison_matrices(tasks: list[str], summary: dict[str, Any]) -> dict[str, 
     return matrices
 
 
-def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, orders: int = 1) -> str:
+def format_pairs(pairs: list[dict[str, Any]]) -> list[str]:
+    """The paired differences as a table: A - B, its 95% interval, the Holm-corrected p; '*' marks a
+    significant difference."""
+    if not pairs:
+        return []
+    lines = ["", "Paired differences A - B (same order, seed and eval examples): mean [95% hierarchical bootstrap "
+             "interval] p (Holm-corrected over the pairs); * significant at 0.05:", "",
+             "| A - B | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
+    for pair in pairs:
+        cells = []
+        for metric in HEADLINE:
+            result = pair["metrics"].get(metric)
+            if result is None:
+                cells.append("n/a")
+                continue
+            low, high = result["ci95"]
+            mark = " *" if result.get("significant") else ""
+            cells.append(f"{result['diff']:+.3f} [{low:+.3f}, {high:+.3f}] p={result['p_holm']:.3f}{mark}")
+        lines.append(f"| {pair['a']} - {pair['b']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, orders: int = 1,
+                 pairs: list[dict[str, Any]] | None = None) -> str:
     def cell(stat: dict[str, Any], signed: bool) -> str:
         if stat["mean"] is None:
             return "n/a"
@@ -159,7 +188,8 @@ def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, order
 
     unsigned = ("avg_acc", "learning_acc")
     lines = [f"Stream: {' -> '.join(tasks)}; {orders} task order(s) x {seeds} seed(s); mean ± half-width of a "
-             "95% t interval over the runs (the table's first order only for the final row).", "",
+             "95% t interval over the runs, pooled (orders and seeds as if independent: the pairs below are the "
+             "test); the final row is the first order's.", "",
              "| strategy | " + " | ".join(METRICS) + " | seconds | final row |",
              "|---" * (len(METRICS) + 3) + "|"]
     for name, entry in summary.items():
@@ -183,7 +213,46 @@ def format_table(tasks: list[str], summary: dict[str, Any], *, seeds: int, order
               "gap_to_joint = mean of joint's final acc on task i - acc[i, i] (only when joint is compared; not "
               "Chaudhry's intransigence, whose reference for task i is joint on tasks 0..i). "
               "joint: only avg_acc is defined."]
+    lines += format_pairs(pairs or [])
     return "\n".join(lines) + "\n"
+
+
+def read_example_scores(directory: Path, finished: int) -> tuple[dict[str, list[float]], list[dict[str, list[float]]]]:
+    """A run's per-example scores (``example_scores/``): the baseline's and each finished row's.
+    Only JSON objects of number lists are taken (the directory may be shared: nothing in it runs);
+    a file missing or malformed leaves that row without examples, said in the log."""
+    def read(name: str) -> dict[str, list[float]]:
+        path = directory / "example_scores" / f"{name}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: no per-example scores (%s); its cells keep their recorded means", path, exc)
+            return {}
+        if not isinstance(data, dict) or not all(
+                isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                for v in data.values()):
+            log.warning("%s: not task -> list of scores; its cells keep their recorded means", path)
+            return {}
+        return data
+    return read("baseline"), [read(f"after-{k:02d}") for k in range(finished)]
+
+
+def run_cells(reports: dict[str, list[RunReport]], dirs: dict[str, list[Path]],
+              order_list: list[list[str]]) -> dict[str, dict[tuple[int, int], RunCell]]:
+    """Each strategy's finished runs as the bootstrap reads them, keyed by (order, seed)."""
+    cells: dict[str, dict[tuple[int, int], RunCell]] = {}
+    for name, runs in reports.items():
+        only_at_end = _trains_only_at_end(name)
+        cells[name] = {}
+        for report, directory in zip(runs, dirs[name]):
+            if report.status != "FINISHED":
+                continue
+            matrix = ForgettingMatrix.from_dict(report.model_dump())
+            baseline, rows = read_example_scores(directory, report.finished_tasks)
+            order = order_list.index(report.tasks) if report.tasks in order_list else -1
+            cells[name][order, report.seed] = RunCell(order, report.seed, report.tasks, rows, baseline, matrix.acc,
+                                                      matrix.baseline, skip=_untrained(report), final_only=only_at_end)
+    return cells
 
 
 def run_dir(base: Path, name: str, seed: int, order: int, orders: int) -> Path:
@@ -260,12 +329,16 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
                     runs[name].append(sweep.run(run_config, f"{name}, order {o} ({' -> '.join(order)}), seed {seed}",
                                                 progress=progress))
     reports = {name: [r.report for r in timed] for name, timed in runs.items()}
+    dirs = {name: [run_dir(base, name, config.seed + k, o, orders) for o in range(len(order_list))
+                   for k in range(seeds)] for name in strategies}
     first = next(r for timed in reports.values() for r in timed)
     tasks = first.tasks
     summary = aggregate(reports, {name: [r.timing() for r in timed] for name, timed in runs.items()})
     costs = sweep.startup_summary()
+    pairs = pairwise(run_cells(reports, dirs, order_list), seed=config.seed, replicates=BOOTSTRAP_REPLICATES,
+                     progress=(lambda what: print(f"bootstrap: {what}", flush=True)) if progress else None)
     comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "protocol": shared, "strategies": summary,
-                  **costs, "mlflow": sweep.mlflow_ref()}
+                  "pairs": pairs, "significance": SIGNIFICANCE, **costs, "mlflow": sweep.mlflow_ref()}
     if progress:
         overhead = costs["per_run_overhead_s"]
         print(f"\n{sum(map(len, runs.values()))} run(s), {costs['worker_group_startups']} worker group start-up(s) "
@@ -274,7 +347,7 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     json_path = base / "comparison.json"
     write_atomic(json_path, json.dumps(comparison, indent=2))
     md_path = base / "comparison.md"
-    write_atomic(md_path, format_table(tasks, summary, seeds=seeds, orders=orders))
+    write_atomic(md_path, format_table(tasks, summary, seeds=seeds, orders=orders, pairs=pairs))
     plots = plot_comparison(comparison_matrices(tasks, summary), base)
     metrics = {f"{metric_prefix(name)}/{m}": entry[m]["mean"] for name, entry in summary.items() for m in METRICS}
     sweep.finish({**metrics, "worker_group_startups": costs["worker_group_startups"],

@@ -154,6 +154,8 @@ class Scheduler:
                                                                     carried.recovery)
             self._training_state, self._fill_tasks, self._resumes = (carried.training_state, carried.fill_tasks,
                                                                      carried.resumes)
+            if config.evaluation.cells == "needed":  # a row lacks the later tasks by design: only the next is read
+                self._fill_tasks = tuple(j for j in self._fill_tasks if j <= self.finished)
         self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
         try:
             self._start(previous)
@@ -255,8 +257,14 @@ class Scheduler:
             self.sink.log_metrics({"train_loss": loss, f"train_loss/{self.stream[task_index].name}": loss,
                                    **{f"train/{k}": v for k, v in (metrics or {}).items()}}, step=global_step)
 
-    def record_baseline(self, accuracies: dict[str, float]) -> None:
-        """The untrained model's accuracy on some or all tasks."""
+    def _write_examples(self, name: str, examples: dict[str, list[float]] | None) -> None:
+        """Each eval example's score behind a matrix row (what the comparison's bootstrap resamples)."""
+        if examples:
+            write_atomic(self.output.example_scores / f"{name}.json", json.dumps(examples, separators=(",", ":")))
+
+    def record_baseline(self, accuracies: dict[str, float], examples: dict[str, list[float]] | None = None) -> None:
+        """The untrained model's accuracy on some or all tasks (and each example's score)."""
+        self._write_examples("baseline", examples)
         for name, value in accuracies.items():
             self.matrix.baseline[self.stream.names.index(name)] = value
         self._write_matrix()
@@ -271,11 +279,13 @@ class Scheduler:
         self.sink.log_metrics({f"acc/{k}": v for k, v in accuracies.items()}, step=row)
 
     def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any] | None = None,
-                    checkpoint: str | None = None, stored_columns: pa.Table | None = None) -> dict[str, float | None]:
+                    checkpoint: str | None = None, stored_columns: pa.Table | None = None,
+                    examples: dict[str, list[float]] | None = None) -> dict[str, float | None]:
         """Commit task ``task_index``: row, replay rows, report; then log acc/<task> and the metrics
         after it (step = task index)."""
         name = self.stream[task_index].name
-        self.matrix.record(task_index, accuracies)
+        self._write_examples(f"after-{task_index:02d}", examples)
+        self.matrix.record(task_index, accuracies, every_task=self.config.evaluation.cells == "all")
         metrics = self._metrics(task_index)
         self._history.append({"task_index": task_index, "task": name, **metrics})
         if train_stats:

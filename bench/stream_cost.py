@@ -2,8 +2,11 @@
 run time split into start-up, training, evaluation, between-task overhead and the rest, with each
 classification task scored by generation and by likelihood (evaluation.scoring).
 
-Evaluating every task after every task is T x T evaluations for T tasks: evaluation should grow
-quadratically while training grows linearly. Every run goes to one worker group on one local Ray
+Evaluating every task after every task (evaluation.cells: all) is T x T evaluations for T tasks:
+evaluation should grow quadratically while training grows linearly. The default, evaluation.cells:
+needed, measures only the cells a metric reads (the tasks seen so far and the next one): about
+T^2 / 2 + 1.5 T of them; the same streams are run that way too (generation scoring), side by side,
+and the ratio of their evaluation time printed. Every run goes to one worker group on one local Ray
 (what `forgetless compare` does), so start-up is paid once and reported apart.
 
 The tasks: 24 disjoint slices of the six built-in classification sets (question type, SMS spam,
@@ -56,11 +59,11 @@ def write_tasks(directory: Path, count: int) -> list[dict]:
     return tasks
 
 
-def run_config(base: dict, tasks: list[dict], scoring: str, output_dir: Path):
+def run_config(base: dict, tasks: list[dict], scoring: str, output_dir: Path, cells: str = "all"):
     data = json.loads(json.dumps(base))
     data["stream"]["tasks"] = tasks
     data["training"]["max_steps"] = STEPS
-    data["evaluation"].update(scoring=scoring, batch_size=EVAL_ROWS)
+    data["evaluation"].update(scoring=scoring, batch_size=EVAL_ROWS, cells=cells)
     data["checkpoint"] = {"models": "last"}
     data["output_dir"] = str(output_dir)
     return resolve_paths(validate_config(data))
@@ -126,6 +129,7 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="write the cost curves here (PNG)")
     parser.add_argument("--lengths", default="3,6,12,24")
     parser.add_argument("--scorings", default="generate,likelihood")
+    parser.add_argument("--no-needed", action="store_true", help="skip the runs with evaluation.cells: needed")
     args = parser.parse_args()
     silence_library_noise()
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -140,14 +144,16 @@ def main() -> int:
     results: dict = {"config": str(CONFIG.relative_to(REPO)), "steps_per_task": STEPS, "train_rows_per_task":
                      ROWS_PER_TASK - EVAL_ROWS, "eval_rows_per_task": EVAL_ROWS, "ray_start_s": round(ray_s, 1),
                      "by_scoring": {}}
+    runs = [(scoring, "all") for scoring in scorings] + ([] if args.no_needed else [(scorings[0], "needed")])
     try:
-        for scoring in scorings:
-            results["by_scoring"][scoring] = {}
+        for scoring, cells in runs:
+            key = scoring if cells == "all" else f"{scoring}, cells needed"
+            results["by_scoring"][key] = {}
             for n in lengths:
-                config = run_config(base, tasks[:n], scoring, work / scoring / f"tasks-{n}")
+                config = run_config(base, tasks[:n], scoring, work / key.replace(", ", "-") / f"tasks-{n}", cells)
                 run = run_timed(config, groups, progress=False)
                 if run.failure is not None:
-                    print(f"{scoring}, {n} tasks failed: {run.failure}", file=sys.stderr)
+                    print(f"{key}, {n} tasks failed: {run.failure}", file=sys.stderr)
                     return 1
                 stats = [run.report.train[t] for t in run.report.tasks]
                 train = sum(s.seconds for s in stats)
@@ -160,8 +166,8 @@ def main() -> int:
                          "eval_s_per_row": [round(e, 3) for e in evaluate],
                          "avg_acc": round(run.report.metrics["avg_acc"], 3),
                          "learning_acc": round(run.report.metrics["learning_acc"], 3)}
-                results["by_scoring"][scoring][str(n)] = entry
-                print(f"{scoring:>10}, {n:>2} tasks: wall {entry['wall_s']} s (start-up {entry['startup_s']}), "
+                results["by_scoring"][key][str(n)] = entry
+                print(f"{key:>10}, {n:>2} tasks: wall {entry['wall_s']} s (start-up {entry['startup_s']}), "
                       f"train {entry['train_s']}, eval {entry['eval_s']}, between tasks {entry['between_tasks_s']}, "
                       f"rest {entry['other_s']}; avg_acc {entry['avg_acc']}", file=sys.stderr, flush=True)
     finally:
@@ -179,8 +185,17 @@ def main() -> int:
         results["likelihood_vs_generate_eval_s"] = {
             n: round(results["by_scoring"]["likelihood"][n]["eval_s"] / results["by_scoring"]["generate"][n]["eval_s"], 3)
             for n in results["by_scoring"]["generate"]}
+    needed = f"{scorings[0]}, cells needed"
+    if needed in results["by_scoring"]:  # the same streams, measured where the metrics read
+        everything = results["by_scoring"][scorings[0]]
+        results["needed_vs_all_eval_s"] = {
+            n: {"all_s": everything[n]["eval_s"], "needed_s": entry["eval_s"],
+                "ratio": round(entry["eval_s"] / everything[n]["eval_s"], 3),
+                "cells_ratio": round((int(n) * (int(n) + 3) / 2 - 1) / int(n) ** 2, 3),
+                "same_avg_acc": entry["avg_acc"] == everything[n]["avg_acc"]}
+            for n, entry in results["by_scoring"][needed].items()}
     if args.plot:
-        plot(results, args.plot)
+        plot({**results, "by_scoring": {k: v for k, v in results["by_scoring"].items() if k in scorings}}, args.plot)
     return report(results, args.json)
 
 

@@ -263,6 +263,12 @@ class EvaluationConfig(Schema):
     # prompt_engineering. Generated tasks are pooled; ranked (likelihood) and masked-token tasks are
     # still scored one at a time. A mixed batch decodes until its longest answer ends.
     mix_tasks: bool = False
+    # Which cells of the accuracy matrix are measured after each task: "needed", the tasks seen so far
+    # and the next one (every metric reads only those: forgetting, bwt and avg_acc the seen ones, fwt
+    # the next), the rest of the row left empty; "all", every task after every task (the full
+    # heatmap: how the later tasks' accuracy drifts before they are trained). The baseline is
+    # always measured on every task.
+    cells: Literal["needed", "all"] = "needed"
 
 
 class CheckpointConfig(Schema):

@@ -75,6 +75,7 @@ class Evaluator:
         self.source_tokens, self.device = batcher.source_tokens, batcher.device
         self.rank, self.world_size = batcher.rank, batcher.world_size
         self._heldout: tuple[str, list] | None = None
+        self.example_scores: dict[str, list[float]] = {}  # the last evaluate's, per task
 
     @torch.no_grad()
     def generate(self, sources: list[str], model: torch.nn.Module | None = None, task: str | None = None) -> list[str]:
@@ -108,13 +109,15 @@ class Evaluator:
         scores = label_log_likelihoods(body, inputs, self.batcher.encode_targets(list(labels)))
         return [labels[k] for k in scores.argmax(-1).tolist()]
 
-    def score(self, eval_set: EvalSet, model: torch.nn.Module | None = None) -> tuple[float, int]:
+    def score(self, eval_set: EvalSet, model: torch.nn.Module | None = None,
+              examples: list[float] | None = None) -> tuple[float, int]:
         """This rank's summed score and count: an equal share of the examples, padded so every rank
         generates the same number of batches (ZeRO-3 needs them in lockstep). With ``model`` (a
-        plain module on this rank alone), every example."""
+        plain module on this rank alone), every example. ``examples``: each scored example's score
+        is written at its index (a masked-token task has none: it scores tokens, not examples)."""
         if eval_set.metric == MASKED_TOKEN_ACCURACY:
             return self.score_denoising(eval_set, self.share(len(eval_set.sources), model), model)
-        return self.score_sets([eval_set], model)[0]
+        return self.score_sets([eval_set], model, None if examples is None else [examples])[0]
 
     def share(self, n: int, model: torch.nn.Module | None) -> list[int]:
         """This rank's indices of ``n`` examples: an equal share, indices >= n padding (every rank
@@ -122,7 +125,8 @@ class Evaluator:
         ranks, rank = (1, 0) if model is not None else (self.world_size, self.rank)
         return [rank + ranks * k for k in range(-(-n // ranks))]
 
-    def score_sets(self, eval_sets: list[EvalSet], model: torch.nn.Module | None = None) -> list[tuple[float, int]]:
+    def score_sets(self, eval_sets: list[EvalSet], model: torch.nn.Module | None = None,
+                   examples: list[list[float]] | None = None) -> list[tuple[float, int]]:
         """This rank's (summed score, count) per eval set, their examples interleaved (each set's first,
         then each set's second, ...): with several sets (``evaluation.mix_tasks``) every batch holds
         several tasks, each input carrying its task in its text, and answers are generated; one set
@@ -140,8 +144,11 @@ class Evaluator:
                            else self.generate(sources, model, one.name if one is not None else None))
             for k, (j, i), prediction in zip(chunk, pairs, predictions):
                 if k < n:
-                    totals[j][0] += METRICS[eval_sets[j].metric](prediction, eval_sets[j].targets[i])
+                    value = METRICS[eval_sets[j].metric](prediction, eval_sets[j].targets[i])
+                    totals[j][0] += value
                     totals[j][1] += 1
+                    if examples is not None:
+                        examples[j][i] = value
         return [(total, count) for total, count in totals]
 
     def score_denoising(self, eval_set: EvalSet, mine: list[int],
@@ -162,17 +169,29 @@ class Evaluator:
         return correct, int(masked)
 
     def evaluate(self, eval_sets: list[EvalSet]) -> dict[str, float]:
-        """Mean score on each eval set; one all-reduce for all of them."""
+        """Mean score on each eval set; one all-reduce for all of them, which also carries each
+        example's score (every example is scored on one rank, zeros elsewhere: the sum is its
+        score). Those are left in ``example_scores`` (task -> one score per eval example, in the
+        eval set's order; none for a masked-token task), for the comparison's bootstrap."""
         self.engine.eval()
+        per_example = [[0.0] * (0 if s.metric == MASKED_TOKEN_ACCURACY else len(s.sources)) for s in eval_sets]
         try:
             scores: list[tuple[float, int] | None] = [None] * len(eval_sets)
             pooled = ([k for k, s in enumerate(eval_sets) if not s.labels and s.metric != MASKED_TOKEN_ACCURACY]
                       if self.settings.mix_tasks else [])
             if len(pooled) > 1:
-                for k, result in zip(pooled, self.score_sets([eval_sets[k] for k in pooled])):
+                chosen = [eval_sets[k] for k in pooled]
+                for k, result in zip(pooled, self.score_sets(chosen, examples=[per_example[k] for k in pooled])):
                     scores[k] = result
-            local = [value for k, s in enumerate(eval_sets) for value in (scores[k] or self.score(s))]
+            local = [value for k, s in enumerate(eval_sets) for value in (scores[k] or self.score(s, None, per_example[k]))]
         finally:
             self.engine.train()
-        totals = self.comm.all_reduce_sum(self.comm.tensor(local, dtype=torch.float64)).view(-1, 2).tolist()
-        return {s.name: total / count for s, (total, count) in zip(eval_sets, totals)}
+        flat = local + [value for values in per_example for value in values]
+        summed = self.comm.all_reduce_sum(self.comm.tensor(flat, dtype=torch.float64)).tolist()
+        totals, offset = summed[: len(local)], len(local)
+        self.example_scores = {}
+        for s, values in zip(eval_sets, per_example):
+            if values:
+                self.example_scores[s.name] = summed[offset : offset + len(values)]
+                offset += len(values)
+        return {s.name: totals[2 * k] / totals[2 * k + 1] for k, s in enumerate(eval_sets)}

@@ -305,6 +305,11 @@ class Learner(Engine):
         """Mean score on each eval set (see ``Evaluator.evaluate``). Collective."""
         return self.evaluation.evaluate(eval_sets)
 
+    @property
+    def example_scores(self) -> dict[str, list[float]]:
+        """The last ``evaluate``'s score of every eval example, per task."""
+        return self.evaluation.example_scores
+
     # ------------------------------------------------------------------ the recovery probe
     def recovery_probe(self, plan: RecoveryPlan) -> dict[str, float]:
         """For each earlier task: the final model with only its output head (untied from the input

@@ -31,12 +31,13 @@ class Coordinator(Protocol):
     def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int,
                  metrics: dict[str, float] | None = None) -> None: ...
 
-    def record_baseline(self, accuracies: dict[str, float]) -> None: ...
+    def record_baseline(self, accuracies: dict[str, float], examples: dict[str, list[float]] | None = None) -> None: ...
 
     def record_fill(self, row: int, accuracies: dict[str, float]) -> None: ...
 
     def record_eval(self, task_index: int, accuracies: dict[str, float], *, train_stats: dict[str, Any],
-                    checkpoint: str | None, stored_columns: Any = None) -> Any: ...
+                    checkpoint: str | None, stored_columns: Any = None,
+                    examples: dict[str, list[float]] | None = None) -> Any: ...
 
     def recovery_plan(self) -> RecoveryPlan | None: ...
 
@@ -79,7 +80,7 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
                 coordinator.set_phase("baseline")
             baseline = learner.evaluate([eval_sets[i] for i in start.baseline_tasks])
             if leader:
-                coordinator.record_baseline(baseline)
+                coordinator.record_baseline(baseline, learner.example_scores)
         if start.restore_dir:
             learner.load_state(start.restore_dir)
         if start.fill_row is not None:  # an extended stream: the restored model on the new tasks
@@ -101,7 +102,8 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
                     feed.close()
             stored_columns = learner.stored_columns()  # what the strategies keep with this task's replay rows
             started = time.perf_counter()
-            accuracies = learner.evaluate(eval_sets)
+            measured = eval_sets if plan.eval_tasks is None else [eval_sets[i] for i in plan.eval_tasks]
+            accuracies = learner.evaluate(measured)  # every rank: a collective
             stats["eval_seconds"] = time.perf_counter() - started
             if plan.model_dir:
                 learner.save(plan.model_dir)
@@ -109,7 +111,7 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
                 learner.save_state(plan.state_dir)
             if leader:
                 coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir,
-                                        stored_columns=stored_columns)
+                                        stored_columns=stored_columns, examples=learner.example_scores)
             # No rank asks for the next plan before this task is committed (its replay rows stored).
             learner.comm.barrier()
         # The recovery probe runs on rank 0 alone, from the saved final model: no collective, so the

@@ -215,12 +215,15 @@ class ForgettingMatrix:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
-    def _row(self, values: dict[str, float] | list[float]) -> np.ndarray:
+    def _row(self, values: dict[str, float] | list[float], *, needed: int | None = None) -> np.ndarray:
+        """A row from a dict (every task; with ``needed``, the first ``needed`` tasks at least, the rest
+        empty) or a full list."""
         if isinstance(values, dict):
-            missing = [t for t in self.tasks if t not in values]
+            required = self.tasks if needed is None else self.tasks[:needed]
+            missing = [t for t in required if t not in values]
             if missing:
                 raise ValueError(f"accuracies missing for tasks {missing}")
-            values = [values[t] for t in self.tasks]
+            values = [values.get(t, np.nan) for t in self.tasks]
         row = np.asarray(values, dtype=float)
         if row.shape != (self.num_tasks,):
             raise ValueError(f"a row needs {self.num_tasks} accuracies, got {row.shape}")
@@ -229,10 +232,12 @@ class ForgettingMatrix:
     def record_baseline(self, values: dict[str, float] | list[float]) -> None:
         self.baseline = self._row(values)
 
-    def record(self, trained_upto: int, values: dict[str, float] | list[float]) -> None:
+    def record(self, trained_upto: int, values: dict[str, float] | list[float], *, every_task: bool = True) -> None:
+        """Row ``trained_upto``. ``every_task=False``: only the cells the metrics read are required
+        (the tasks seen so far and the next), the others left empty."""
         if not 0 <= trained_upto < self.num_tasks:
             raise ValueError(f"trained_upto ({trained_upto}) must be in [0, {self.num_tasks - 1}]")
-        self.acc[trained_upto] = self._row(values)
+        self.acc[trained_upto] = self._row(values, needed=None if every_task else min(trained_upto + 2, self.num_tasks))
 
     @property
     def num_rows(self) -> int:

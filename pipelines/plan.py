@@ -53,6 +53,7 @@ class TaskPlan:
     prefix: str = ""  # this task's prefix (every source in ``examples`` starts with it, for "task" data)
     distill_prefixes: tuple[str, ...] = ()  # LwF: the earlier tasks' prefixes, the old "heads"
     logit_rows: pa.Table | None = None  # DER++: the rows the store gets after this task; their logits go with them
+    eval_tasks: tuple[int, ...] | None = None  # the tasks evaluated after this one (None: every task)
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,14 @@ def build_plan(config: RunConfig, stream: TaskStream, index: int) -> TaskPlan:
         state_dir=str(state_dir(config.output_dir, index)),
         order=task.order if planning.data == "task" else "shuffled",
         denoised_tasks=tuple(i for i, t in enumerate(stream.tasks[:index]) if not t.trainable and stores_rows(config, t)),
+        eval_tasks=evaluated_tasks(config, len(stream), index),
     )
+
+
+def evaluated_tasks(config: RunConfig, num_tasks: int, index: int) -> tuple[int, ...] | None:
+    """The tasks measured after task ``index`` (``evaluation.cells``): needed, the tasks seen so far and
+    the next one; all, every task (None)."""
+    return None if config.evaluation.cells == "all" else tuple(range(min(index + 2, num_tasks)))
 
 
 def recovery_plan(config: RunConfig, stream: TaskStream, eval_sets: list[EvalSet], checkpoint: str) -> RecoveryPlan:

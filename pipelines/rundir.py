@@ -27,7 +27,7 @@ LOCK_NAME = ".forgetless.lock"
 REPORT_FILES = ("acc_matrix.json", "acc_heatmap.png", "config.yaml", "report.json")
 # What a run writes into its output_dir (the replay store may live elsewhere: replay.directory).
 RUN_ARTIFACTS = ("report.json", "acc_matrix.json", "acc_heatmap.png", "config.yaml", "tokenizer", "checkpoints",
-                 "state", "replay", "ray", "mlflow-pending.jsonl")
+                 "state", "replay", "ray", "mlflow-pending.jsonl", "example_scores")
 
 
 class OutputDirBusyError(ForgetlessError, RuntimeError):
@@ -54,6 +54,11 @@ class OutputDir:
     @property
     def tokenizer(self) -> Path:
         return self.path / "tokenizer"
+
+    @property
+    def example_scores(self) -> Path:
+        """Each eval example's score, per matrix row: ``baseline.json``, ``after-<k>.json`` (task -> scores)."""
+        return self.path / "example_scores"
 
     @property
     def pending_mlflow(self) -> Path:

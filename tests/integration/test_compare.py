@@ -21,7 +21,7 @@ ORDERS = [["category", "first_word"], ["first_word", "category"]]
 def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflow_store):
     path = toy_config_file(max_steps=6)
     result = cli("compare", str(path), "--strategies", ",".join(ALL), "--seeds", "1", "--orders", "2", "--no-progress",
-                 timeout=900)
+                 "replay.memory_rows=40", "replay.rows_per_batch=4", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     comparison = json.loads((out / "comparison.json").read_text())
@@ -54,8 +54,26 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
     assert all(reports[name, o]["tasks"] == ORDERS[o] for name, o in reports)
     assert both["avg_acc"]["mean"] == pytest.approx(np.mean([reports["replay+lwf", o]["metrics"]["avg_acc"]
                                                              for o in (0, 1)]))
-    for name in ("replay+lwf", "derpp"):
-        assert reports[name, 0]["replay"]["rows_per_task"] == {"category": 51, "first_word": 52}
+    for name in ("replay+lwf", "derpp"):  # one budget: 40 rows of the first task, then 20 + 20
+        assert reports[name, 0]["replay"]["rows_per_task"] == {"category": 20, "first_word": 20}
+        assert reports[name, 0]["replay"]["rows_after_task"] == {"category": 40, "first_word": 40}
+        assert comparison["strategies"][name]["replay_rows_max"] == 40
+    protocol = comparison["protocol"]
+    assert (protocol["replay_memory_rows"], protocol["replay_rows_per_batch"]) == (40, 4)
+    assert len(protocol["tokenizer"]["digest"]) == 16 and "end-of-task logits" in protocol["deviations"]["derpp"]["derpp"][0]
+    # every run read the comparison's one tokenizer, whatever its order
+    saved = {(out / name / f"order-{o}" / "seed-0" / "tokenizer" / "tokenizer.json").read_bytes() for name in ALL
+             for o in (0, 1)}
+    assert saved == {(out / "tokenizer" / "tokenizer.json").read_bytes()}
+    # every pair, every headline metric: a paired difference with its interval and corrected p
+    assert [(p["a"], p["b"]) for p in comparison["pairs"]] == [("replay+lwf", "derpp"), ("replay+lwf", "joint"),
+                                                               ("derpp", "joint")]
+    avg = comparison["pairs"][0]["metrics"]["avg_acc"]
+    assert avg["n"] == 2 and avg["ci95"][0] <= avg["diff"] <= avg["ci95"][1] and 0 < avg["p_holm"] <= 1
+    assert comparison["pairs"][1]["metrics"]["forgetting"] is None  # joint defines only avg_acc
+    assert "Paired differences A - B" in table and "| replay+lwf - derpp |" in table
+    scores = json.loads((out / "derpp" / "order-0" / "seed-0" / "example_scores" / "after-01.json").read_text())
+    assert np.mean(scores["category"]) == pytest.approx(reports["derpp", 0]["acc_matrix"][1][0])
     assert [part["name"] for part in reports["replay+lwf", 0]["strategy_config"]] == ["replay", "lwf"]
     assert reports["joint", 1]["train"]["category"]["steps"] == 12  # both tasks' budgets in one training, at the end
     assert reports["joint", 1]["train"]["first_word"]["steps"] == 0
@@ -88,13 +106,16 @@ def test_tiny_compare_config_on_a_tracking_server(tiny_compare_on_server):
     naive_final, replay_final = strategies["naive"]["acc_matrix_mean"][-1], strategies["replay"]["acc_matrix_mean"][-1]
     assert sum(replay_final[:-1]) > sum(naive_final[:-1])
     assert strategies["replay"]["forgetting"]["mean"] < strategies["naive"]["forgetting"]["mean"]
+    assert strategies["replay"]["replay_rows_max"] == 384  # replay.memory_rows: 256 of task 1, 192 + 192, 3 x 128
+    assert "Paired differences A - B" in result.stdout and "| replay - naive |" not in result.stdout
+    assert comparison["pairs"][0]["a"] == "naive" and comparison["pairs"][0]["metrics"]["avg_acc"]["n"] == 1
 
     assert "after sentiment_movies" in result.stdout and "| naive |" in result.stdout
     report = json.loads((out / "naive" / "seed-0" / "report.json").read_text())
     tasks = ["question_type", "sms_spam", "sentiment_movies"]
     assert report["tasks"] == tasks
     acc = np.array(report["acc_matrix"], dtype=float)
-    assert acc.shape == (3, 3) and not np.isnan(acc).any()
+    assert acc.shape == (3, 3) and np.argwhere(np.isnan(acc)).tolist() == [[0, 2]]  # the cells the metrics read
     assert len(report["baseline"]) == 3
     assert set(report["metrics"]) == {"avg_acc", "forgetting", "bwt", "fwt", "learning_acc", "forgetting/question_type",
                                       "forgetting/sms_spam"}  # each earlier task's own beside the mean
@@ -116,8 +137,9 @@ def test_tiny_compare_config_on_a_tracking_server(tiny_compare_on_server):
     assert run.data.params["strategy.name"] == "naive"
     for name in tasks:
         history = client.get_metric_history(run.info.run_id, f"acc/{name}")
-        assert [m.step for m in history] == [0, 1, 2]
-        assert [m.value for m in history] == pytest.approx(acc[:, tasks.index(name)].tolist())
+        measured = [k for k in range(3) if not np.isnan(acc[k, tasks.index(name)])]  # task 2 from row 1 on
+        assert [m.step for m in history] == measured
+        assert [m.value for m in history] == pytest.approx(acc[measured, tasks.index(name)].tolist())
     assert run.data.metrics["avg_acc"] == pytest.approx(report["metrics"]["avg_acc"])
     assert run.data.metrics["forgetting"] == pytest.approx(report["metrics"]["forgetting"])
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 3 * 40 // 5

@@ -172,3 +172,18 @@ def test_a_run_does_not_depend_on_what_ran_before_it_in_the_same_process(toy_str
     assert again.acc_matrix == first.acc_matrix and again.baseline == first.baseline
     for task in ("category", "first_word"):
         assert again.train[task].mean_loss == first.train[task].mean_loss  # exactly, not approximately
+
+
+def test_measuring_only_the_needed_cells_gives_the_same_metrics_as_measuring_all(three_tasks, tmp_path):
+    """evaluation.cells: needed leaves the cells no metric reads empty (after task 0, task 2 is not
+    measured), and every metric, every measured cell and the training are what `all` gives."""
+    full = _run({**three_tasks, "output_dir": str(tmp_path / "all"), "evaluation": {**three_tasks["evaluation"],
+                                                                                     "cells": "all"}})
+    needed = _run({**three_tasks, "output_dir": str(tmp_path / "needed")})
+    assert needed.acc_matrix[0][2] is None and full.acc_matrix[0][2] is not None
+    measured = [(k, j) for k in range(3) for j in range(3) if j <= k + 1]
+    assert [needed.acc_matrix[k][j] for k, j in measured] == [full.acc_matrix[k][j] for k, j in measured]
+    assert needed.metrics == full.metrics and needed.baseline == full.baseline
+    assert needed.train["last_word"].mean_loss == full.train["last_word"].mean_loss
+    scores = json.loads((tmp_path / "needed" / "example_scores" / "after-00.json").read_text())
+    assert sorted(scores) == ["category", "first_word"]  # what was measured, example by example

@@ -46,6 +46,9 @@ def test_learns_a_task_then_forgets_it(make_learner, toy_stream_config, tmp_path
     after_first = learner.evaluate(evals)
     learner.train_task(_plan(stream, config, 1))
     after_second = learner.evaluate(evals)
+    examples = learner.example_scores  # each example's score, in the eval set's order: their mean is the accuracy
+    assert {name: len(scores) for name, scores in examples.items()} == {e.name: len(e.sources) for e in evals}
+    assert {name: sum(scores) / len(scores) for name, scores in examples.items()} == pytest.approx(after_second)
     assert after_first["category"] >= 0.5  # three labels, given by the first word
     assert after_second["category"] < after_first["category"] - 0.2
     assert after_second["first_word"] > after_first["first_word"] + 0.2
