@@ -142,7 +142,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     strategies = parse_strategies(args.strategies or ",".join(STRATEGIES))
     config = load_config(args.config, args.overrides)
-    result = compare(config, strategies, seeds=args.seeds, orders=args.orders, progress=not args.no_progress)
+    result = compare(config, strategies, seeds=args.seeds, orders=args.orders, progress=not args.no_progress,
+                     tuned=args.tuned)
     out = Path(config.output_dir).resolve()
     for name in strategies:  # each strategy's matrix (first order, first seed), then the table over runs
         report_path = run_dir(out, name, config.seed, 0, args.orders) / "report.json"
@@ -154,6 +155,32 @@ def _compare(args: argparse.Namespace) -> int:
                  what="parent run")
     failed = [r for e in result["strategies"].values() for r in e["runs"] if r["status"] != "FINISHED"]
     return 1 if failed else 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from actors.compare import parse_strategies
+    from actors.tune import tune
+    from pipelines.config import load_config
+
+    strategies = parse_strategies(args.strategies)
+    config = load_config(args.config, args.overrides)
+    result = tune(config, strategies, trials=args.trials, tasks=args.tasks, validation=args.validation,
+                  metric=args.metric, space=args.space, scheduler=args.scheduler, concurrent=args.concurrent,
+                  out=args.out, progress=not args.no_progress)
+    directory = Path(result["directory"])
+    print(f"\ntuned on {', '.join(result['tuned_on']['tasks'])} (validation rows cut from their training splits), "
+          f"{args.trials} trial(s) per strategy, ranked by {args.metric}:")
+    for name, entry in result["strategies"].items():
+        failed = sum(r["status"] != "FINISHED" for r in entry["trials"])
+        best = entry["best"]
+        shown = "no trial finished" if best is None else (
+            ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in best["values"].items())
+            + f" -> {args.metric} {best[args.metric]:.3f}")
+        print(f"  {name}: {shown}" + (f" ({failed} trial(s) failed)" if failed else ""))
+    print(f"tuned values: {directory}/<strategy>.yaml (forgetless compare CONFIG --tuned {directory})")
+    print_mlflow(result["mlflow"]["tracking_uri"], result["mlflow"]["experiment_id"], result["mlflow"]["parent_run_id"],
+                 what="parent run")
+    return 0 if all(entry["best"] is not None for entry in result["strategies"].values()) else 1
 
 
 def _table1(args: argparse.Namespace) -> int:
@@ -291,7 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=1, help="seeds per strategy: seed, seed+1, ...")
             p.add_argument("--orders", type=int, default=1,
                            help="task orders per strategy: the config's, then stream.orders, then seeded permutations")
+            p.add_argument("--tuned", default=None, metavar="DIR",
+                           help="each strategy's values from DIR/<strategy>.yaml, written by `forgetless tune`")
         p.set_defaults(func=func)
+    p = sub.add_parser("tune", help="choose each strategy's hyperparameters with Ray Tune on the first tasks' "
+                                    "validation rows")
+    p.add_argument("config", help="experiment YAML, e.g. configs/tiny/compare.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=20")
+    p.add_argument("--strategies", required=True, help="comma-separated, combinations joined by '+'")
+    p.add_argument("--trials", type=int, required=True, help="trials per strategy (the same for every strategy)")
+    p.add_argument("--tasks", type=int, default=2, help="tune on the stream's first N tasks (default 2)")
+    p.add_argument("--validation", type=float, default=0.2,
+                   help="the share of each task's training rows held out to score a trial (default 0.2)")
+    p.add_argument("--metric", default="avg_acc", help="what ranks the trials: avg_acc (default), learning_acc, "
+                                                       "bwt or forgetting (lower is better)")
+    p.add_argument("--space", default=None, metavar="FILE",
+                   help="YAML {strategy: {knob: {low, high, log}}} replacing the default ranges")
+    p.add_argument("--scheduler", default=None, choices=["asha"], help="stop poor trials after their first tasks")
+    p.add_argument("--concurrent", type=int, default=1, help="trials at a time (each a run with its own workers)")
+    p.add_argument("--out", default=None, help="where the tuned YAMLs go (default: <output_dir>/tuned)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines (for logs)")
+    p.set_defaults(func=_tune)
     p = sub.add_parser("resume", help="continue a run after its last finished task, or extend a finished stream")
     p.add_argument("output_dir", help="the output_dir of the run to continue")
     p.add_argument("config", nargs="?", help="a config listing the same finished tasks (plus new ones to extend); "

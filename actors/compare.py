@@ -23,6 +23,7 @@ from pipelines.errors import ConfigError
 from pipelines.metrics import TASK_FORGETTING, ForgettingMatrix, final_only, gap_to_joint, interval
 from pipelines.plan import planning_for
 from pipelines.strategies import check_combination, deviations
+from pipelines.tuning import read_tuned, with_values
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
 from pipelines.significance import HEADLINE, RunCell, pairwise
@@ -304,17 +305,20 @@ def with_tokenizer(config: RunConfig, directory: str) -> RunConfig:
 
 
 def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int = 1,
-            progress: bool = True) -> dict[str, Any]:
-    """Run every (strategy, order, seed) on the same tasks; returns the comparison written to disk."""
+            progress: bool = True, tuned: str | None = None) -> dict[str, Any]:
+    """Run every (strategy, order, seed) on the same tasks; returns the comparison written to disk.
+    ``tuned``: a directory of ``forgetless tune``'s YAMLs, one per strategy, whose values each
+    strategy's runs take (every compared strategy needs one)."""
     if seeds < 1:
         raise ConfigError(f"--seeds ({seeds}) must be at least 1")
     check_protocol(config, strategies)
+    chosen = {name: read_tuned(Path(tuned), name, config) for name in strategies} if tuned else {}
     order_list = task_orders(config, orders)
     config = resolve_paths(config)
     check_tracking(config.mlflow.tracking_uri)
     base = Path(config.output_dir)
     tokenizer = shared_tokenizer(config, base / "tokenizer", progress=progress)
-    shared = protocol(config, strategies, tokenizer)
+    shared = {**protocol(config, strategies, tokenizer), "tuned": chosen or None}
     config = with_tokenizer(config, tokenizer["path"])
     runs: dict[str, list[TimedRun]] = {name: [] for name in strategies}
     params = {**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies), "compare.seeds": seeds,
@@ -324,8 +328,9 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
             for o, order in enumerate(order_list):
                 for k in range(seeds):
                     seed = config.seed + k
-                    run_config = config.with_strategy(name, seed=seed, order=order,
-                                                      output_dir=str(run_dir(base, name, seed, o, orders)))
+                    where = {"seed": seed, "order": order, "output_dir": str(run_dir(base, name, seed, o, orders))}
+                    run_config = (with_values(config, name, chosen[name]["values"], **where) if name in chosen
+                                  else config.with_strategy(name, **where))
                     runs[name].append(sweep.run(run_config, f"{name}, order {o} ({' -> '.join(order)}), seed {seed}",
                                                 progress=progress))
     reports = {name: [r.report for r in timed] for name, timed in runs.items()}

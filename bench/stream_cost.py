@@ -5,9 +5,10 @@ classification task scored by generation and by likelihood (evaluation.scoring).
 Evaluating every task after every task (evaluation.cells: all) is T x T evaluations for T tasks:
 evaluation should grow quadratically while training grows linearly. The default, evaluation.cells:
 needed, measures only the cells a metric reads (the tasks seen so far and the next one): about
-T^2 / 2 + 1.5 T of them; the same streams are run that way too (generation scoring), side by side,
-and the ratio of their evaluation time printed. Every run goes to one worker group on one local Ray
-(what `forgetless compare` does), so start-up is paid once and reported apart.
+T^2 / 2 + 1.5 T of them. The longest stream is run both ways, alternating, ``--cells-trials`` times
+(generation scoring): the evaluation time of each, every trial and the median, and the ratio of the
+medians beside the ratio of the cells. Every run goes to one worker group on one local Ray (what
+`forgetless compare` does), so start-up is paid once and reported apart.
 
 The tasks: 24 disjoint slices of the six built-in classification sets (question type, SMS spam,
 four sentiment domains), 64 training and 32 eval rows each, on the tiny T5, 10 steps a task.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -123,13 +125,40 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def measure_cells(base: dict, tasks: list[dict], scoring: str, work: Path, groups: WorkerGroups,
+                  trials: int) -> dict | None:
+    """The stream run with evaluation.cells all and needed, alternating, ``trials`` times each: the
+    evaluation seconds of every run, the medians, their ratio, and the ratio of cells measured."""
+    if trials < 1:
+        return None
+    n = len(tasks)
+    seconds: dict[str, list[float]] = {"all": [], "needed": []}
+    accuracy: dict[str, set] = {"all": set(), "needed": set()}
+    for k in range(trials):
+        for cells in ("all", "needed"):
+            config = run_config(base, tasks, scoring, work / f"cells-{cells}-{k}", cells)
+            run = run_timed(config, groups, progress=False)
+            if run.failure is not None:
+                raise RuntimeError(f"cells {cells}, trial {k}: {run.failure}")
+            seconds[cells].append(round(sum(run.report.train[t].eval_seconds for t in run.report.tasks), 2))
+            accuracy[cells].add(round(run.report.metrics["avg_acc"], 6))
+            print(f"cells {cells:>6}, {n} tasks, trial {k + 1}/{trials}: evaluation {seconds[cells][-1]} s",
+                  file=sys.stderr, flush=True)
+    medians = {cells: statistics.median(values) for cells, values in seconds.items()}
+    return {"tasks": n, "scoring": scoring, "trials": trials, "eval_s": seconds, "median_eval_s": medians,
+            "ratio_of_medians": round(medians["needed"] / medians["all"], 3),
+            "cells_ratio": round((n * (n + 3) / 2 - 1) / n**2, 3),
+            "same_avg_acc": accuracy["all"] == accuracy["needed"] and len(accuracy["all"]) == 1}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="write the cost curves here (PNG)")
     parser.add_argument("--lengths", default="3,6,12,24")
     parser.add_argument("--scorings", default="generate,likelihood")
-    parser.add_argument("--no-needed", action="store_true", help="skip the runs with evaluation.cells: needed")
+    parser.add_argument("--cells-trials", type=int, default=3,
+                        help="runs of the longest stream with evaluation.cells all and needed, alternating (0: none)")
     args = parser.parse_args()
     silence_library_noise()
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -144,13 +173,12 @@ def main() -> int:
     results: dict = {"config": str(CONFIG.relative_to(REPO)), "steps_per_task": STEPS, "train_rows_per_task":
                      ROWS_PER_TASK - EVAL_ROWS, "eval_rows_per_task": EVAL_ROWS, "ray_start_s": round(ray_s, 1),
                      "by_scoring": {}}
-    runs = [(scoring, "all") for scoring in scorings] + ([] if args.no_needed else [(scorings[0], "needed")])
     try:
-        for scoring, cells in runs:
-            key = scoring if cells == "all" else f"{scoring}, cells needed"
+        for scoring in scorings:
+            key = scoring
             results["by_scoring"][key] = {}
             for n in lengths:
-                config = run_config(base, tasks[:n], scoring, work / key.replace(", ", "-") / f"tasks-{n}", cells)
+                config = run_config(base, tasks[:n], scoring, work / key / f"tasks-{n}")
                 run = run_timed(config, groups, progress=False)
                 if run.failure is not None:
                     print(f"{key}, {n} tasks failed: {run.failure}", file=sys.stderr)
@@ -170,6 +198,7 @@ def main() -> int:
                 print(f"{key:>10}, {n:>2} tasks: wall {entry['wall_s']} s (start-up {entry['startup_s']}), "
                       f"train {entry['train_s']}, eval {entry['eval_s']}, between tasks {entry['between_tasks_s']}, "
                       f"rest {entry['other_s']}; avg_acc {entry['avg_acc']}", file=sys.stderr, flush=True)
+        results["cells"] = measure_cells(base, tasks[: max(lengths)], scorings[0], work, groups, args.cells_trials)
     finally:
         groups.close()
     for scoring, by_length in results["by_scoring"].items():
@@ -185,17 +214,8 @@ def main() -> int:
         results["likelihood_vs_generate_eval_s"] = {
             n: round(results["by_scoring"]["likelihood"][n]["eval_s"] / results["by_scoring"]["generate"][n]["eval_s"], 3)
             for n in results["by_scoring"]["generate"]}
-    needed = f"{scorings[0]}, cells needed"
-    if needed in results["by_scoring"]:  # the same streams, measured where the metrics read
-        everything = results["by_scoring"][scorings[0]]
-        results["needed_vs_all_eval_s"] = {
-            n: {"all_s": everything[n]["eval_s"], "needed_s": entry["eval_s"],
-                "ratio": round(entry["eval_s"] / everything[n]["eval_s"], 3),
-                "cells_ratio": round((int(n) * (int(n) + 3) / 2 - 1) / int(n) ** 2, 3),
-                "same_avg_acc": entry["avg_acc"] == everything[n]["avg_acc"]}
-            for n, entry in results["by_scoring"][needed].items()}
     if args.plot:
-        plot({**results, "by_scoring": {k: v for k, v in results["by_scoring"].items() if k in scorings}}, args.plot)
+        plot(results, args.plot)
     return report(results, args.json)
 
 

@@ -20,6 +20,7 @@ from pipelines.schema import Schema
 from pipelines.strategies.base import (
     Inner,
     Planning,
+    Range,
     ReplayPart,
     StepBatch,
     StrategyDef,
@@ -131,6 +132,7 @@ STRATEGY = StrategyDef(
     config=AgemStrategyConfig,
     planning=lambda config: Planning(replay_parts=(ReplayPart(REFERENCE, config.reference_rows),)),
     training=AGEM, nesting=40, claims=frozenset({"memory"}), full_parameters=True,
+    search={"reference_rows": Range(4, 32, integer=True)}, sets_replayed_rows=("reference_rows",),
     deviations=lambda config, run: (
         ("with training.grad_accum_steps > 1 each micro-batch's gradient is projected against its own "
          "reference batch, not the accumulated step's gradient against one (each projected part agreeing with "

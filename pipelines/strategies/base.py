@@ -96,6 +96,17 @@ class Planning:
 
 
 @dataclass(frozen=True)
+class Range:
+    """A knob's search range for ``forgetless tune``: uniform in [low, high], or log-uniform
+    (``log``); whole numbers when ``integer``."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+
+@dataclass(frozen=True)
 class StrategyDef:
     """One strategy, as its file declares it.
 
@@ -112,6 +123,10 @@ class StrategyDef:
         full_parameters: it reads every parameter on every worker (refused under ZeRO-3).
         deviations: its config and the run's -> how it differs from its paper here, each stated
             (recorded in comparison.json beside its results).
+        search: its own knobs (config field names, aliases as written in a config) and the ranges
+            ``forgetless tune`` searches them in (the learning rate is searched for every strategy).
+        sets_replayed_rows: those of its knobs that ``replay.rows_per_batch`` overrides (not searched
+            when a comparison fixes the replayed rows).
     """
 
     config: type[Schema]
@@ -122,6 +137,8 @@ class StrategyDef:
     alone: str | None = None
     full_parameters: bool = False
     deviations: Callable[[Any, RunConfig], tuple[str, ...]] = lambda config, run: ()
+    search: dict[str, Range] = field(default_factory=dict)
+    sets_replayed_rows: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

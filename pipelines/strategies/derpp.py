@@ -20,6 +20,7 @@ from pipelines.strategies.base import (
     IGNORE_INDEX,
     Inner,
     Planning,
+    Range,
     ReplayPart,
     StepBatch,
     StrategyDef,
@@ -137,6 +138,7 @@ STRATEGY = StrategyDef(
                                                    ReplayPart(REPLAYED, config.replay_rows)),
                                      stores_logits=True),
     training=DERpp, nesting=20, claims=frozenset({"memory"}),
+    search={"alpha": Range(0.05, 1.0), "beta": Range(0.05, 1.0)}, sets_replayed_rows=("replay_rows",),
     deviations=lambda config, run: (
         "DER++ with end-of-task logits: a row's stored logits are the model's at the end of the row's task "
         "(Buzzega et al. store them while the row is trained on; rows enter our store at the task boundary)",

@@ -22,6 +22,7 @@ from pipelines.strategies.base import (
     Batch,
     Inner,
     Planning,
+    Range,
     StepBatch,
     StrategyDef,
     TrainingContext,
@@ -124,6 +125,7 @@ class EWC:
 
 STRATEGY = StrategyDef(
     config=EwcStrategyConfig, planning=lambda config: Planning(), training=EWC, nesting=30, full_parameters=True,
+    search={"lambda": Range(1.0, 1e6, log=True), "gamma": Range(0.5, 1.0)},
     deviations=lambda config, run: (
         "empirical Fisher: squared gradients of each example's own target, over shuffled training examples "
         "(Kirkpatrick et al. sample the target from the model's own output distribution)",

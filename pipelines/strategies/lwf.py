@@ -23,13 +23,14 @@ from pydantic import Field
 
 from pipelines.schema import Schema
 from pipelines.strategies.base import (
+    F,
     IGNORE_INDEX,
     Inner,
     Planning,
+    Range,
     StepBatch,
     StrategyDef,
     TrainingContext,
-    F,
     accumulate,
     averages_per_example,
     example_mean_ce,
@@ -150,6 +151,7 @@ class LwF:
 
 STRATEGY = StrategyDef(
     config=LwfStrategyConfig, planning=lambda config: Planning(needs_teacher=True), training=LwF, nesting=10,
+    search={"alpha": Range(0.1, 0.9), "temperature": Range(1.0, 4.0)},
     deviations=lambda config, run: (
         "an old task's head is its prefix; the teacher answers the new inputs under it greedily, per micro-batch "
         "(Li & Hoiem record the old heads' outputs once, before training)",

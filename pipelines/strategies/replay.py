@@ -9,7 +9,12 @@ from typing import Literal
 from pydantic import Field
 
 from pipelines.schema import Schema
-from pipelines.strategies.base import Planning, PlainLoss, StrategyDef
+from pipelines.strategies.base import (
+    PlainLoss,
+    Planning,
+    Range,
+    StrategyDef,
+)
 
 
 class ReplayStrategyConfig(Schema):
@@ -22,4 +27,5 @@ class ReplayStrategyConfig(Schema):
 STRATEGY = StrategyDef(
     config=ReplayStrategyConfig, planning=lambda config: Planning(replay_ratio=config.replay_ratio),
     training=PlainLoss, claims=frozenset({"memory"}),
+    search={"replay_ratio": Range(0.1, 0.5)}, sets_replayed_rows=("replay_ratio",),
 )

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from pipelines.tuning import write_tuned
 
 # End to end through Ray Train and DeepSpeed, each in both task orders: the strategies that reach
 # further than the learner — the replay store (replay with LwF's teacher, DER++ with its stored
@@ -20,8 +23,13 @@ ORDERS = [["category", "first_word"], ["first_word", "category"]]
 
 def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflow_store):
     path = toy_config_file(max_steps=6)
+    # each strategy's values from a directory of tuned YAMLs, as `forgetless tune` writes them
+    tuned = {"replay+lwf": {"lr": 0.004, "lwf.alpha": 0.3}, "derpp": {"lr": 0.002, "derpp.beta": 0.7},
+             "joint": {"lr": 0.003}}
+    for name, values in tuned.items():
+        write_tuned(tmp_path / "tuned" / f"{name}.yaml", name, values, record={"trials": 1, "tasks": ["category"]})
     result = cli("compare", str(path), "--strategies", ",".join(ALL), "--seeds", "1", "--orders", "2", "--no-progress",
-                 "replay.memory_rows=40", "replay.rows_per_batch=4", timeout=900)
+                 "--tuned", str(tmp_path / "tuned"), "replay.memory_rows=40", "replay.rows_per_batch=4", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     comparison = json.loads((out / "comparison.json").read_text())
@@ -75,6 +83,12 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
     scores = json.loads((out / "derpp" / "order-0" / "seed-0" / "example_scores" / "after-01.json").read_text())
     assert np.mean(scores["category"]) == pytest.approx(reports["derpp", 0]["acc_matrix"][1][0])
     assert [part["name"] for part in reports["replay+lwf", 0]["strategy_config"]] == ["replay", "lwf"]
+    assert reports["replay+lwf", 1]["strategy_config"][1]["alpha"] == 0.3  # the tuned values, in every order
+    assert {name: comparison["protocol"]["tuned"][name]["values"] for name in ALL} == tuned
+    for name, values in tuned.items():
+        saved = yaml.safe_load((out / name / "order-1" / "seed-0" / "config.yaml").read_text())
+        assert saved["training"]["lr"] == values["lr"]
+    assert reports["derpp", 0]["strategy_config"]["beta"] == 0.7
     assert reports["joint", 1]["train"]["category"]["steps"] == 12  # both tasks' budgets in one training, at the end
     assert reports["joint", 1]["train"]["first_word"]["steps"] == 0
     assert reports["joint", 0]["metrics"]["forgetting"] is None  # its own report agrees: only avg_acc is defined
