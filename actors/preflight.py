@@ -62,7 +62,8 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
     check_paradigm(config, stream)
     tokenizer_dir = _prepare_tokenizer(config, stream, output, resuming=resuming, start=start)
     tokenizer = load_tokenizer(tokenizer_dir)
-    ceilings, problems = target_ceilings(tokenizer, stream, config.stream.max_target_tokens)
+    ceilings, problems = target_ceilings(tokenizer, stream, config.stream.max_target_tokens,
+                                         config.evaluation.normalize)
     for problem in problems:
         tqdm.write(f"warning: {problem}", file=sys.stderr)
     slots = None

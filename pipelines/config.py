@@ -269,6 +269,10 @@ class EvaluationConfig(Schema):
     # heatmap: how the later tasks' accuracy drifts before they are trained). The baseline is
     # always measured on every task.
     cells: Literal["needed", "all"] = "needed"
+    # How an answer and its target are normalized before they are compared (exact match, ROUGE-L):
+    # case (case-folded), whitespace (collapsed, ends stripped), accents (combining marks dropped:
+    # 'mangeâmes' = 'mangeames', for a tokenizer that strips them). The attainable ceilings follow it.
+    normalize: list[Literal["case", "accents", "whitespace"]] = ["case", "whitespace"]
 
 
 class CheckpointConfig(Schema):

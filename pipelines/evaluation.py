@@ -136,6 +136,7 @@ class Evaluator:
         n, size = len(items), self.settings.batch_size
         mine = self.share(n, model)
         totals = [[0.0, 0] for _ in eval_sets]
+        forms = tuple(self.settings.normalize)
         for start in range(0, len(mine), size):
             chunk = mine[start : start + size]
             pairs = [items[min(k, n - 1)] for k in chunk]
@@ -144,7 +145,7 @@ class Evaluator:
                            else self.generate(sources, model, one.name if one is not None else None))
             for k, (j, i), prediction in zip(chunk, pairs, predictions):
                 if k < n:
-                    value = METRICS[eval_sets[j].metric](prediction, eval_sets[j].targets[i])
+                    value = METRICS[eval_sets[j].metric](prediction, eval_sets[j].targets[i], forms)
                     totals[j][0] += value
                     totals[j][1] += 1
                     if examples is not None:

@@ -371,16 +371,17 @@ def long_targets(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_tok
     return problems
 
 
-def target_ceilings(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_tokens: int
-                    ) -> tuple[dict[str, float], list[str]]:
+def target_ceilings(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_tokens: int,
+                    normalize: Iterable[str] = ("case", "whitespace")) -> tuple[dict[str, float], list[str]]:
     """The best score each trainable task can reach with this tokenizer: every evaluation target
     encoded (cut at ``stream.max_target_tokens``, as in training) and decoded as generation would
     decode it, then scored against itself under the task's metric; the mean over the evaluation
     examples. A tokenizer that strips accents or lowercases into a different word ('mangeâmes'
     back as 'mangeames'), or spells a character as unknown, caps the task below 1 whatever the
     model learns. Returns the ceilings by task and one line per task under 1, naming the share of
-    targets that cannot come back and an example."""
-    from pipelines.scoring import METRICS
+    targets that cannot come back and an example. ``normalize``: the run's ``evaluation.normalize``
+    (with ``accents``, a stripped accent costs nothing)."""
+    from pipelines.scoring import METRICS, scorer
 
     ceilings: dict[str, float] = {}
     problems = []
@@ -391,16 +392,20 @@ def target_ceilings(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_
         distinct = sorted(set(targets))
         ids = tokenizer(text_target=distinct, truncation=True, max_length=max_target_tokens)["input_ids"]
         back = dict(zip(distinct, tokenizer.batch_decode(ids, skip_special_tokens=True)))
-        score = METRICS[task.metric]
+        score = scorer(task.metric, normalize)
         scores = {target: score(back[target], target) for target in distinct}
         ceilings[task.name] = float(sum(scores[t] for t in targets) / len(targets))
         lost = [t for t in targets if scores[t] < 1.0]
         if lost:
             example = min(lost, key=lambda t: scores[t])
+            forms = sorted({*normalize, "accents"}, key=("case", "accents", "whitespace").index)
+            accents_only = all(scorer(task.metric, forms)(back[t], t) == 1.0 for t in lost)
+            hint = (f"; if accents do not matter to the task, score without them: evaluation.normalize="
+                    f"[{','.join(forms)}]" if accents_only and "accents" not in normalize else "")
             problems.append(f"task {task.name!r}: {len(lost)} of {len(targets)} evaluation targets "
                             f"({len(lost) / len(targets):.0%}) cannot come back through the tokenizer whole (e.g. "
                             f"{example[:40]!r} decodes as {back[example][:40]!r}): the task's "
-                            f"{task.metric} cannot pass {ceilings[task.name]:.3f} whatever the model learns")
+                            f"{task.metric} cannot pass {ceilings[task.name]:.3f} whatever the model learns{hint}")
     return ceilings, problems
 
 

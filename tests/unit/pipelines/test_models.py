@@ -113,6 +113,11 @@ def test_targets_a_tokenizer_cannot_give_back_cap_the_task_and_are_named():
     assert ceilings == {"conjugation": pytest.approx(3 / 5), "spam": 1.0}
     assert len(problems) == 1 and "task 'conjugation': 2 of 5 evaluation targets (40%)" in problems[0]
     assert "decodes as 'mangeames'" in problems[0] and "cannot pass 0.600" in problems[0]
+    assert "evaluation.normalize=[case,accents,whitespace]" in problems[0]  # the accents alone are lost
+    # scored without accents (the config asks for it), nothing is out of reach
+    ceilings, problems = target_ceilings(uncased, stream, max_target_tokens=16,
+                                         normalize=["case", "accents", "whitespace"])
+    assert ceilings == {"conjugation": 1.0, "spam": 1.0} and problems == []
 
     # a cut at max_target_tokens loses targets too; ROUGE-L keeps the words that do come back
     words_task = _task("summary", ["parlons parlez parlons parlez"], metric="rouge_l")
