@@ -250,7 +250,8 @@ def run_cells(reports: dict[str, list[RunReport]], dirs: dict[str, list[Path]],
                 continue
             matrix = ForgettingMatrix.from_dict(report.model_dump())
             baseline, rows = read_example_scores(directory, report.finished_tasks)
-            order = order_list.index(report.tasks) if report.tasks in order_list else -1
+            streamed = [t for t in report.tasks if t in order_list[0]]  # the pretraining task is in no order
+            order = order_list.index(streamed) if streamed in order_list else -1
             cells[name][order, report.seed] = RunCell(order, report.seed, report.tasks, rows, baseline, matrix.acc,
                                                       matrix.baseline, skip=_untrained(report), final_only=only_at_end)
     return cells

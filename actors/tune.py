@@ -28,6 +28,7 @@ from actors.tracking import MlflowSink, check_tracking
 from pipelines.config import RunConfig, experiment_dict, flatten, resolve_paths, validate_config
 from pipelines.errors import ConfigError, ForgetlessError
 from pipelines.metrics import ForgettingMatrix
+from pipelines.significance import HEADLINE
 from pipelines.report import RunReport
 from pipelines.strategies.base import Range
 from pipelines.tuning import Knob, draw_seed, read_space, search_space, tuning_config, with_values, write_tuned
@@ -87,9 +88,9 @@ def trial(values: dict[str, Any], *, base: dict[str, Any], strategy: str, direct
         if report is not None and report.finished_tasks > reported:
             matrix = ForgettingMatrix.from_dict(report.model_dump())
             for row in range(reported, report.finished_tasks):
-                value = matrix.summary(row).get(metric)
-                if value is not None:
-                    ray_tune.report({"score": sign * value, metric: value, "task": row + 1})
+                metrics = {k: v for k, v in matrix.summary(row).items() if k in HEADLINE and v is not None}
+                if metrics.get(metric) is not None:
+                    ray_tune.report({"score": sign * metrics[metric], **metrics, "task": row + 1})
             reported = report.finished_tasks
         if done:
             break
@@ -205,14 +206,14 @@ def tune(config: RunConfig, strategies: list[str], *, trials: int, tasks: int = 
             for result in grid:
                 values = {k: result.config[k] for k in (knob.name for knob in knobs)}
                 score = (result.metrics or {}).get(metric)
-                records.append({"values": values, metric: score, "status": "FAILED" if result.error else "FINISHED",
+                records.append({"values": values, metric: score, "learning_acc": (result.metrics or {}).get("learning_acc"),
+                                "status": "FAILED" if result.error else "FINISHED",
                                 "error": _reason(result), "tasks_reported": (result.metrics or {}).get("task"),
                                 "path": result.path})
-            finished = [r for r in records if r["status"] == "FINISHED" and r["tasks_reported"] == len(tuned_on["tasks"])
-                        and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
+            finished = [r for r in records if r["status"] == "FINISHED" and r["tasks_reported"] == len(tuned_on["tasks"])]
             entry: dict[str, Any] = {"knobs": {k.name: vars(k.range) for k in knobs}, "trials": records}
-            if finished:
-                best = (max if metric in MAXIMIZED else min)(finished, key=lambda r: r[metric])
+            best = best_trial(finished, metric)
+            if best is not None:
                 entry["best"] = {"values": best["values"], metric: best[metric]}
                 write_tuned(directory / f"{name}.yaml", name, best["values"], record={
                     **tuned_on, "metric": metric, "score": best[metric], "trials": trials,
@@ -238,6 +239,17 @@ def tune(config: RunConfig, strategies: list[str], *, trials: int, tasks: int = 
     parent.end(status)
     summary["directory"] = str(directory)
     return summary
+
+
+def best_trial(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The best of the trials that scored (a finite ``metric``): the highest (``forgetting``: the
+    lowest); a tie — a flat landscape, where the metric does not tell the values apart — goes to the
+    trial whose tasks were learned best (``learning_acc``), then to the earliest. None: none scored."""
+    scored = [r for r in records if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    if not scored:
+        return None
+    sign = 1.0 if metric in MAXIMIZED else -1.0
+    return max(scored, key=lambda r: (sign * r[metric], r.get("learning_acc") or 0.0))  # max keeps the first
 
 
 def _searcher(seed: int, concurrent: int) -> Any:

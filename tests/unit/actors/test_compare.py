@@ -152,3 +152,18 @@ def test_replay_based_strategies_are_compared_only_under_one_memory_and_one_rate
     assert (shared["replay_memory_rows"], shared["replay_rows_per_batch"], shared["loss_mean"]) == (384, 8, "per_example")
     assert list(shared["deviations"]) == ["naive", "derpp"] and shared["deviations"]["naive"] == {}
     assert "end-of-task logits" in shared["deviations"]["derpp"]["derpp"][0]
+
+
+def test_each_run_is_paired_by_its_order_and_seed_also_behind_a_pretraining_task(tmp_path):
+    from actors.compare import run_cells
+
+    def report(seed, tasks):
+        acc = [[0.5, 0.1, 0.0], [0.5, 0.2, 0.3], [0.5, 0.2, 0.3]]
+        return RunReport(tasks=tasks, seed=seed, status="FINISHED", acc_matrix=acc, baseline=[0.5, 0.0, 0.0],
+                         metrics={}, mlflow={"tracking_uri": "sqlite:///x.db", "run_id": "r"}, strategy="naive",
+                         strategy_config={}, experiment="e", output_dir="/x", finished_tasks=3)
+
+    orders = [["a", "b"], ["b", "a"]]
+    runs = [report(0, ["pretraining", "a", "b"]), report(0, ["pretraining", "b", "a"]), report(1, ["pretraining", "a", "b"])]
+    cells = run_cells({"naive": runs}, {"naive": [tmp_path / str(k) for k in range(3)]}, orders)
+    assert sorted(cells["naive"]) == [(0, 0), (0, 1), (1, 0)]  # no two runs on one key

@@ -33,3 +33,19 @@ def test_a_space_for_a_strategy_not_tuned_is_refused(toy_stream_config, tmp_path
     with pytest.raises(ConfigError, match=r"tune --space .*space.yaml: lwf not among --strategies naive"):
         tune(validate_config(toy_stream_config), ["naive"], trials=1, space=str(tmp_path / "space.yaml"),
              progress=False)
+
+
+def test_the_best_trial_breaks_a_tie_by_how_well_its_tasks_were_learned():
+    from actors.tune import best_trial
+
+    trials = [{"values": {"lr": 1}, "avg_acc": 0.41, "learning_acc": 0.5},
+              {"values": {"lr": 2}, "avg_acc": 0.41, "learning_acc": 0.8},
+              {"values": {"lr": 3}, "avg_acc": 0.41, "learning_acc": 0.8},
+              {"values": {"lr": 4}, "avg_acc": float("nan"), "learning_acc": 0.9},
+              {"values": {"lr": 5}, "avg_acc": None}]
+    assert best_trial(trials, "avg_acc")["values"] == {"lr": 2}  # the tie, then the earliest
+    assert best_trial([*trials, {"values": {"lr": 6}, "avg_acc": 0.5, "learning_acc": 0.1}], "avg_acc")["values"] == {
+        "lr": 6}
+    assert best_trial([{"values": {}, "forgetting": 0.3}, {"values": {"lr": 7}, "forgetting": 0.1}],
+                      "forgetting")["values"] == {"lr": 7}  # lower is better
+    assert best_trial(trials[3:], "avg_acc") is None
