@@ -1,8 +1,12 @@
 """``forgetless compare``: several strategies on the same stream, seeds and task orders, one comparison.
 
-One MLflow parent run holds a child run per (strategy, order, seed), the aggregated metrics and
-the plots; ``<output_dir>/comparison.json`` and ``comparison.md`` hold the table: per strategy,
-each metric's mean, sample std and 95% t interval over every (order, seed) run.
+Every strategy runs under one protocol, recorded in comparison.json: one tokenizer, one replay
+memory budget and one replayed-rows rate, the same loss average, each strategy's stated departures
+from its paper, and optionally the values ``forgetless tune`` chose for each (``--tuned``). One
+MLflow parent run holds a child run per (strategy, order, seed), the aggregated metrics and the
+plots; ``<output_dir>/comparison.json`` and ``comparison.md`` hold the table (per strategy, each
+metric's mean, sample std and 95% t interval over every run) and every pair's paired differences
+with their hierarchical bootstrap intervals and Holm-corrected p-values (``pipelines.significance``).
 """
 
 from __future__ import annotations
@@ -176,6 +180,13 @@ def format_pairs(pairs: list[dict[str, Any]]) -> list[str]:
             mark = " *" if result.get("significant") else ""
             cells.append(f"{result['diff']:+.3f} [{low:+.3f}, {high:+.3f}] p={result['p_holm']:.3f}{mark}")
         lines.append(f"| {pair['a']} - {pair['b']} | " + " | ".join(cells) + " |")
+    results = [r for pair in pairs for r in pair["metrics"].values() if r is not None]
+    if results and max(r["n"] for r in results) == 1:
+        lines += ["", "One run per strategy: these intervals cover the eval examples only, not another seed or "
+                      "task order (--seeds, --orders)."]
+    elif results and max(r["orders"] for r in results) == 1:
+        lines += ["", "One task order: these intervals cover the seeds and eval examples, not another order "
+                      "(--orders)."]
     return lines
 
 

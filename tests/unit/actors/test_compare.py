@@ -167,3 +167,21 @@ def test_each_run_is_paired_by_its_order_and_seed_also_behind_a_pretraining_task
     runs = [report(0, ["pretraining", "a", "b"]), report(0, ["pretraining", "b", "a"]), report(1, ["pretraining", "a", "b"])]
     cells = run_cells({"naive": runs}, {"naive": [tmp_path / str(k) for k in range(3)]}, orders)
     assert sorted(cells["naive"]) == [(0, 0), (0, 1), (1, 0)]  # no two runs on one key
+
+
+def test_the_pairs_table_marks_significant_gaps_and_says_what_one_run_cannot_cover():
+    from actors.compare import format_pairs
+
+    def result(p_holm, n=1, orders=1):
+        return {"diff": 0.2, "ci95": [0.1, 0.3], "p": p_holm, "p_holm": p_holm, "significant": p_holm < 0.05,
+                "n": n, "orders": orders}
+
+    pairs = [{"a": "naive", "b": "replay", "metrics": {"avg_acc": result(0.002), "forgetting": result(0.4),
+                                                         "bwt": None, "fwt": None, "learning_acc": None}}]
+    text = "\n".join(format_pairs(pairs))
+    assert "| naive - replay | +0.200 [+0.100, +0.300] p=0.002 * | +0.200 [+0.100, +0.300] p=0.400 | n/a" in text
+    assert "One run per strategy: these intervals cover the eval examples only" in text
+    pairs[0]["metrics"]["avg_acc"] = result(0.002, n=3, orders=1)
+    assert "One task order" in "\n".join(format_pairs(pairs))
+    pairs[0]["metrics"] = {m: result(0.01, n=9, orders=3) for m in ("avg_acc", "forgetting")}
+    assert "cover" not in "\n".join(format_pairs(pairs))

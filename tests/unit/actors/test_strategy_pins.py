@@ -42,7 +42,7 @@ STRATEGIES = {
 }
 # The same strategies under one memory budget and one replayed-rows rate (what `compare` requires)
 BUDGET = ["replay.memory_rows=48", "replay.rows_per_batch=4"]
-WITH_BUDGET = {f"{name} (budget)": name for name in ("replay", "agem", "derpp")}
+WITH_BUDGET = {f"{name} (budget)": name for name in ("replay", "derpp")}  # A-GEM's reference: one part, as replay's
 TINY = [
     "training.max_steps=15", "evaluation.batch_size=24", "replay.rows_per_task=32", "replay.num_shards=1",
     *(f"stream.tasks.{i}.{key}" for i in range(3) for key in ("max_train_examples=64", "max_eval_examples=24")),
