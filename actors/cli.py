@@ -111,8 +111,20 @@ def _run(args: argparse.Namespace) -> int:
     return _train_and_print(load_config(args.config, args.overrides), not args.no_progress)
 
 
+def _saved_dict(path: Path) -> dict:
+    """A saved run's config as plain data (empty when it is not a mapping: ``load_config`` says why)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _resume(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
+    from pipelines.rundir import earlier_behaviour
 
     output_dir = Path(args.output_dir)
     if args.config is not None and "=" in args.config and not Path(args.config).exists():
@@ -121,7 +133,7 @@ def _resume(args: argparse.Namespace) -> int:
         saved = output_dir / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"{output_dir} holds no run to resume (no config.yaml); start one with `forgetless run`")
-        config = load_config(saved, [*args.overrides, "resume=true"])
+        config = load_config(saved, [*earlier_behaviour(_saved_dict(saved)), *args.overrides, "resume=true"])
         lost = redacted_keys(config.model_dump(mode="json"))
         if lost:
             raise ConfigError(

@@ -168,7 +168,19 @@ MAY_CHANGE = (
     "replay.snapshot_every_rows", "replay.fsync", "replay.num_cpus", "replay.memory_bytes", "replay.placement",
     "replay.max_samples_per_insert", "replay.min_rows_to_sample", "ray.", "mlflow.run_name", "mlflow.flush_timeout_s",
     "output_dir", "recovery.", "table1.",  # table1: what `forgetless table1` runs, not what one run is
+    "evaluation.cells",  # which cells are measured: every metric reads the same ones either way
 )
+
+# Keys added since runs were first saved whose default is not what a run saved without them did:
+# such a run trained with these values, and a resume of it goes on with them.
+EARLIER_BEHAVIOUR = {("training", "loss_mean"): "per_token"}
+
+
+def earlier_behaviour(saved: dict[str, Any]) -> list[str]:
+    """``key=value`` overrides that keep a run saved before a key existed doing what it did
+    (``EARLIER_BEHAVIOUR``), for the keys its saved config lacks."""
+    return [f"{section}.{key}={value}" for (section, key), value in EARLIER_BEHAVIOUR.items()
+            if isinstance(saved.get(section, {}), dict) and key not in saved.get(section, {})]
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -210,6 +222,9 @@ def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """A config saved by an older version, with the keys added since at their defaults (what that
     version did), so they do not read as changes. Left as it is when it no longer validates."""
     data = dict(saved)
+    for (section, key), value in EARLIER_BEHAVIOUR.items():
+        if isinstance(data.get(section, {}), dict) and key not in data.get(section, {}):
+            data[section] = {**data.get(section, {}), key: value}
     # Before a strategy's settings had one home, a run used its `strategy` block and saved a
     # `strategies` block of defaults beside it: the block is what the run used.
     strategy = data.get("strategy")

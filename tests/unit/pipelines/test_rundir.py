@@ -94,3 +94,20 @@ def test_a_run_saved_before_strategy_settings_had_one_home_resumes_without_chang
     given["strategy"]["lambda"] = 50.0
     refused, _ = config_changes(saved, given, finished_tasks=2)
     assert refused == ["strategies.ewc.lambda: 10000.0 -> 50.0", "strategy.lambda: 10000.0 -> 50.0"]
+
+
+def test_a_run_saved_before_the_per_example_loss_goes_on_with_the_token_mean(toy_stream_config):
+    """training.loss_mean came with a new default: a run saved without it trained with the token
+    mean, and its resume keeps that (the CLI adds the override); the new default would be a change."""
+    from pipelines.rundir import earlier_behaviour
+
+    given = experiment_dict(validate_config(toy_stream_config))
+    saved = json.loads(json.dumps(given))
+    del saved["training"]["loss_mean"], saved["evaluation"]["cells"]
+    assert earlier_behaviour(saved) == ["training.loss_mean=per_token"]
+    assert earlier_behaviour(given) == []
+    refused, _ = config_changes(saved, given, finished_tasks=1)
+    assert refused == ["training.loss_mean: 'per_token' -> 'per_example'"]
+    kept = experiment_dict(validate_config({**toy_stream_config, "training": {
+        **toy_stream_config["training"], "loss_mean": "per_token"}}))
+    assert config_changes(saved, kept, finished_tasks=1) == ([], [])  # cells: any value reads the same metrics
