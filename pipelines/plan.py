@@ -173,6 +173,12 @@ def _store_order(config: RunConfig, stream: TaskStream, index: int) -> np.ndarra
     return order if task.trainable else order[: config.replay.pretraining_rows]
 
 
+def _store_capacity(config: RunConfig, stream: TaskStream, index: int) -> int:
+    """How many rows task ``index`` can put in the store: ``len(_store_order(...))``, without drawing it."""
+    rows = len(stream[index].train)
+    return rows if stream[index].trainable else min(rows, config.replay.pretraining_rows)
+
+
 def balanced_shares(caps: dict[int, int], budget: int) -> dict[int, int]:
     """Split ``budget`` rows over tasks as evenly as their ``caps`` allow (water-filling): the tasks
     in increasing cap, each taking min(cap, what is left // tasks left). The shares sum to at most
@@ -197,7 +203,7 @@ def memory_shares(config: RunConfig, stream: TaskStream, upto: int) -> dict[int,
     for index in range(upto + 1):
         if budget is None or not stores_rows(config, stream[index]):
             continue
-        shares = balanced_shares({**shares, index: len(_store_order(config, stream, index))}, budget)
+        shares = balanced_shares({**shares, index: _store_capacity(config, stream, index)}, budget)
     return shares
 
 
