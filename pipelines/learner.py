@@ -33,9 +33,10 @@ from pipelines.distributed import Collectives, deepspeed_module, init_distribute
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.evaluation import Evaluator
 from pipelines.models import build_model, load_tokenizer, save_pretrained
-from pipelines.paradigm_model import PARADIGM_FILE, ParadigmModel, source_tokens, trained_for
+from pipelines.paradigm_model import PARADIGM_STEM, ParadigmModel, source_tokens, trained_for
 from pipelines.paradigms import TaskSlot
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
+from pipelines.state_files import load_tree, refuse_unsafe_pickles, save_tree, weights_only_loads
 from pipelines.strategies import build_training_strategy
 from pipelines.strategies.base import StepBatch, TrainingContext
 from storage.files import atomic_directory
@@ -120,7 +121,7 @@ class Engine:
             with atomic_directory(directory) as tmp:
                 save_pretrained(self.body, self.tokenizer, tmp)
                 if isinstance(self.model, ParadigmModel):  # the heads or prompts, beside the untouched body
-                    torch.save(self.model.extra_state(), tmp / PARADIGM_FILE)
+                    save_tree(self.model.extra_state(), tmp, PARADIGM_STEM)
                 if extra is not None:
                     extra(tmp)
 
@@ -369,8 +370,10 @@ class Learner(Engine):
         optimizer state, ZeRO partitions), and per rank the RNG states and step count, plus the
         strategy's state. Collective.
 
-        Written under ``<directory>.partial`` and renamed once every rank has finished, so
-        ``directory`` holds a complete state or is absent.
+        The RNG states and the strategy's state are written as JSON and safetensors
+        (``pipelines.state_files``): nothing in them runs code when loaded. Written under
+        ``<directory>.partial`` and renamed once every rank has finished, so ``directory`` holds a
+        complete state or is absent.
         """
         directory = Path(directory)
         partial = directory.with_name(directory.name + ".partial")
@@ -379,9 +382,9 @@ class Learner(Engine):
         self.comm.barrier()
         self.engine.save_checkpoint(str(partial.parent), tag=partial.name, save_latest=False,
                                     client_state={"global_step": self.global_step})
-        torch.save({"rng": _rng_state(), "global_step": self.global_step}, partial / f"rank-{self.rank:03d}.pt")
+        save_tree({"rng": _rng_state(), "global_step": self.global_step}, partial, f"rank-{self.rank:03d}")
         if self.rank == 0:
-            torch.save(self.strategy.state_dict(), partial / "strategy.pt")
+            save_tree(self.strategy.state_dict(), partial, "strategy")
         self.comm.barrier()
         if self.rank == 0:
             shutil.rmtree(directory, ignore_errors=True)
@@ -392,24 +395,41 @@ class Learner(Engine):
     def load_state(self, directory: str | Path) -> None:
         """Continue from a ``save_state`` directory (same number of workers and ZeRO stage).
 
+        Nothing in it is unpickled: DeepSpeed's files are scanned first and then read weights-only
+        (tensors and an allow-list of plain types); the rest is JSON and safetensors. A state
+        saved before that format (``rank-NNN.pt``, ``strategy.pt``) loads weights-only too.
+
         Raises:
-            DataError: the directory is incomplete or was saved by another number of workers.
+            DataError: the directory is incomplete, was saved by another number of workers, or
+                holds a file that is not plain data (named).
         """
         directory = Path(directory)
-        rank_file = directory / f"rank-{self.rank:03d}.pt"
-        if not rank_file.is_file() or not (directory / "strategy.pt").is_file():
-            saved = sorted(p.name for p in directory.glob("rank-*.pt")) if directory.is_dir() else []
+        rank, legacy = f"rank-{self.rank:03d}", not (directory / "strategy.json").is_file()
+        needed = ([directory / f"{rank}.pt", directory / "strategy.pt"] if legacy
+                  else [directory / f"{rank}.json", directory / f"{rank}.safetensors", directory / "strategy.json",
+                        directory / "strategy.safetensors"])
+        if not all(p.is_file() for p in needed):
+            saved = sorted({p.stem for p in directory.glob("rank-*")}) if directory.is_dir() else []
             raise DataError(f"training state {directory} is incomplete or was saved by another number of workers "
                             f"(it has {saved or 'nothing'}; this is worker {self.rank} of {self.world_size})")
-        loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
-        if loaded is None:
-            raise DataError(f"DeepSpeed could not load the training state in {directory}")
-        extra = torch.load(rank_file, weights_only=False)
-        _set_rng_state(extra["rng"])
-        self.global_step = extra["global_step"]
-        self.strategy.load_state_dict(torch.load(directory / "strategy.pt", weights_only=False,
-                                                 map_location=self.device))
+        refuse_unsafe_pickles(directory)
+        with weights_only_loads():
+            loaded, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise DataError(f"DeepSpeed could not load the training state in {directory}")
+            if legacy:
+                extra = torch.load(needed[0], weights_only=True)
+                strategy = torch.load(needed[1], weights_only=True, map_location=self.device)
+        if not legacy:
+            extra, strategy = load_tree(directory, rank), load_tree(directory, "strategy", device=self.device)
+        try:
+            _set_rng_state(extra["rng"])
+            self.global_step = int(extra["global_step"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"training state {directory}: {needed[0].name} lacks the RNG state or the step count "
+                            f"({type(exc).__name__}: {exc})") from None
+        self.strategy.load_state_dict(strategy)
 
 
 def last_decoder_block(model: torch.nn.Module) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from pipelines.config import ParadigmConfig, RunConfig
 from pipelines.errors import DataError
 from pipelines.paradigms import TaskSlot
 
-PARADIGM_FILE = "paradigm.pt"  # in a checkpoint directory: a frozen-model paradigm's heads or prompts
+PARADIGM_STEM = "paradigm"  # in a checkpoint directory: a frozen-model paradigm's heads or prompts (.json, .safetensors)
 
 
 class SoftPrompt(nn.Module):

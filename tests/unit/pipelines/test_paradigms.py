@@ -12,7 +12,8 @@ from pipelines.config import validate_config
 from pipelines.errors import ConfigError, DataError
 from pipelines.learner import Learner, silence_library_noise
 from pipelines.models import stream_tokenizer
-from pipelines.paradigm_model import PARADIGM_FILE, ParadigmModel
+from pipelines.paradigm_model import PARADIGM_STEM, ParadigmModel
+from pipelines.state_files import load_tree
 from pipelines.paradigms import (
     check_prompt_lengths,
     eval_sets,
@@ -145,7 +146,7 @@ def test_a_checkpoint_keeps_the_body_as_it_was_and_the_heads_beside_it(make_lear
     directory = learner.save(tmp_path / "ckpt")
     reopened = AutoModelForSeq2SeqLM.from_pretrained(directory)
     assert all(torch.equal(before[k], v) for k, v in reopened.state_dict().items() if k in before)
-    extra = torch.load(directory / PARADIGM_FILE, weights_only=False)
+    extra = load_tree(directory, PARADIGM_STEM)
     assert extra["paradigm"]["name"] == "feature_extraction"
     assert [s["name"] for s in extra["slots"]] == ["category", "first_word"]
     assert torch.equal(extra["state"]["heads.heads.0.weight"], learner.model.heads.heads[0].weight.detach())
