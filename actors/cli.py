@@ -122,6 +122,18 @@ def _saved_dict(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _replay_in_place(saved: dict[str, Any], run: Path) -> list[str]:
+    """A replay directory the saved config put inside the run's directory, at the same place in
+    ``run`` (the run's copy or new home) — as an override, when there is one."""
+    old, replay = saved.get("output_dir"), (saved.get("replay") or {}).get("directory")
+    if not isinstance(old, str) or not isinstance(replay, str):
+        return []
+    try:
+        return [f"replay.directory={run.resolve() / Path(replay).relative_to(old)}"]
+    except ValueError:
+        return []  # outside the run: where the user put it
+
+
 def _resume(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
     from pipelines.rundir import earlier_behaviour
@@ -133,7 +145,10 @@ def _resume(args: argparse.Namespace) -> int:
         saved = output_dir / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"{output_dir} holds no run to resume (no config.yaml); start one with `forgetless run`")
-        config = load_config(saved, [*earlier_behaviour(_saved_dict(saved)), *args.overrides, "resume=true"])
+        # DIR is the run, wherever it was written: a copied or moved run resumes in place, never
+        # in the directory its saved config names
+        config = load_config(saved, [*earlier_behaviour(_saved_dict(saved)), *_replay_in_place(_saved_dict(saved), output_dir),
+                                     *args.overrides, f"output_dir={output_dir.resolve()}", "resume=true"])
         lost = redacted_keys(config.model_dump(mode="json"))
         if lost:
             raise ConfigError(

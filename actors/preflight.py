@@ -21,7 +21,7 @@ from pipelines.models import (build_model, directory_digest, fetch_encoder, load
 from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
 from pipelines.report import ModelInit, RunReport
-from pipelines.rundir import OutputDir, config_changes
+from pipelines.rundir import OutputDir, config_changes, contained_report
 from pipelines.tasks import TaskStream, load_stream
 from storage.files import atomic_directory
 
@@ -79,7 +79,7 @@ def prepare_resume(config: RunConfig, output: OutputDir) -> tuple[RunReport, lis
     Raises:
         ConfigError: the saved run cannot be read, or the config changes what its finished rows mean.
     """
-    previous = RunReport.read(output.report)
+    previous = contained_report(RunReport.read(output.report), output.path)
     try:
         saved = yaml.safe_load(output.config.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:

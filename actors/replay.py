@@ -29,6 +29,7 @@ from storage.replay import (
     EmptyReplayError,
     ReplayShard,
     ShardStats,
+    MAX_SHARDS,
     StaleTopologyError,
     check_batch,
     draw_index,
@@ -362,6 +363,10 @@ class ReplayStore:
         """
         if not isinstance(num_new, int) or num_new <= 0:
             raise ValueError(f"num_new ({num_new!r}) must be a positive integer")
+        if self.num_shards + num_new > self.config.max_shards:
+            raise ValueError(f"adding {num_new} shard(s) to {self.num_shards} would pass replay.max_shards="
+                             f"{self.config.max_shards}; add fewer, or raise replay.max_shards (at most {MAX_SHARDS}) "
+                             "when the run is resumed")
         self.sync()
         old = self.num_shards
         self._start_shards(range(old, old + num_new))

@@ -34,6 +34,7 @@ from pipelines.config import RunConfig
 from pipelines.errors import ForgetlessError
 from pipelines.redaction import redact
 from pipelines.report import Resumption, RunReport
+from pipelines.rundir import inside
 from storage.files import write_atomic
 
 if TYPE_CHECKING:
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forgetless")
 _MAX_PARAM_CHARS = 6000
+# The most records a run keeps in memory for MLflow during an outage; later ones wait in its
+# mlflow-pending.jsonl (about 200 bytes each) and go out in order once MLflow is back.
+MAX_QUEUED = 10_000
 _BATCH = 100
 # A call to an unreachable server fails after one retry and 10 s, not MLflow's default of
 # minutes; the buffered sink retries on its own schedule.
@@ -268,12 +272,18 @@ class BufferedSink:
     Records are written in the order they were given; a failed write is retried (backing off to
     ``max_backoff_s``) until it succeeds, so an outage delays records but never drops or reorders
     them. ``end`` waits up to a deadline; records it could not write are saved to ``pending_path``.
+
+    Memory is bounded: past ``max_queued`` records (a long outage), new records are appended to
+    ``pending_path`` instead, and read back in order once the queue has drained.
     """
 
-    def __init__(self, sink: MlflowSink, *, pending_path: str | Path | None = None, max_backoff_s: float = 15.0):
+    def __init__(self, sink: MlflowSink, *, pending_path: str | Path | None = None, max_backoff_s: float = 15.0,
+                 max_queued: int = MAX_QUEUED):
         self.sink = sink
         self.pending_path = Path(pending_path) if pending_path else None
         self.max_backoff_s = max_backoff_s
+        self.max_queued = max_queued
+        self._spilled = 0  # records in pending_path, after every one in memory
         self._records: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -305,13 +315,29 @@ class BufferedSink:
     @property
     def pending(self) -> int:
         with self._cond:
-            return len(self._records)
+            return len(self._records) + self._spilled
 
     # ------------------------------------------------------------------ what callers use
     def _put(self, record: dict[str, Any]) -> None:
         with self._cond:
-            self._records.append(record)
+            if self.pending_path is not None and (self._spilled or len(self._records) >= self.max_queued):
+                with open(self.pending_path, "a", encoding="utf-8") as spill:  # after every queued record
+                    spill.write(json.dumps(record) + "\n")
+                self._spilled += 1
+            else:
+                self._records.append(record)
             self._cond.notify_all()
+
+    def _take_back_spilled(self) -> None:
+        """Under the lock, the queue empty: the oldest spilled records back into memory."""
+        records = load_pending(self.pending_path)
+        self._records.extend(records[: self.max_queued])
+        rest = records[self.max_queued:]
+        if rest:
+            _write_pending(self.pending_path, rest)
+        else:
+            self.pending_path.unlink(missing_ok=True)
+        self._spilled = len(rest)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._put({"kind": "params", "values": {k: str(v)[:_MAX_PARAM_CHARS] for k, v in params.items()}})
@@ -333,8 +359,10 @@ class BufferedSink:
         backoff = 0.5
         while True:
             with self._cond:
-                while not self._records and not self._closing:
+                while not self._records and not self._spilled and not self._closing:
                     self._cond.wait()
+                if not self._records and self._spilled and not self._closing:
+                    self._take_back_spilled()
                 if not self._records:
                     return
                 record = self._records[0]
@@ -363,10 +391,10 @@ class BufferedSink:
         """Wait until every record is written or ``timeout_s`` passed; returns how many are left."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._records and time.monotonic() < deadline:
+            while (self._records or self._spilled) and time.monotonic() < deadline:
                 self._cond.notify_all()
                 self._cond.wait(timeout=min(0.5, max(0.01, deadline - time.monotonic())))
-            return len(self._records)
+            return len(self._records) + self._spilled
 
     def end(self, status: str = "FINISHED", *, timeout_s: float = 60.0) -> int:
         """Write what is queued, then end the run with ``status``. Returns the records left unwritten
@@ -382,7 +410,9 @@ class BufferedSink:
             records = list(self._records)
             self._records.clear()
         self._thread.join(timeout=15)
-        if records and self.pending_path is not None:
+        if self._spilled:  # the queue holds the older records: they go first
+            _write_pending(self.pending_path, [*records, *load_pending(self.pending_path)])
+        elif records and self.pending_path is not None:
             save_pending(self.pending_path, records)
         return left
 
@@ -436,8 +466,18 @@ def load_pending(path: Path) -> list[dict[str, Any]]:
 
 def send_pending(sink: MlflowSink, path: Path) -> int:
     """Write the records saved in ``path`` to ``sink``'s run (in order), then remove the file.
-    Returns how many were sent. Raises what MLflow raises; the file stays until all went through."""
+    Returns how many were sent. Raises what MLflow raises; the file stays until all went through.
+
+    An artifact is sent only from the run's own directory (the file's): the file may sit on a
+    shared volume, and a line naming any other file would upload it.
+
+    Raises:
+        DataError: an artifact record whose path leads out of the run, naming the line.
+    """
     records = load_pending(path)
+    for number, record in enumerate(records, start=1):
+        if record.get("kind") == "artifact":
+            inside(path.parent, str(record.get("path", "")), file=f"{path}, record {number}", key="path")
     for sent, record in enumerate(records):
         try:
             write_record(sink, record)

@@ -27,6 +27,7 @@ from pydantic import (
 from pipelines.errors import ConfigError
 from pipelines.redaction import redact_data
 from pipelines.schema import Schema
+from storage.replay import MAX_SHARDS
 from pipelines.strategies import (
     DEFAULT_STRATEGY,
     STRATEGY_CONFIGS,
@@ -290,6 +291,9 @@ class ReplayConfig(Schema):
 
     enabled: bool = False
     num_shards: int = Field(default=2, ge=1)
+    # The most shards `forgetless replay add-shards` may grow the store to: a typo in N (1000 for 10)
+    # would start that many actors, each with its own process and files.
+    max_shards: int = Field(default=64, ge=1, le=MAX_SHARDS)
     capacity_rows: int = Field(default=10_000, gt=0)  # per shard
     # A total memory budget in rows, over every shard and task, shared by every strategy that keeps
     # rows (replay, DER++, A-GEM, general-sample replay): the store never holds more. Each task's

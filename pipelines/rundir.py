@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import experiment_dict, validate_config
-from pipelines.errors import ConfigError, ForgetlessError
+from pipelines.report import RunReport
+from storage.journal import TAG
+from pipelines.errors import ConfigError, DataError, ForgetlessError
 
 LOCK_NAME = ".forgetless.lock"
 # What a run hands MLflow as artifacts when it ends.
@@ -156,6 +158,59 @@ class OutputDir:
             shutil.rmtree(self.replay_dir)
 
 
+# ---------------------------------------------------------------------------- paths a run's files name
+def inside(root: str | Path, value: str | os.PathLike, *, file: str | Path, key: str,
+           saved_root: str | Path | None = None) -> Path:
+    """A path read from one of a run's own files, as a path inside the run's directory ``root``.
+
+    A relative path is taken under ``root``; an absolute one only when it lies under ``root`` or
+    under the directory the run was written in (``saved_root``: report.json's ``output_dir``), and
+    it is then taken at the same place under ``root`` — a copied or moved run reads its own files, never the
+    original's. After symlinks are followed the path must still lie under ``root``.
+
+    Raises:
+        DataError: anything else (an absolute path elsewhere, ``..`` out of the run, a link that
+            leads out), naming ``file`` and ``key``.
+    """
+    root = Path(root).resolve()
+    given = Path(value)
+    relative: Path | None = None
+    if not given.is_absolute():
+        relative = given
+    else:
+        for base in (root, saved_root):  # written here, or where the run was first written
+            try:
+                relative = Path(os.path.normpath(given)).relative_to(Path(os.path.normpath(base)))
+                break
+            except (TypeError, ValueError):
+                continue
+    resolved = (root / relative).resolve() if relative is not None else None
+    if resolved is None or (resolved != root and root not in resolved.parents):
+        raise DataError(f"{file}: {key} = {str(value)!r} points outside the run's directory {root}; a run reads only "
+                        "its own files. The file may have been edited by someone else: restore it, or start over")
+    return resolved
+
+
+def contained_report(report: RunReport, root: str | Path) -> RunReport:
+    """``report`` (read from ``root/report.json``) with every path it names checked by ``inside``
+    and made absolute under ``root``; its replay checkpoint tag checked as a tag.
+
+    Raises:
+        DataError: a path that leads out of the run, or a tag that is not one, named.
+    """
+    file, saved = Path(root) / "report.json", report.output_dir
+    report = report.model_copy(deep=True)
+    if report.resume.training_state:
+        report.resume.training_state = str(inside(root, report.resume.training_state, file=file,
+                                                  key="resume.training_state", saved_root=saved))
+    report.checkpoints = {name: str(inside(root, path, file=file, key=f"checkpoints.{name}", saved_root=saved))
+                          for name, path in report.checkpoints.items()}
+    tag = report.resume.replay_checkpoint
+    if tag is not None and not TAG.fullmatch(tag):
+        raise DataError(f"{file}: resume.replay_checkpoint = {tag!r} is not a checkpoint tag ({TAG.pattern})")
+    return report
+
+
 # ---------------------------------------------------------------------------- what a resume may change
 # Dotted prefixes a resumed run may change: how fast or where it runs, and the tasks it has not
 # finished. Everything else (seed, model, tokenizer, strategy, batch shape, precision, ZeRO stage,
@@ -166,7 +221,7 @@ MAY_CHANGE = (
     "training.grad_clip", "training.epochs", "training.max_steps", "training.log_every_n_steps",
     "training.use_gpu", "training.cpus_per_worker", "evaluation.batch_size", "checkpoint.models",
     "replay.snapshot_every_rows", "replay.fsync", "replay.num_cpus", "replay.memory_bytes", "replay.placement",
-    "replay.max_samples_per_insert", "replay.min_rows_to_sample", "ray.", "mlflow.run_name", "mlflow.flush_timeout_s",
+    "replay.max_samples_per_insert", "replay.min_rows_to_sample", "replay.max_shards", "ray.", "mlflow.run_name", "mlflow.flush_timeout_s",
     "output_dir", "recovery.", "table1.",  # table1: what `forgetless table1` runs, not what one run is
     "evaluation.cells",  # which cells are measured: every metric reads the same ones either way
 )

@@ -99,6 +99,8 @@ class ShardJournal:
         return sorted(self.directory.glob(f"log-{generation:06d}-*.arrow"))
 
     def checkpoint_path(self, tag: str) -> Path:
+        if not TAG.fullmatch(tag):  # a tag read from a run's files names a file: never a path
+            raise ValueError(f"checkpoint tag {tag!r} must match {TAG.pattern}")
         return self.directory / f"checkpoint-{tag}.arrow"
 
     # ------------------------------------------------------------------ the log

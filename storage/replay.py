@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -157,6 +158,8 @@ def _jump(keys: np.ndarray, num_shards: int) -> np.ndarray:
 
 
 STORE_MANIFEST = "store.json"
+RETIRED_NAME = re.compile(r"retired-\d{6,}-shard-\d{3,}")  # a shard's directory kept after it left the store
+MAX_SHARDS = 1024  # the most shards a store.json may name (and `add-shards` may grow a store to)
 
 
 def read_store_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -176,6 +179,15 @@ def read_store_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
                            "move the store aside to start empty") from None
     if not isinstance(manifest, dict) or not {"num_shards", "version", "routing"} <= set(manifest):
         raise StorageError(f"{path}: not a replay store manifest (needs num_shards, version, routing)")
+    if not isinstance(manifest["num_shards"], int) or not 1 <= manifest["num_shards"] <= MAX_SHARDS:
+        raise StorageError(f"{path}: num_shards = {manifest['num_shards']!r} is not a shard count (1-{MAX_SHARDS})")
+    for i, entry in enumerate(manifest.get("retired") or []):
+        # the store deletes these directories once no checkpoint needs them: only its own names, inside it
+        name = entry.get("directory") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not RETIRED_NAME.fullmatch(name):
+            raise StorageError(f"{path}: retired.{i}.directory = {name!r} is not a retired shard's directory of this "
+                               "store (retired-NNNNNN-shard-NNN); the file may have been edited: restore it from a "
+                               "backup, or move the store aside to start empty")
     return manifest
 
 

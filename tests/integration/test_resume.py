@@ -90,7 +90,7 @@ def four_task_config(tmp_path, toy_stream_config, toy_task):
     return write
 
 
-def test_sigkill_after_task_1_then_resume_continues_in_the_same_mlflow_run(four_task_config, tmp_path,
+def test_sigkill_after_task_1_then_resume_of_the_moved_run_continues_in_the_same_mlflow_run(four_task_config, tmp_path,
                                                                            mlflow_store, cli):
     # That a resumed stream ends where the uninterrupted one does, to the bit, is shown in one process
     # (tests/unit/actors/test_stream_loop.py); here: a whole run's SIGKILL, its Ray included, and the resume.
@@ -105,8 +105,14 @@ def test_sigkill_after_task_1_then_resume_continues_in_the_same_mlflow_run(four_
     # the run's Ray goes with it, agents included
     wait_for(lambda: not session_members(run.pid), timeout=30, what="the killed run's processes to end")
 
-    resumed = cli("resume", str(out), "--no-progress", timeout=400)
+    # the run's directory is moved (a copy whose original is gone): `resume DIR` continues in DIR,
+    # from its own training state, and writes nothing where the run was first written
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    resumed = cli("resume", str(moved), "--no-progress", timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not out.exists()
+    out = moved
     report = report_of(out)
     assert report["status"] == "FINISHED" and report["finished_tasks"] == 4
     assert report["acc_matrix"][:2] == before["acc_matrix"][:2]  # finished rows, exactly as written before

@@ -69,6 +69,61 @@ def test_what_cannot_be_sent_by_the_end_waits_in_a_file_and_goes_out_later(mlflo
     assert run.info.status == "FINISHED" and run.data.metrics["acc"] == 0.5 and run.data.tags["note"] == "kept"
 
 
+def test_a_long_outage_keeps_a_bounded_queue_and_sends_every_record_in_order(mlflow_store, tmp_path):
+    run_id = MlflowSink.start(mlflow_store, "bounded").run_id
+    flaky = FlakySink(mlflow_store, run_id)
+    flaky.down.set()
+    pending = tmp_path / "mlflow-pending.jsonl"
+    sink = BufferedSink(flaky, pending_path=pending, max_backoff_s=0.2, max_queued=5)
+    for step in range(50):
+        sink.log_metrics({"loss": float(step)}, step=step)
+    assert sink.pending == 50 and len(sink._records) <= 5  # the rest wait on disk, not in memory
+    assert len(pending.read_text().splitlines()) >= 45
+    flaky.down.clear()
+    assert sink.flush(timeout_s=60) == 0 and not pending.exists()
+    assert sink.end("FINISHED") == 0
+    history = MlflowClient(mlflow_store).get_metric_history(run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.timestamp)] == list(range(50))
+    assert [m.value for m in history] == [float(s) for s in range(50)]
+
+
+def test_records_spilled_during_an_outage_that_outlasts_the_run_are_saved_in_order(mlflow_store, tmp_path):
+    run_id = MlflowSink.start(mlflow_store, "bounded").run_id
+    flaky = FlakySink(mlflow_store, run_id)
+    flaky.down.set()
+    pending = tmp_path / "mlflow-pending.jsonl"
+    sink = BufferedSink(flaky, pending_path=pending, max_backoff_s=0.2, max_queued=3)
+    for step in range(10):
+        sink.log_metrics({"loss": float(step)}, step=step)
+    assert sink.end("FINISHED", timeout_s=0.5) == 11
+    steps = [json.loads(line).get("step") for line in pending.read_text().splitlines()]
+    assert steps == [*range(10), None]  # the metrics in order, then the end
+
+
+def test_a_pending_artifact_outside_the_run_is_refused_and_nothing_is_sent(mlflow_store, tmp_path):
+    from pipelines.errors import DataError
+
+    run_id = MlflowSink.start(mlflow_store, "pending").run_id
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("not the run's")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    pending = run_dir / "mlflow-pending.jsonl"
+    for path in (str(secret), "../elsewhere/secret.txt"):
+        pending.write_text(json.dumps({"kind": "tags", "values": {"a": "b"}}) + "\n"
+                           + json.dumps({"kind": "artifact", "path": path, "artifact_path": None}) + "\n")
+        with pytest.raises(DataError, match=r"mlflow-pending\.jsonl, record 2: path = .* points outside the run"):
+            send_pending(MlflowSink(mlflow_store, run_id), pending)
+        assert pending.exists()  # kept for the user to look at
+    client = MlflowClient(mlflow_store)
+    assert client.list_artifacts(run_id) == [] and "a" not in client.get_run(run_id).data.tags
+    (run_dir / "report.json").write_text("{}")  # the run's own file goes out
+    pending.write_text(json.dumps({"kind": "artifact", "path": str(run_dir / "report.json"), "artifact_path": None}))
+    assert send_pending(MlflowSink(mlflow_store, run_id), pending) == 1
+    assert [a.path for a in client.list_artifacts(run_id)] == ["report.json"]
+
+
 def test_an_unreachable_server_is_named_within_seconds():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

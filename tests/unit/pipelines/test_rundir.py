@@ -111,3 +111,48 @@ def test_a_run_saved_before_the_per_example_loss_goes_on_with_the_token_mean(toy
     kept = experiment_dict(validate_config({**toy_stream_config, "training": {
         **toy_stream_config["training"], "loss_mean": "per_token"}}))
     assert config_changes(saved, kept, finished_tasks=1) == ([], [])  # cells: any value reads the same metrics
+
+
+# ---------------------------------------------------------------------------- paths a run's files name
+def test_paths_from_a_runs_files_stay_inside_it(tmp_path):
+    from pipelines.errors import DataError
+    from pipelines.rundir import inside
+
+    run, original = tmp_path / "copy", tmp_path / "original"
+    (run / "state" / "task-01").mkdir(parents=True)
+    assert inside(run, "state/task-01", file="f", key="k") == run / "state" / "task-01"
+    # written where the run first lived: read at the same place in this copy, never the original
+    assert inside(run, str(original / "state" / "task-01"), file="f", key="k", saved_root=original) == \
+        run / "state" / "task-01"
+    assert inside(run, str(run / "state"), file="f", key="k") == run / "state"
+    (tmp_path / "outside").mkdir()
+    (run / "link").symlink_to(tmp_path / "outside")
+    for value in ("/etc", str(tmp_path / "outside"), "../outside", "state/../../outside", "link", "link/x"):
+        with pytest.raises(DataError, match=rf"report\.json: resume\.training_state = .* points outside the run"):
+            inside(run, value, file="report.json", key="resume.training_state", saved_root=original)
+
+
+def test_a_report_naming_state_outside_the_run_is_refused_and_a_copys_paths_are_its_own(tmp_path):
+    from pipelines.errors import DataError
+    from pipelines.report import RunReport
+    from pipelines.rundir import contained_report
+
+    original, run = tmp_path / "original", tmp_path / "copy"
+    report = RunReport.model_validate({
+        "tasks": ["a"], "acc_matrix": [[0.5]], "baseline": [0.1], "metrics": {}, "strategy": "naive",
+        "strategy_config": {}, "experiment": "e", "seed": 0, "finished_tasks": 1, "output_dir": str(original),
+        "mlflow": {"tracking_uri": "sqlite:///x.db", "experiment_id": "1", "run_id": "r"},
+        "checkpoints": {"a": str(original / "checkpoints" / "task-00-a")},
+        "resume": {"training_state": str(original / "state" / "task-00"), "replay_checkpoint": "after-00"}})
+    copy = contained_report(report, run)
+    assert copy.resume.training_state == str(run.resolve() / "state" / "task-00")
+    assert copy.checkpoints == {"a": str(run.resolve() / "checkpoints" / "task-00-a")}
+    for field, value in (("training_state", "/tmp/elsewhere"), ("training_state", "../x")):
+        bad = report.model_copy(deep=True)
+        setattr(bad.resume, field, value)
+        with pytest.raises(DataError, match=rf"resume\.{field} = .* points outside"):
+            contained_report(bad, run)
+    bad = report.model_copy(deep=True)
+    bad.resume.replay_checkpoint = "../../etc"
+    with pytest.raises(DataError, match="resume.replay_checkpoint = '../../etc' is not a checkpoint tag"):
+        contained_report(bad, run)

@@ -445,3 +445,33 @@ def test_the_rate_limiter_alone():
         limiter.check(shard_id=0, inserted=4, sampled=7, num_rows=2)
     with pytest.raises(ValueError, match=r"max_samples_per_insert \(0\) must be positive"):
         RateLimiter(0)
+
+
+def test_a_store_manifest_naming_a_directory_outside_the_store_is_refused_by_key(tmp_path):
+    import json
+
+    from storage.errors import StorageError
+    from storage.replay import read_store_manifest
+
+    victim = tmp_path / "users-data"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    base = {"num_shards": 2, "version": 3, "routing": "jump", "checkpoints": {}}
+    for directory in (str(victim), "../users-data", "retired-000001-shard-000/../../users-data", ""):
+        (tmp_path / "store.json").write_text(json.dumps(
+            {**base, "retired": [{"shard_id": 1, "version": 2, "directory": directory}]}))
+        with pytest.raises(StorageError, match=r"store\.json: retired\.0\.directory = .* is not a retired shard"):
+            read_store_manifest(tmp_path)
+    (tmp_path / "store.json").write_text(json.dumps({**base, "num_shards": 10**9}))
+    with pytest.raises(StorageError, match=r"num_shards = 1000000000 is not a shard count"):
+        read_store_manifest(tmp_path)
+    good = {**base, "retired": [{"shard_id": 1, "version": 2, "directory": "retired-000002-shard-001"}]}
+    (tmp_path / "store.json").write_text(json.dumps(good))
+    assert read_store_manifest(tmp_path) == good
+    assert (victim / "keep.txt").read_text() == "mine"
+
+
+def test_a_checkpoint_tag_that_is_a_path_is_refused(tmp_path):
+    shard = ReplayShard(10, directory=tmp_path / "shard")
+    with pytest.raises(ValueError, match="must match"):
+        shard.rollback("../../etc/passwd")
