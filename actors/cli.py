@@ -74,7 +74,7 @@ def _train_and_print(config: Any, progress: bool) -> int:
               f"`forgetless resume {out}`", file=sys.stderr)
         return 130
     except RunFailedError as exc:
-        print(f"\n{exc}", file=sys.stderr)
+        print(f"\n{redact(str(exc))}", file=sys.stderr)
         if exc.report.finished_tasks:
             print(format_matrix(exc.report), file=sys.stderr)
         return 1
@@ -415,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a run
         print("\nstopped", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug or a library's error: its traceback, credentials redacted
+        import traceback
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 def entry() -> None:

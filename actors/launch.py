@@ -10,6 +10,7 @@ checks pass.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import socket
@@ -153,6 +154,9 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
         from actors.preflight import resolve_run  # the checks above pass first: see the module's docstring
 
         run = resolve_run(config, output, resuming=resuming, progress=progress)
+        if output.replacing:  # overwrite=true: the new run is valid (config, data, model, tracking); the old goes now
+            output.replace_old_run()
+            run = dataclasses.replace(run, tokenizer_dir=output.tokenizer)
         if isinstance(run, RunReport):  # every task finished, none new
             if progress:
                 tqdm.write(f"nothing to train: the {len(run.tasks)} tasks of {output.path} are finished")

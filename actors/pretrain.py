@@ -32,6 +32,8 @@ from actors.trainer_group import LoopbackTorchConfig
 from actors.tracking import MlflowSink, check_tracking
 from pipelines.config import PretrainConfig, experiment_dict, flatten, load_pretrain_config
 from pipelines.errors import ConfigError, ForgetlessError
+from pipelines.redaction import redact
+from pipelines.rundir import open_lock_file
 from pipelines.learner import silence_library_noise
 from pipelines.models import train_tokenizer
 from pipelines.denoising import Corruptor, denoising_examples
@@ -109,7 +111,7 @@ def pretrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sink.log_metrics(metrics, step=step)
         except Exception as exc:  # noqa: BLE001 - an MLflow outage must not stop the pretraining
             if not missed:
-                print(f"MLflow is not taking writes ({type(exc).__name__}: {exc}); pretraining goes on, the "
+                print(f"MLflow is not taking writes ({type(exc).__name__}: {redact(str(exc))}); pretraining goes on, the "
                       "manifest keeps the final held-out metrics", flush=True)
             missed.append(step)
         if "heldout_loss" in metrics:
@@ -178,16 +180,20 @@ def run_pretrain(config: PretrainConfig, *, progress: bool = True) -> Path:
     key = pretrain_key(config)
     output.parent.mkdir(parents=True, exist_ok=True)
     lock_path = output.parent / f".{output.name}.lock"
-    with open(lock_path, "a+") as lock:  # two streams asking for the same checkpoint build it once
+    with open_lock_file(lock_path, "pretrain output_dir") as lock:  # two streams asking for one checkpoint build it once
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest = read_manifest(output)
         if manifest is not None and manifest.get("key") == key and not config.overwrite:
             _say(f"pretrained checkpoint {output} is already built (key {key}); reusing it")
             return output
-        if output.exists() and any(output.iterdir()) and not config.overwrite:
-            raise ConfigError(f"output_dir {output} holds something else than this config's checkpoint "
-                              f"({'another config: key ' + str(manifest.get('key')) if manifest else 'no manifest'}); "
-                              "choose another output_dir, or pass overwrite=true to replace it")
+        if output.exists() and any(output.iterdir()):
+            if manifest is None:  # not a checkpoint Forgetless wrote: never replaced, overwrite or not
+                raise ConfigError(f"output_dir {output} holds files that are not a pretrained checkpoint (no "
+                                  f"{MANIFEST}); overwrite=true replaces only a checkpoint `forgetless pretrain` "
+                                  "wrote. Choose another output_dir, or empty it yourself")
+            if not config.overwrite:
+                raise ConfigError(f"output_dir {output} holds another config's checkpoint (key {manifest.get('key')}); "
+                                  "choose another output_dir, or pass overwrite=true to replace it")
         check_tracking(config.mlflow.tracking_uri)
         work = output.parent / f".{output.name}.work"
         prepared = _prepare(config, work, progress)
@@ -229,7 +235,7 @@ def run_pretrain(config: PretrainConfig, *, progress: bool = True) -> Path:
         if manifest is None:
             sink.end("FAILED")
             raise PretrainFailedError(f"pretraining finished but wrote no checkpoint in {output}")
-        manifest["mlflow"] = {"tracking_uri": config.mlflow.tracking_uri, "run_id": sink.run_id}
+        manifest["mlflow"] = {"tracking_uri": redact(config.mlflow.tracking_uri), "run_id": sink.run_id}
         write_atomic(output / MANIFEST, json.dumps(manifest, indent=2))
         sink.log_metrics({"pretrain_seconds": manifest["seconds"]}, step=manifest["steps"])
         sink.log_artifact(output / MANIFEST)

@@ -163,7 +163,8 @@ class MlflowSink:
             experiment_id = experiment.experiment_id
             if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the kind was set, or by hand
                 client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={k: redact(str(v)) for k, v in (tags or {}).items()})
         return cls(tracking_uri, run.info.run_id, experiment_id)
 
     @classmethod
@@ -188,7 +189,7 @@ class MlflowSink:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:_MAX_PARAM_CHARS]) for k, v in params.items()]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + _BATCH])
 
@@ -206,8 +207,8 @@ class MlflowSink:
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        for key, value in tags.items():  # an error's text may quote a URI with its password
+            self.client.set_tag(self.run_id, key, redact(str(value)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -764,11 +765,43 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
             OmegaConf.update(cfg, key, value, merge=merge, force_add=True)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override {item!r} cannot be applied to {path}: {exc}") from None
-    data = OmegaConf.to_container(cfg, resolve=True)
+    _refuse_resolvers(OmegaConf.to_container(cfg, resolve=False), path)
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file {path}: a ${{...}} reference cannot be resolved: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     origin = str(path) + (f" with overrides {list(overrides)}" if overrides else "")
     return validate_config(data, origin=origin, schema=schema)
+
+
+# ``${other.key}``: a reference to another value of the same config, the only interpolation taken.
+_REFERENCE = re.compile(r"\$\{\s*\.*[A-Za-z_][\w\-]*(?:\.[\w\-]+|\[\d+\])*\s*\}")
+
+
+def _refuse_resolvers(data: Any, path: Path, key: str = "") -> None:
+    """Refuse any ``${...}`` but a reference inside the config: a resolver (``${oc.env:SECRET}``,
+    ``${oc.decode:...}``) would copy the environment, or anything else, into values that are
+    logged to MLflow and written to report.json and config.yaml — a config shared with others must
+    not be able to read the environment of whoever runs it.
+
+    Raises:
+        ConfigError: naming the key and the interpolation.
+    """
+    if isinstance(data, dict):
+        for name, value in data.items():
+            _refuse_resolvers(value, path, f"{key}{name}.")
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            _refuse_resolvers(value, path, f"{key}{index}.")
+    elif isinstance(data, str) and "${" in data:
+        rest = re.sub(r"\\\$\{", "", _REFERENCE.sub("", data))  # references and escaped \${ are fine
+        if "${" in rest:
+            raise ConfigError(f"config file {path}: {key.rstrip('.')} = {data!r}: only references to other keys of "
+                              "the config (${section.key}) are interpolated; resolvers such as ${oc.env:...} are off, "
+                              "so a shared config cannot copy the environment into what a run logs. Write the value "
+                              "itself")
 
 
 def flatten(config: Schema | dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,23 +15,24 @@ from typing import Any
 
 REDACTED = "***"
 
-# scheme://userinfo@ — userinfo is user:password (the password goes) or a user alone (kept when
-# short, like a login name; a long one is a token and goes).
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]+)@")
+# scheme://userinfo@ — userinfo is user:password (the password goes) or a user alone, which may be
+# a token (``https://TOKEN@host``) however short: it goes too. Up to the last @ before the host, so
+# a password holding an @ (``user:p@ss@host``) goes whole.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s]+)@")
 # ?name=value / &name=value where the name says it holds a secret
 _SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;][^=&;#\s]*(?:token|secret|password|passwd|pwd|api[_-]?key|access[_-]?key|signature|sig|"
-    r"credential|auth)[^=&;#\s]*=)(?P<value>[^&;#\s]+)", re.IGNORECASE)
-_LONGEST_PLAIN_USER = 15
+    r"(?P<key>[?&;][^=&;#\s]*(?:token|secret|password|passwd|pwd|key|code|signature|sig|credential|auth|session|"
+    r"jwt|bearer)[^=&;#\s]*=)(?P<value>[^&;#\s]+)", re.IGNORECASE)
+_PLAIN_USERS = frozenset({"git"})  # ssh://git@host: a convention, not a secret
 
 
 def _userinfo(match: re.Match[str]) -> str:
     user, colon, _password = match.group("userinfo").partition(":")
     if colon:
         return f"{match.group('scheme')}{user}:{REDACTED}@"
-    if len(user) > _LONGEST_PLAIN_USER:
-        return f"{match.group('scheme')}{REDACTED}@"
-    return match.group(0)
+    if user in _PLAIN_USERS:
+        return match.group(0)
+    return f"{match.group('scheme')}{REDACTED}@"
 
 
 def redact(text: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.errors import ConfigError
+from pipelines.redaction import redact_data
 
 Status = Literal["RUNNING", "FINISHED", "FAILED", "KILLED"]
 
@@ -116,7 +117,9 @@ class RunReport(_Model):
     recovery: dict[str, dict[str, float | None]] = {}
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
+        """The report as report.json holds it: every string passed through ``redact`` (an error's
+        text, a manifest copied in, a URI), so no credential reaches the file."""
+        return json.dumps(redact_data(self.model_dump(mode="json")), indent=2)
 
     @classmethod
     def read(cls, path: str | Path) -> RunReport:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 
 from pipelines.config import experiment_dict, validate_config
 from pipelines.report import RunReport
+from storage.files import write_atomic
 from storage.journal import TAG
 from pipelines.errors import ConfigError, DataError, ForgetlessError
 
@@ -36,13 +38,21 @@ class OutputDirBusyError(ForgetlessError, RuntimeError):
     """Another live process holds the output directory's lock."""
 
 
+CREATED = ".forgetless-created.json"  # in output_dir: what this run made, the only things overwrite deletes
+STAGED_TOKENIZER = ".tokenizer.new"  # a replacing run's tokenizer, until the old run is gone
+# What a replay store writes into its directory (storage.replay, actors.replay): overwrite deletes
+# these and nothing else there, unless the run made the directory itself.
+REPLAY_STORE_FILES = ("store.json", "shard-*", "retired-*", LOCK_NAME)
+
+
 class OutputDir:
     """The output directory of one run, locked while the run lives."""
 
     def __init__(self, path: str | Path, *, replay_dir: str | Path | None = None):
         self.path = Path(path)
         self.replay_dir = Path(replay_dir) if replay_dir else self.path / "replay"
-        self._lock_file = None
+        self.replacing = False  # claimed with overwrite: the old run goes once the new one is known to be valid
+        self._lock_files: list[Any] = []
 
     # ------------------------------------------------------------------ where things are
     @property
@@ -55,7 +65,8 @@ class OutputDir:
 
     @property
     def tokenizer(self) -> Path:
-        return self.path / "tokenizer"
+        """The run's tokenizer; while a run replaces an older one, beside it until the old one goes."""
+        return self.path / (STAGED_TOKENIZER if self.replacing else "tokenizer")
 
     @property
     def example_scores(self) -> Path:
@@ -66,69 +77,72 @@ class OutputDir:
     def pending_mlflow(self) -> Path:
         return self.path / "mlflow-pending.jsonl"
 
+    @property
+    def _replay_outside(self) -> bool:
+        return self.path.resolve() not in (self.replay_dir.resolve(), *self.replay_dir.resolve().parents)
+
     def holds_a_run(self) -> bool:
         return any((self.path / name).exists() for name in RUN_ARTIFACTS) or self._replay_has_files()
 
     def _replay_has_files(self) -> bool:
-        return self.replay_dir.is_dir() and any(self.replay_dir.iterdir())
+        return self.replay_dir.is_dir() and any(
+            p.name != LOCK_NAME for pattern in REPLAY_STORE_FILES for p in self.replay_dir.glob(pattern))
 
     # ------------------------------------------------------------------ the lock
     def lock(self) -> None:
-        """Take the exclusive lock (released when this process ends, however it ends).
+        """Take the exclusive lock (released when this process ends, however it ends), and the
+        replay directory's when it lies outside the output directory: two runs never share either.
 
         Raises:
             OutputDirBusyError: naming the process that holds it.
+            ConfigError: a lock file that is a symbolic link (it is never followed).
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path / LOCK_NAME, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+        self._lock_files.append(_take_lock(self.path, "output_dir"))
+        if self._replay_outside:
+            try:
+                self.replay_dir.mkdir(parents=True, exist_ok=True)
+                self._lock_files.append(_take_lock(self.replay_dir, "replay.directory"))
+            except BaseException:
+                self.unlock()
                 raise
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise OutputDirBusyError(
-                f"output_dir {self.path} is in use by {holder}. One run per output_dir: wait for it to end, "
-                "stop it, or choose another output_dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:4])[:200]})")
-        handle.flush()
-        self._lock_file = handle
 
     def is_locked_elsewhere(self) -> bool:
         """True while some live process holds this directory's lock (False if none, or it died)."""
         path = self.path / LOCK_NAME
-        if not path.exists():
+        if not path.exists() or path.is_symlink():
             return False
-        with open(path, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing releases a lock taken here
+        return False
 
     def unlock(self) -> None:
-        if self._lock_file is not None:
-            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        for handle in reversed(self._lock_files):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+        self._lock_files = []
 
     # ------------------------------------------------------------------ claiming it for a run
     def claim(self, *, resume: bool, overwrite: bool) -> bool:
         """Lock the directory for a run; returns True when there is a run to resume in it.
 
+        With ``overwrite`` and an older run here, nothing is deleted yet: ``replacing`` is set, and
+        ``replace_old_run`` deletes the old run once the new one has been validated.
+
         Raises:
             OutputDirBusyError: another live process runs in it.
-            ConfigError: it holds a run, and neither ``resume`` nor ``overwrite`` was asked for.
+            ConfigError: it holds a run, and neither ``resume`` nor ``overwrite`` was asked for;
+                or ``overwrite`` of a directory that must never be emptied.
         """
         self.lock()
         try:
             if not self.holds_a_run():
+                self._record_created()
                 return False
             if resume:
                 if not self.report.exists():
@@ -136,7 +150,8 @@ class OutputDir:
                                       "start over with overwrite=true")
                 return True
             if overwrite:
-                self.empty()
+                self._check_replaceable()
+                self.replacing = True
                 return False
             raise ConfigError(
                 f"output_dir {self.path} already holds a run (report, checkpoints or replay store). Resume it "
@@ -146,16 +161,117 @@ class OutputDir:
             self.unlock()
             raise
 
+    def _check_replaceable(self) -> None:
+        """Refuse to empty a directory that is plainly not a run's own: ``/``, the home directory,
+        or the current directory with files of other kinds in it."""
+        where = self.path.resolve()
+        if where == Path(where.anchor) or where == Path.home().resolve():
+            raise ConfigError(f"output_dir {self.path} is {where}: overwrite=true never empties it. Give each run a "
+                              "directory of its own, e.g. output_dir=runs/<name>")
+        if where == Path.cwd().resolve():
+            others = sorted(p.name for p in where.iterdir()
+                            if p.name not in (*RUN_ARTIFACTS, LOCK_NAME, CREATED, STAGED_TOKENIZER))
+            if others:
+                raise ConfigError(f"output_dir {self.path} is the current directory, which holds other files "
+                                  f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}): overwrite=true "
+                                  "never empties it. Give the run a directory of its own, e.g. output_dir=runs/<name>")
+        if not (self.path / CREATED).is_file() and not self.report.is_file():
+            raise ConfigError(f"output_dir {self.path} holds files named like a run's but no record that Forgetless "
+                              f"made them ({CREATED} or report.json): overwrite=true deletes only what a run made. "
+                              "Choose another output_dir, or remove those files yourself")
+
+    def replace_old_run(self) -> None:
+        """The new run is valid: delete the old run's files (what it recorded making, nothing else),
+        then put the new run's staged tokenizer in place. No-op unless claimed with ``overwrite``."""
+        if not self.replacing:
+            return
+        staged = self.tokenizer
+        self.empty()
+        self.replacing = False
+        if staged.is_dir():
+            staged.rename(self.tokenizer)
+        self._record_created()
+
+    def _record_created(self) -> None:
+        """Note what this run makes here (``RUN_ARTIFACTS``): what ``overwrite`` may delete later."""
+        write_atomic(self.path / CREATED, json.dumps({"names": list(RUN_ARTIFACTS),
+                                                      "replay_store_files": list(REPLAY_STORE_FILES[:-1])}))
+
+    def _created_names(self) -> list[str]:
+        try:
+            record = json.loads((self.path / CREATED).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        names = record.get("names") if isinstance(record, dict) and isinstance(record.get("names"), list) \
+            else list(RUN_ARTIFACTS)  # a run from before the record: report.json vouches for it
+        return [n for n in names if n in RUN_ARTIFACTS]  # a record edited to name more is cut back
+
     def empty(self) -> None:
-        """Remove every run artifact (checkpoints, training state, replay store, reports); other files stay."""
-        for name in RUN_ARTIFACTS:
-            target = self.path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-        if self.replay_dir.exists():
-            shutil.rmtree(self.replay_dir)
+        """Remove the run's own files: the names it recorded making (``RUN_ARTIFACTS`` at most) and
+        the replay store's own files (``store.json``, ``shard-*``, ``retired-*``); anything else in
+        either directory stays. A link is removed, never followed; lock files stay."""
+        own_replay = self.path / "replay"
+        for name in self._created_names():
+            if name != "replay":
+                _remove(self.path / name)
+        for store in dict.fromkeys((own_replay, self.replay_dir)):
+            if store.is_symlink():  # the link goes, never what it points to
+                if store == own_replay:
+                    store.unlink()
+            elif store.is_dir():
+                for pattern in REPLAY_STORE_FILES[:-1]:
+                    for target in store.glob(pattern):
+                        _remove(target)
+                if store == own_replay and not any(store.iterdir()):
+                    store.rmdir()
+        (self.path / CREATED).unlink(missing_ok=True)
+
+
+def _remove(target: Path) -> None:
+    """Delete a file or a directory tree; a symbolic link is unlinked, what it points to left alone."""
+    if target.is_symlink() or target.is_file():
+        target.unlink(missing_ok=True)
+    elif target.is_dir():
+        shutil.rmtree(target)  # does not follow links inside the tree
+
+
+def open_lock_file(path: Path, key: str) -> Any:
+    """Open (or create) a lock file for reading and writing, never through a symbolic link: a link
+    planted there would have its target overwritten by the holder's line.
+
+    Raises:
+        ConfigError: the lock file is a link (or another non-file), naming it and ``key``.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise ConfigError(f"{path} is not a plain file (a symbolic link?); a lock file must be one ({key}). "
+                              "Remove it and start again") from None
+        raise
+    return os.fdopen(fd, "r+", encoding="utf-8")
+
+
+def _take_lock(directory: Path, key: str) -> Any:
+    """Lock ``directory/.forgetless.lock`` (never through a link) and write who holds it."""
+    handle = open_lock_file(directory / LOCK_NAME, key)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            handle.close()
+            raise
+        holder = handle.read(500).strip() or "another process"
+        handle.close()
+        raise OutputDirBusyError(
+            f"{key} {directory} is in use by {holder}. One run per {key}: wait for it to end, stop it, or choose "
+            f"another {key}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv[:4])[:200]})")
+    handle.flush()
+    return handle
 
 
 # ---------------------------------------------------------------------------- paths a run's files name

@@ -83,12 +83,13 @@ def test_a_stream_from_a_pretrained_checkpoint_with_its_pretraining_task(cli, tm
     assert "already built" in again.stderr + again.stdout and str(checkpoint) in again.stdout
 
 
-def test_pretrain_refuses_a_directory_holding_something_else(cli, tmp_path, cache, mlflow_store):
+def test_pretrain_refuses_a_directory_holding_something_else_even_with_overwrite(cli, tmp_path, cache, mlflow_store):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    result = cli("pretrain", "configs/pretrain/tiny_t5.yaml", f"output_dir={out}", f"cache_dir={cache}",
-                 f"mlflow.tracking_uri={mlflow_store}", "--no-progress", timeout=120)
-    assert result.returncode == 2
-    assert "holds something else" in result.stderr and "overwrite=true" in result.stderr
-    assert (out / "notes.txt").read_text() == "keep me"
+    for overwrite in ([], ["overwrite=true"]):  # overwrite replaces only a checkpoint pretrain wrote
+        result = cli("pretrain", "configs/pretrain/tiny_t5.yaml", f"output_dir={out}", f"cache_dir={cache}",
+                     f"mlflow.tracking_uri={mlflow_store}", "--no-progress", *overwrite, timeout=120)
+        assert result.returncode == 2
+        assert "holds files that are not a pretrained checkpoint" in result.stderr and "Traceback" not in result.stderr
+        assert (out / "notes.txt").read_text() == "keep me"

@@ -193,8 +193,23 @@ def test_output_dir_holds_one_run_at_a_time(toy_config_file, tmp_path, mlflow_st
     assert again.returncode == 2 and "already holds a run" in again.stderr and "overwrite=true" in again.stderr
     assert "Traceback" not in again.stderr
 
-    OutputDir(out).claim(resume=False, overwrite=True)  # what overwrite=true does before anything else
-    assert not (out / "replay").exists() and (out / "notes.txt").read_text() == "mine"
+    # overwrite=true with a misspelt data path: refused before anything of the old run is deleted
+    (out / "report.json").write_text("{}")
+    (out / "state" / "task-00").mkdir(parents=True)
+    (out / "replay" / "users-file.txt").write_text("mine too")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    typo = cli("run", str(config), "overwrite=true", f"stream.tasks.0.source.path={tmp_path / 'data' / 'categroy.jsonl'}",
+               timeout=120)
+    assert typo.returncode == 2 and "categroy.jsonl" in typo.stderr and "Traceback" not in typo.stderr
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+    claimed = OutputDir(out)  # what overwrite=true does once the new run is valid
+    claimed.claim(resume=False, overwrite=True)
+    claimed.replace_old_run()
+    claimed.unlock()
+    assert not (out / "report.json").exists() and not (out / "state").exists()
+    assert not (out / "replay" / "shard-000").exists() and (out / "replay" / "users-file.txt").read_text() == "mine too"
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_mlflow_down_at_the_start_fails_within_seconds_naming_the_uri(toy_config_file, tmp_path, cli):

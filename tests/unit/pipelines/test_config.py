@@ -1,7 +1,9 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines.config import check_precision, flatten, load_config, load_pretrain_config, resolve_paths, validate_config
 from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
@@ -215,3 +217,23 @@ def test_the_tiny_comparison_s_naive_run_is_the_tiny_naive_config():
     differ = sorted(key for key in naive if naive[key] != compared[key])
     assert differ == ["experiment", "output_dir", "replay", "strategies"]
     assert not compared["replay"]["enabled"]  # naive keeps no store: its settings go unused
+
+
+@pytest.mark.parametrize("where, value", [
+    ("output_dir", "/tmp/${oc.env:HOME}"), ("mlflow.run_name", "${oc.env:SECRET,x}"),
+    ("experiment", "${oc.decode:'1'}"), ("output_dir", "runs/${training.${x}}"), ("output_dir", "${env:HOME}")])
+def test_a_resolver_in_any_value_is_refused_by_key_and_the_environment_never_read(where, value, tmp_path, monkeypatch):
+    monkeypatch.setenv("SECRET", "s3cr3t")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "x", "stream": {"tasks": [
+        {"name": "a", "source": {"kind": "file", "path": "a.jsonl"}}]}}))
+    with pytest.raises(ConfigError, match=rf"cfg\.yaml: {re.escape(where)} = .*resolvers such as .* are off") as exc:
+        load_config(path, [f"{where}={value}"])
+    assert "s3cr3t" not in str(exc.value) and str(Path.home()) not in str(exc.value).replace("oc.env:HOME", "")
+
+
+def test_references_to_other_keys_still_interpolate(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "exp", "output_dir": "runs/${experiment}-${stream.tasks[0].name}",
+                                    "stream": {"tasks": [{"name": "a", "source": {"kind": "file", "path": "a.jsonl"}}]}}))
+    assert load_config(path).output_dir == "runs/exp-a"

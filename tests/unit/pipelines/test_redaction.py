@@ -15,6 +15,12 @@ from pipelines.redaction import REDACTED, redact, redact_data, redacted_keys
     ("s3://bucket/data.parquet?X-Amz-Signature=abc123&X-Amz-Date=1", "s3://bucket/data.parquet?X-Amz-Signature=***&X-Amz-Date=1"),
     ("http://host:5000/path?token=abc&run=1", "http://host:5000/path?token=***&run=1"),
     ("uri http://u:pw@a:1 and http://v:pw2@b:2 in one message", "uri http://u:***@a:1 and http://v:***@b:2 in one message"),
+    ("http://user:p@ss@mlflow:5000/x", "http://user:***@mlflow:5000/x"),  # an @ in the password: all of it goes
+    ("https://abc123@host/x", "https://***@host/x"),  # a short token as the user
+    ("http://alice@host:5000", "http://***@host:5000"),  # a user alone cannot be told from a token
+    ("https://h/api?key=k3y&x=1", "https://h/api?key=***&x=1"),
+    ("https://h/cb?code=0a1b&state=2", "https://h/cb?code=***&state=2"),
+    ("https://h/x?apiKey=s3cret", "https://h/x?apiKey=***"),
 ])
 def test_secrets_in_uris_are_redacted_and_the_rest_is_kept(text, shown):
     assert redact(text) == shown
@@ -22,7 +28,8 @@ def test_secrets_in_uris_are_redacted_and_the_rest_is_kept(text, shown):
 
 
 @pytest.mark.parametrize("text", ["http://127.0.0.1:5000", "sqlite:////tmp/mlflow.db", "ray://head:10001",
-                                  "http://alice@host:5000", "learning rate=1e-4", "plain text", ""])
+                                  "ssh://git@github.com/o/r.git", "learning rate=1e-4", "plain text", "",
+                                  "user@example.com wrote"])
 def test_text_without_secrets_is_left_alone(text):
     assert redact(text) == text
 

@@ -1,5 +1,7 @@
 """What a resumed or extended run may change, and the output directory's lock."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -52,8 +54,77 @@ def test_a_directory_with_a_run_in_it_is_resumed_overwritten_or_refused(tmp_path
     assert out.claim(resume=True, overwrite=False) is True
     out.unlock()
     assert out.claim(resume=False, overwrite=True) is False
+    assert out.replacing and out.report.exists()  # nothing goes before the new run is known to be valid
+    out.replace_old_run()
     assert not out.report.exists() and not (out.path / "checkpoints").exists()
     out.unlock()
+
+
+def test_overwrite_deletes_only_what_the_run_made_and_never_through_a_link(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    replay = tmp_path / "replay-store"
+    out = OutputDir(tmp_path / "out", replay_dir=replay)
+    out.claim(resume=False, overwrite=False)
+    out.report.write_text("{}")
+    (out.path / "state").symlink_to(mine)  # a link where the run keeps its state: the link goes, not mine/
+    (out.path / "results.csv").write_text("the user's too")
+    (replay / "shard-000").mkdir()
+    (replay / "store.json").write_text("{}")
+    (replay / "my-file.txt").write_text("kept")
+    out.unlock()
+    assert out.claim(resume=False, overwrite=True) is False
+    out.replace_old_run()
+    assert (mine / "notes.txt").read_text() == "the user's" and not (out.path / "state").exists()
+    assert (out.path / "results.csv").exists() and not out.report.exists()
+    assert sorted(p.name for p in replay.iterdir()) == [".forgetless.lock", "my-file.txt"]
+    out.unlock()
+
+
+@pytest.mark.parametrize("where", ["root", "home", "cwd"])
+def test_overwrite_refuses_a_directory_that_is_not_a_runs_own(where, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.tex").write_text("x")
+    path = {"root": Path("/"), "home": tmp_path / "home", "cwd": Path(".")}[where]
+    out = OutputDir(path)
+    out.holds_a_run = lambda: True  # as if a report.json were there
+    out.lock = out.unlock = lambda: None  # / is not writable: the refusal comes before anything is written
+    with pytest.raises(ConfigError, match="overwrite=true never empties it"):
+        out.claim(resume=False, overwrite=True)
+    assert (tmp_path / "thesis.tex").exists()
+
+
+def test_overwrite_refuses_run_like_names_with_no_record_of_a_run(tmp_path):
+    out = OutputDir(tmp_path / "out")
+    (out.path / "state").mkdir(parents=True)  # someone's own directory called state
+    with pytest.raises(ConfigError, match="no record that Forgetless made them"):
+        out.claim(resume=False, overwrite=True)
+    assert (out.path / "state").is_dir()
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".forgetless.lock").symlink_to(target)
+    with pytest.raises(ConfigError, match=r"\.forgetless\.lock is not a plain file .*output_dir"):
+        OutputDir(tmp_path / "out").lock()
+    assert target.read_text() == "precious"
+
+
+def test_two_runs_sharing_a_replay_directory_are_refused_naming_the_holder(tmp_path):
+    shared = tmp_path / "replay"
+    first = OutputDir(tmp_path / "a", replay_dir=shared)
+    first.claim(resume=False, overwrite=False)
+    second = OutputDir(tmp_path / "b", replay_dir=shared)
+    with pytest.raises(OutputDirBusyError, match=rf"replay.directory {shared} is in use by process {os.getpid()}"):
+        second.claim(resume=False, overwrite=False)
+    first.unlock()
+    second.claim(resume=False, overwrite=False)  # free once the first run ends
+    second.unlock()
 
 
 def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
