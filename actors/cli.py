@@ -154,7 +154,8 @@ def _resume(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{saved}: {', '.join(lost)} had credentials in it, which a run never stores (they show as ***); "
                 f"give the value again: `forgetless resume {output_dir} " + " ".join(f"{k}=..." for k in lost)
-                + "` (or keep credentials out of URIs: MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD)")
+                + "` (for MLflow: the URI without credentials, and them in MLFLOW_TRACKING_USERNAME and "
+                  "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
     else:
         config = load_config(args.config, [*args.overrides, f"output_dir={output_dir.resolve()}", "resume=true"])
     if not (output_dir / "report.json").is_file():

@@ -16,6 +16,7 @@ scheduler writes; the driver does without it.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -63,6 +64,10 @@ def ui_link(ui_address: str, experiment_id: str, run_id: str | None = None) -> s
     return f"{base}/runs/{run_id}?workflowType=machine_learning" if run_id else f"{base}?workflowType=machine_learning"
 
 
+class TrackingCredentialsError(ForgetlessError, PermissionError):
+    """The tracking server wants credentials it was not given (or refused them), or a URI carries some."""
+
+
 class TrackingUnreachableError(ForgetlessError, ConnectionError):
     """The MLflow tracking store cannot be reached or written; the message names its URI."""
 
@@ -97,6 +102,12 @@ def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
     parsed = urlparse(tracking_uri)
     shown = redact(tracking_uri)
     fix = "start it, or set mlflow.tracking_uri to a reachable server (or sqlite:///path/to/mlflow.db)"
+    if parsed.scheme in ("http", "https") and "@" in parsed.netloc:
+        bare = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl()
+        raise TrackingCredentialsError(
+            f"mlflow.tracking_uri {shown} carries credentials; a run never takes them from a URI (it would copy them "
+            f"into what it saves and logs). Give the URI without them ({bare}) and the credentials in the environment "
+            "of the run: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN")
     if parsed.scheme in ("http", "https"):
         url = tracking_uri.rstrip("/") + "/health"
         try:
@@ -111,6 +122,7 @@ def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise TrackingUnreachableError(f"MLflow tracking server {shown} is unreachable ({reason}); "
                                            f"{fix}") from None
+        _check_credentials(tracking_uri, shown, timeout_s)
     elif parsed.scheme == "sqlite":
         db_path = sqlite_path(tracking_uri)
         directory = db_path.parent
@@ -121,6 +133,44 @@ def check_tracking(tracking_uri: str, *, timeout_s: float = 5.0) -> None:
                                            f"{fix}") from None
         if not os.access(directory, os.W_OK) or (db_path.exists() and not os.access(db_path, os.W_OK)):
             raise TrackingUnreachableError(f"MLflow store {shown}: {db_path} is not writable; {fix}")
+
+
+def auth_headers() -> dict[str, str]:
+    """The credentials MLflow's own client sends, read from the environment as it reads them:
+    ``MLFLOW_TRACKING_TOKEN`` (a bearer token), else ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (basic). Never stored: only sent."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {}
+
+
+def _check_credentials(tracking_uri: str, shown: str, timeout_s: float) -> None:
+    """/health answers anyone: ask for one experiment, as a run would, with the run's credentials."""
+    url = tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    headers = auth_headers()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return  # an older server without this endpoint, or a proxy's own page: the run will tell
+        given = ("MLFLOW_TRACKING_TOKEN" if os.environ.get("MLFLOW_TRACKING_TOKEN")
+                 else "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if headers else None)
+        if exc.code == 403:
+            raise TrackingCredentialsError(f"MLflow tracking server {shown} refused the user in {given} (403): it "
+                                           "lacks permission to read experiments; ask the server's admin") from None
+        raise TrackingCredentialsError(
+            f"MLflow tracking server {shown} " + (f"refused the credentials in {given} (401); check them"
+                                                  if given else "needs credentials (401)")
+            + ": set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+              "environment of the run") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingUnreachableError(f"MLflow tracking server {shown} answers /health but not its API "
+                                       f"({getattr(exc, 'reason', exc)})") from None
 
 
 def client_of(tracking_uri: str) -> MlflowClient:

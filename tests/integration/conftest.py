@@ -33,9 +33,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_mlflow_server(directory: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(directory: Path, port: int | None = None, *,
+                        admin_password: str | None = None) -> tuple[subprocess.Popen, str]:
     """`mlflow server` on loopback (``port``, or a free one) with its store in ``directory`` (a copy
-    of ``empty_mlflow_store`` unless one is there); returns it and its URI once it answers."""
+    of ``empty_mlflow_store`` unless one is there); returns it and its URI once it answers.
+    ``admin_password``: MLflow's basic-auth app in front, user ``admin`` with that password."""
     import time
     import urllib.request
 
@@ -46,6 +48,15 @@ def start_mlflow_server(directory: Path, port: int | None = None) -> tuple[subpr
            "--workers", "1", "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
            "--artifacts-destination", str(directory / "server-artifacts")]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if admin_password is not None:
+        ini = directory / "basic_auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{directory / 'auth.db'}\n"
+                       "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        cmd += ["--app-name", "basic-auth"]
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            env.pop(key, None)
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     uri = f"http://127.0.0.1:{port}"

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from actors.scheduler import Scheduler
 from pipelines.config import resolve_paths, validate_config
 from pipelines.tasks import load_stream
-from tests.integration.conftest import free_port, start_mlflow_server
+from tests.integration.conftest import free_port, start_mlflow_server, stop_server
 
 
 def test_scheduler_logs_to_a_tracking_server(mlflow_server, toy_stream_config):
@@ -30,6 +30,47 @@ def test_scheduler_logs_to_a_tracking_server(mlflow_server, toy_stream_config):
     assert {"acc_heatmap.png", "report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     local = client.download_artifacts(run.info.run_id, "acc_matrix.json")
     assert Path(local).read_text().count("0.9") == 1
+
+
+def test_a_server_that_needs_credentials_is_reached_with_them_and_they_leak_nowhere(tmp_path, toy_stream_config,
+                                                                                   monkeypatch):
+    from actors.tracking import TrackingCredentialsError, check_tracking
+
+    password = "pw-7f3a9c-never-logged"
+    server, uri = start_mlflow_server(tmp_path, admin_password=password)
+    try:
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            monkeypatch.delenv(key, raising=False)
+        with pytest.raises(TrackingCredentialsError, match=r"needs credentials \(401\): set MLFLOW_TRACKING_USERNAME"):
+            check_tracking(uri)  # /health answers anyone: the API does not
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+        with pytest.raises(TrackingCredentialsError, match=r"refused the credentials in MLFLOW_TRACKING_USERNAME"):
+            check_tracking(uri)
+        with_password = uri.replace("http://", f"http://admin:{password}@")
+        with pytest.raises(TrackingCredentialsError, match="carries credentials") as refused:
+            check_tracking(with_password)  # never "unreachable": what to do instead
+        assert password not in str(refused.value) and f"({uri})" in str(refused.value)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        check_tracking(uri)
+
+        toy_stream_config["mlflow"]["tracking_uri"] = uri
+        config = resolve_paths(validate_config(toy_stream_config))
+        scheduler = Scheduler(config, load_stream(config))
+        scheduler.record_baseline({"category": 0.0, "first_word": 0.0})
+        scheduler.record_eval(0, {"category": 0.9, "first_word": 0.1})
+        scheduler.record_eval(1, {"category": 0.4, "first_word": 0.8})
+        report = scheduler.finish()
+        client = MlflowClient(uri)
+        run = client.get_run(report.mlflow.run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["forgetting"] == pytest.approx(0.5)
+        assert "report.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
+        assert uri in logged and password not in logged
+        files = [p for p in Path(config.output_dir).rglob("*") if p.is_file()]
+        assert files and not [p for p in files if password.encode() in p.read_bytes()]
+    finally:
+        stop_server(server)
 
 
 class RestartableServer:

@@ -24,7 +24,8 @@ def test_errors_are_printed_with_their_credentials_redacted(tmp_path, toy_stream
     path.write_text(yaml.safe_dump(toy_stream_config))
     assert main(["run", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "MLflow tracking server http://alice:***@127.0.0.1:1 is unreachable" in err and "hunter2" not in err
+    assert "mlflow.tracking_uri http://alice:***@127.0.0.1:1 carries credentials" in err and "hunter2" not in err
+    assert "(http://127.0.0.1:1)" in err and "MLFLOW_TRACKING_PASSWORD" in err
 
 
 def test_the_command_exits_with_its_code_after_the_exit_handlers_ran(tmp_path, toy_stream_config):
