@@ -9,6 +9,7 @@ must be on storage the cluster sees, so they are checked rather than packed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -19,7 +20,7 @@ import yaml
 
 from pipelines.config import RunConfig, load_config
 from pipelines.errors import ConfigError, ForgetlessError
-from pipelines.redaction import redact
+from pipelines.redaction import redact, redact_data, redacted_keys
 
 JOB_ENTRYPOINT = "forgetless run config.yaml --no-progress"
 _MAX_PACKED_BYTES = 400 * 2**20  # Ray refuses working directories over 512 MiB
@@ -30,17 +31,46 @@ class RunNotFoundError(ForgetlessError, LookupError):
 
 
 # ------------------------------------------------------------------ submit
+def _input_size(local: Path, key: str) -> int:
+    """Bytes an input adds to the job, counted before anything is copied. A link inside a packed
+    directory may point only inside it (it travels as a link); one that leads out is refused."""
+    if not local.is_dir():
+        return local.stat().st_size
+    root, size = local.resolve(), 0
+    for folder, dirs, files in os.walk(local, followlinks=False):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != root and root not in target.parents:
+                    raise ConfigError(f"{key}: {path} is a link to {target}, outside {local}; a job packs only what is "
+                                      "inside the directory it names. Copy the file in, or remove the link")
+            elif name in files:
+                size += path.lstat().st_size
+    return size
+
+
 def _pack_path(value: str, key: str, into: Path, packed: list[tuple[str, Path]], *, cwd: Path,
                directory_ok: bool) -> str:
-    """Copy a local input into the job's working directory; return the path the job will use."""
+    """Copy a local input into the job's working directory; return the path the job will use.
+
+    Raises:
+        ConfigError: a directory where a file is expected, a link out of a packed directory, or
+            the inputs so far over what a Ray job takes (checked before this one is copied).
+    """
     local = (cwd / Path(value).expanduser()) if not Path(value).expanduser().is_absolute() else Path(value).expanduser()
     if not local.exists():
         return value  # a path on the cluster's storage, or a hub name: used there as written
     if local.is_dir() and not directory_ok:
         raise ConfigError(f"{key}: {local} is a directory; a file is expected here")
+    size = _input_size(local, key) + sum(f.lstat().st_size for f in into.rglob("*") if f.is_file())
+    if size > _MAX_PACKED_BYTES:
+        raise ConfigError(f"the job's inputs come to {size / 2**20:.0f} MiB with {key} ({local}); Ray takes at most "
+                          "512 MiB in a job's working directory: put the large ones on storage the cluster sees and "
+                          "name them by that path")
     target = Path("inputs") / f"{len(packed):02d}-{local.name}"
     if local.is_dir():
-        shutil.copytree(local, into / target)
+        shutil.copytree(local, into / target, symlinks=True)  # links (all inside it) stay links
     else:
         (into / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(local, into / target)
@@ -88,6 +118,12 @@ def pack_job(config: RunConfig, into: Path, *, cwd: Path | None = None) -> tuple
     if problems:
         raise ConfigError("cannot submit this run:\n  " + "\n  ".join(problems), problems=problems)
     data = config.model_dump(mode="json", by_alias=True, exclude={"resume", "overwrite"})
+    secrets = redacted_keys(redact_data(data))
+    if secrets:  # the package sits in the cluster's directories, readable by its other users
+        raise ConfigError(f"cannot submit this run: {', '.join(secrets)} carries credentials, which a job package never "
+                          "holds. Give the value without them, and the credentials to the cluster's environment "
+                          "(for MLflow: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, "
+                          "from a Kubernetes secret: infra/k8s)", problems=secrets)
     packed: list[tuple[str, Path]] = []
     for i, task in enumerate(data["stream"]["tasks"]):
         source = task["source"]
@@ -109,11 +145,6 @@ def pack_job(config: RunConfig, into: Path, *, cwd: Path | None = None) -> tuple
                                                           directory_ok=False)
     data["overwrite"] = config.overwrite
     data["resume"] = config.resume
-    size = sum(f.stat().st_size for f in into.rglob("*") if f.is_file())
-    if size > _MAX_PACKED_BYTES:
-        raise ConfigError(f"the job's inputs come to {size / 2**20:.0f} MiB ({', '.join(k for k, _ in packed)}); Ray "
-                          "takes at most 512 MiB in a job's working directory: put the large ones on storage the "
-                          "cluster sees and name them by that path")
     (into / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return data, packed
 
