@@ -156,6 +156,8 @@ class TaskConfig(Schema):
     source: TaskSource
     prefix: str | None = None  # None: "<name>: "
     metric: Literal["exact_match", "rouge_l"] = "exact_match"
+    # A file task capped here reads only its first rows (pipelines.tasks.rows_to_read: enough for
+    # this many training rows and max_eval_examples eval rows); the split is of those rows.
     max_train_examples: int | None = Field(default=None, gt=0)
     max_eval_examples: int | None = Field(default=None, gt=0)
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)

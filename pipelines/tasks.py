@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
 import subprocess
 import sys
 import zipfile
@@ -29,6 +31,8 @@ import pyarrow as pa
 from pipelines.config import BuiltinSource, FileSource, HFSource, RunConfig, TaskConfig
 from pipelines.errors import DataError
 from storage.tables import EXAMPLE_SCHEMA, ExampleFileError, read_examples, split_examples, write_parquet_atomic
+
+log = logging.getLogger("forgetless")
 
 
 @dataclass(frozen=True)
@@ -230,14 +234,35 @@ def _load_hf(source: HFSource) -> pa.Table:
     )
 
 
+def rows_to_read(task: TaskConfig) -> int | None:
+    """How many rows of a task's file are read: with ``max_train_examples`` set, enough for that
+    many training rows and ``max_eval_examples`` eval rows after the split (``eval_fraction`` of
+    them held out), with a tenth to spare for repeated sources; None (the whole file) otherwise.
+
+    So a 2 GB file capped at 1,000 training rows costs the first ~1,400 lines, not the file. The
+    split is then of those rows: a file sorted by label should be shuffled first.
+    """
+    if not task.max_train_examples:
+        return None
+    fraction = task.eval_fraction
+    needed = max(task.max_train_examples / (1 - fraction), (task.max_eval_examples or 0) / fraction)
+    return math.ceil(needed * 1.1) + 10
+
+
 def load_examples(task: TaskConfig, cache_dir: str | Path) -> pa.Table:
-    """All examples of one task, before splitting."""
+    """The examples of one task, before splitting: a file's first ``rows_to_read`` rows."""
     source = task.source
     try:
         if isinstance(source, BuiltinSource):
             return load_builtin(source.name, cache_dir)
         if isinstance(source, FileSource):
-            return read_examples(source.path, source_column=source.source_column, target_column=source.target_column)
+            limit = rows_to_read(task)
+            table = read_examples(source.path, source_column=source.source_column,
+                                  target_column=source.target_column, max_rows=limit)
+            if limit is not None and table.num_rows == limit:
+                log.info("task %r: read the first %d rows of %s (enough for max_train_examples=%d); the rest of the "
+                         "file is not read", task.name, limit, source.path, task.max_train_examples)
+            return table
         return _load_hf(source)
     except ExampleFileError as exc:
         raise DataError(f"task {task.name!r}: {exc}") from None

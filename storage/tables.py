@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,8 @@ def _decode(raw: bytes, path: Path, line_no: int) -> str:
             "re-encode the file as UTF-8") from None
 
 
-def _records(path: Path, source_column: str, target_column: str) -> tuple[list[str], list[str]]:
+def _records(path: Path, source_column: str, target_column: str,
+             max_rows: int | None = None) -> tuple[list[str], list[str]]:
     sources, targets = [], []
 
     def add(record: object, line_no: int) -> None:
@@ -103,10 +105,12 @@ def _records(path: Path, source_column: str, target_column: str) -> tuple[list[s
                 records = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ExampleFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-            for index, record in enumerate(records):
+            for index, record in enumerate(records[:max_rows]):
                 add(record, index + 1)
             return sources, targets
         for line_no, raw in enumerate(handle, start=1):
+            if max_rows is not None and len(sources) >= max_rows:
+                break  # line by line: the rest of the file is never read
             line = _decode(raw, path, line_no)
             if not line.strip():
                 continue
@@ -118,12 +122,12 @@ def _records(path: Path, source_column: str, target_column: str) -> tuple[list[s
     return sources, targets
 
 
-def _read_jsonl(path: Path, source_column: str, target_column: str) -> pa.Table:
-    sources, targets = _records(path, source_column, target_column)
+def _read_jsonl(path: Path, source_column: str, target_column: str, max_rows: int | None = None) -> pa.Table:
+    sources, targets = _records(path, source_column, target_column, max_rows)
     return pa.table({"source": sources, "target": targets}, schema=EXAMPLE_SCHEMA)
 
 
-def _read_csv_slowly(path: Path, source_column: str, target_column: str) -> pa.Table:
+def _read_csv_slowly(path: Path, source_column: str, target_column: str, max_rows: int | None = None) -> pa.Table:
     """Python's csv reader: no limit on a field's size, and the line of any bad row (what
     pyarrow's fast reader cannot give)."""
     csv.field_size_limit(sys.maxsize)
@@ -142,7 +146,7 @@ def _read_csv_slowly(path: Path, source_column: str, target_column: str) -> pa.T
             raise ExampleFileError(f"{path}: column(s) {missing} not found; the file has {header}. "
                                    "Set the task's source.source_column / source.target_column.")
         at = [header.index(source_column), header.index(target_column)]
-        while True:
+        while max_rows is None or len(sources) < max_rows:
             try:
                 row = next(reader)
             except StopIteration:
@@ -161,11 +165,15 @@ def _read_csv_slowly(path: Path, source_column: str, target_column: str) -> pa.T
     return pa.table({"source": sources, "target": targets}, schema=EXAMPLE_SCHEMA)
 
 
-def read_examples(path: str | os.PathLike, *, source_column: str = "source", target_column: str = "target") -> pa.Table:
+def read_examples(path: str | os.PathLike, *, source_column: str = "source", target_column: str = "target",
+                  max_rows: int | None = None) -> pa.Table:
     """Read (source, target) pairs from a ``.jsonl``/``.json``, ``.csv`` or ``.parquet`` file.
 
     Rows are numbered as a person would find them: JSONL by line, CSV by line (header = line 1),
     Parquet from 0. A ``.json`` file may also hold one array of objects.
+
+    ``max_rows``: read the first rows only, and nothing after them — JSONL and CSV line by line,
+    Parquet by row group; a ``.json`` array is parsed whole. Parquet reads only the two columns.
 
     Raises:
         ExampleFileError: missing or empty file, unknown suffix, text that is not UTF-8, a missing
@@ -176,25 +184,46 @@ def read_examples(path: str | os.PathLike, *, source_column: str = "source", tar
         raise ExampleFileError(f"example file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, source_column, target_column)
+        return _read_jsonl(path, source_column, target_column, max_rows)
     if suffix == ".csv":
         if path.stat().st_size == 0:
             raise ExampleFileError(f"{path}: the file is empty; it needs a header line and examples")
         try:
-            table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 24),
-                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-            return _select(table, path, source_column, target_column, first_row=2)
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 24),
+                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+            return _select(_first_rows(reader, max_rows, reader.schema), path, source_column, target_column,
+                           first_row=2)
         except (pa.ArrowException, _NotTextError):
             # Bad bytes, a row longer than a block, a broken quote: read it again slowly, which names
             # the line (or succeeds where only the fast reader's limits were the problem).
-            return _read_csv_slowly(path, source_column, target_column)
+            return _read_csv_slowly(path, source_column, target_column, max_rows)
     if suffix == ".parquet":
         try:
-            table = pq.read_table(path)
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+            missing = [c for c in (source_column, target_column) if c not in names]
+            if missing:
+                raise ExampleFileError(f"{path}: column(s) {missing} not found; the file has {names}. "
+                                       "Set the task's source.source_column / source.target_column.")
+            columns = list(dict.fromkeys((source_column, target_column)))
+            table = _first_rows(parquet.iter_batches(columns=columns), max_rows,
+                                pa.schema([parquet.schema_arrow.field(c) for c in columns]))
         except (pa.ArrowException, OSError) as exc:
             raise ExampleFileError(f"{path}: cannot be read as Parquet ({exc})") from None
         return _select(table, path, source_column, target_column, first_row=0)
     raise ExampleFileError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _first_rows(batches: Iterator[pa.RecordBatch], max_rows: int | None, schema: pa.Schema) -> pa.Table:
+    """The first ``max_rows`` rows of a stream of record batches (all when None), reading no further."""
+    taken, rows = [], 0
+    for batch in batches:
+        taken.append(batch)
+        rows += batch.num_rows
+        if max_rows is not None and rows >= max_rows:
+            break
+    table = pa.Table.from_batches(taken, schema=schema) if taken else schema.empty_table()
+    return table if max_rows is None else table.slice(0, max_rows)
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:

@@ -106,3 +106,37 @@ def test_pronunciation_builtin(tmp_path_factory):
 
 def test_every_builtin_is_documented():
     assert all(spec.description for spec in BUILTIN_TASKS.values())
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_a_capped_file_task_reads_only_the_rows_it_uses(suffix, toy_stream_config, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipelines.tasks import rows_to_read
+
+    rows = [{"source": f"text number {i}", "target": "ab"[i % 2]} for i in range(5000)]
+    path = tmp_path / f"big.{suffix}"
+    if suffix == "jsonl":  # a broken line far past what the task uses: never read, so never an error
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    elif suffix == "csv":
+        path.write_text("source,target\n" + "".join(f"{r['source']},{r['target']}\n" for r in rows) + '"broken,\n')
+    else:  # many row groups, and a wide column the task does not name: neither is read
+        table = pa.table({"source": [r["source"] for r in rows], "target": [r["target"] for r in rows],
+                          "blob": [b"x" * 1000] * len(rows)})
+        pq.write_table(table, path, row_group_size=500)
+    toy_stream_config["stream"]["tasks"][0] = {"name": "big", "source": {"kind": "file", "path": str(path)},
+                                               "max_train_examples": 100, "max_eval_examples": 20}
+    config = validate_config(toy_stream_config)
+    limit = rows_to_read(config.stream.tasks[0])
+    assert limit == 148  # ceil(max(100 / 0.8, 20 / 0.2) x 1.1) + 10
+    task = load_stream(config)[0]
+    assert (task.train.num_rows, task.eval.num_rows) == (100, 20)
+    read = {*task.sources("train"), *task.sources("eval")}
+    assert all(int(s.rsplit(" ", 1)[1]) < limit for s in read)  # every row from the first `limit`
+
+    toy_stream_config["stream"]["tasks"][0].pop("max_train_examples")  # uncapped: the whole file, its bad line too
+    if suffix != "parquet":
+        with pytest.raises(DataError, match=r"big\.(jsonl|csv)"):
+            load_stream(validate_config(toy_stream_config))
