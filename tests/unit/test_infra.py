@@ -57,6 +57,39 @@ def test_every_ray_container_of_the_rayjob_runs_with_token_auth_from_a_secret():
         assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"], name  # never a literal token
 
 
+def test_mlflow_on_the_cluster_asks_for_credentials_that_come_from_a_secret_and_reach_every_logger():
+    config_map, deployment, service = yaml.safe_load_all((REPO / "infra/k8s/mlflow.yaml").read_text())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth" and "--allowed-hosts" in command
+    env = {e["name"]: e for e in container["env"]}
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert "secretKeyRef" in env[key]["valueFrom"], key
+    assert "authenticate_request_basic_auth" in config_map["data"]["basic_auth.ini"]
+    assert "NO_PERMISSIONS" in config_map["data"]["basic_auth.ini"]  # a stranger with an account reads nothing
+    job = yaml.safe_load((REPO / "infra/k8s/rayjob.yaml").read_text())
+    for name in ("ray-head", "ray-worker"):  # the driver and the scheduler log from these
+        env = {e["name"]: e for e in _containers(job)[name]["env"]}
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "forgetless-mlflow", (name, key)
+    assert "@" not in job["spec"]["entrypoint"] and "password" not in job["spec"]["entrypoint"].lower()
+
+
+def test_the_network_policy_admits_only_forgetless_pods_to_every_forgetless_pod():
+    policy = yaml.safe_load((REPO / "infra/k8s/networkpolicy.yaml").read_text())
+    ours = {"app.kubernetes.io/part-of": "forgetless"}
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"]["matchLabels"] == ours
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": ours}}]}]  # any port, our pods only
+    job = yaml.safe_load((REPO / "infra/k8s/rayjob.yaml").read_text())
+    spec = job["spec"]
+    pods = [spec["submitterPodTemplate"], spec["rayClusterSpec"]["headGroupSpec"]["template"],
+            *(g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])]
+    _, deployment, _ = yaml.safe_load_all((REPO / "infra/k8s/mlflow.yaml").read_text())
+    for pod in [*pods, deployment["spec"]["template"]]:
+        assert pod["metadata"]["labels"].items() >= ours.items()
+
+
 def test_the_cluster_yaml_starts_every_node_with_token_auth_and_the_dashboard_on_loopback():
     cluster = yaml.safe_load((REPO / "infra/ray/cluster.yaml").read_text())
     starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cluster[key]
@@ -93,3 +126,14 @@ def test_gpu_check_wrapper_names_its_output_dir():
     result = __import__("subprocess").run(["bash", str(REPO / "infra/scripts/gpu_check.sh")], capture_output=True,
                                           text=True)
     assert result.returncode != 0 and "usage: infra/scripts/gpu_check.sh OUT_DIR" in result.stderr
+
+
+def test_serve_sh_refuses_to_listen_beyond_loopback_without_authentication(tmp_path):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    result = subprocess.run(["bash", str(REPO / "infra/mlflow/serve.sh"), str(tmp_path / "store"), "5999"],
+                            env={**env, "MLFLOW_HOST": "0.0.0.0"}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "without authentication: set MLFLOW_AUTH_ADMIN_PASSWORD" in result.stderr
+    assert not (tmp_path / "store").exists()  # refused before anything was made
