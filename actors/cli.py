@@ -122,10 +122,11 @@ def _saved_dict(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _replay_in_place(saved: dict[str, Any], run: Path) -> list[str]:
+def _replay_in_place(data: dict[str, Any], run: Path) -> list[str]:
     """A replay directory the saved config put inside the run's directory, at the same place in
     ``run`` (the run's copy or new home) — as an override, when there is one."""
-    old, replay = saved.get("output_dir"), (saved.get("replay") or {}).get("directory")
+    store = data["replay"] if isinstance(data.get("replay"), dict) else {}  # the store's block
+    old, replay = data.get("output_dir"), store.get("directory")
     if not isinstance(old, str) or not isinstance(replay, str):
         return []
     try:

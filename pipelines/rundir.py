@@ -212,7 +212,7 @@ class OutputDir:
         either directory stays. A link is removed, never followed; lock files stay."""
         own_replay = self.path / "replay"
         for name in self._created_names():
-            if name != "replay":
+            if self.path / name != own_replay:
                 _remove(self.path / name)
         for store in dict.fromkeys((own_replay, self.replay_dir)):
             if store.is_symlink():  # the link goes, never what it points to

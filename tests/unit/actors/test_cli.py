@@ -58,3 +58,12 @@ def test_the_printed_matrix_gives_the_headline_metrics_then_each_task_s_forgetti
     lines = format_matrix(report).splitlines()
     assert lines[-2].startswith("naive: avg_acc 0.658, forgetting +0.250, bwt -0.250") and "forgetting/" not in lines[-2]
     assert lines[-1] == "forgetting by task: a +0.500, b +0.000"
+
+
+def test_a_moved_run_takes_its_replay_directory_along_when_it_was_inside_the_run(tmp_path):
+    from actors.cli import _replay_in_place
+
+    saved = {"output_dir": "/old/run", "replay": {"directory": "/old/run/store"}}
+    assert _replay_in_place(saved, tmp_path / "new") == [f"replay.directory={(tmp_path / 'new').resolve() / 'store'}"]
+    assert _replay_in_place({**saved, "replay": {"directory": "/shared/store"}}, tmp_path) == []  # the user's place
+    assert _replay_in_place({**saved, "replay": {"directory": None}}, tmp_path) == []
