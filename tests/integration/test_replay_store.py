@@ -201,6 +201,14 @@ def test_remove_shards_keeps_at_least_one():
     store.shutdown()
 
 
+def test_add_shards_stops_at_the_configured_limit():
+    store = make_store(num_shards=2, max_shards=3)
+    with pytest.raises(ValueError, match=r"adding 2 shard\(s\) to 2 would pass replay.max_shards=3"):
+        store.add_shards(2)
+    assert store.num_shards == 2  # refused before a shard started
+    store.shutdown()
+
+
 def test_killed_shard_restarts_holding_exactly_the_acknowledged_rows(tmp_path):
     store = make_store(tmp_path, num_shards=2, snapshot_every_rows=300)
     acknowledged: list[str] = []

@@ -167,3 +167,13 @@ def test_looking_for_orphans_in_a_store_not_made_yet_leaves_it_unmade(tmp_path):
     db = tmp_path / "new" / "mlflow.db"
     assert mark_orphaned_runs(f"sqlite:///{db}", "orphans") == []
     assert not db.exists()  # the run's scheduler makes it, while the trainer workers start
+
+
+def test_params_and_tags_reach_mlflow_redacted_whoever_sets_them(mlflow_store):
+    sink = MlflowSink.start(mlflow_store, "redacted", tags={"forgetless.note": "from http://u:hunter2@h:1"})
+    sink.log_params({"mlflow.tracking_uri": "http://u:hunter2@h:1"})
+    sink.set_tags({"forgetless.error": "ConnectionError: http://u:hunter2@h:1/api refused"})
+    run = MlflowClient(mlflow_store).get_run(sink.run_id)
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    assert not [v for v in logged if "hunter2" in v]
+    assert run.data.tags["forgetless.error"] == "ConnectionError: http://u:***@h:1/api refused"

@@ -70,3 +70,18 @@ def test_ordinary_names_are_accepted(toy_stream_config):
     toy_stream_config["experiment"] = "table1.v2-run_3"
     toy_stream_config["stream"]["tasks"][0]["name"] = "sms_spam.v1"
     assert validate_config(toy_stream_config).experiment == "table1.v2-run_3"
+
+
+def test_report_json_passes_through_the_redaction_whatever_field_holds_the_secret():
+    from pipelines.report import RunReport
+
+    report = RunReport.model_validate({
+        "tasks": ["a"], "acc_matrix": [[0.5]], "baseline": [0.1], "metrics": {}, "strategy": "naive",
+        "strategy_config": {}, "experiment": "e", "seed": 0, "output_dir": "/r",
+        "mlflow": {"tracking_uri": "http://h:5000", "run_id": "r"},
+        "error": "MlflowException: API request to http://bob:hunter2@h:5000/api failed",
+        "init": {"kind": "pretrained", "source": "pretrain x.yaml",
+                 "pretrain": {"mlflow": {"tracking_uri": "http://bob:hunter2@h:5000"}}}})
+    text = report.to_json()
+    assert "hunter2" not in text and text.count("bob:***@h:5000") == 2
+    assert RunReport.model_validate_json(text).error.endswith("http://bob:***@h:5000/api failed")
