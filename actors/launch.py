@@ -153,7 +153,11 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
     try:
         from actors.preflight import resolve_run  # the checks above pass first: see the module's docstring
 
-        run = resolve_run(config, output, resuming=resuming, progress=progress)
+        try:
+            run = resolve_run(config, output, resuming=resuming, progress=progress)
+        except BaseException:
+            output.discard_staged()  # the old run stays as it was, with nothing of the refused one beside it
+            raise
         if output.replacing:  # overwrite=true: the new run is valid (config, data, model, tracking); the old goes now
             output.replace_old_run()
             run = dataclasses.replace(run, tokenizer_dir=output.tokenizer)

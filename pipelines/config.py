@@ -752,12 +752,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(loaded, (dict, type(None))):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, not a {type(loaded).__name__}")
+    _refuse_resolvers(loaded, path)  # before OmegaConf sees it: selecting a key below would resolve it
     try:
         cfg = OmegaConf.create(loaded or {})
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config file {path} cannot be loaded: {exc}") from None
     for item in overrides:
         key, value = _parse_override(item)
+        _refuse_resolvers(value, path, f"{key}.")
         try:
             # a list over a mapping (strategy=[replay, lwf] over a strategy block), or the reverse,
             # replaces it; a mapping over a mapping merges into it

@@ -119,7 +119,7 @@ class RunReport(_Model):
     def to_json(self) -> str:
         """The report as report.json holds it: every string passed through ``redact`` (an error's
         text, a manifest copied in, a URI), so no credential reaches the file."""
-        return json.dumps(redact_data(self.model_dump(mode="json")), indent=2)
+        return json.dumps(redact_data(json.loads(self.model_dump_json())), indent=2)
 
     @classmethod
     def read(cls, path: str | Path) -> RunReport:

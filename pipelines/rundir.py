@@ -192,6 +192,11 @@ class OutputDir:
             staged.rename(self.tokenizer)
         self._record_created()
 
+    def discard_staged(self) -> None:
+        """Remove what a replacing run prepared beside the old one (its tokenizer), if anything."""
+        if self.replacing:
+            _remove(self.tokenizer)
+
     def _record_created(self) -> None:
         """Note what this run makes here (``RUN_ARTIFACTS``): what ``overwrite`` may delete later."""
         write_atomic(self.path / CREATED, json.dumps({"names": list(RUN_ARTIFACTS),
@@ -288,13 +293,13 @@ def inside(root: str | Path, value: str | os.PathLike, *, file: str | Path, key:
         DataError: anything else (an absolute path elsewhere, ``..`` out of the run, a link that
             leads out), naming ``file`` and ``key``.
     """
-    root = Path(root).resolve()
+    named, root = Path(root), Path(root).resolve()
     given = Path(value)
     relative: Path | None = None
     if not given.is_absolute():
         relative = given
     else:
-        for base in (root, saved_root):  # written here, or where the run was first written
+        for base in (root, named, saved_root):  # written here (through links or not), or where the run began
             try:
                 relative = Path(os.path.normpath(given)).relative_to(Path(os.path.normpath(base)))
                 break

@@ -14,14 +14,19 @@ from pipelines.tasks import load_stream
 from tests.integration.conftest import free_port, start_mlflow_server, stop_server
 
 
-def test_scheduler_logs_to_a_tracking_server(mlflow_server, toy_stream_config):
-    toy_stream_config["mlflow"]["tracking_uri"] = mlflow_server
+def _two_tasks_logged_to(uri, toy_stream_config):
+    """What a run's scheduler sends a tracking server for two tasks; returns its config and report."""
+    toy_stream_config["mlflow"]["tracking_uri"] = uri
     config = resolve_paths(validate_config(toy_stream_config))
     scheduler = Scheduler(config, load_stream(config))
     scheduler.record_baseline({"category": 0.0, "first_word": 0.0})
     scheduler.record_eval(0, {"category": 0.9, "first_word": 0.1})
     scheduler.record_eval(1, {"category": 0.4, "first_word": 0.8})
-    report = scheduler.finish()
+    return config, scheduler.finish()
+
+
+def test_scheduler_logs_to_a_tracking_server(mlflow_server, toy_stream_config):
+    _, report = _two_tasks_logged_to(mlflow_server, toy_stream_config)
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(report.mlflow.run_id)
@@ -54,13 +59,7 @@ def test_a_server_that_needs_credentials_is_reached_with_them_and_they_leak_nowh
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         check_tracking(uri)
 
-        toy_stream_config["mlflow"]["tracking_uri"] = uri
-        config = resolve_paths(validate_config(toy_stream_config))
-        scheduler = Scheduler(config, load_stream(config))
-        scheduler.record_baseline({"category": 0.0, "first_word": 0.0})
-        scheduler.record_eval(0, {"category": 0.9, "first_word": 0.1})
-        scheduler.record_eval(1, {"category": 0.4, "first_word": 0.8})
-        report = scheduler.finish()
+        config, report = _two_tasks_logged_to(uri, toy_stream_config)
         client = MlflowClient(uri)
         run = client.get_run(report.mlflow.run_id)
         assert run.info.status == "FINISHED" and run.data.metrics["forgetting"] == pytest.approx(0.5)

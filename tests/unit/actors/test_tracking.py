@@ -69,14 +69,20 @@ def test_what_cannot_be_sent_by_the_end_waits_in_a_file_and_goes_out_later(mlflo
     assert run.info.status == "FINISHED" and run.data.metrics["acc"] == 0.5 and run.data.tags["note"] == "kept"
 
 
-def test_a_long_outage_keeps_a_bounded_queue_and_sends_every_record_in_order(mlflow_store, tmp_path):
+def _during_an_outage(mlflow_store, pending, *, max_queued, records):
+    """A sink whose server is down, ``records`` loss metrics given to it; returns (run id, server, sink)."""
     run_id = MlflowSink.start(mlflow_store, "bounded").run_id
     flaky = FlakySink(mlflow_store, run_id)
     flaky.down.set()
-    pending = tmp_path / "mlflow-pending.jsonl"
-    sink = BufferedSink(flaky, pending_path=pending, max_backoff_s=0.2, max_queued=5)
-    for step in range(50):
+    sink = BufferedSink(flaky, pending_path=pending, max_backoff_s=0.2, max_queued=max_queued)
+    for step in range(records):
         sink.log_metrics({"loss": float(step)}, step=step)
+    return run_id, flaky, sink
+
+
+def test_a_long_outage_keeps_a_bounded_queue_and_sends_every_record_in_order(mlflow_store, tmp_path):
+    pending = tmp_path / "mlflow-pending.jsonl"
+    run_id, flaky, sink = _during_an_outage(mlflow_store, pending, max_queued=5, records=50)
     assert sink.pending == 50 and len(sink._records) <= 5  # the rest wait on disk, not in memory
     assert len(pending.read_text().splitlines()) >= 45
     flaky.down.clear()
@@ -88,13 +94,8 @@ def test_a_long_outage_keeps_a_bounded_queue_and_sends_every_record_in_order(mlf
 
 
 def test_records_spilled_during_an_outage_that_outlasts_the_run_are_saved_in_order(mlflow_store, tmp_path):
-    run_id = MlflowSink.start(mlflow_store, "bounded").run_id
-    flaky = FlakySink(mlflow_store, run_id)
-    flaky.down.set()
     pending = tmp_path / "mlflow-pending.jsonl"
-    sink = BufferedSink(flaky, pending_path=pending, max_backoff_s=0.2, max_queued=3)
-    for step in range(10):
-        sink.log_metrics({"loss": float(step)}, step=step)
+    _, _, sink = _during_an_outage(mlflow_store, pending, max_queued=3, records=10)
     assert sink.end("FINISHED", timeout_s=0.5) == 11
     steps = [json.loads(line).get("step") for line in pending.read_text().splitlines()]
     assert steps == [*range(10), None]  # the metrics in order, then the end
