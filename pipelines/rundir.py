@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import experiment_dict, validate_config
+from pipelines.errors import ConfigError, DataError, ForgetlessError
 from pipelines.report import RunReport
 from storage.files import write_atomic
 from storage.journal import TAG
-from pipelines.errors import ConfigError, DataError, ForgetlessError
 
 LOCK_NAME = ".forgetless.lock"
 # What a run hands MLflow as artifacts when it ends.
@@ -40,8 +40,8 @@ class OutputDirBusyError(ForgetlessError, RuntimeError):
 
 CREATED = ".forgetless-created.json"  # in output_dir: what this run made, the only things overwrite deletes
 STAGED_TOKENIZER = ".tokenizer.new"  # a replacing run's tokenizer, until the old run is gone
-# What a replay store writes into its directory (storage.replay, actors.replay): overwrite deletes
-# these and nothing else there, unless the run made the directory itself.
+# What a replay store writes into its directory (storage.replay, actors.replay), and its lock:
+# overwrite deletes the first three and nothing else there.
 REPLAY_STORE_FILES = ("store.json", "shard-*", "retired-*", LOCK_NAME)
 
 
