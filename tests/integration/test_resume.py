@@ -203,13 +203,14 @@ def test_output_dir_holds_one_run_at_a_time(toy_config_file, tmp_path, mlflow_st
     assert typo.returncode == 2 and "categroy.jsonl" in typo.stderr and "Traceback" not in typo.stderr
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
-    claimed = OutputDir(out)  # what overwrite=true does once the new run is valid
-    claimed.claim(resume=False, overwrite=True)
-    claimed.replace_old_run()
-    claimed.unlock()
-    assert not (out / "report.json").exists() and not (out / "state").exists()
-    assert not (out / "replay" / "shard-000").exists() and (out / "replay" / "users-file.txt").read_text() == "mine too"
-    assert (out / "notes.txt").read_text() == "mine"
+    # the same with the right path: the new run replaces the old one's files, and only those
+    replaced = cli("run", str(config), "overwrite=true", "--no-progress", timeout=300)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["status"] == "FINISHED"
+    assert not (out / "replay" / "shard-000" / "log-000000-0000.arrow").exists()
+    assert (out / "replay" / "users-file.txt").read_text() == "mine too" and (out / "notes.txt").read_text() == "mine"
+    assert (out / "tokenizer").is_dir() and not (out / ".tokenizer.new").exists()
+    assert not (out / "state" / "task-00").is_dir() or (out / "state" / "task-00" / "strategy.json").is_file()
 
 
 def test_mlflow_down_at_the_start_fails_within_seconds_naming_the_uri(toy_config_file, tmp_path, cli):
