@@ -39,7 +39,7 @@ from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.state_files import load_tree, refuse_unsafe_pickles, save_tree, weights_only_loads
 from pipelines.strategies import build_training_strategy
 from pipelines.strategies.base import StepBatch, TrainingContext
-from storage.files import atomic_directory
+from storage.files import atomic_directory, fsync_directory, fsync_tree
 
 log = logging.getLogger("forgetless")
 
@@ -372,8 +372,9 @@ class Learner(Engine):
 
         The RNG states and the strategy's state are written as JSON and safetensors
         (``pipelines.state_files``): nothing in them runs code when loaded. Written under
-        ``<directory>.partial`` and renamed once every rank has finished, so ``directory`` holds a
-        complete state or is absent.
+        ``<directory>.partial``, fsynced, and renamed once every rank has finished, so ``directory``
+        holds a complete state or is absent, after a machine crash too (report.json, which names
+        it, is written only after this returns).
         """
         directory = Path(directory)
         partial = directory.with_name(directory.name + ".partial")
@@ -386,9 +387,12 @@ class Learner(Engine):
         if self.rank == 0:
             save_tree(self.strategy.state_dict(), partial, "strategy")
         self.comm.barrier()
+        fsync_tree(partial)  # every rank, its files among them: on disk before the name publishes them
+        self.comm.barrier()
         if self.rank == 0:
             shutil.rmtree(directory, ignore_errors=True)
             partial.rename(directory)
+            fsync_directory(directory.parent)
         self.comm.barrier()
         return directory
 

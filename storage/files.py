@@ -29,6 +29,23 @@ def fsync_directory(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under ``path`` and every directory, deepest first: what a rename is about
+    to publish is on disk before the name points at it (a machine crash then finds the new
+    content whole, or the old name). Links are not followed."""
+    for folder, _dirs, files in os.walk(path, topdown=False, followlinks=False):
+        for name in files:
+            file = os.path.join(folder, name)
+            if os.path.islink(file):
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(folder)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename.
 
@@ -58,10 +75,11 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` whole.
 
-    An older ``path`` is moved aside before the rename and deleted after it. A kill between those
-    two renames leaves the old directory under ``.<name>.old-*``; the next call for the same path
-    puts it back first. On an exception the temporary directory is removed and ``path`` is
-    untouched.
+    Every file written into it is fsynced before the rename, and the parent directory after, so
+    the new directory survives a machine crash as well as the death of the process. An older
+    ``path`` is moved aside before the rename and deleted after it. A kill between those two renames
+    leaves the old directory under ``.<name>.old-*``; the next call for the same path puts it back
+    first. On an exception the temporary directory is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +96,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)  # the files first, then the names that publish them
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"

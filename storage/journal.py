@@ -112,6 +112,9 @@ class ShardJournal:
             self._file = LogFile(path)
             self._writer = pa.ipc.new_stream(self._file, self.log_schema)
             self._file.flush()
+            if self.fsync:  # the segment's name too: a durable append in a file no directory lists is lost
+                os.fsync(self._file.fileno())
+                fsync_directory(self.directory)
         except OSError as exc:
             self.abandon_segment()
             raise LogWriteError(f"replay shard {self.shard_id}: cannot start log segment {path}: {exc}") from exc

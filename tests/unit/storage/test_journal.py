@@ -133,3 +133,13 @@ def test_a_checkpoint_is_a_link_to_its_snapshot_and_a_bad_tag_is_refused(tmp_pat
         journal.link_checkpoint("../x", path)
     journal.drop_checkpoint("task-0")
     assert journal.checkpoints() == []
+
+
+def test_a_new_log_segment_is_named_durably_when_the_log_is_fsynced(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr("storage.journal.fsync_directory", lambda path: synced.append(str(path)))
+    durable = ShardJournal(tmp_path / "durable", SCHEMA, fsync=True)
+    durable.append_insert(table("a"))
+    assert synced == [str(tmp_path / "durable")]
+    ShardJournal(tmp_path / "fast", SCHEMA, fsync=False).append_insert(table("b"))
+    assert synced == [str(tmp_path / "durable")]  # replay.fsync off: no fsync at all, by choice
