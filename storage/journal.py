@@ -7,7 +7,8 @@
 Files in the shard's directory:
 
 - ``snapshot-G.arrow``: rows and counters at generation G, with ``snapshot-G.json``, its manifest
-  (rows, bytes, CRC-32), written only once the snapshot was read back and checked;
+  (rows, bytes, CRC-32), written only once the snapshot was read back and checked; a snapshot
+  without its manifest is never used (it was never verified);
 - ``log-G-P.arrow``: segment P of the inserts and deletes made after snapshot G, one record batch
   per operation. A restarted shard, or one whose append failed, starts a new segment, so a torn
   batch can only ever end a segment;
@@ -208,7 +209,11 @@ class ShardJournal:
             try:
                 manifest = json.loads(manifest_path.read_text())
             except FileNotFoundError:
-                manifest = {}  # renamed but never read back (killed in between): the checks below still run
+                # The write stopped between the rename and the check that writes the manifest: the
+                # file was never verified, and a flipped byte would pass Arrow's own validation. Its
+                # predecessor and every log since are still there (removed only after the manifest).
+                raise CorruptSnapshotError(path, "no manifest: the snapshot was never verified (its write stopped "
+                                                 "before the check); restored from the one before it") from None
             except (OSError, ValueError) as exc:
                 raise CorruptSnapshotError(manifest_path, f"unreadable manifest ({exc})") from None
         try:

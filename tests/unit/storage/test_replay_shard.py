@@ -209,6 +209,9 @@ CORRUPTIONS = {
     "empty": lambda p: p.write_bytes(b""),
     "no-manifest-and-truncated": lambda p: (p.with_suffix(".json").unlink(),
                                             p.write_bytes(p.read_bytes()[:100])),
+    # killed between the rename and the check: a byte that Arrow's own validation would let through
+    "no-manifest-and-flipped-byte": lambda p: (p.with_suffix(".json").unlink(), _flip_a_byte(p)),
+    "no-manifest": lambda p: p.with_suffix(".json").unlink(),  # never verified: never used
 }
 
 
