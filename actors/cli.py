@@ -148,8 +148,9 @@ def _resume(args: argparse.Namespace) -> int:
             raise ConfigError(f"{output_dir} holds no run to resume (no config.yaml); start one with `forgetless run`")
         # DIR is the run, wherever it was written: a copied or moved run resumes in place, never
         # in the directory its saved config names
-        config = load_config(saved, [*earlier_behaviour(_saved_dict(saved)), *_replay_in_place(_saved_dict(saved), output_dir),
-                                     *args.overrides, f"output_dir={output_dir.resolve()}", "resume=true"])
+        data = _saved_dict(saved)
+        config = load_config(saved, [*earlier_behaviour(data), *_replay_in_place(data, output_dir), *args.overrides,
+                                     f"output_dir={output_dir.resolve()}", "resume=true"])
         lost = redacted_keys(config.model_dump(mode="json"))
         if lost:
             raise ConfigError(

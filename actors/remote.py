@@ -42,7 +42,7 @@ def _input_size(local: Path, key: str) -> int:
             path = Path(folder) / name
             if path.is_symlink():
                 target = path.resolve()
-                if target != root and root not in target.parents:
+                if not target.is_relative_to(root):
                     raise ConfigError(f"{key}: {path} is a link to {target}, outside {local}; a job packs only what is "
                                       "inside the directory it names. Copy the file in, or remove the link")
             elif name in files:

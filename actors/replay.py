@@ -26,10 +26,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.config import ReplayConfig
 from storage.replay import (
+    MAX_SHARDS,
     EmptyReplayError,
     ReplayShard,
     ShardStats,
-    MAX_SHARDS,
     StaleTopologyError,
     check_batch,
     draw_index,

@@ -19,6 +19,13 @@ def quiet_environment() -> None:
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
+def spread(values: list[float], digits: int | None = 2) -> dict[str, Any]:
+    """The median and every trial, rounded to ``digits`` (None: whole numbers): what a bench reports."""
+    import statistics
+
+    return {"median": round(statistics.median(values), digits), "trials": [round(v, digits) for v in values]}
+
+
 def report(results: dict[str, Any], path: Path | None) -> int:
     """Print the results as JSON, and write them to ``path`` when given. Returns the exit code."""
     text = json.dumps(results, indent=2)

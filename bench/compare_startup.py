@@ -12,13 +12,12 @@ side by side in one process and one local Ray (started before either, so neither
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import quiet_environment, report  # noqa: E402
+from common import quiet_environment, report, spread  # noqa: E402
 
 quiet_environment()
 
@@ -36,10 +35,6 @@ def _runs(base, strategies: list[str], seeds: int, work: Path, mode: str):
     for name in strategies:
         for seed in range(seeds):
             yield base.with_strategy(name, seed=seed, output_dir=str(work / mode / name / f"seed-{seed}"))
-
-
-def _spread(values: list[float]) -> dict[str, object]:
-    return {"median": round(statistics.median(values), 2), "trials": [round(v, 2) for v in values]}
 
 
 def main() -> int:
@@ -74,8 +69,8 @@ def main() -> int:
             shared.close()
             startups = len(shared.started)
         total = time.perf_counter() - began
-        results[mode] = {"wall_s": round(total, 1), "startups": startups, "run_wall_s": _spread(walls),
-                         "per_run_overhead_s": _spread(overheads)}
+        results[mode] = {"wall_s": round(total, 1), "startups": startups, "run_wall_s": spread(walls),
+                         "per_run_overhead_s": spread(overheads)}
         print(f"{mode}: {len(walls)} runs in {total:.0f} s, {startups} start-up(s)", file=sys.stderr, flush=True)
 
     return report({

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import report
+from common import report, spread
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the command in this process and says how much memory it took at its peak.
@@ -80,8 +79,7 @@ def main() -> int:
         return report({
             "file_gb": round(data.stat().st_size / 2**30, 2), "lines": lines,
             "max_train_examples": args.max_train_examples, "tasks": printed["tasks"],
-            "wall_s": {"median": round(statistics.median(walls), 2), "trials": [round(w, 2) for w in walls]},
-            "peak_rss_mb": {"median": round(statistics.median(peaks)), "trials": [round(p) for p in peaks]},
+            "wall_s": spread(walls), "peak_rss_mb": spread(peaks, None),
         }, args.json)
 
 

@@ -79,7 +79,7 @@ class OutputDir:
 
     @property
     def _replay_outside(self) -> bool:
-        return self.path.resolve() not in (self.replay_dir.resolve(), *self.replay_dir.resolve().parents)
+        return not self.replay_dir.resolve().is_relative_to(self.path.resolve())
 
     def holds_a_run(self) -> bool:
         return any((self.path / name).exists() for name in RUN_ARTIFACTS) or self._replay_has_files()
@@ -199,8 +199,7 @@ class OutputDir:
 
     def _record_created(self) -> None:
         """Note what this run makes here (``RUN_ARTIFACTS``): what ``overwrite`` may delete later."""
-        write_atomic(self.path / CREATED, json.dumps({"names": list(RUN_ARTIFACTS),
-                                                      "replay_store_files": list(REPLAY_STORE_FILES[:-1])}))
+        write_atomic(self.path / CREATED, json.dumps({"names": list(RUN_ARTIFACTS)}))
 
     def _created_names(self) -> list[str]:
         try:
@@ -306,7 +305,7 @@ def inside(root: str | Path, value: str | os.PathLike, *, file: str | Path, key:
             except (TypeError, ValueError):
                 continue
     resolved = (root / relative).resolve() if relative is not None else None
-    if resolved is None or (resolved != root and root not in resolved.parents):
+    if resolved is None or not resolved.is_relative_to(root):
         raise DataError(f"{file}: {key} = {str(value)!r} points outside the run's directory {root}; a run reads only "
                         "its own files. The file may have been edited by someone else: restore it, or start over")
     return resolved

@@ -38,13 +38,16 @@ def _bad_rows(table: pa.Table, path: Path, columns: tuple[str, ...], first_row: 
             raise ExampleFileError(f"{path}: {where} has no value in column {column!r}")
 
 
-def _select(table: pa.Table, path: Path, source_column: str, target_column: str, first_row: int) -> pa.Table:
-    missing = [c for c in (source_column, target_column) if c not in table.column_names]
+def _check_columns(path: Path, names: list[str], source_column: str, target_column: str) -> None:
+    """Refuse a file whose columns (``names``) lack the task's source or target column."""
+    missing = [c for c in (source_column, target_column) if c not in names]
     if missing:
-        raise ExampleFileError(
-            f"{path}: column(s) {missing} not found; the file has {table.column_names}. "
-            "Set the task's source.source_column / source.target_column."
-        )
+        raise ExampleFileError(f"{path}: column(s) {missing} not found; the file has {names}. "
+                               "Set the task's source.source_column / source.target_column.")
+
+
+def _select(table: pa.Table, path: Path, source_column: str, target_column: str, first_row: int) -> pa.Table:
+    _check_columns(path, table.column_names, source_column, target_column)
     _bad_rows(table, path, (source_column, target_column), first_row)
     columns = {}
     for name, column in (("source", source_column), ("target", target_column)):
@@ -141,10 +144,7 @@ def _read_csv_slowly(path: Path, source_column: str, target_column: str, max_row
             raise ExampleFileError(f"{path}: the file is empty; it needs a header line and examples") from None
         except csv.Error as exc:
             raise ExampleFileError(f"{path}:1: not a CSV header ({exc})") from None
-        missing = [c for c in (source_column, target_column) if c not in header]
-        if missing:
-            raise ExampleFileError(f"{path}: column(s) {missing} not found; the file has {header}. "
-                                   "Set the task's source.source_column / source.target_column.")
+        _check_columns(path, header, source_column, target_column)
         at = [header.index(source_column), header.index(target_column)]
         while max_rows is None or len(sources) < max_rows:
             try:
@@ -200,11 +200,7 @@ def read_examples(path: str | os.PathLike, *, source_column: str = "source", tar
     if suffix == ".parquet":
         try:
             parquet = pq.ParquetFile(path)
-            names = parquet.schema_arrow.names
-            missing = [c for c in (source_column, target_column) if c not in names]
-            if missing:
-                raise ExampleFileError(f"{path}: column(s) {missing} not found; the file has {names}. "
-                                       "Set the task's source.source_column / source.target_column.")
+            _check_columns(path, parquet.schema_arrow.names, source_column, target_column)
             columns = list(dict.fromkeys((source_column, target_column)))
             table = _first_rows(parquet.iter_batches(columns=columns), max_rows,
                                 pa.schema([parquet.schema_arrow.field(c) for c in columns]))
