@@ -274,6 +274,23 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supervised_job(args: argparse.Namespace) -> int:
+    from actors.remote import supervise
+
+    return supervise(args.config, args.overrides)
+
+
+def _version(args: argparse.Namespace) -> int:
+    from actors.remote import package_version
+
+    if args.imports:  # what a job needs: the three packages and the libraries a run starts with
+        import actors.launch  # noqa: F401
+        import pipelines.config  # noqa: F401
+        import storage.replay  # noqa: F401
+    print(f"forgetless {package_version()}")
+    return 0
+
+
 def _job(args: argparse.Namespace) -> int:
     from actors.remote import job_client
 
@@ -381,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. output_dir=/shared/runs/x")
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
     p.set_defaults(func=_submit)
+    p = sub.add_parser("job", help="what a submitted job runs: the run, resumed when its driver is killed "
+                                   "(up to training.max_failures times)")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.set_defaults(func=_supervised_job)
+    p = sub.add_parser("version", help="print the installed version")
+    p.add_argument("--imports", action="store_true", help="import the packages a run needs first (a cluster probe)")
+    p.set_defaults(func=_version, overrides=[])
     for name, help_text in (("status", "a submitted job's state"), ("logs", "a submitted job's output"),
                             ("stop", "stop a submitted job (its run ends KILLED; resume it later)")):
         p = sub.add_parser(name, help=help_text)

@@ -102,6 +102,14 @@ def _why_it_failed(scheduler: Any, exc: BaseException) -> str:
     return "; ".join([*gone, reported or format_exception(exc).splitlines()[0][:600]])
 
 
+def _stop_reason(scheduler: Any) -> str | None:
+    """Why the run cannot go on even after a restart (None: it can, or the scheduler is busy)."""
+    try:
+        return ray.get(scheduler.stop_reason.remote(), timeout=5)
+    except ray.exceptions.GetTimeoutError:
+        return None
+
+
 def _innermost_error(exc: BaseException) -> str:
     """The ``SomeError: message`` line a Ray error's text ends its traceback with (else the whole text)."""
     lines = [line.strip() for line in str(exc).splitlines()]
@@ -207,7 +215,8 @@ def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, prog
         # The trainer group starts while the scheduler does (MLflow, the replay store): its workers
         # wait for a run, and a scheduler that cannot start ends them with the group.
         shape = GroupShape(num_workers=config.training.num_workers, use_gpu=use_gpu, local=local,
-                           cpus_per_worker=cpus_per_worker(config, use_gpu, local=local))
+                           cpus_per_worker=cpus_per_worker(config, use_gpu, local=local),
+                           max_failures=config.training.max_failures)
         group, new = groups.get(shape)
         try:
             ray.get(scheduler.progress.remote())  # up, or why not (MLflow, the replay store's files...)
@@ -221,7 +230,8 @@ def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, prog
             tqdm.write(f"{what} ({', '.join(stream.names)}); {where}")
         poller.start()
         group.run({"config": config, "scheduler": scheduler, "tokenizer_dir": str(run.tokenizer_dir),
-                   "checkpoint": start.checkpoint, "objective": start.objective, "slots": run.slots})
+                   "checkpoint": start.checkpoint, "objective": start.objective, "slots": run.slots},
+                  stop=lambda: _stop_reason(scheduler))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         stop.set()
         try:

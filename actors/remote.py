@@ -22,7 +22,9 @@ from pipelines.config import RunConfig, load_config
 from pipelines.errors import ConfigError, ForgetlessError
 from pipelines.redaction import redact, redact_data, redacted_keys
 
-JOB_ENTRYPOINT = "forgetless run config.yaml --no-progress"
+JOB_ENTRYPOINT = "forgetless job config.yaml"  # the run, resumed if its driver dies (see ``supervise``)
+# What the probe runs on the cluster before a job is queued: the package, its version and its import
+PROBE_ENTRYPOINT = "forgetless version --imports"
 _MAX_PACKED_BYTES = 400 * 2**20  # Ray refuses working directories over 512 MiB
 
 
@@ -160,30 +162,125 @@ def job_client(address: str):
                               "~/.ray/auth_token?") from None
 
 
+class ClusterNotReadyError(ForgetlessError, RuntimeError):
+    """The cluster cannot run Forgetless (found by the probe before the job is queued)."""
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("forgetless")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def probe_cluster(client: Any, address: str, *, timeout_s: float = 120.0, agent_wait_s: float = 180.0) -> str:
+    """Run a small job on the cluster that prints Forgetless's version after importing its packages;
+    returns that version.
+
+    Raises:
+        ClusterNotReadyError: the command is missing there, an import fails, or the version is not
+            this one — naming what, with the job's own words and how to provide it.
+    """
+    job_id = _submit_waiting(client, address, agent_wait_s, entrypoint=PROBE_ENTRYPOINT,
+                             metadata={"forgetless.probe": "1"})
+    deadline = time.monotonic() + timeout_s
+    while (status := str(client.get_job_status(job_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            raise ClusterNotReadyError(f"the cluster at {redact(address)} did not run a probe job within {timeout_s:.0f} s "
+                                       f"(job {job_id} is {status}): are its nodes up, with CPUs free?")
+        time.sleep(0.5)
+    logs = client.get_job_logs(job_id)
+    mine = package_version()
+    if status != "SUCCEEDED":
+        said = " | ".join(line for line in logs.strip().splitlines()[-3:]) or "no output"
+        missing = "not found" in logs
+        how = (f"install it on every node (the image or `pip install forgetless=={mine}`), or pass the package in "
+               "the job's runtime_env (pip)") if missing else "its nodes' Python lacks what the package needs"
+        raise ClusterNotReadyError(f"the cluster at {redact(address)} cannot run Forgetless: the probe job `"
+                                   f"{PROBE_ENTRYPOINT}` failed there ({redact(said)[:600]}); {how}. Nothing was "
+                                   "submitted")
+    theirs = next((line.split()[-1] for line in logs.splitlines() if line.startswith("forgetless ")), "unknown")
+    if theirs != mine:
+        raise ClusterNotReadyError(f"the cluster at {redact(address)} has forgetless {theirs}, this machine {mine}: a "
+                                   "run's config and saved state are read by the version that wrote them. Install "
+                                   f"forgetless=={mine} on the cluster's nodes (or submit from a machine with "
+                                   f"{theirs}). Nothing was submitted")
+    return theirs
+
+
+def _submit_waiting(client: Any, address: str, agent_wait_s: float, **job: Any) -> str:
+    """``client.submit_job(**job)``, waiting up to ``agent_wait_s`` for a head still starting its job agent."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            # a head that has just started answers this until its job agent is up
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise ForgetlessError(f"the cluster at {redact(address)} refused the job: {redact(str(exc))[:500]}") from None
+
+
 def submit(config_path: str, overrides: list[str], *, address: str,
-           agent_wait_s: float = 180.0) -> tuple[str, list[tuple[str, Path]], RunConfig]:
+           agent_wait_s: float = 180.0, probe: bool = True) -> tuple[str, list[tuple[str, Path]], RunConfig]:
     """Submit the run as a Ray job; returns the job id, what was packed, and the validated config.
-    A head still starting its job agent is waited for, up to ``agent_wait_s``."""
+    A head still starting its job agent is waited for, up to ``agent_wait_s``. First (``probe``), a
+    small job checks that the cluster has this version of Forgetless (``probe_cluster``)."""
     config = load_config(config_path, overrides)
     client = job_client(address)
     with tempfile.TemporaryDirectory(prefix="forgetless-job-") as tmp:
         _, packed = pack_job(config, Path(tmp))
-        deadline = time.monotonic() + agent_wait_s
-        while True:
-            try:
-                job_id = client.submit_job(
+        if probe:
+            probe_cluster(client, address, agent_wait_s=agent_wait_s)
+        job_id = _submit_waiting(client, address, agent_wait_s,
                     # the driver sets the workers' environment itself (a job's env_vars would clash with it)
                     entrypoint=JOB_ENTRYPOINT, runtime_env={"working_dir": tmp},
                     metadata={"forgetless.output_dir": config.output_dir, "forgetless.experiment": config.experiment,
                               "forgetless.config": str(config_path)})
-                break
-            except RuntimeError as exc:
-                # a head that has just started answers this until its job agent is up
-                if "No available agent" in str(exc) and time.monotonic() < deadline:
-                    time.sleep(2)
-                    continue
-                raise ForgetlessError(f"the cluster at {redact(address)} refused the job: {redact(str(exc))[:500]}") from None
     return job_id, packed, config
+
+
+# ------------------------------------------------------------------ the job on the cluster
+def supervise(config_path: str, overrides: list[str], *, command: list[str] | None = None) -> int:
+    """What a submitted job runs: ``forgetless run`` in a child process and, when that process dies
+    without an answer (killed: a signal, or the OOM killer), the same run resumed (``resume=true``),
+    up to ``training.max_failures`` times. A run that ends by itself (finished, failed after its own
+    restarts, refused its input, stopped) is not started again. Returns the last exit code."""
+    import signal
+    import subprocess
+    import sys
+
+    limit = load_config(config_path, overrides).training.max_failures
+    command = command or [sys.executable, "-m", "actors.cli"]
+    stopping, child = False, None
+
+    def forward(signum: int, _frame: Any) -> None:  # `ray job stop`: the run ends KILLED, and stays so
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for attempt in range(limit + 1):
+        again = ["resume=true", "overwrite=false"] if attempt else []
+        child = subprocess.Popen([*command, "run", config_path, *overrides, *again, "--no-progress"])
+        code = child.wait()
+        if code >= 0 or stopping:
+            return code if code >= 0 else 128 - code
+        name = signal.Signals(-code).name
+        if attempt < limit:
+            print(f"forgetless job: the run's driver was killed ({name}); resuming it "
+                  f"({attempt + 1}/{limit}, training.max_failures)", flush=True)
+        else:
+            print(f"forgetless job: the run's driver was killed ({name}) {limit + 1} times; training.max_failures="
+                  f"{limit} is spent. Continue it with `forgetless resume <output_dir>`", flush=True)
+    return 128 - code
 
 
 # ------------------------------------------------------------------ find a running run

@@ -22,7 +22,9 @@ class RunQueue:
         self._jobs: list[dict[str, Any]] = []
         self._closed = False
         self._ready: set[int] = set()
+        self._starts: dict[int, int] = {}  # rank -> times it came up (more than once: its group restarted)
         self._done: dict[int, set[int]] = {}
+        self._abandoned: set[int] = set()  # runs the driver gave up on: a restarted group does not take them
         self._changed = asyncio.Condition()
         self.created_at, self.ready_at = time.time(), None
 
@@ -30,10 +32,27 @@ class RunQueue:
         async with self._changed:
             self._changed.notify_all()
 
-    async def ready(self, rank: int) -> None:
+    async def ready(self, rank: int) -> int:
+        """A worker is up; returns its group's attempt (0 at first, 1 after Ray Train's first restart...)."""
         self._ready.add(rank)
+        self._starts[rank] = self._starts.get(rank, 0) + 1
         if len(self._ready) == self._world_size and self.ready_at is None:
             self.ready_at = time.time()
+        return self._starts[rank] - 1
+
+    async def restarts(self) -> int:
+        return max(self._starts.values(), default=1) - 1
+
+    async def first_open(self) -> int:
+        """The first run not yet done by every rank (nor abandoned): where a restarted worker starts."""
+        seq = 0
+        while seq < len(self._jobs) and (len(self._done.get(seq, ())) == self._world_size or seq in self._abandoned):
+            seq += 1
+        return seq
+
+    async def abandon(self, seq: int) -> None:
+        self._abandoned.add(seq)
+        await self._notify()
 
     async def startup_s(self) -> float | None:
         return None if self.ready_at is None else self.ready_at - self.created_at
@@ -54,7 +73,8 @@ class RunQueue:
 
     async def wait_done(self, seq: int) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: len(self._done.get(seq, ())) == self._world_size)
+            await self._changed.wait_for(lambda: len(self._done.get(seq, ())) == self._world_size
+                                         or seq in self._abandoned)
 
     async def close(self) -> None:
         self._closed = True

@@ -13,6 +13,7 @@ record a resumed run starts from — and only then MLflow, which never holds up 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,7 +46,17 @@ from pipelines.plan import (
     rows_to_store,
     state_dir,
 )
-from pipelines.report import MlflowRef, ModelInit, ReplaySummary, ResumePoint, Resumption, RunReport, TaskStats
+from pipelines.report import (
+    MidTaskPoint,
+    MlflowRef,
+    ModelInit,
+    ReplaySummary,
+    Restart,
+    ResumePoint,
+    Resumption,
+    RunReport,
+    TaskStats,
+)
 from pipelines.resume import carry_over
 from pipelines.rundir import REPORT_FILES, OutputDir
 from pipelines.tasks import TaskStream
@@ -146,6 +157,8 @@ class Scheduler:
         self._replay_rows: dict[str, int] = dict(previous.replay.rows_after_task) \
             if previous is not None and previous.replay is not None else {}
         self._recovery: dict[str, dict[str, float | None]] = {}
+        self._mid_task: MidTaskPoint | None = None
+        self._restarts: list[Restart] = []
         if previous is not None:
             carried = carry_over(previous, tasks=stream.names, fingerprints=self.fingerprints, untrained=self.untrained,
                                  scored_by=[t.metric for t in stream], changes=changes, now=time.time())
@@ -154,6 +167,7 @@ class Scheduler:
                                                                     carried.recovery)
             self._training_state, self._fill_tasks, self._resumes = (carried.training_state, carried.fill_tasks,
                                                                      carried.resumes)
+            self._mid_task, self._restarts = carried.mid_task, carried.restarts
             if config.evaluation.cells == "needed":  # a row lacks the later tasks by design: only the next is read
                 self._fill_tasks = tuple(j for j in self._fill_tasks if j <= self.finished)
         self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
@@ -179,7 +193,12 @@ class Scheduler:
         self._cursors: dict[int, int] = {}
         self._plan: TaskPlan | None = None
         self._workers: dict[int, dict[str, Any]] = {}
-        self._failure: str | None = None
+        self._attempt: int | None = None  # the worker group's attempt now training this run
+        self._failure: str | None = None  # the first failure reported in this attempt
+        self._reports: list[str] = []  # every failure reported in this attempt
+        self._failed_in: str | None = None  # the phase the attempt was in when its first failure came
+        self._fatal: str | None = None  # why no restart can help (the run's own error, or max_failures spent)
+        self._last_progress_at: float | None = None
         self._finished_report: RunReport | None = None
         self._heatmap: HeatmapWriter | None = None
         self._started = time.time()
@@ -226,14 +245,66 @@ class Scheduler:
     def eval_sets(self) -> list[EvalSet]:
         return build_eval_sets(self.config, self.stream)  # under prompt engineering with shots: the k-shot prompts
 
-    def register_worker(self, rank: int, *, pid: int, host: str) -> None:
+    def register_worker(self, rank: int, *, pid: int, host: str, attempt: int = 0) -> bool:
+        """A worker starts this run, in its group's ``attempt`` (0, then 1, 2... after restarts).
+        The first worker of a later attempt records the restart (see ``_restarted``). Returns
+        whether the worker should run the stream: False once the run cannot go on (its own error,
+        or ``training.max_failures`` restarts spent), so a restarted group ends it at once."""
+        if self._attempt is None:
+            self._attempt = attempt
+        elif attempt > self._attempt:
+            self._attempt = attempt
+            self._restarted()
         self._workers[rank] = {"pid": pid, "host": host}
+        return self._fatal is None
 
     def workers(self) -> dict[int, dict[str, Any]]:
         return dict(self._workers)
 
     def set_phase(self, phase: str) -> None:
         self._progress["phase"] = phase
+        self._last_progress_at = time.time()
+
+    def _restarted(self) -> None:
+        """The worker group came back after a failure: record what died and what is redone, and go on
+        from the last committed state (or fail the run, when no restart is left)."""
+        number = len(self._restarts) + 1
+        died = [f"worker {rank} (pid {info['pid']} on {info['host']})" for rank, info in sorted(self._workers.items())
+                if not any(r.startswith(f"worker {rank} of ") for r in self._reports)]
+        p, mid = self._progress, self._mid_task
+        phase = self._failed_in or p["phase"]  # what the attempt was doing when it failed
+        task = p["task_index"] if phase in ("train", "eval") and p["task_index"] >= self.finished else None
+        from_step = mid.steps_done if mid is not None and mid.task_index == task else 0
+        reached = (p["num_steps"] if phase == "eval" else p["step"]) if task is not None else 0
+        restored = (f"task {mid.task_index}, step {mid.steps_done} (mid-task checkpoint)" if mid is not None
+                    else f"the end of task {self.finished - 1}" if self.finished else "the start of the stream")
+        restart = Restart(number=number, at=time.time(), last_progress_at=self._last_progress_at, died=died,
+                          reasons=list(self._reports), task_index=task, steps_redone=max(0, reached - from_step),
+                          restored_from=restored)
+        self._restarts.append(restart)
+        limit = self.config.training.max_failures
+        if self._fatal is None and number > limit:
+            self._fatal = (f"the trainer worker group failed {number} times, more than training.max_failures="
+                           f"{limit}")
+        self._failure, self._reports, self._failed_in = None, [], None
+        self._cursors, self._plan = {}, None
+        self._progress.update(phase="restarting", step=from_step)
+        what = "; ".join([*(f"{d} died" for d in died), *restart.reasons]) or "the worker group failed"
+        self.sink.set_tags({f"forgetless.recovery.{number}": f"{what}; restored from {restored}; "
+                                                             f"{restart.steps_redone} step(s) redone"[:5000]})
+        self.sink.log_metrics({"recoveries": float(number)}, step=max(self.finished - 1, 0))
+        self._write_report()
+
+    def record_checkpoint(self, task_index: int, steps_done: int, global_step: int, directory: str) -> None:
+        """A mid-task state is on disk (every rank saved it): it is where a restart continues this task
+        from. The report names it (so does a ``forgetless resume``); the one before it goes."""
+        older = self._mid_task
+        self._mid_task = MidTaskPoint(task_index=task_index, steps_done=steps_done, global_step=global_step,
+                                      training_state=directory)
+        self._last_progress_at = time.time()
+        self._write_report()
+        if older is not None and older.training_state != directory:
+            shutil.rmtree(older.training_state, ignore_errors=True)
 
     def next_task(self, rank: int = 0) -> TaskPlan | None:
         """The next plan for ``rank``, or None at the end of the stream. Every rank gets the same plans."""
@@ -242,18 +313,24 @@ class Scheduler:
             return None
         self._cursors[rank] = index + 1
         if self._plan is None or self._plan.index != index:
-            self._plan = build_plan(self.config, self.stream, index)
-            self._progress.update(phase="train", task_index=index, task=self._plan.name, step=0, num_steps=0,
-                                  loss=None)
+            plan = build_plan(self.config, self.stream, index)
+            mid = self._mid_task
+            if mid is not None and mid.task_index == index:  # a restart continues this task where it was saved
+                plan = dataclasses.replace(plan, resume_dir=mid.training_state)
+            self._plan = plan
+            self._progress.update(phase="train", task_index=index, task=self._plan.name,
+                                  step=mid.steps_done if plan.resume_dir else 0, num_steps=0, loss=None)
         return self._plan
 
     def log_step(self, task_index: int, step: int, num_steps: int, loss: float, global_step: int,
                  metrics: dict[str, float] | None = None) -> None:
         self._progress.update(step=step + 1, num_steps=num_steps, loss=loss, global_step=global_step,
                               mlflow_outage=self.sink.outage)
+        self._last_progress_at = time.time()
         if step + 1 == num_steps:
             self._progress["phase"] = "eval"
         if global_step > self._logged_until:  # a redone task's steps were logged by the attempt that died
+            self._logged_until = global_step
             self.sink.log_metrics({"train_loss": loss, f"train_loss/{self.stream[task_index].name}": loss,
                                    **{f"train/{k}": v for k, v in (metrics or {}).items()}}, step=global_step)
 
@@ -274,6 +351,7 @@ class Scheduler:
         """An extended stream: the model after task ``row`` on the tasks it had not been measured on."""
         for name, value in accuracies.items():
             self.matrix.acc[row, self.stream.names.index(name)] = value
+        self._fill_tasks = ()  # measured: a restart does not measure them again
         self._write_matrix()
         self._write_report()
         self.sink.log_metrics({f"acc/{k}": v for k, v in accuracies.items()}, step=row)
@@ -300,6 +378,8 @@ class Scheduler:
             self.replay.checkpoint(self._replay_checkpoint)
         self.finished = task_index + 1
         self._training_state = str(state_dir(self.output_dir, task_index))
+        self._mid_task = None  # the task's own mid-task states go with the older ones, below
+        self._last_progress_at = time.time()
         self._write_report()  # the commit
         self._forget_older_state(task_index)
         timing = {f"time/{k}": train_stats[k] for k in ("seconds", "eval_seconds") if train_stats and k in train_stats}
@@ -400,11 +480,15 @@ class Scheduler:
         moved = self.replay.add_shards(change) if change > 0 else self.replay.remove_shards(-change)
         return {"num_shards": self.replay.num_shards, "moved_rows": moved}
 
-    def fail(self, reason: str) -> None:
-        """A trainer hit an error: remember why (the first reason wins) and hand out no more tasks."""
+    def fail(self, reason: str, *, fatal: bool = False) -> None:
+        """A trainer hit an error: remember why and hand out no more tasks in this attempt. ``fatal``:
+        an error of the run itself (its data, its numbers), which a restart would meet again."""
+        self._reports.append(reason)
         if self._failure is None:
-            self._failure = reason
+            self._failure, self._failed_in = reason, self._progress["phase"]
             self._progress["phase"] = "failed"
+        if fatal and self._fatal is None:
+            self._fatal = reason
 
     # ------------------------------------------------------------------ the driver calls these
     def progress(self) -> dict[str, Any]:
@@ -412,7 +496,19 @@ class Scheduler:
                 "mlflow_outage": self.sink.outage}
 
     def failure(self) -> str | None:
-        return self._failure
+        """Why the run failed: each restart's failures, then the last attempt's (None: no failure)."""
+        earlier = ["; ".join([*(f"{d} died" for d in r.died), *r.reasons]) or "the worker group failed"
+                   for r in self._restarts]
+        failures = [*earlier, *(["; ".join(self._reports)] if self._reports else [])]
+        spent = self._fatal if self._fatal and self._fatal not in self._reports else None
+        if len(failures) <= 1 and spent is None:
+            return failures[0] if failures else None
+        listed = " ".join(f"({i}) {text}" for i, text in enumerate(failures, 1))
+        return f"{spent + ': ' if spent else ''}{len(failures)} failure(s): {listed}"
+
+    def stop_reason(self) -> str | None:
+        """Why the run cannot go on even with a restart (its own error, or max_failures spent); None: it can."""
+        return self._fatal
 
     def _metrics(self, upto: int) -> dict[str, float | None]:
         """The metrics after task ``upto``; for a strategy that trains only at the end, those that need
@@ -452,9 +548,10 @@ class Scheduler:
             mlflow=MlflowRef(tracking_uri=self.sink.shown_uri, run_id=self.sink.run_id,
                              experiment_id=self.sink.experiment_id),
             output_dir=str(self.output_dir), seconds=round(time.time() - self._started, 1),
-            resumes=self._resumes, init=self.init, recovery=self._recovery,
+            resumes=self._resumes, init=self.init, recovery=self._recovery, restarts=self._restarts,
             resume=ResumePoint(training_state=self._training_state, replay_checkpoint=self._replay_checkpoint
-                               if self.replay is not None else None, data_fingerprints=self.fingerprints),
+                               if self.replay is not None else None, data_fingerprints=self.fingerprints,
+                               mid_task=self._mid_task),
         )
 
     def _write_report(self, report: RunReport | None = None) -> RunReport:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +51,17 @@ class RemoteScheduler:
         return lambda *args, **kwargs: ray.get(method.remote(*args, **kwargs))
 
 
-def run_job(job: dict[str, Any], rank: int, world_size: int) -> None:
+def run_job(job: dict[str, Any], rank: int, world_size: int, attempt: int = 0) -> None:
     """One worker's share of one run: its learner (model, optimizer, engine) built, the stream run
-    (see ``pipelines.loop.run_stream``), the learner released."""
+    (see ``pipelines.loop.run_stream``), the learner released. In a restarted group (``attempt`` > 0)
+    the scheduler hands out the stream from its last committed state, or ends the run when it
+    cannot go on."""
     from pipelines.learner import Learner  # see serve_runs
 
     config: RunConfig = job["config"]
     scheduler = RemoteScheduler(job["scheduler"])
-    scheduler.register_worker(rank, pid=os.getpid(), host=socket.gethostname())
+    if not scheduler.register_worker(rank, pid=os.getpid(), host=socket.gethostname(), attempt=attempt):
+        return  # the run failed for good (the driver reports why); nothing to train
     try:
         learner = Learner(config, job["tokenizer_dir"], rank=rank, world_size=world_size,
                           checkpoint=job["checkpoint"], objective=job["objective"], slots=job["slots"])
@@ -96,10 +100,10 @@ def serve_runs(group_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     jobs = group_config["jobs"]
-    ray.get(jobs.ready.remote(rank))
-    seq = 0
+    attempt = ray.get(jobs.ready.remote(rank))
+    seq = ray.get(jobs.first_open.remote())  # after a restart: the run that was under way, not the first
     while (job := ray.get(jobs.take.remote(seq))) is not None:
-        run_job(job, rank, world_size)
+        run_job(job, rank, world_size, attempt)
         ray.get(jobs.done.remote(seq, rank))
         seq += 1
 
@@ -112,13 +116,21 @@ class GroupShape:
     use_gpu: bool
     cpus_per_worker: float
     local: bool  # the run's own Ray on this machine: the rendezvous store listens on loopback only
+    max_failures: int = 0  # restarts Ray Train gives the group (training.max_failures)
 
 
 class WorkerGroup:
     """A Ray Train worker group that runs stream after stream: ``fit()`` runs in a thread of the
     driver for the group's whole life, and ``run`` hands it one run and waits for every worker to
-    be done with it. A run that fails in a worker ends the group (Ray Train stops the others, so no
-    rank is left in a collective); ``run`` raises that failure."""
+    be done with it.
+
+    A worker that fails or dies makes Ray Train stop the others (no rank is left in a collective)
+    and, up to ``shape.max_failures`` times (its ``FailureConfig``), start the group again; the new
+    workers take the run that was under way, which its scheduler continues from the last committed
+    state. Past that, or when ``run``'s ``stop`` says the run cannot go on, ``run`` raises.
+    Ray Train's own checkpoints (``ray.train.report``) are not used for this: a run's state is
+    committed by its scheduler with the matrix and the replay store, in the run's directory, and a
+    copy into Ray's storage would double every checkpoint's bytes for nothing a restart reads."""
 
     def __init__(self, shape: GroupShape, *, storage_path: Path, name: str):
         self.shape = shape
@@ -131,7 +143,7 @@ class WorkerGroup:
                                          resources_per_worker={"CPU": shape.cpus_per_worker}),
             run_config=ray.train.RunConfig(
                 name=name, storage_path=str(storage_path),
-                failure_config=FailureConfig(max_failures=0),  # a failed task fails the run, loudly
+                failure_config=FailureConfig(max_failures=shape.max_failures),
             ),
         )
         self.error: BaseException | None = None
@@ -147,7 +159,17 @@ class WorkerGroup:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._abandoned
+
+    _abandoned = False
+
+    def restarts(self) -> int:
+        """How often Ray Train has restarted this group (a group that has is not given another run:
+        its failure budget is partly spent)."""
+        try:
+            return ray.get(self._jobs.restarts.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            return 0
 
     def startup_s(self) -> float | None:
         """Seconds from the group's creation until every worker was ready (None: not yet, or never)."""
@@ -158,20 +180,37 @@ class WorkerGroup:
                 pass
         return self._startup_s
 
-    def run(self, job: dict[str, Any]) -> None:
-        """Run one stream on every worker; returns when all are done with it.
+    def run(self, job: dict[str, Any], stop: Callable[[], str | None] | None = None) -> None:
+        """Run one stream on every worker; returns when all are done with it. ``stop`` is asked every
+        second or so: a reason means the run cannot go on (a restart would fail the same way), and
+        the group is given up (a later run gets a new one).
 
         Raises:
-            RuntimeError (Ray Train's error, or one naming the group's end): a worker failed.
+            RuntimeError (Ray Train's error, or one naming the group's end or ``stop``'s reason): a
+                worker failed for good.
         """
         if not self.alive:
             raise self.error or RuntimeError("the trainer worker group has ended")
         seq = ray.get(self._jobs.put.remote(job))
         done = self._jobs.wait_done.remote(seq)
+        asked = time.monotonic()
         while not ray.wait([done], timeout=0.5)[0]:
             if not self.alive:
                 raise self.error or RuntimeError("the trainer worker group ended before its run was done")
+            if stop is not None and time.monotonic() - asked >= 1.0:
+                asked = time.monotonic()
+                if (reason := stop()) is not None:
+                    self.abandon(seq)
+                    raise RuntimeError(reason)
         ray.get(done)
+
+    def abandon(self, seq: int) -> None:
+        """Give up run ``seq`` and this group: its workers (restarted or not) take no more runs."""
+        self._abandoned = True
+        try:
+            ray.get([self._jobs.abandon.remote(seq), self._jobs.close.remote()], timeout=10)
+        except ray.exceptions.RayError:
+            pass
 
     def close(self, timeout_s: float = 60) -> None:
         """Let the workers leave (each finishes its loop, Ray Train winds the group down)."""
@@ -197,7 +236,7 @@ class WorkerGroups:
     def get(self, shape: GroupShape) -> tuple[WorkerGroup, bool]:
         """The group for ``shape``, and whether it was just started."""
         group = self._group
-        if group is not None and group.alive and group.shape == shape:
+        if group is not None and group.alive and group.shape == shape and not group.restarts():
             return group, False
         if group is not None:
             group.close()

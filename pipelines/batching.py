@@ -76,7 +76,7 @@ class Batcher:
         return {**self.collate_inputs(inputs), "labels": label_ids.to(self.device)}
 
     def batches(self, plan: TaskPlan, replay: ReplaySource | None = None, *,
-                extras: bool = True) -> Iterator[StepBatch]:
+                extras: bool = True, skip: int = 0) -> Iterator[StepBatch]:
         """Endless micro-batches of this rank's share, reshuffled each epoch with a seeded generator.
 
         With ``replay``, one draw of ``plan.replay_rows_per_batch`` replayed rows per micro-batch,
@@ -85,6 +85,9 @@ class Batcher:
         rows' stored logits beside the labels when the part asks for them). With
         ``plan.distill_prefixes``, ``extras["views"]`` holds the micro-batch's inputs under each
         earlier task's prefix instead of this task's. ``extras=False``: the task's own rows only.
+        ``skip``: the first ``skip`` micro-batches are drawn (their replay draws and corruptions too,
+        so everything after is what it would have been) but not built or yielded: where a task
+        restarted from a mid-task checkpoint goes on.
 
         Raises:
             DataError: this rank's share of the plan is empty (fewer rows than workers).
@@ -109,6 +112,13 @@ class Batcher:
             order = everything[self.rank :: self.world_size]
             for start in range(0, len(order), size):
                 chosen = order[start : start + size]
+                if skip:  # drawn, not built: a replay draw and any corruption consume their generators
+                    skip -= 1
+                    rows = replay() if parts else None
+                    for part, offset in zip(parts, np.cumsum([0, *(p.rows for p in parts)])):
+                        if plan.denoised_tasks and (part.mix or not part.logits):
+                            self.replayed(rows.slice(int(offset), part.rows), plan, denoise_rng)
+                    continue
                 batch_inputs, batch_labels = [inputs[i] for i in chosen], [labels[i] for i in chosen]
                 extra: dict[str, Any] = {}
                 rows, offset = (replay() if parts else None), 0

@@ -248,6 +248,12 @@ class TrainingConfig(Schema):
     # nothing to partition, and the bookkeeping costs ~10% of a CPU step. True: run those as stage 0
     # (same updates). False: keep the configured stage (to test the ZeRO code path itself).
     single_worker_zero_as_stage0: bool = True
+    # Restarts of the trainer worker group a run may take (a worker killed, a node lost, a
+    # collective broken by either) before it fails with every failure listed. Each restart resumes
+    # from the last committed state: the last finished task, or the last mid-task checkpoint
+    # (``checkpoint.every_n_steps``). An error in the run's own input or numbers (bad data, a
+    # non-finite loss) fails the run at once: it would fail again.
+    max_failures: int = Field(default=3, ge=0)
 
 
 class EvaluationConfig(Schema):
@@ -283,6 +289,12 @@ class CheckpointConfig(Schema):
     # "all": a plain transformers model after every task (teachers for distillation need these);
     # "last": only the final one.
     models: Literal["all", "last"] = "all"
+    # The training state (weights, optimizer, RNG, data and replay position) inside a task, every
+    # so many optimizer steps and/or minutes (checked at each ``training.log_every_n_steps`` sync),
+    # so that a restart after a failure redoes at most that much of the task. None: only at the
+    # end of each task. Each costs one save of the training state (see docs/benchmarks.md).
+    every_n_steps: int | None = Field(default=None, gt=0)
+    every_minutes: float | None = Field(default=None, gt=0)
 
 
 class ReplayConfig(Schema):

@@ -201,13 +201,14 @@ class Learner(Engine):
 
     # ------------------------------------------------------------------ data
     def batches(self, plan: TaskPlan, replay: ReplaySource | None = None, *,
-                extras: bool = True) -> Iterator[StepBatch]:
+                extras: bool = True, skip: int = 0) -> Iterator[StepBatch]:
         """This rank's endless micro-batches of ``plan`` (see ``Batcher.batches``)."""
-        return self.batching.batches(plan, replay, extras=extras)
+        return self.batching.batches(plan, replay, extras=extras, skip=skip)
 
     # ------------------------------------------------------------------ training
     def train_task(self, plan: TaskPlan, on_step: StepCallback | None = None,
-                   replay: ReplaySource | None = None) -> dict[str, float]:
+                   replay: ReplaySource | None = None,
+                   on_checkpoint: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
         """Train on one task plan; returns steps, mean loss, seconds, and wall-clock start/end.
 
         The loss stays on the device between syncs: every ``training.log_every_n_steps`` steps
@@ -215,6 +216,13 @@ class Learner(Engine):
         non-finite losses, and that is the only host sync of the loop. ``on_step`` is called
         then, with the window's mean loss over steps and ranks. A non-finite loss on any rank
         stops every rank at the same check, naming the first step it appeared at.
+
+        Mid-task checkpoints (``checkpoint.every_n_steps`` / ``every_minutes``): at such a step the
+        window is synced too, and ``on_checkpoint(steps_done, progress)`` is called on every rank
+        (it saves the state, with ``progress`` beside it: see ``save_state``). A plan with
+        ``resume_dir`` continues from such a state: the weights, optimizer and RNG of that step,
+        the same micro-batches and replay draws from there on (the ones before it are drawn and
+        dropped), the task's loss and example counts so far.
         """
         started_at, start = time.time(), time.perf_counter()
         self.strategy.clear_metrics()
@@ -227,13 +235,21 @@ class Learner(Engine):
         slot = self._start_slot(plan)
         context = self.context(plan)
         self.strategy.before_task(context, plan)
-        batches = self.batches(plan, replay)
+        loss_sum, window_steps, examples, first_step, earlier_s = 0.0, 0, 0, 0, 0.0
+        if plan.resume_dir:  # a restart inside the task: the state of its last mid-task checkpoint
+            progress = self.load_state(plan.resume_dir) or {}
+            first_step, loss_sum = int(progress.get("steps_done", 0)), float(progress.get("loss_sum", 0.0))
+            examples, earlier_s = int(progress.get("examples", 0)), float(progress.get("seconds", 0.0))
+            started_at = float(progress.get("started_at", started_at))
+        batches = self.batches(plan, replay, skip=first_step * training.grad_accum_steps)
         self.engine.train()
         window = torch.zeros(2, device=self.device)  # summed step losses, non-finite losses
         first_bad = torch.full((), float("inf"), device=self.device)
-        loss_sum, window_steps, examples = 0.0, 0, 0
         scale = (self.config.paradigm.lr or training.lr) / training.lr if slot is not None else 1.0
-        for step in range(total):
+        every_steps = self.config.checkpoint.every_n_steps if on_checkpoint is not None else None
+        every_s = (self.config.checkpoint.every_minutes or 0) * 60 if on_checkpoint is not None else 0
+        last_saved = time.monotonic()
+        for step in range(first_step, total):
             lr = lr_at(step, total, training) * scale
             for k, group in enumerate(self.engine.optimizer.param_groups):
                 group["lr"] = lr if slot is None or k == slot else 0.0  # other tasks' heads/prompts stay put
@@ -249,11 +265,15 @@ class Learner(Engine):
                 self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
             self.global_step += 1
             window_steps += 1
-            if (step + 1) % every == 0 or step + 1 == total:
+            saves_here = every_steps is not None and (step + 1) % every_steps == 0 and step + 1 < total
+            if (step + 1) % every == 0 or step + 1 == total or saves_here:
                 metrics = self.strategy.metrics
                 names = sorted(metrics)
-                synced = torch.cat([window, *(metrics[n].reshape(1) for n in names)]) if names else window
-                summed, num_bad, *extra = self.comm.all_reduce_sum(synced).tolist()  # the loop's one host sync
+                # a checkpoint by the clock: rank 0's decides, so that every rank saves at the same step
+                due = float(bool(every_s) and self.rank == 0 and time.monotonic() - last_saved >= every_s)
+                synced = torch.cat([window, torch.tensor([due], device=self.device),
+                                    *(metrics[n].reshape(1) for n in names)])
+                summed, num_bad, due, *extra = self.comm.all_reduce_sum(synced).tolist()  # the loop's one host sync
                 if num_bad:
                     first = int(self.comm.all_reduce_min(first_bad).item())
                     raise NonFiniteLossError(plan.name, first, summed)
@@ -265,7 +285,12 @@ class Learner(Engine):
                 window.zero_()
                 self.strategy.clear_metrics()
                 window_steps = 0
-        seconds = time.perf_counter() - start
+                if (saves_here or due) and step + 1 < total:
+                    on_checkpoint(step + 1, {"steps_done": step + 1, "loss_sum": loss_sum, "examples": examples,
+                                             "seconds": earlier_s + time.perf_counter() - start,
+                                             "started_at": started_at})
+                    last_saved = time.monotonic()
+        seconds = earlier_s + time.perf_counter() - start
         self._stored_columns = self.strategy.after_task(context, plan)
         return {"steps": total, "mean_loss": loss_sum / (total * self.world_size), "seconds": seconds,
                 "started_at": started_at, "ended_at": time.time(), "examples": examples,
@@ -365,7 +390,7 @@ class Learner(Engine):
                 yield batch
 
     # ------------------------------------------------------------------ checkpoints and state
-    def save_state(self, directory: str | Path) -> Path:
+    def save_state(self, directory: str | Path, progress: dict[str, float] | None = None) -> Path:
         """Save what a resumed run needs to continue exactly: the DeepSpeed checkpoint (weights,
         optimizer state, ZeRO partitions), and per rank the RNG states and step count, plus the
         strategy's state. Collective.
@@ -374,7 +399,9 @@ class Learner(Engine):
         (``pipelines.state_files``): nothing in them runs code when loaded. Written under
         ``<directory>.partial``, fsynced, and renamed once every rank has finished, so ``directory``
         holds a complete state or is absent, after a machine crash too (report.json, which names
-        it, is written only after this returns).
+        it, is written only after this returns). ``progress``: where a mid-task state is in its task
+        (steps done, the loss and examples so far), kept beside the step count; ``load_state``
+        returns it.
         """
         directory = Path(directory)
         partial = directory.with_name(directory.name + ".partial")
@@ -383,7 +410,8 @@ class Learner(Engine):
         self.comm.barrier()
         self.engine.save_checkpoint(str(partial.parent), tag=partial.name, save_latest=False,
                                     client_state={"global_step": self.global_step})
-        save_tree({"rng": _rng_state(), "global_step": self.global_step}, partial, f"rank-{self.rank:03d}")
+        save_tree({"rng": _rng_state(), "global_step": self.global_step, "task": progress}, partial,
+                  f"rank-{self.rank:03d}")
         if self.rank == 0:
             save_tree(self.strategy.state_dict(), partial, "strategy")
         self.comm.barrier()
@@ -396,8 +424,9 @@ class Learner(Engine):
         self.comm.barrier()
         return directory
 
-    def load_state(self, directory: str | Path) -> None:
-        """Continue from a ``save_state`` directory (same number of workers and ZeRO stage).
+    def load_state(self, directory: str | Path) -> dict[str, float] | None:
+        """Continue from a ``save_state`` directory (same number of workers and ZeRO stage); returns
+        the ``progress`` it was saved with (None: a state saved at a task's end).
 
         Nothing in it is unpickled: DeepSpeed's files are scanned first and then read weights-only
         (tensors and an allow-list of plain types); the rest is JSON and safetensors. A state
@@ -434,6 +463,7 @@ class Learner(Engine):
             raise DataError(f"training state {directory}: {needed[0].name} lacks the RNG state or the step count "
                             f"({type(exc).__name__}: {exc})") from None
         self.strategy.load_state_dict(strategy)
+        return extra.get("task")
 
 
 def last_decoder_block(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pipelines.plan import RecoveryPlan, StreamStart, TaskPlan
+from pipelines.errors import ForgetlessError
+from pipelines.plan import RecoveryPlan, StreamStart, TaskPlan, mid_task_dir
 
 if TYPE_CHECKING:  # the learner's imports (torch, transformers, DeepSpeed) are its own
     from pipelines.learner import Learner
@@ -43,7 +44,9 @@ class Coordinator(Protocol):
 
     def record_recovery(self, after: dict[str, float]) -> None: ...
 
-    def fail(self, reason: str) -> None: ...
+    def record_checkpoint(self, task_index: int, steps_done: int, global_step: int, directory: str) -> None: ...
+
+    def fail(self, reason: str, *, fatal: bool = False) -> None: ...
 
 
 class ReplayFeed(Protocol):
@@ -95,8 +98,14 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
                 if leader:
                     coordinator.log_step(index, step, total, loss, learner.global_step, metrics)
 
+            def on_checkpoint(steps_done: int, progress: dict[str, float], index: int = plan.index) -> None:
+                directory = learner.save_state(mid_task_dir(learner.config.output_dir, index, steps_done), progress)
+                if leader:  # every rank has saved: the scheduler may name it
+                    coordinator.record_checkpoint(index, steps_done, learner.global_step, str(directory))
+
             try:
-                stats = learner.train_task(plan, on_step=on_step, replay=feed.next_batch if feed else None)
+                stats = learner.train_task(plan, on_step=on_step, replay=feed.next_batch if feed else None,
+                                           on_checkpoint=on_checkpoint if plan.state_dir else None)
             finally:
                 if feed is not None:
                     feed.close()
@@ -121,8 +130,15 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
             coordinator.record_recovery(learner.recovery_probe(probe))
     except Exception as exc:
         try:
-            coordinator.fail(f"worker {rank} of {learner.world_size}: {format_exception(exc)}")
+            coordinator.fail(f"worker {rank} of {learner.world_size}: {format_exception(exc)}", fatal=is_fatal(exc))
         except Exception:  # noqa: BLE001 - the scheduler may be gone too; the original error matters
             pass
         raise
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether an error would come back after a restart: one the run's own input or numbers raise
+    (bad data, a non-finite loss, a config the model cannot take). A lost peer, a broken collective,
+    a killed process or a full device are not: a restarted group may get past them."""
+    return isinstance(exc, (ForgetlessError, ValueError, TypeError, KeyError))
 

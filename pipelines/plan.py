@@ -54,6 +54,7 @@ class TaskPlan:
     distill_prefixes: tuple[str, ...] = ()  # LwF: the earlier tasks' prefixes, the old "heads"
     logit_rows: pa.Table | None = None  # DER++: the rows the store gets after this task; their logits go with them
     eval_tasks: tuple[int, ...] | None = None  # the tasks evaluated after this one (None: every task)
+    resume_dir: str | None = None  # a mid-task state of this task to continue from (a restart after a failure)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,12 @@ def checkpoint_dir(output_dir: str | Path, index: int, name: str) -> Path:
 def state_dir(output_dir: str | Path, index: int) -> Path:
     """Where the training state after task ``index`` is saved (DeepSpeed checkpoint, RNG, strategy)."""
     return Path(output_dir) / "state" / f"task-{index:02d}"
+
+
+def mid_task_dir(output_dir: str | Path, index: int, steps_done: int) -> Path:
+    """Where the training state ``steps_done`` optimizer steps into task ``index`` is saved
+    (``checkpoint.every_n_steps``); removed once a later one, or the task's end, is committed."""
+    return state_dir(output_dir, index).with_name(f"task-{index:02d}.step-{steps_done:06d}")
 
 
 def stores_rows(config: RunConfig, task: Task) -> bool:

@@ -66,12 +66,36 @@ class Resumption(_Model):
     changed: list[str] = []  # settings it changed, as "key: old -> new"
 
 
+class MidTaskPoint(_Model):
+    """The last mid-task checkpoint of the task being trained (``checkpoint.every_n_steps``)."""
+
+    task_index: int
+    steps_done: int  # optimizer steps of the task before it
+    global_step: int  # optimizer steps of the whole stream before it
+    training_state: str  # the state saved then (weights, optimizer, RNG, data position)
+
+
+class Restart(_Model):
+    """One restart of the trainer worker group inside a run, after a failure (``training.max_failures``);
+    not to be confused with ``recovery``, the probe of what a head retrain recovers."""
+
+    number: int  # 1, 2, ...
+    at: float  # unix time the restarted group came up
+    last_progress_at: float | None = None  # the failed attempt's last report (a step, a row, a checkpoint)
+    died: list[str] = []  # the workers that ended without a word ("worker 1 (pid 4242 on node-3)")
+    reasons: list[str] = []  # what the other workers reported, in order
+    task_index: int | None = None  # the task being trained or evaluated when it failed
+    steps_redone: int = 0  # optimizer steps trained again: reached by the failed attempt, after the restore point
+    restored_from: str = ""  # "task 2, step 40 (mid-task checkpoint)", "the end of task 1", "the start"
+
+
 class ResumePoint(_Model):
     """What a resume needs besides the matrix: where the committed state is."""
 
     training_state: str | None = None  # the training state saved after the last finished task
     replay_checkpoint: str | None = None  # the replay store's checkpoint tag at that moment
     data_fingerprints: dict[str, str] = {}  # task -> digest of its examples (an extension must not change them)
+    mid_task: MidTaskPoint | None = None  # a checkpoint inside the next task, later than training_state
 
 
 class ModelInit(_Model):
@@ -115,6 +139,7 @@ class RunReport(_Model):
     init: ModelInit | None = None
     # The recovery probe: task -> before (acc[t, t]), after_stream (acc[T-1, t]), after_head_retrain
     recovery: dict[str, dict[str, float | None]] = {}
+    restarts: list[Restart] = []  # the trainer worker group's restarts after failures, inside this run
 
     def to_json(self) -> str:
         """The report as report.json holds it: every string passed through ``redact`` (an error's

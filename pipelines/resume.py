@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.metrics import ForgettingMatrix
-from pipelines.report import Resumption, RunReport, TaskStats
+from pipelines.report import MidTaskPoint, Restart, Resumption, RunReport, TaskStats
+
+
+# Settings a resume may change without making a mid-task state another run's
+_HARMLESS = ("training.max_failures", "training.log_every_n_steps", "training.use_gpu", "training.cpus_per_worker",
+             "stream.cache_dir")
 
 
 @dataclass
@@ -27,6 +32,8 @@ class CarriedOver:
     training_state: str | None  # the state to load (None: none finished)
     fill_tasks: tuple[int, ...]  # columns the last finished row lacks: measured before training goes on
     resumes: list[Resumption]  # every resumption, this one last
+    mid_task: MidTaskPoint | None  # a checkpoint inside the next task, still valid for this resume
+    restarts: list[Restart]  # the worker group's restarts in the earlier attempts
 
 
 def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str, str], untrained: tuple[int, ...],
@@ -52,6 +59,13 @@ def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str,
                                  for t in range(finished)]
             baseline[j] = np.nan if previous.baseline[old] is None else previous.baseline[old]
     done = tasks[:finished]
+    mid = previous.resume.mid_task
+    # A mid-task state is continued only into the same task, with the same data and the same
+    # training settings (a changed lr or step count would make its remaining steps another run's).
+    mid_ok = (mid is not None and mid.task_index == finished and mid.task_index < len(tasks)
+              and tasks[mid.task_index] in kept and previous.tasks[mid.task_index] == tasks[mid.task_index]
+              and not any(change.startswith(("training.", "stream.")) and not change.startswith(_HARMLESS)
+                          for change in changes))
     return CarriedOver(
         finished=finished,
         matrix=ForgettingMatrix(tasks, acc=acc, baseline=baseline, untrained=untrained, scored_by=scored_by),
@@ -63,4 +77,6 @@ def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str,
         fill_tasks=tuple(j for j in range(len(tasks)) if np.isnan(acc[finished - 1, j])) if finished else (),
         resumes=[*previous.resumes, Resumption(at=now, finished_tasks=finished, previous_status=previous.status,
                                                new_tasks=[n for n in tasks if n not in kept], changed=list(changes))],
+        mid_task=mid if mid_ok else None,
+        restarts=list(previous.restarts),
     )

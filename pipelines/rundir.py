@@ -323,6 +323,9 @@ def contained_report(report: RunReport, root: str | Path) -> RunReport:
     if report.resume.training_state:
         report.resume.training_state = str(inside(root, report.resume.training_state, file=file,
                                                   key="resume.training_state", saved_root=saved))
+    if report.resume.mid_task is not None:
+        report.resume.mid_task.training_state = str(inside(root, report.resume.mid_task.training_state, file=file,
+                                                           key="resume.mid_task.training_state", saved_root=saved))
     report.checkpoints = {name: str(inside(root, path, file=file, key=f"checkpoints.{name}", saved_root=saved))
                           for name, path in report.checkpoints.items()}
     tag = report.resume.replay_checkpoint
@@ -339,7 +342,7 @@ def contained_report(report: RunReport, root: str | Path) -> RunReport:
 MAY_CHANGE = (
     "stream.cache_dir", "training.lr", "training.weight_decay", "training.lr_schedule", "training.warmup_steps",
     "training.grad_clip", "training.epochs", "training.max_steps", "training.log_every_n_steps",
-    "training.use_gpu", "training.cpus_per_worker", "evaluation.batch_size", "checkpoint.models",
+    "training.use_gpu", "training.cpus_per_worker", "evaluation.batch_size", "checkpoint.", "training.max_failures",
     "replay.snapshot_every_rows", "replay.fsync", "replay.num_cpus", "replay.memory_bytes", "replay.placement",
     "replay.max_samples_per_insert", "replay.min_rows_to_sample", "replay.max_shards", "ray.", "mlflow.run_name", "mlflow.flush_timeout_s",
     "output_dir", "recovery.", "table1.",  # table1: what `forgetless table1` runs, not what one run is

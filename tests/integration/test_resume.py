@@ -145,9 +145,50 @@ def test_sigkill_after_task_1_then_resume_of_the_moved_run_continues_in_the_same
     assert "stream.tasks.0.max_train_examples: None -> 10 (task 'category' is finished)" in refused.stderr
 
 
+def test_a_worker_sigkilled_mid_task_is_healed_redoing_at_most_the_checkpoint_interval(toy_stream_config, tmp_path,
+                                                                                       mlflow_store):
+    # No person involved: the group restarts (Ray Train's FailureConfig), the task goes on from its last
+    # mid-task state, `forgetless run` exits 0, and the run records what died and what was redone.
+    config = toy_stream_config
+    config["training"].update(max_steps=80, num_workers=2, zero_stage=2, log_every_n_steps=1)
+    config["checkpoint"] = {"every_n_steps": 10}
+    config["strategy"] = {"name": "replay", "replay_ratio": 0.25}
+    config["replay"] = {"enabled": True, "num_shards": 2, "rows_per_task": 24}
+    out = tmp_path / "out"
+    path = tmp_path / "heal.yaml"
+    path.write_text(yaml.safe_dump({**config, "output_dir": str(out)}))
+    run = start_cli("run", str(path))
+
+    def mid_task_of_the_second() -> dict | None:
+        mid = ((report_of(out) or {}).get("resume") or {}).get("mid_task")
+        return mid if mid and mid["task_index"] == 1 and mid["steps_done"] >= 20 else None
+
+    wait_for(mid_task_of_the_second, timeout=300, process=run, what="a mid-task checkpoint in the second task")
+    workers = [p for p in session_members(run.pid) if "RayTrainWorker" in p]
+    assert len(workers) == 2, workers
+    victim = int(workers[-1].split()[0])
+    os.kill(victim, signal.SIGKILL)
+    _, err = run.communicate(timeout=400)
+    assert run.returncode == 0, err[-3000:]
+    report = report_of(out)
+    assert report["status"] == "FINISHED" and report["complete"] and report["finished_tasks"] == 2
+    (restart,) = report["restarts"]
+    assert restart["task_index"] == 1 and 0 <= restart["steps_redone"] <= 10, restart
+    assert "mid-task checkpoint" in restart["restored_from"]
+    assert any(f"pid {victim} " in died for died in restart["died"]), restart
+    assert report["resume"]["mid_task"] is None  # committed at the task's end, and its mid-task states gone
+    assert not [p.name for p in (out / "state").iterdir() if ".step-" in p.name]
+    assert report["replay"]["rows"] == 48 and report["train"]["first_word"]["steps"] == 80
+    run_data = MlflowClient(mlflow_store).get_run(report["mlflow"]["run_id"]).data
+    assert run_data.metrics["recoveries"] == 1 and "forgetless.recovery.1" in run_data.tags
+    history = MlflowClient(mlflow_store).get_metric_history(report["mlflow"]["run_id"], "train_loss")
+    steps = [m.step for m in history]
+    assert sorted(steps) == sorted(set(steps)) and set(steps) == set(range(1, 161)), steps  # no step twice, none lost
+
+
 def test_sigterm_ends_the_run_killed_and_a_worker_killed_fails_it_naming_the_worker(toy_config_file, tmp_path,
                                                                                     mlflow_store, cli):
-    config = toy_config_file(max_steps=400, num_workers=2, zero_stage=2)
+    config = toy_config_file(max_steps=400, num_workers=2, zero_stage=2, max_failures=0)
     out = tmp_path / "out"
     run = start_cli("run", str(config))
     wait_for(lambda: baseline_of(out), timeout=200, process=run, what="the baseline (training under way)")

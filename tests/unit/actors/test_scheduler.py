@@ -222,3 +222,60 @@ def test_a_total_replay_budget_holds_over_six_tasks(toy_stream_config, toy_task,
     assert final["t4"] == train_rows[4]  # all it has
     full = [final[name] for name in ("t0", "t2", "t3", "t5")]
     assert max(full) - min(full) <= 1 and final["t1"] <= max(full)  # the rest split evenly
+
+
+def test_a_restarted_worker_group_continues_from_the_last_mid_task_state_and_is_recorded(toy_stream_config,
+                                                                                         mlflow_store, tmp_path):
+    toy_stream_config["training"]["max_failures"] = 1
+    config = resolve_paths(validate_config(toy_stream_config))
+    scheduler = Scheduler(config, load_stream(config))
+    for rank, pid in ((0, 101), (1, 102)):
+        assert scheduler.register_worker(rank, pid=pid, host="node-a", attempt=0)
+    scheduler.record_baseline(_row(0.1, 0.0))
+    scheduler.next_task(0)
+    scheduler.record_eval(0, _row(0.9, 0.0))
+    assert scheduler.next_task(0).resume_dir is None
+    state = tmp_path / "out" / "state"
+    (state / "task-01.step-000010").mkdir(parents=True)
+    scheduler.record_checkpoint(1, 10, 16, str(state / "task-01.step-000010"))
+    scheduler.log_step(1, 12, 30, 0.5, 18)
+    scheduler.record_checkpoint(1, 20, 26, str(state / "task-01.step-000020"))
+    assert not (state / "task-01.step-000010").exists()  # the older mid-task state goes
+    scheduler.log_step(1, 26, 30, 0.4, 33)  # step 27 of 30 reached; then worker 1 dies, worker 0 reports
+    scheduler.fail("worker 0 of 2: RuntimeError: Connection closed by peer")
+    assert scheduler.next_task(0) is None and scheduler.stop_reason() is None
+
+    assert scheduler.register_worker(0, pid=201, host="node-a", attempt=1)  # the group is back
+    (restart,) = scheduler.report().restarts
+    assert restart.died == ["worker 1 (pid 102 on node-a)"]
+    assert restart.reasons == ["worker 0 of 2: RuntimeError: Connection closed by peer"]
+    assert restart.task_index == 1 and restart.steps_redone == 7  # 27 reached, restored at 20
+    assert restart.restored_from == "task 1, step 20 (mid-task checkpoint)"
+    assert scheduler.register_worker(1, pid=202, host="node-a", attempt=1)  # its peer: the same restart
+    assert len(scheduler.report().restarts) == 1
+    plan = scheduler.next_task(0)
+    assert plan.index == 1 and plan.resume_dir == str(state / "task-01.step-000020")
+    assert scheduler.start().restore_dir == str(state / "task-00")  # the task before: loaded first
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["resume"]["mid_task"]["steps_done"] == 20 and report["restarts"][0]["steps_redone"] == 7
+
+    # a second failure is more than max_failures=1 allows: the restarted group is told to stop
+    scheduler.fail("worker 1 of 2: RuntimeError: Connection reset")
+    assert not scheduler.register_worker(0, pid=301, host="node-a", attempt=2)
+    assert "more than training.max_failures=1" in scheduler.stop_reason()
+    failure = scheduler.failure()
+    assert failure.startswith("the trainer worker group failed 2 times, more than training.max_failures=1: 2 failure(s): "
+                              "(1) worker 1 (pid 102 on node-a) died; worker 0 of 2: RuntimeError"), failure
+    assert "(2) worker 0 (pid 201 on node-a) died; worker 1 of 2: RuntimeError: Connection reset" in failure
+    scheduler.finish("FAILED", failure)  # sends what the sink holds
+    run = MlflowClient(mlflow_store).get_run(scheduler.run_id)
+    assert run.data.metrics["recoveries"] == 2 and "restored from task 1, step 20" in run.data.tags[
+        "forgetless.recovery.1"]
+
+
+def test_an_error_of_the_run_itself_is_not_retried(scheduler):
+    scheduler.register_worker(0, pid=1, host="h", attempt=0)
+    scheduler.fail("worker 0 of 1: DataError: task 'x' has 0 rows", fatal=True)
+    assert scheduler.stop_reason() == "worker 0 of 1: DataError: task 'x' has 0 rows"
+    assert not scheduler.register_worker(0, pid=2, host="h", attempt=1)
+    scheduler.finish("FAILED", scheduler.failure())

@@ -56,7 +56,8 @@ def test_training_evaluation_and_ewc_hand_collectives_only_engine_tensors_once_p
     monkeypatch.setattr(dist, "all_reduce", spy)
     learner.train_task(build_plan(config, stream, 0))  # EWC's Fisher is all-reduced at the end
     training = list(seen)
-    assert len([s for s in training if s[2] == (2,)]) == 2  # 6 steps, a window of 3: two syncs, not six
+    # 6 steps, a window of 3: two syncs, not six (each: loss sum, non-finite count, checkpoint due)
+    assert len([s for s in training if s[2] == (3,)]) == 2
     learner.evaluate([EvalSet(t.name, t.metric, t.sources("eval"), t.targets("eval")) for t in stream])
     learner.comm.barrier()
     assert len(seen) > len(training) + 1

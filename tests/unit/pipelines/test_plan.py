@@ -41,7 +41,7 @@ def test_a_plan_is_plain_data_with_every_decision_in_it(toy_stream_config):
     assert {f.name for f in dataclasses.fields(TaskPlan)} == {
         "index", "name", "examples", "num_steps", "seed", "replay_rows_per_batch", "teacher_dir", "model_dir",
         "state_dir", "order", "denoised_tasks", "replay_parts", "prefix", "distill_prefixes", "logit_rows",
-        "eval_tasks"}
+        "eval_tasks", "resume_dir"}
     assert (first.num_steps, first.replay_rows_per_batch) == (6, 0)  # nothing to replay before task 1
     assert (second.num_steps, second.replay_rows_per_batch) == (6, 2)
     assert second.state_dir.endswith("state/task-01") and second.model_dir.endswith("checkpoints/task-01-first_word")

@@ -40,3 +40,20 @@ def test_a_column_moves_with_its_task_when_the_order_changes():
                          untrained=(), scored_by=["exact_match"] * 3, changes=[], now=0.0)
     assert carried.matrix.acc[:2].tolist()[1] == [0.8, 0.5, 0.2] and carried.matrix.acc[0, 0] == 0.1
     assert carried.fill_tasks == () and carried.resumes[-1].new_tasks == []  # every column of row 1 was measured
+
+
+def test_a_mid_task_state_is_continued_only_into_the_same_task_with_the_same_training():
+    from pipelines.report import MidTaskPoint, Restart
+
+    previous = _previous()
+    previous.resume.mid_task = MidTaskPoint(task_index=2, steps_done=30, global_step=38,
+                                            training_state="/o/state/task-02.step-000030")
+    previous.restarts = [Restart(number=1, at=1.0, steps_redone=3)]
+    same = dict(tasks=["a", "b", "c"], fingerprints={"a": "A", "b": "B", "c": "C"}, untrained=(),
+                scored_by=["exact_match"] * 3, now=0.0)
+    kept = carry_over(previous, **same, changes=["training.max_failures: 3 -> 5", "mlflow.run_name: x -> y"])
+    assert kept.mid_task == previous.resume.mid_task and kept.restarts == previous.restarts
+    assert carry_over(previous, **same, changes=["training.lr: 0.001 -> 0.002"]).mid_task is None
+    assert carry_over(previous, **{**same, "fingerprints": {"a": "A", "b": "B", "c": "C2"}}, changes=[]).mid_task is None
+    assert carry_over(previous, **{**same, "tasks": ["a", "b", "d"], "fingerprints": {"a": "A", "b": "B", "d": "C"}},
+                      changes=[]).mid_task is None  # another task at that place
