@@ -175,7 +175,8 @@ def package_version() -> str:
         return "unknown"
 
 
-def probe_cluster(client: Any, address: str, *, timeout_s: float = 120.0, agent_wait_s: float = 180.0) -> str:
+def probe_cluster(client: Any, address: str, *, timeout_s: float = 120.0, agent_wait_s: float = 180.0,
+                  entrypoint: str = PROBE_ENTRYPOINT) -> str:
     """Run a small job on the cluster that prints Forgetless's version after importing its packages;
     returns that version.
 
@@ -183,7 +184,7 @@ def probe_cluster(client: Any, address: str, *, timeout_s: float = 120.0, agent_
         ClusterNotReadyError: the command is missing there, an import fails, or the version is not
             this one — naming what, with the job's own words and how to provide it.
     """
-    job_id = _submit_waiting(client, address, agent_wait_s, entrypoint=PROBE_ENTRYPOINT,
+    job_id = _submit_waiting(client, address, agent_wait_s, entrypoint=entrypoint,
                              metadata={"forgetless.probe": "1"})
     deadline = time.monotonic() + timeout_s
     while (status := str(client.get_job_status(job_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
@@ -200,7 +201,7 @@ def probe_cluster(client: Any, address: str, *, timeout_s: float = 120.0, agent_
         how = (f"install it on every node (the image or `pip install forgetless=={mine}`), or pass the package in "
                "the job's runtime_env (pip)") if missing else "its nodes' Python lacks what the package needs"
         raise ClusterNotReadyError(f"the cluster at {redact(address)} cannot run Forgetless: the probe job `"
-                                   f"{PROBE_ENTRYPOINT}` failed there ({redact(said)[:600]}); {how}. Nothing was "
+                                   f"{entrypoint}` failed there ({redact(said)[:600]}); {how}. Nothing was "
                                    "submitted")
     theirs = next((line.split()[-1] for line in logs.splitlines() if line.startswith("forgetless ")), "unknown")
     if theirs != mine:

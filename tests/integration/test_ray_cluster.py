@@ -139,3 +139,52 @@ def test_replay_commands_name_what_runs_when_nothing_matches(ray_cluster):
     _, env, gcs = ray_cluster
     result = forgetless("replay", "status", "no-such-run", "--address", gcs, env=env)
     assert result.returncode == 2 and "no running run matches 'no-such-run'" in result.stderr
+
+
+def test_the_probe_finds_a_cluster_that_cannot_run_forgetless_before_a_job_is_queued(ray_cluster, monkeypatch):
+    address, env, _ = ray_cluster
+    from actors.remote import ClusterNotReadyError, job_client, package_version, probe_cluster
+
+    monkeypatch.setenv("PATH", env["PATH"])
+    client = job_client(address)
+    assert probe_cluster(client, address) == package_version()  # the package, its version, its imports
+    with pytest.raises(ClusterNotReadyError, match=r"not found.*install it on every node") as caught:
+        probe_cluster(client, address, entrypoint="forgetless-missing version --imports")
+    assert "Nothing was submitted" in str(caught.value)
+    with pytest.raises(ClusterNotReadyError, match=r"has forgetless 0\.0\.0-other, this machine"):
+        probe_cluster(client, address, entrypoint="echo forgetless 0.0.0-other")
+
+
+def test_a_submitted_run_whose_driver_is_killed_is_resumed_by_its_job(ray_cluster, toy_config_file, tmp_path):
+    address, env, _ = ray_cluster
+    config = toy_config_file(max_steps=30)
+    out = tmp_path / "driver-killed"
+    submitted = forgetless("submit", str(config), "--address", address, f"output_dir={out}", "stream.tasks.1.max_steps=300",
+                           env=env, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr[-3000:]
+    job_id = submitted.stdout.split("submitted job ", 1)[1].split()[0]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the first task committed: the driver dies in the second
+        try:
+            if json.loads((out / "report.json").read_text())["finished_tasks"] == 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    drivers = [p for p in psutil.process_iter(["cmdline"])
+               if "actors.cli" in (p.info["cmdline"] or []) and "run" in p.info["cmdline"]
+               and any(str(part).endswith("config.yaml") for part in p.info["cmdline"])]
+    assert len(drivers) == 1, [p.info["cmdline"] for p in drivers]
+    run_id = json.loads((out / "report.json").read_text())["mlflow"]["run_id"]
+    drivers[0].kill()
+    while forgetless("status", job_id, "--address", address, env=env).stdout.split(": ")[1].split()[0] in (
+            "PENDING", "RUNNING"):
+        assert time.monotonic() < deadline + 300, "the job did not finish"
+        time.sleep(1)
+    logs = forgetless("logs", job_id, "--address", address, env=env).stdout
+    assert f"{job_id}: SUCCEEDED" in forgetless("status", job_id, "--address", address, env=env).stdout, logs[-3000:]
+    assert "the run's driver was killed (SIGKILL); resuming it (1/3, training.max_failures)" in logs
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "FINISHED" and report["complete"] and report["mlflow"]["run_id"] == run_id
+    (resumption,) = report["resumes"]
+    assert resumption["finished_tasks"] == 1 and resumption["previous_status"] == "RUNNING"
