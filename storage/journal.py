@@ -10,8 +10,9 @@ Files in the shard's directory:
   (rows, bytes, CRC-32), written only once the snapshot was read back and checked; a snapshot
   without its manifest is never used (it was never verified);
 - ``log-G-P.arrow``: segment P of the inserts and deletes made after snapshot G, one record batch
-  per operation. A restarted shard, or one whose append failed, starts a new segment, so a torn
-  batch can only ever end a segment;
+  per operation, each with the CRC-32C of its serialized form in its metadata (checked on restore:
+  a batch that fails it ends the restore of its segment, like a torn one). A restarted shard, or
+  one whose append failed, starts a new segment, so a torn batch can only ever end a segment;
 - ``checkpoint-TAG.arrow`` / ``.json``: hard links to a snapshot, kept until dropped.
 
 Recovery takes the newest snapshot that checks out plus every log of its generation and later
@@ -36,6 +37,7 @@ from storage.errors import StorageError
 from storage.files import fsync_directory, write_atomic
 
 COUNTERS_KEY = b"forgetless.counters"
+CRC_KEY = b"forgetless.crc32c"  # a log record batch's checksum (Castagnoli), in its custom metadata
 TAG = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -154,7 +156,7 @@ class ShardJournal:
             self.open_segment()
         path = self._file.path
         try:
-            self._writer.write_batch(batch)
+            self._writer.write_batch(batch, custom_metadata={CRC_KEY: str(batch_crc32c(batch)).encode()})
             self._file.flush()
             if self.fsync:
                 os.fsync(self._file.fileno())
@@ -349,6 +351,14 @@ def crc32(path: Path) -> int:
     return crc
 
 
+def batch_crc32c(batch: pa.RecordBatch) -> int:
+    """CRC-32C of a record batch's IPC serialization (what a batch read back from the log
+    serializes to as well, byte for byte, unless a byte of it changed on disk)."""
+    import google_crc32c
+
+    return google_crc32c.value(batch.serialize())
+
+
 def generation_of(path: Path) -> int:
     return int(path.name.split("-")[1].split(".")[0])
 
@@ -366,8 +376,15 @@ def read_log(path: Path, skipped: list[dict[str, Any]]) -> Iterator[pa.RecordBat
         reader = pa.ipc.open_stream(source)
         offset = source.tell()
         while True:
-            batch = reader.read_next_batch()
+            batch, metadata = reader.read_next_batch_with_custom_metadata()
             batch.validate(full=True)
+            logged = (metadata or {}).get(CRC_KEY)  # logs written before checksums have none
+            if logged is not None and int(logged) != batch_crc32c(batch):
+                skipped.append({"file": path.name, "offset": offset, "bytes": size - offset,
+                                "reason": f"a record batch fails its CRC-32C check (logged {int(logged)}, read "
+                                          f"{batch_crc32c(batch)}): the file changed on disk; the restore stops at "
+                                          "the last good batch of this segment"})
+                return
             offset = source.tell()
             yield batch
     except StopIteration:

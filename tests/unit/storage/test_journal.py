@@ -143,3 +143,21 @@ def test_a_new_log_segment_is_named_durably_when_the_log_is_fsynced(tmp_path, mo
     assert synced == [str(tmp_path / "durable")]
     ShardJournal(tmp_path / "fast", SCHEMA, fsync=False).append_insert(table("b"))
     assert synced == [str(tmp_path / "durable")]  # replay.fsync off: no fsync at all, by choice
+
+
+def test_a_log_batch_changed_on_disk_fails_its_checksum_and_the_restore_stops_before_it(tmp_path):
+    journal = ShardJournal(tmp_path, SCHEMA)
+    journal.append_insert(table("first-1", "first-2"))
+    journal.append_insert(table("second-1", "second-2"))
+    journal.append_insert(table("third-1"))
+    journal.close()
+    (log,) = tmp_path.glob("log-*.arrow")
+    data = bytearray(log.read_bytes())
+    at = data.index(b"second-2")
+    data[at + 7] ^= 0x01  # "second-3": still valid Arrow, only the checksum can tell
+    log.write_bytes(bytes(data))
+    recovered = ShardJournal(tmp_path, SCHEMA).recover()
+    ops = [(op, rows.column("example_id").to_pylist()) for op, rows in recovered.operations()]
+    assert ops == [("insert", ["first-1", "first-2"])]  # the last good batch; nothing after the bad one
+    (skipped,) = recovered.report["skipped"]
+    assert skipped["file"] == log.name and "CRC-32C" in skipped["reason"] and skipped["bytes"] > 0
