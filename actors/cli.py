@@ -80,6 +80,10 @@ def _train_and_print(config: Any, progress: bool) -> int:
         return 1
     print()
     print(format_matrix(report))
+    for restart in report.restarts:  # what healed on the way (report.json's restarts)
+        redone = "an unknown number of" if restart.steps_redone is None else str(restart.steps_redone)
+        print(f"restart {restart.number}: {'; '.join([*(f'{d} died' for d in restart.died), *restart.reasons])}"
+              f" — went on from {restart.restored_from}, {redone} step(s) redone")
     out = Path(report.output_dir)
     print(f"\nreport:  {out / 'report.json'}\nheatmap: {out / 'acc_heatmap.png'}")
     print_mlflow(report.mlflow.tracking_uri, report.mlflow.experiment_id, report.mlflow.run_id)

@@ -56,8 +56,8 @@ def _poll_progress(scheduler: Any, num_tasks: int, stop: threading.Event, enable
     while not stop.wait(0.5):
         try:
             p = ray.get(scheduler.progress.remote(), timeout=5)
-        except ray.exceptions.GetTimeoutError:
-            continue  # the scheduler is busy (starting, or writing to MLflow)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            continue  # the scheduler is busy (starting, or writing to MLflow), or restarting
         except ray.exceptions.RayError as exc:  # the actor is gone: the bars end, not the run
             log.debug("progress polling stopped: %s", exc)
             break
@@ -106,8 +106,8 @@ def _stop_reason(scheduler: Any) -> str | None:
     """Why the run cannot go on even after a restart (None: it can, or the scheduler is busy)."""
     try:
         return ray.get(scheduler.stop_reason.remote(), timeout=5)
-    except ray.exceptions.GetTimeoutError:
-        return None
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+        return None  # busy, or restarting (one dead for good leaves its workers failing until the group ends)
 
 
 def _innermost_error(exc: BaseException) -> str:
@@ -207,7 +207,7 @@ def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, prog
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
     # Named, so `forgetless replay status|add-shards` can find the run (and its store) from outside.
     scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}, name=f"run-{run_key(config.output_dir)}",
-                                       namespace=NAMESPACE).remote(
+                                       namespace=NAMESPACE, max_restarts=config.training.max_failures).remote(
         config, stream, previous=previous, changes=run.changes, init=start.init, ceilings=run.ceilings)
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)

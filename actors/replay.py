@@ -38,6 +38,7 @@ from storage.replay import (
     write_store_manifest,
 )
 from storage.errors import StorageError
+from storage.files import fsync_directory
 from storage.policy import RateLimitedError
 
 
@@ -124,8 +125,13 @@ class ReplayStore:
                     routing=manifest["routing"] if manifest else "jump")
         store._manifest = manifest or {"num_shards": config.num_shards, "version": 0, "routing": store.routing,
                                        "checkpoints": {}, "retired": []}
+        if directory:
+            store._finish_retiring()  # before a shard starts in a directory that is to be retired
         store._start_shards(range(int(store._manifest["num_shards"])))
         store._publish_topology()
+        removing = store._manifest.get("removing")
+        if removing:  # a removal stopped half-way: finish it
+            store._finish_removal(int(removing["keep"]))
         return store
 
     def _alive_nodes(self) -> list[str]:
@@ -375,23 +381,58 @@ class ReplayStore:
 
     def remove_shards(self, num_removed: int) -> int:
         """Stop the last ``num_removed`` shards after moving every row they hold onto the others;
-        returns rows moved. Their files are kept (``retired-*``) while a checkpoint may need them."""
+        returns rows moved. Their files are kept (``retired-*``) while a checkpoint may need them.
+
+        Two phases, safe against a crash at any point: the intent is recorded in store.json
+        (``removing``) before a row moves; each leaving shard's rows are inserted into the kept
+        shards (acknowledged, so logged) before they are deleted from it; only then is the smaller
+        shard count published. A store opened with the intent still recorded finishes the removal
+        (moving again is harmless: an id already held is skipped), so a row is never in no shard
+        and never in two.
+        """
         self.sync()
         if not isinstance(num_removed, int) or not 0 < num_removed < self.num_shards:
             raise ValueError(f"num_removed ({num_removed!r}) must be between 1 and {self.num_shards - 1}: a store "
                              "keeps at least one shard")
         keep = self.num_shards - num_removed
+        self._save_manifest(removing={"keep": keep})
+        return self._finish_removal(keep)
+
+    def _finish_removal(self, keep: int) -> int:
+        """Phase 2 of ``remove_shards`` (also what opening a store with its intent recorded does)."""
         self.version += 1  # the leaving shards learn it too: late writers are sent back to route again
-        self._save_manifest(num_shards=keep, version=self.version)
+        self._save_manifest(version=self.version)
         ray.get([s.set_topology.remote(self.version, self.shards[:keep]) for s in self.shards])
         moved = 0
         for index in range(keep, self.num_shards):
-            moved += self._move(self._call(index, "rows"), num_shards=keep)
+            leaving_rows = self._call(index, "rows")
+            moved += self._move(leaving_rows, num_shards=keep)
+            if leaving_rows.num_rows:  # held by the kept shards now: gone from this one only then
+                self._call(index, "delete", leaving_rows.column("example_id").to_pylist())
         leaving, self.shards = self.shards[keep:], self.shards[:keep]
-        for index, shard in enumerate(leaving, start=keep):
-            self._retire(shard, index)
+        retiring = [{"shard_id": index, "version": self.version,
+                     "directory": f"retired-{self.version:06d}-shard-{index:03d}"}
+                    for index in range(keep, keep + len(leaving))] if self.directory else []
+        # The smaller store, published with the names its leaving shards' files will have: an open
+        # that finds a leaving shard's files still under shard-NNN moves them there (``_finish_retiring``).
+        self._save_manifest(num_shards=keep, removing=None,
+                            retired=[*(self._manifest or {}).get("retired", []), *retiring])
+        for shard in leaving:
+            self._stop(shard, timeout_s=30)
+        if self.directory:
+            self._finish_retiring()
         self._sizes = None
         return moved
+
+    def _finish_retiring(self) -> None:
+        """Move retired shards' files still under their shard name to their retired name (a
+        removal stopped between publishing the smaller store and the renames)."""
+        num_shards = int(self._manifest["num_shards"])
+        for entry in self._manifest.get("retired", []):
+            source, target = self._shard_dir(entry["shard_id"]), Path(self.directory) / entry["directory"]
+            if entry["shard_id"] >= num_shards and source.is_dir() and not target.exists():
+                os.replace(source, target)
+                fsync_directory(self.directory)
 
     @staticmethod
     def _stop(shard: Any, *, timeout_s: float) -> None:
@@ -404,17 +445,6 @@ class ReplayStore:
 
     def _shard_dir(self, shard_id: int) -> Path:
         return Path(self.directory) / f"shard-{shard_id:03d}"
-
-    def _retire(self, shard: Any, index: int) -> None:
-        self._stop(shard, timeout_s=30)
-        if self.directory:
-            source = self._shard_dir(index)
-            if source.is_dir():
-                target = source.with_name(f"retired-{self.version:06d}-shard-{index:03d}")
-                os.replace(source, target)
-                retired = [*self._manifest.get("retired", []),
-                           {"shard_id": index, "version": self.version, "directory": target.name}]
-                self._save_manifest(retired=retired)
 
     # ------------------------------------------------------------------ reads
     def _refresh(self) -> None:

@@ -58,7 +58,7 @@ from pipelines.report import (
     TaskStats,
 )
 from pipelines.resume import carry_over
-from pipelines.rundir import REPORT_FILES, OutputDir
+from pipelines.rundir import REPORT_FILES, OutputDir, contained_report
 from pipelines.tasks import TaskStream
 from storage.files import write_atomic
 
@@ -135,6 +135,12 @@ class Scheduler:
 
         for key, value in CLIENT_ENV.items():
             os.environ.setdefault(key, value)
+        # Ray restarted this actor after its process died (``max_restarts``): it is rebuilt from the
+        # run's commit record, as a resume would be, and the death is recorded as a restart.
+        self._rebuilt = _reconstructed()
+        if self._rebuilt:
+            previous = contained_report(RunReport.read(OutputDir(config.output_dir).report), config.output_dir)
+            changes = ()
         self.config = config
         self.stream = stream
         self.planning = planning_for(config.strategy)
@@ -168,6 +174,15 @@ class Scheduler:
             self._training_state, self._fill_tasks, self._resumes = (carried.training_state, carried.fill_tasks,
                                                                      carried.resumes)
             self._mid_task, self._restarts = carried.mid_task, carried.restarts
+            if self._rebuilt:  # not a resume: the same attempt goes on
+                self._resumes.pop()
+                self._restarts.append(Restart(
+                    number=len(self._restarts) + 1, at=time.time(), died=["the scheduler actor"],
+                    reasons=["its process died; rebuilt from report.json and the replay store's checkpoint"],
+                    task_index=self.finished if self.finished < len(stream) else None,
+                    restored_from=(f"task {self._mid_task.task_index}, step {self._mid_task.steps_done} (mid-task "
+                                   "checkpoint)" if self._mid_task else f"the end of task {self.finished - 1}"
+                                   if self.finished else "the start of the stream")))
             if config.evaluation.cells == "needed":  # a row lacks the later tasks by design: only the next is read
                 self._fill_tasks = tuple(j for j in self._fill_tasks if j <= self.finished)
         self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
@@ -183,8 +198,10 @@ class Scheduler:
         self.replay: ReplayStore | None = None
         self._replay_checkpoint = START_TAG
         if config.replay.enabled or self.planning.uses_replay:
+            # a rebuilt scheduler's shards get names of their own: the dead one's may not be freed yet
             self.replay = ReplayStore.create(config.replay, seed=config.seed, directory=self.output.replay_dir,
-                                             name=f"replay-{run_key(self.output_dir)}")
+                                             name=f"replay-{run_key(self.output_dir)}"
+                                                  + (f"-r{len(self._restarts)}" if self._rebuilt else ""))
             if previous is None:
                 self.replay.checkpoint(START_TAG)
             else:
@@ -225,6 +242,18 @@ class Scheduler:
                 return open_run(config, tags=tags, params=params)
             sink.log_params(params)
             return sink
+        if self._rebuilt:  # the same MLflow run, still RUNNING: what it lacks is sent, the restart tagged
+            from actors.tracking import MlflowSink, send_pending
+
+            sink = sink or MlflowSink(config.mlflow.tracking_uri, previous.mlflow.run_id, previous.mlflow.experiment_id)
+            send_pending(sink, self.output.pending_mlflow)
+            restart = self._restarts[-1]
+            sink.set_tags({f"forgetless.recovery.{restart.number}": f"the scheduler actor died; rebuilt, restored "
+                                                                   f"from {restart.restored_from}"})
+            sink.log_metrics({"recoveries": float(restart.number)}, step=max(self.finished - 1, 0))
+            last = sink.last_step("train_loss")
+            self._logged_until = -1 if last is None else last
+            return sink
         sink, self._logged_until = reopen_run(config, previous, tags=tags, params=params, sink=sink,
                                               pending=self.output.pending_mlflow, resumption=self._resumes[-1],
                                               attempt=len(self._resumes))
@@ -250,8 +279,15 @@ class Scheduler:
         The first worker of a later attempt records the restart (see ``_restarted``). Returns
         whether the worker should run the stream: False once the run cannot go on (its own error,
         or ``training.max_failures`` restarts spent), so a restarted group ends it at once."""
-        if self._attempt is None:
+        if self._attempt is None:  # the first worker this scheduler sees: what came before is not this attempt's
+            if self._rebuilt and self._restarts:  # the old scheduler's workers never register here: the group restarted
+                self._restarts[-1].steps_redone = None
+                self._restarts[-1].reasons.append("the trainer worker group restarted with it (its calls to the "
+                                                  "scheduler failed); the steps it redid are not known")
+                self._write_report()
             self._attempt = attempt
+            self._failure, self._reports, self._failed_in = None, [], None
+            self._cursors, self._plan = {}, None
         elif attempt > self._attempt:
             self._attempt = attempt
             self._restarted()
@@ -605,6 +641,14 @@ def _dumped(strategy: Any) -> dict[str, Any] | list[dict[str, Any]]:
     return strategy.model_dump(mode="json", by_alias=True)
 
 
+def _reconstructed() -> bool:
+    """Whether this is a Ray actor restarted after its process died (False: a plain object, or a first start)."""
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # noqa: BLE001 - outside an actor the question has no answer
+        return False
+
+
 def _value(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
@@ -618,5 +662,8 @@ def _json(data: Any) -> str:
     return json.dumps(data, indent=2)
 
 
-# Thin actor: same class, scheduled with no CPU so it never competes with the trainers.
-SchedulerActor = ray.remote(num_cpus=0, max_restarts=0)(Scheduler)
+# Thin actor: same class, scheduled with no CPU so it never competes with the trainers. A run gives it
+# ``max_restarts=training.max_failures``: restarted, it rebuilds itself from report.json (see __init__).
+# Calls in flight when it dies are not retried (a commit must not run twice): their callers fail, and
+# the trainer group's restart goes on from what was committed.
+SchedulerActor = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(Scheduler)

@@ -271,7 +271,7 @@ class Learner(Engine):
                 names = sorted(metrics)
                 # a checkpoint by the clock: rank 0's decides, so that every rank saves at the same step
                 due = float(bool(every_s) and self.rank == 0 and time.monotonic() - last_saved >= every_s)
-                synced = torch.cat([window, torch.tensor([due], device=self.device),
+                synced = torch.cat([window, torch.full((1,), due, device=self.device),  # a fill: no copy, no sync
                                     *(metrics[n].reshape(1) for n in names)])
                 summed, num_bad, due, *extra = self.comm.all_reduce_sum(synced).tolist()  # the loop's one host sync
                 if num_bad:

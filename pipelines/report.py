@@ -85,7 +85,9 @@ class Restart(_Model):
     died: list[str] = []  # the workers that ended without a word ("worker 1 (pid 4242 on node-3)")
     reasons: list[str] = []  # what the other workers reported, in order
     task_index: int | None = None  # the task being trained or evaluated when it failed
-    steps_redone: int = 0  # optimizer steps trained again: reached by the failed attempt, after the restore point
+    # optimizer steps trained again: reached by the failed attempt, after the restore point (None: not
+    # known, when the scheduler that followed the steps died)
+    steps_redone: int | None = 0
     restored_from: str = ""  # "task 2, step 40 (mid-task checkpoint)", "the end of task 1", "the start"
 
 

@@ -181,6 +181,11 @@ def read_store_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
         raise StorageError(f"{path}: not a replay store manifest (needs num_shards, version, routing)")
     if not isinstance(manifest["num_shards"], int) or not 1 <= manifest["num_shards"] <= MAX_SHARDS:
         raise StorageError(f"{path}: num_shards = {manifest['num_shards']!r} is not a shard count (1-{MAX_SHARDS})")
+    removing = manifest.get("removing")
+    if removing is not None and not (isinstance(removing, dict) and isinstance(removing.get("keep"), int)
+                                     and 1 <= removing["keep"] < manifest["num_shards"]):
+        raise StorageError(f"{path}: removing = {removing!r} is not a removal in progress (keep: 1 to num_shards - 1); "
+                           "the file may have been edited: restore it from a backup, or move the store aside")
     for i, entry in enumerate(manifest.get("retired") or []):
         # the store deletes these directories once no checkpoint needs them: only its own names, inside it
         name = entry.get("directory") if isinstance(entry, dict) else None

@@ -1,5 +1,6 @@
 """The replay store on a real local Ray: routing, proportional sampling, scale-out, faults, load."""
 
+import json
 import os
 import pickle
 import signal
@@ -356,3 +357,44 @@ def test_zero_copy_sampling_draws_what_the_shards_would_send_and_follows_every_i
     assert sum(s.sampled_rows for s in rate_limited.stats()) == 50
     for each in (store, sent, rate_limited):
         each.shutdown()
+
+
+class _Crash(BaseException):
+    """The process dying at a chosen point of a removal (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("crash_at", ["after the intent", "after a shard's rows moved, before their delete",
+                                      "after the smaller store is published, before the renames"])
+def test_a_removal_stopped_at_any_point_is_finished_by_the_next_open_with_every_row_once(tmp_path, monkeypatch,
+                                                                                         crash_at):
+    store = make_store(tmp_path, num_shards=3)
+    ids = [f"r:{i}" for i in range(600)]
+    store.insert(rows(ids))
+    store.checkpoint("t0")
+    if crash_at == "after the intent":
+        monkeypatch.setattr(ReplayStore, "_finish_removal", lambda self, keep: (_ for _ in ()).throw(_Crash()))
+    elif crash_at.startswith("after a shard's rows moved"):
+        call = ReplayStore._call
+        monkeypatch.setattr(ReplayStore, "_call", lambda self, i, method, *a, **k: (
+            (_ for _ in ()).throw(_Crash()) if method == "delete" else call(self, i, method, *a, **k)))
+    else:
+        monkeypatch.setattr(ReplayStore, "_stop", staticmethod(lambda shard, timeout_s: (_ for _ in ()).throw(_Crash())))
+    with pytest.raises(_Crash):
+        store.remove_shards(1)
+    monkeypatch.undo()
+    for actor in ray.util.list_named_actors(all_namespaces=True):  # the store's process is gone, its shards with it
+        if actor["name"].startswith(store.name):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+    again = ReplayStore.create(store.config, directory=tmp_path, seed=0, name=store.name + "-again")
+    assert again.num_shards == 2
+    held = ids_by_shard(again)
+    assert sum(len(h) for h in held) == 600 and set().union(*held) == set(ids)  # none lost, none twice
+    _placement_is_exact(again, ids)
+    manifest = json.loads((tmp_path / "store.json").read_text())
+    assert manifest["num_shards"] == 2 and not manifest.get("removing")
+    assert [p.name for p in tmp_path.glob("retired-*")] == [e["directory"] for e in manifest["retired"]]
+    assert not (tmp_path / "shard-002").exists()
+    assert again.rollback("t0") == 600  # the checkpoint before the removal still restores
+    _placement_is_exact(again, ids)
+    again.shutdown()
