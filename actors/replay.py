@@ -10,7 +10,6 @@ trainer workers; after ``add_shards`` the copies notice the new topology on thei
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import uuid
 from collections import deque
@@ -38,6 +37,7 @@ from storage.replay import (
     write_store_manifest,
 )
 from storage.errors import StorageError
+from storage import files
 from storage.files import fsync_directory
 from storage.policy import RateLimitedError
 
@@ -431,7 +431,7 @@ class ReplayStore:
         for entry in self._manifest.get("retired", []):
             source, target = self._shard_dir(entry["shard_id"]), Path(self.directory) / entry["directory"]
             if entry["shard_id"] >= num_shards and source.is_dir() and not target.exists():
-                os.replace(source, target)
+                files.replace(source, target)
                 fsync_directory(self.directory)
 
     @staticmethod
@@ -613,7 +613,7 @@ class ReplayStore:
             if entry["version"] > oldest:  # a kept checkpoint predates its retirement
                 retired.append(entry)
             elif self.directory:
-                shutil.rmtree(Path(self.directory) / entry["directory"], ignore_errors=True)
+                files.remove_tree(Path(self.directory) / entry["directory"])
         self._save_manifest(checkpoints=checkpoints, retired=retired)
 
     def shutdown(self) -> None:

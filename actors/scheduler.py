@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -60,6 +59,7 @@ from pipelines.report import (
 from pipelines.resume import carry_over
 from pipelines.rundir import REPORT_FILES, OutputDir, contained_report
 from pipelines.tasks import TaskStream
+from storage import files
 from storage.files import write_atomic
 
 # MLflow (actors.tracking) and matplotlib (pipelines.plots) are imported where they are used, not
@@ -340,7 +340,7 @@ class Scheduler:
         self._last_progress_at = time.time()
         self._write_report()
         if older is not None and older.training_state != directory:
-            shutil.rmtree(older.training_state, ignore_errors=True)
+            files.remove_tree(older.training_state)
 
     def next_task(self, rank: int = 0) -> TaskPlan | None:
         """The next plan for ``rank``, or None at the end of the stream. Every rank gets the same plans."""
@@ -432,7 +432,7 @@ class Scheduler:
         keep = state_dir(self.output_dir, task_index)
         for old in keep.parent.glob("task-*"):
             if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                files.remove_tree(old)
         if self.replay is not None:
             self.replay.drop_checkpoints(keep=[self._replay_checkpoint])
 

@@ -14,7 +14,6 @@ import gc
 import logging
 import math
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,6 +38,7 @@ from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.state_files import load_tree, refuse_unsafe_pickles, save_tree, weights_only_loads
 from pipelines.strategies import build_training_strategy
 from pipelines.strategies.base import StepBatch, TrainingContext
+from storage import files
 from storage.files import atomic_directory, fsync_directory, fsync_tree
 
 log = logging.getLogger("forgetless")
@@ -406,7 +406,7 @@ class Learner(Engine):
         directory = Path(directory)
         partial = directory.with_name(directory.name + ".partial")
         if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+            files.remove_tree(partial)  # left by a save that was killed
         self.comm.barrier()
         self.engine.save_checkpoint(str(partial.parent), tag=partial.name, save_latest=False,
                                     client_state={"global_step": self.global_step})
@@ -418,8 +418,8 @@ class Learner(Engine):
         fsync_tree(partial)  # every rank, its files among them: on disk before the name publishes them
         self.comm.barrier()
         if self.rank == 0:
-            shutil.rmtree(directory, ignore_errors=True)
-            partial.rename(directory)
+            files.remove_tree(directory)
+            files.replace(partial, directory)
             fsync_directory(directory.parent)
         self.comm.barrier()
         return directory

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.errors import DataError
+from storage import files
 
 FORMAT = "forgetless-state-1"
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -68,6 +69,8 @@ def save_tree(tree: Any, directory: str | Path, stem: str) -> None:
 
     directory = Path(directory)
     structure = {"format": FORMAT, "tree": encode(tree, "")}
+    for suffix in (".safetensors", ".json"):  # durable once the state's files are fsynced (fsync_tree)
+        files.observe("write", directory / f"{stem}{suffix}")
     save_file(tensors, str(directory / f"{stem}.safetensors"))
     (directory / f"{stem}.json").write_text(json.dumps(structure), encoding="utf-8")
 

@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from storage.errors import StorageError
+from storage import files
 from storage.files import fsync_directory, write_atomic
 
 COUNTERS_KEY = b"forgetless.counters"
@@ -92,7 +93,7 @@ class ShardJournal:
         self.generation = 0
         self._writer: pa.RecordBatchStreamWriter | None = None
         self._file: LogFile | None = None
-        self.directory.mkdir(parents=True, exist_ok=True)
+        files.make_dirs(self.directory)
 
     # ------------------------------------------------------------------ paths
     def snapshot_path(self, generation: int) -> Path:
@@ -116,7 +117,7 @@ class ShardJournal:
             self._writer = pa.ipc.new_stream(self._file, self.log_schema)
             self._file.flush()
             if self.fsync:  # the segment's name too: a durable append in a file no directory lists is lost
-                os.fsync(self._file.fileno())
+                files.fsync_file(self._file, path)
                 fsync_directory(self.directory)
         except OSError as exc:
             self.abandon_segment()
@@ -159,7 +160,7 @@ class ShardJournal:
             self._writer.write_batch(batch, custom_metadata={CRC_KEY: str(batch_crc32c(batch)).encode()})
             self._file.flush()
             if self.fsync:
-                os.fsync(self._file.fileno())
+                files.fsync_file(self._file, path)
         except (OSError, pa.ArrowException) as exc:
             # Whatever part of the batch reached the file is a torn batch: nothing may follow it in
             # this segment, or recovery could not read past it.
@@ -183,11 +184,12 @@ class ShardJournal:
         path = self.snapshot_path(generation)
         tmp = path.with_suffix(".arrow.tmp")
         schema = table.schema.with_metadata({**(table.schema.metadata or {}), COUNTERS_KEY: json.dumps(counters).encode()})
+        files.observe("write", tmp)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             writer.write_table(table.cast(schema))
         with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            files.fsync_file(handle, tmp)
+        files.replace(tmp, path)
         manifest = {"generation": generation, "rows": table.num_rows, "bytes": path.stat().st_size,
                     "crc32": crc32(path)}
         self.read_snapshot(path, manifest)
@@ -241,7 +243,7 @@ class ShardJournal:
         """Delete snapshots (with manifests) and logs of every generation older than ``generation``."""
         for old in [*self.directory.glob("snapshot-*"), *self.directory.glob("log-*.arrow")]:
             if generation_of(old) < generation:
-                old.unlink(missing_ok=True)
+                files.unlink(old)
 
     # ------------------------------------------------------------------ recovery
     def recover(self, upgrade: Callable[[pa.Table], pa.Table] = lambda t: t) -> Recovered:
@@ -252,7 +254,7 @@ class ShardJournal:
             StorageError: a snapshot is corrupt and no older one with every later log is left.
         """
         for tmp in self.directory.glob("*.tmp"):
-            tmp.unlink()  # a snapshot that never finished
+            files.unlink(tmp)  # a snapshot that never finished
         report: dict[str, Any] = {"snapshot": None, "corrupt": [], "skipped": [], "replayed_batches": 0}
         generations = sorted({generation_of(p) for p in self.directory.glob("snapshot-*.arrow")}, reverse=True)
         base, snapshot = 0, None
@@ -284,8 +286,8 @@ class ShardJournal:
         """Move the corrupt snapshots ``recover`` fell back from out of the restore path, as evidence."""
         for corrupt in report["corrupt"]:
             bad = Path(corrupt["file"])
-            os.replace(bad, bad.with_suffix(".arrow.corrupt"))
-            bad.with_suffix(".json").unlink(missing_ok=True)
+            files.replace(bad, bad.with_suffix(".arrow.corrupt"))
+            files.unlink(bad.with_suffix(".json"))
 
     # ------------------------------------------------------------------ checkpoints
     def link_checkpoint(self, tag: str, snapshot: Path) -> None:
@@ -295,9 +297,9 @@ class ShardJournal:
         for suffix in (".arrow", ".json"):
             target = self.directory / f"checkpoint-{tag}{suffix}"
             tmp = target.with_name(target.name + ".tmp")
-            tmp.unlink(missing_ok=True)
-            os.link(snapshot.with_suffix(suffix), tmp)
-            os.replace(tmp, target)
+            files.unlink(tmp)
+            files.link(snapshot.with_suffix(suffix), tmp)
+            files.replace(tmp, target)
         fsync_directory(self.directory)
 
     def checkpoints(self) -> list[str]:
@@ -305,7 +307,7 @@ class ShardJournal:
 
     def drop_checkpoint(self, tag: str) -> None:
         for suffix in (".arrow", ".json"):
-            (self.directory / f"checkpoint-{tag}{suffix}").unlink(missing_ok=True)
+            files.unlink(self.directory / f"checkpoint-{tag}{suffix}")
 
 
 class LogFile:
@@ -313,6 +315,7 @@ class LogFile:
 
     def __init__(self, path: Path):
         self.path = path
+        files.observe("write", path)  # created
         self._handle = open(path, "wb")
 
     @property
@@ -323,6 +326,7 @@ class LogFile:
         return self._handle.write(data)
 
     def flush(self) -> None:
+        files.observe("write", self.path)  # what was written reaches the file now
         self._handle.flush()
 
     def fileno(self) -> int:

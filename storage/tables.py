@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from storage import files
 from storage.errors import StorageError
 
 EXAMPLE_SCHEMA = pa.schema([("source", pa.string()), ("target", pa.string())])
@@ -225,12 +226,13 @@ def _first_rows(batches: Iterator[pa.RecordBatch], max_rows: int | None, schema:
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write ``table`` to ``path`` via a temporary file in the same directory and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        files.observe("write", tmp)
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        files.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
