@@ -206,9 +206,13 @@ def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, prog
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
     # Named, so `forgetless replay status|add-shards` can find the run (and its store) from outside.
+    # The scheduler's arguments are held here, as object refs, for the whole run: Ray frees a creation
+    # task's arguments once the actor is up, and a restarted scheduler (``max_restarts``) needs them again.
+    arguments = [ray.put(value) for value in (config, stream, previous)]
     scheduler = SchedulerActor.options(runtime_env={"env_vars": WORKER_ENV}, name=f"run-{run_key(config.output_dir)}",
                                        namespace=NAMESPACE, max_restarts=config.training.max_failures).remote(
-        config, stream, previous=previous, changes=run.changes, init=start.init, ceilings=run.ceilings)
+        arguments[0], arguments[1], previous=arguments[2], changes=run.changes, init=start.init,
+        ceilings=run.ceilings)
     stop = threading.Event()
     poller = threading.Thread(target=_poll_progress, args=(scheduler, len(stream), stop, progress), daemon=True)
     try:  # from here on, however the run ends, the scheduler records how
