@@ -408,14 +408,22 @@ class Learner(Engine):
         if self.rank == 0:
             files.remove_tree(partial)  # left by a save that was killed
         self.comm.barrier()
-        self.engine.save_checkpoint(str(partial.parent), tag=partial.name, save_latest=False,
-                                    client_state={"global_step": self.global_step})
-        save_tree({"rng": _rng_state(), "global_step": self.global_step, "task": progress}, partial,
-                  f"rank-{self.rank:03d}")
-        if self.rank == 0:
-            save_tree(self.strategy.state_dict(), partial, "strategy")
-        self.comm.barrier()
-        fsync_tree(partial)  # every rank, its files among them: on disk before the name publishes them
+        try:
+            self.engine.save_checkpoint(str(partial.parent), tag=partial.name, save_latest=False,
+                                        client_state={"global_step": self.global_step})
+            save_tree({"rng": _rng_state(), "global_step": self.global_step, "task": progress}, partial,
+                      f"rank-{self.rank:03d}")
+            if self.rank == 0:
+                save_tree(self.strategy.state_dict(), partial, "strategy")
+            self.comm.barrier()
+            fsync_tree(partial)  # every rank, its files among them: on disk before the name publishes them
+        except Exception as exc:  # a full disk: named, with what a state takes; the last commit stands
+            if not files.is_disk_full(exc):
+                raise
+            earlier = [files.tree_bytes(p) for p in directory.parent.glob("task-*") if p.is_dir() and p != partial]
+            needed = max([files.tree_bytes(partial), *earlier])
+            files.remove_tree(partial)
+            raise files.disk_full_error(directory, needed or None, exc) from exc
         self.comm.barrier()
         if self.rank == 0:
             files.remove_tree(directory)

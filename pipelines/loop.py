@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pipelines.errors import ForgetlessError
 from pipelines.plan import RecoveryPlan, StreamStart, TaskPlan, mid_task_dir
+from storage import files
 
 if TYPE_CHECKING:  # the learner's imports (torch, transformers, DeepSpeed) are its own
     from pipelines.learner import Learner
@@ -138,7 +139,8 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
 
 def is_fatal(exc: BaseException) -> bool:
     """Whether an error would come back after a restart: one the run's own input or numbers raise
-    (bad data, a non-finite loss, a config the model cannot take). A lost peer, a broken collective,
-    a killed process or a full device are not: a restarted group may get past them."""
-    return isinstance(exc, (ForgetlessError, ValueError, TypeError, KeyError))
+    (bad data, a non-finite loss, a config the model cannot take), or a full disk. A lost peer, a
+    broken collective, a killed process or an out-of-memory device are not: a restarted group may
+    get past them."""
+    return isinstance(exc, (ForgetlessError, ValueError, TypeError, KeyError)) or files.is_disk_full(exc)
 

@@ -14,11 +14,64 @@ stops it at each, drops what was not fsynced, as a power cut would, and checks w
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from storage.errors import StorageError
+
+class DiskFullError(StorageError, OSError):
+    """The device a commit writes to is full: names the path, what is free there and what was needed.
+    The commit it stopped was not published: the last one stands."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps: torch reports a full disk as a failed file write) is ENOSPC."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None, exc: BaseException) -> DiskFullError:
+    """The error to raise for a full device while writing ``path`` (``needed``: bytes, when known)."""
+    error = DiskFullError(f"no space left on the device holding {path}: {space_note(path, needed)} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}). The commit in progress was not published; the "
+                          "last one stands. Free space there, or move the run to a larger disk, and continue it with "
+                          "`forgetless resume`")
+    error.errno = errno.ENOSPC
+    return error
+
+
+def space_note(path: str | os.PathLike, needed: int | None) -> str:
+    """"X free of Y, about N is needed" for the device holding ``path`` (or its nearest existing parent)."""
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    usage = shutil.disk_usage(where)
+    need = f"about {_size(needed)} is needed" if needed else "more is needed"
+    return f"{_size(usage.free)} free of {_size(usage.total)}, {need}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files under ``path`` (0 if it is not there)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+
 
 # (operation, *paths) -> None, called before each durable operation; None: nobody watches
 _observer: Callable[..., None] | None = None
@@ -123,18 +176,24 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
             survives a machine crash, not only the death of the process.
     """
     path = Path(path)
+    data = data.encode() if isinstance(data, str) else data
     make_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise (disk_full_error(path, len(data), exc) if is_disk_full(exc) else exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             observe("write", tmp)
-            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.write(data)
             handle.flush()
             if durable:
                 fsync_file(handle, tmp)
         replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full_error(path, len(data), exc) from exc
         raise
     if durable:
         fsync_directory(path.parent)
@@ -164,10 +223,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     observe("mkdir", tmp)
     try:
         yield tmp
-    except BaseException:
+        fsync_tree(tmp)  # the files first, then the names that publish them
+    except BaseException as exc:
+        written = tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full_error(path, max(written, tree_bytes(path)) or None, exc) from exc
         raise
-    fsync_tree(tmp)  # the files first, then the names that publish them
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -22,6 +22,7 @@ stay as the fallback should the newest one turn out corrupt.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -44,6 +45,10 @@ TAG = re.compile(r"[A-Za-z0-9_.-]+")
 
 class LogWriteError(StorageError, OSError):
     """Appending to the shard's log failed: the insert was not applied."""
+
+
+class LogDiskFullError(LogWriteError, files.DiskFullError):
+    """Appending to the shard's log failed because its device is full (names what is free)."""
 
 
 class CorruptSnapshotError(StorageError, ValueError):
@@ -165,6 +170,14 @@ class ShardJournal:
             # Whatever part of the batch reached the file is a torn batch: nothing may follow it in
             # this segment, or recovery could not read past it.
             self.abandon_segment()
+            if files.is_disk_full(exc):
+                full = LogDiskFullError(
+                    f"replay shard {self.shard_id}: appending to {path.name} failed: no space left on its device "
+                    f"({files.space_note(path, batch.nbytes)}); the {what} was not applied. Free space under "
+                    f"{self.directory}; the next append starts a new log segment, and a restore skips the torn end "
+                    "of this one")
+                full.errno = errno.ENOSPC
+                raise full from exc
             raise LogWriteError(
                 f"replay shard {self.shard_id}: appending to {path.name} failed ({exc}); the {what} was not "
                 "applied. The next one starts a new log segment, and a restore skips the torn end of this one"

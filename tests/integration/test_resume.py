@@ -3,6 +3,7 @@ SIGTERM; a trainer worker killed; output_dir reuse and its lock; MLflow down at 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -297,3 +298,48 @@ def test_mlflow_down_at_the_start_fails_within_seconds_naming_the_uri(toy_config
     assert f"MLflow tracking server {uri} is unreachable" in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - started < 30  # interpreter start-up included
     assert not (tmp_path / "out").exists()  # nothing was prepared: no data, no tokenizer, no Ray
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own (64 MiB) to fill: a disk that runs out mid-run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a tmpfs cannot be mounted here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_disk_that_fills_mid_run_stops_it_naming_the_path_and_the_space_and_the_last_commit_stands(
+        toy_stream_config, small_disk, tmp_path):
+    config = toy_stream_config
+    config["training"]["max_steps"] = 6
+    config["stream"]["tasks"][1]["max_steps"] = 300  # time to fill the disk while it trains
+    out = small_disk / "out"
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump({**config, "output_dir": str(out)}))
+    run = start_cli("run", str(path))
+    wait_for(lambda: (report_of(out) or {}).get("finished_tasks") == 1, timeout=300, process=run,
+             what="the first task committed")
+    ballast = small_disk / "ballast"
+    with open(ballast, "wb") as handle:  # everything but 32 KiB: the next commit cannot fit
+        left = shutil.disk_usage(small_disk).free - 32 * 1024
+        while left > 0:
+            left -= handle.write(b"\0" * min(left, 1 << 20))
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 1, err[-3000:]
+    assert "no space left on the device holding" in err and "free of" in err and "is needed" in err, err[-3000:]
+    assert str(out) in err and "the last one stands" in err
+    report = report_of(out)
+    assert report["restarts"] == []  # not retried: it would fail again
+    assert report["finished_tasks"] == 1 and report["status"] == "FAILED"
+    ballast.unlink()  # space again: the run goes on from its last commit
+    resumed = start_cli("resume", str(out))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert report_of(out)["complete"] and report_of(out)["finished_tasks"] == 2

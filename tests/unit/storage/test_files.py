@@ -1,8 +1,12 @@
 """Files and directories that are whole or absent, and on disk before a name points at them."""
 
+import errno
 import os
 
-from storage.files import atomic_directory, fsync_tree
+import pytest
+
+from storage import files
+from storage.files import DiskFullError, atomic_directory, fsync_tree, write_atomic
 
 
 def _recording_fsyncs(monkeypatch):
@@ -48,3 +52,27 @@ def test_fsync_tree_leaves_links_alone(tmp_path, monkeypatch):
     synced = _recording_fsyncs(monkeypatch)
     fsync_tree(tmp_path)
     assert str(tmp_path / "a") in synced and str(tmp_path / "link") not in synced and synced[-1] == str(tmp_path)
+
+
+def test_a_full_disk_is_named_with_the_space_free_and_the_old_file_or_directory_stands(tmp_path):
+    target = tmp_path / "report.json"
+    write_atomic(target, "old")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "weights").write_bytes(b"w" * 5000)
+
+    def full(operation, *paths):
+        if operation in ("write", "fsync"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    files.set_observer(full)
+    try:
+        with pytest.raises(DiskFullError, match=r"no space left on the device holding .*report.json: .* free of .*, "
+                                                r"about 3 B is needed .*the last one stands"):
+            write_atomic(target, "new")
+        with pytest.raises(DiskFullError, match=r"holding .*state: .* free of .*, about 4\.9 KiB is needed"):
+            with atomic_directory(tmp_path / "state") as tmp:
+                (tmp / "weights").write_bytes(b"x" * 10)
+    finally:
+        files.set_observer(None)
+    assert target.read_text() == "old" and (tmp_path / "state" / "weights").read_bytes() == b"w" * 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "state"]  # nothing half-written left

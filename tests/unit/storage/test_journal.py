@@ -113,7 +113,7 @@ def test_a_failed_append_closes_its_segment_and_the_next_append_opens_another(tm
     journal = ShardJournal(tmp_path, SCHEMA)
     journal.append_insert(table("a"))
     monkeypatch.setattr(module.LogFile, "write", lambda self, data: (_ for _ in ()).throw(OSError(28, "disk full")))
-    with pytest.raises(LogWriteError, match=r"shard 0: appending to log-000000-0000.arrow failed .*insert was not"):
+    with pytest.raises(LogWriteError, match=r"shard 0: appending to log-000000-0000.arrow failed.*insert was not"):
         journal.append_insert(table("b"))
     monkeypatch.undo()
     journal.append_insert(table("c"))
@@ -161,3 +161,19 @@ def test_a_log_batch_changed_on_disk_fails_its_checksum_and_the_restore_stops_be
     assert ops == [("insert", ["first-1", "first-2"])]  # the last good batch; nothing after the bad one
     (skipped,) = recovered.report["skipped"]
     assert skipped["file"] == log.name and "CRC-32C" in skipped["reason"] and skipped["bytes"] > 0
+
+
+def test_a_full_disk_under_the_log_is_named_with_the_space_free(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from storage.files import DiskFullError
+
+    journal = ShardJournal(tmp_path, SCHEMA)
+    journal.append_insert(table("a"))
+    monkeypatch.setattr(journal._file, "flush", lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(LogWriteError) as caught:
+        journal.append_insert(table("b"))
+    assert isinstance(caught.value, DiskFullError)
+    assert "appending to log-000000-0000.arrow failed: no space left on its device" in str(caught.value)
+    assert "free of" in str(caught.value) and "the insert was not applied" in str(caught.value)
