@@ -98,6 +98,16 @@ def training_started(out: Path) -> bool:
         return False
 
 
+def progress(out: Path) -> tuple[int, int] | None:
+    """How far the run's commit record is: finished tasks, and steps of its last mid-task state."""
+    try:
+        report_data = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    mid = report_data["resume"].get("mid_task") or {}
+    return report_data["finished_tasks"], mid.get("steps_done", 0)
+
+
 def run_trial(cluster: Cluster, nodes: list, config: dict[str, Any], work: Path, name: str,
               kills: list[tuple[str, float]], rng: random.Random) -> dict[str, Any]:
     """One run, killed at each (kind, seconds into training) of ``kills`` in turn (none: undisturbed).
@@ -114,12 +124,14 @@ def run_trial(cluster: Cluster, nodes: list, config: dict[str, Any], work: Path,
             return {"kill": kinds, "finished": False, "error": run.stderr.read()[-2000:]}
         time.sleep(0.2)
     trained_from = time.monotonic()
-    killed, resumed = [], 0
+    killed, resumed, last = [], 0, None
     for kind, at_s in kills:
-        while time.monotonic() - trained_from < at_s and run.poll() is None:
+        # at its moment, and once the run has committed something since the kill before (it recovered)
+        while (time.monotonic() - trained_from < at_s or progress(out) == last) and run.poll() is None:
             time.sleep(0.1)
         if run.poll() is not None:
             break
+        last = progress(out)
         killed.append(do_kill(kind, cluster, nodes, gcs, run, rng))
         if kind == "driver":
             run.wait()
@@ -215,7 +227,7 @@ def compare(trial: dict[str, Any], base: dict[str, Any], config: dict[str, Any],
             set(ids) - set(base_ids)),
         steps_logged_twice=len(steps) - len(set(steps)), mlflow_runs=mlflow_runs_of(
             uri, report_data["mlflow"]["experiment_id"], Path(trial["out"])),
-        restarts=len(restarts),
+        restarts=len(restarts), died=[death for r in restarts for death in r["died"]],
         steps_redone=[r["steps_redone"] for r in restarts],
         seconds_lost=round(trial["wall_s"] - base["wall_s"], 1))
     del trial["report"]

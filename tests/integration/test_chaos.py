@@ -24,6 +24,8 @@ def test_one_kill_of_each_kind_in_one_run_changes_nothing_it_reports(tmp_path):
     assert len(trial["killed"]) == 5 and not any(k.startswith("no ") for k in trial["killed"]), trial["killed"]
     assert trial["finished"] and trial["exit"] == 0, trial.get("error")
     assert trial["resumes"] == 1  # the driver's death; the other four healed inside the run
+    # the scheduler rebuilt itself, and a worker group restart followed the worker's and the node's deaths
+    assert "the scheduler actor" in trial["died"] and trial["restarts"] >= 2, trial["died"]
     assert trial["cells_off_by_more_than_one_example"] == 0
     assert trial["replay_rows_lost"] == 0 and trial["replay_rows_extra"] == 0
     assert trial["steps_logged_twice"] == 0 and trial["mlflow_runs"] == 1

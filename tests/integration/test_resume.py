@@ -188,37 +188,6 @@ def test_a_worker_sigkilled_mid_task_is_healed_redoing_at_most_the_checkpoint_in
     assert sorted(steps) == sorted(set(steps)) and set(steps) == set(range(1, 161)), steps  # no step twice, none lost
 
 
-def test_the_scheduler_actor_sigkilled_mid_task_is_restarted_and_rebuilt_from_the_commit_record(toy_stream_config,
-                                                                                               tmp_path, mlflow_store):
-    config = toy_stream_config
-    config["training"].update(max_steps=80, num_workers=2, zero_stage=2, log_every_n_steps=1)
-    config["checkpoint"] = {"every_n_steps": 10}
-    config["strategy"] = {"name": "replay", "replay_ratio": 0.25}
-    config["replay"] = {"enabled": True, "num_shards": 2, "rows_per_task": 24}
-    out = tmp_path / "out"
-    path = tmp_path / "scheduler.yaml"
-    path.write_text(yaml.safe_dump({**config, "output_dir": str(out)}))
-    run = start_cli("run", str(path))
-    wait_for(lambda: (((report_of(out) or {}).get("resume") or {}).get("mid_task") or {}).get("task_index") == 1,
-             timeout=300, process=run, what="the second task under way")
-    (scheduler,) = [p for p in session_members(run.pid) if "ray::Scheduler" in p]
-    os.kill(int(scheduler.split()[0]), signal.SIGKILL)
-    _, err = run.communicate(timeout=400)
-    assert run.returncode == 0, err[-3000:]
-    report = report_of(out)
-    assert report["status"] == "FINISHED" and report["complete"] and report["resumes"] == []
-    (restart,) = report["restarts"]
-    assert restart["died"] == ["the scheduler actor"] and restart["task_index"] == 1, restart
-    assert "mid-task checkpoint" in restart["restored_from"]
-    assert report["replay"]["rows"] == 48 and report["train"]["first_word"]["steps"] == 80
-    assert all(v is not None for v in report["acc_matrix"][1])  # the last row: every task
-    client = MlflowClient(mlflow_store)
-    assert client.get_run(report["mlflow"]["run_id"]).info.status == "FINISHED"
-    assert "forgetless.recovery.1" in client.get_run(report["mlflow"]["run_id"]).data.tags
-    steps = [m.step for m in client.get_metric_history(report["mlflow"]["run_id"], "train_loss")]
-    assert sorted(steps) == sorted(set(steps)), steps  # no step twice
-
-
 def test_sigterm_ends_the_run_killed_and_a_worker_killed_fails_it_naming_the_worker(toy_config_file, tmp_path,
                                                                                     mlflow_store, cli):
     config = toy_config_file(max_steps=400, num_workers=2, zero_stage=2, max_failures=0)
@@ -319,7 +288,7 @@ def test_a_disk_that_fills_mid_run_stops_it_naming_the_path_and_the_space_and_th
         toy_stream_config, small_disk, tmp_path):
     config = toy_stream_config
     config["training"]["max_steps"] = 6
-    config["stream"]["tasks"][1]["max_steps"] = 300  # time to fill the disk while it trains
+    config["stream"]["tasks"][1]["max_steps"] = 100  # time to fill the disk while it trains
     out = small_disk / "out"
     path = tmp_path / "full.yaml"
     path.write_text(yaml.safe_dump({**config, "output_dir": str(out)}))
