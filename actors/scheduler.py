@@ -180,9 +180,7 @@ class Scheduler:
                     number=len(self._restarts) + 1, at=time.time(), died=["the scheduler actor"],
                     reasons=["its process died; rebuilt from report.json and the replay store's checkpoint"],
                     task_index=self.finished if self.finished < len(stream) else None,
-                    restored_from=(f"task {self._mid_task.task_index}, step {self._mid_task.steps_done} (mid-task "
-                                   "checkpoint)" if self._mid_task else f"the end of task {self.finished - 1}"
-                                   if self.finished else "the start of the stream")))
+                    restored_from=self._restore_point()))
             if config.evaluation.cells == "needed":  # a row lacks the later tasks by design: only the next is read
                 self._fill_tasks = tuple(j for j in self._fill_tasks if j <= self.finished)
         self.sink = BufferedSink(self._open_run(previous, sink), pending_path=self.output.pending_mlflow)
@@ -286,8 +284,7 @@ class Scheduler:
                                                   "scheduler failed); the steps it redid are not known")
                 self._write_report()
             self._attempt = attempt
-            self._failure, self._reports, self._failed_in = None, [], None
-            self._cursors, self._plan = {}, None
+            self._new_attempt()
         elif attempt > self._attempt:
             self._attempt = attempt
             self._restarted()
@@ -312,8 +309,7 @@ class Scheduler:
         task = p["task_index"] if phase in ("train", "eval") and p["task_index"] >= self.finished else None
         from_step = mid.steps_done if mid is not None and mid.task_index == task else 0
         reached = (p["num_steps"] if phase == "eval" else p["step"]) if task is not None else 0
-        restored = (f"task {mid.task_index}, step {mid.steps_done} (mid-task checkpoint)" if mid is not None
-                    else f"the end of task {self.finished - 1}" if self.finished else "the start of the stream")
+        restored = self._restore_point()
         restart = Restart(number=number, at=time.time(), last_progress_at=self._last_progress_at, died=died,
                           reasons=list(self._reports), task_index=task, steps_redone=max(0, reached - from_step),
                           restored_from=restored)
@@ -322,14 +318,25 @@ class Scheduler:
         if self._fatal is None and number > limit:
             self._fatal = (f"the trainer worker group failed {number} times, more than training.max_failures="
                            f"{limit}")
-        self._failure, self._reports, self._failed_in = None, [], None
-        self._cursors, self._plan = {}, None
+        self._new_attempt()
         self._progress.update(phase="restarting", step=from_step)
-        what = "; ".join([*(f"{d} died" for d in died), *restart.reasons]) or "the worker group failed"
+        what = _what_failed(restart)
         self.sink.set_tags({f"forgetless.recovery.{number}": f"{what}; restored from {restored}; "
                                                              f"{restart.steps_redone} step(s) redone"[:5000]})
         self.sink.log_metrics({"recoveries": float(number)}, step=max(self.finished - 1, 0))
         self._write_report()
+
+    def _restore_point(self) -> str:
+        """Where a restart goes on from: the last mid-task state, else the last finished task."""
+        mid = self._mid_task
+        if mid is not None:
+            return f"task {mid.task_index}, step {mid.steps_done} (mid-task checkpoint)"
+        return f"the end of task {self.finished - 1}" if self.finished else "the start of the stream"
+
+    def _new_attempt(self) -> None:
+        """A worker group attempt begins: the failures of the one before are not its, the plans start over."""
+        self._failure, self._reports, self._failed_in = None, [], None
+        self._cursors, self._plan = {}, None
 
     def record_checkpoint(self, task_index: int, steps_done: int, global_step: int, directory: str) -> None:
         """A mid-task state is on disk (every rank saved it): it is where a restart continues this task
@@ -533,8 +540,7 @@ class Scheduler:
 
     def failure(self) -> str | None:
         """Why the run failed: each restart's failures, then the last attempt's (None: no failure)."""
-        earlier = ["; ".join([*(f"{d} died" for d in r.died), *r.reasons]) or "the worker group failed"
-                   for r in self._restarts]
+        earlier = [_what_failed(r) for r in self._restarts]
         failures = [*earlier, *(["; ".join(self._reports)] if self._reports else [])]
         spent = self._fatal if self._fatal and self._fatal not in self._reports else None
         if len(failures) <= 1 and spent is None:
@@ -639,6 +645,10 @@ def _dumped(strategy: Any) -> dict[str, Any] | list[dict[str, Any]]:
     if isinstance(strategy, (list, tuple)):
         return [part.model_dump(mode="json", by_alias=True) for part in strategy]
     return strategy.model_dump(mode="json", by_alias=True)
+
+
+def _what_failed(restart: Restart) -> str:
+    return "; ".join([*(f"{d} died" for d in restart.died), *restart.reasons]) or "the worker group failed"
 
 
 def _reconstructed() -> bool:

@@ -147,6 +147,7 @@ class WorkerGroup:
             ),
         )
         self.error: BaseException | None = None
+        self._abandoned = False  # given up (``abandon``): no more runs, whatever its thread does
         self._startup_s: float | None = None
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name=f"trainer-group-{name}", daemon=True)
         self._thread.start()
@@ -160,8 +161,6 @@ class WorkerGroup:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._abandoned
-
-    _abandoned = False
 
     def restarts(self) -> int:
         """How often Ray Train has restarted this group (a group that has is not given another run:
