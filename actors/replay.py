@@ -174,12 +174,15 @@ class ReplayStore:
                                    "get_if_exists": get_if_exists}
         if cfg.memory_bytes:
             options["memory"] = cfg.memory_bytes
-        directory = str(self._shard_dir(shard_id)) if self.directory else None
-        return ReplayShardActor.options(**options).remote(
-            cfg.shard_capacity, remover=cfg.remover, sampler=cfg.sampler, seed=self.seed, shard_id=shard_id,
-            directory=directory, snapshot_every_rows=cfg.snapshot_every_rows,
-            max_samples_per_insert=cfg.max_samples_per_insert, min_rows_to_sample=cfg.min_rows_to_sample,
-            fsync=cfg.fsync)
+        return ReplayShardActor.options(**options).remote(cfg.shard_capacity, **self._shard_options(shard_id))
+
+    def _shard_options(self, shard_id: int) -> dict[str, Any]:
+        """The keyword arguments of shard ``shard_id``'s ``ReplayShard`` (its capacity aside)."""
+        cfg = self.config
+        return {"remover": cfg.remover, "sampler": cfg.sampler, "seed": self.seed, "shard_id": shard_id,
+                "directory": str(self._shard_dir(shard_id)) if self.directory else None,
+                "snapshot_every_rows": cfg.snapshot_every_rows, "max_samples_per_insert": cfg.max_samples_per_insert,
+                "min_rows_to_sample": cfg.min_rows_to_sample, "fsync": cfg.fsync}
 
     def _start_shards(self, shard_ids: range) -> None:
         nodes = (self._spread_nodes(len(shard_ids)) if self.config.placement == "SPREAD"
@@ -340,13 +343,17 @@ class ReplayStore:
     # ------------------------------------------------------------------ resizing
     def _move(self, rows: pa.Table, *, num_shards: int | None = None) -> int:
         """Insert ``rows`` (shard rows, ``seq`` dropped) where the current topology routes them
-        (among the first ``num_shards`` shards: a store shrinking to that many)."""
+        (among the first ``num_shards`` shards: a store shrinking to that many). They are on disk
+        when this returns, whatever ``replay.fsync`` says: the caller deletes them from where they
+        were, and a machine crash must not find them in neither place."""
         if not rows.num_rows:
             return 0
         rows = rows.drop_columns(["seq"]) if "seq" in rows.column_names else rows
         targets = route(rows.column("example_id"), num_shards or self.num_shards, self.routing)
         for j in np.unique(targets):
             self._call(int(j), "insert", rows.filter(pa.array(targets == j)), self.version)
+        for j in np.unique(targets):
+            self._call(int(j), "sync_log")
         return rows.num_rows
 
     def _rebalance(self, shard_indices: Iterable[int]) -> int:

@@ -144,6 +144,23 @@ class ShardJournal:
             self._file.close()
             self._writer = self._file = None
 
+    def sync(self) -> None:
+        """fsync the current generation's log segments and their names: every append so far
+        survives a machine crash, those of a process before this one (a restarted shard) too."""
+        for path in self.log_paths(self.generation):
+            try:
+                if self._file is not None and path == self._file.path:
+                    files.fsync_file(self._file, path)
+                else:
+                    descriptor = os.open(path, os.O_RDONLY)
+                    try:
+                        files.fsync_file(descriptor, path)
+                    finally:
+                        os.close(descriptor)
+            except OSError as exc:
+                raise LogWriteError(f"replay shard {self.shard_id}: cannot fsync log segment {path}: {exc}") from exc
+        fsync_directory(self.directory)
+
     def append_insert(self, rows: pa.Table) -> None:
         """Log inserted rows (schema ``schema``); when this returns they survive process death."""
         self._append(pa.RecordBatch.from_arrays(

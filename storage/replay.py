@@ -468,6 +468,12 @@ class ReplayShard:
     def fsync(self) -> bool:
         return self.journal is not None and self.journal.fsync
 
+    def sync_log(self) -> None:
+        """Make what the log holds so far survive a machine crash (what ``fsync`` does per append),
+        for rows another shard deletes once this one holds them (a resize's moves)."""
+        if self.journal is not None:
+            self.journal.sync()
+
     def snapshot(self) -> Path | None:
         """Write rows and counters to a new snapshot and start a new log generation (see
         ``ShardJournal.write_snapshot``); None for a shard held in memory only."""
