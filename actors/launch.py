@@ -92,14 +92,18 @@ def _why_it_failed(scheduler: Any, exc: BaseException) -> str:
     """The reason a run failed: any trainer worker whose process is gone, named first (a peer of a
     dead worker only sees its connection close), then what the first worker to fail reported."""
     try:
-        reported = ray.get(scheduler.failure.remote(), timeout=30)
         workers = ray.get(scheduler.workers.remote(), timeout=10)
     except ray.exceptions.RayError:
-        reported, workers = None, {}
+        workers = {}
     here = socket.gethostname()
-    gone = [f"trainer worker {rank} (pid {info['pid']} on {info['host']}) died"
+    gone = [f"worker {rank} (pid {info['pid']} on {info['host']})"
             for rank, info in sorted(workers.items()) if info["host"] == here and not reaper.alive(info["pid"])]
-    return "; ".join([*gone, reported or format_exception(exc).splitlines()[0][:600]])
+    try:
+        reported = ray.get(scheduler.failure.remote(gone), timeout=30)
+    except ray.exceptions.RayError:
+        reported = None
+    return reported or "; ".join([*(f"trainer {worker} died" for worker in gone),
+                                  format_exception(exc).splitlines()[0][:600]])
 
 
 def _stop_reason(scheduler: Any) -> str | None:

@@ -59,7 +59,7 @@ from pipelines.report import (
 from pipelines.resume import carry_over
 from pipelines.rundir import REPORT_FILES, OutputDir, contained_report
 from pipelines.tasks import TaskStream
-from storage import files
+from storage import checksums, files
 from storage.files import write_atomic
 
 # MLflow (actors.tracking) and matplotlib (pipelines.plots) are imported where they are used, not
@@ -165,6 +165,7 @@ class Scheduler:
         self._recovery: dict[str, dict[str, float | None]] = {}
         self._mid_task: MidTaskPoint | None = None
         self._restarts: list[Restart] = []
+        self._fallbacks: list[str] = list(previous.fallbacks) if previous is not None else []
         if previous is not None:
             carried = carry_over(previous, tasks=stream.names, fingerprints=self.fingerprints, untrained=self.untrained,
                                  scored_by=[t.metric for t in stream], changes=changes, now=time.time())
@@ -285,8 +286,10 @@ class Scheduler:
                 self._write_report()
             self._attempt = attempt
             self._new_attempt()
+            self._check_states()
         elif attempt > self._attempt:
             self._attempt = attempt
+            self._check_states()  # first: a damaged mid-task state changes where the restart goes on from
             self._restarted()
         self._workers[rank] = {"pid": pid, "host": host}
         return self._fatal is None
@@ -316,14 +319,40 @@ class Scheduler:
         self._restarts.append(restart)
         limit = self.config.training.max_failures
         if self._fatal is None and number > limit:
-            self._fatal = (f"the trainer worker group failed {number} times, more than training.max_failures="
-                           f"{limit}")
+            self._fatal = _spent(number, limit)
         self._new_attempt()
         self._progress.update(phase="restarting", step=from_step)
         what = _what_failed(restart)
         self.sink.set_tags({f"forgetless.recovery.{number}": f"{what}; restored from {restored}; "
                                                              f"{restart.steps_redone} step(s) redone"[:5000]})
         self.sink.log_metrics({"recoveries": float(number)}, step=max(self.finished - 1, 0))
+        self._write_report()
+
+    def _check_states(self) -> None:
+        """Before an attempt loads them, the states it would go on from, against their checksums
+        (``storage.checksums``). A damaged mid-task state is dropped — the task goes on from its
+        start, which the report and MLflow say; a damaged state of a finished task has no earlier
+        one to fall back on (they are removed once the next commits), and fails the run, naming it."""
+        mid = self._mid_task
+        if mid is not None:
+            problems = checksums.verify(mid.training_state)
+            if problems:
+                start = f"the end of task {self.finished - 1}" if self.finished else "the start of the stream"
+                self._fallback(f"{'; '.join(problems)}; task {mid.task_index} went on from {start} instead of its "
+                               f"step {mid.steps_done} (those steps are redone)")
+                self._mid_task = None
+        if self._training_state is not None:
+            problems = checksums.verify(self._training_state)
+            if problems:
+                reason = (f"{'; '.join(problems)}: the training state after task {self.finished - 1} is damaged, "
+                          "and no earlier one is kept, so the run cannot go on. Restore the file from a backup "
+                          "of the run directory and resume, or start over with overwrite=true")
+                self._fallback(f"{'; '.join(problems)}; none: the run stopped")
+                self.fail(reason, fatal=True)
+
+    def _fallback(self, note: str) -> None:
+        self._fallbacks.append(note)
+        self.sink.set_tags({f"forgetless.fallback.{len(self._fallbacks)}": note[:5000]})
         self._write_report()
 
     def _restore_point(self) -> str:
@@ -538,13 +567,20 @@ class Scheduler:
         return {**self._progress, "rows": self.finished, "num_tasks": len(self.stream),
                 "mlflow_outage": self.sink.outage}
 
-    def failure(self) -> str | None:
-        """Why the run failed: each restart's failures, then the last attempt's (None: no failure)."""
+    def failure(self, gone: list[str] | None = None) -> str | None:
+        """Why the run failed: each restart's failures, then the last attempt's — ``gone`` (its
+        workers whose processes the driver found dead: "worker 1 (pid 4242 on node-3)") and what its
+        workers reported. Prefixed with the limit when ``training.max_failures`` restarts were spent.
+        None: no failure."""
         earlier = [_what_failed(r) for r in self._restarts]
-        failures = [*earlier, *(["; ".join(self._reports)] if self._reports else [])]
+        last = [*(f"{worker} died" for worker in gone or ()), *self._reports]
+        failures = [*earlier, *(["; ".join(last)] if last else [])]
         spent = self._fatal if self._fatal and self._fatal not in self._reports else None
-        if len(failures) <= 1 and spent is None:
-            return failures[0] if failures else None
+        limit = self.config.training.max_failures
+        if self._fatal is None and last and len(self._restarts) >= limit:  # Ray Train restarts no more
+            spent = _spent(len(failures), limit)
+        if len(failures) <= 1:
+            return (f"{spent}: " if spent else "") + failures[0] if failures else spent
         listed = " ".join(f"({i}) {text}" for i, text in enumerate(failures, 1))
         return f"{spent + ': ' if spent else ''}{len(failures)} failure(s): {listed}"
 
@@ -591,6 +627,7 @@ class Scheduler:
                              experiment_id=self.sink.experiment_id),
             output_dir=str(self.output_dir), seconds=round(time.time() - self._started, 1),
             resumes=self._resumes, init=self.init, recovery=self._recovery, restarts=self._restarts,
+            fallbacks=self._fallbacks,
             resume=ResumePoint(training_state=self._training_state, replay_checkpoint=self._replay_checkpoint
                                if self.replay is not None else None, data_fingerprints=self.fingerprints,
                                mid_task=self._mid_task),
@@ -645,6 +682,11 @@ def _dumped(strategy: Any) -> dict[str, Any] | list[dict[str, Any]]:
     if isinstance(strategy, (list, tuple)):
         return [part.model_dump(mode="json", by_alias=True) for part in strategy]
     return strategy.model_dump(mode="json", by_alias=True)
+
+
+def _spent(failures: int, limit: int) -> str:
+    times = "once" if failures == 1 else f"{failures} times"
+    return f"the trainer worker group failed {times}, more than training.max_failures={limit}"
 
 
 def _what_failed(restart: Restart) -> str:

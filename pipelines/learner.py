@@ -38,7 +38,7 @@ from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
 from pipelines.state_files import load_tree, refuse_unsafe_pickles, save_tree, weights_only_loads
 from pipelines.strategies import build_training_strategy
 from pipelines.strategies.base import StepBatch, TrainingContext
-from storage import files
+from storage import checksums, files
 from storage.files import atomic_directory, fsync_directory, fsync_tree
 
 log = logging.getLogger("forgetless")
@@ -401,7 +401,8 @@ class Learner(Engine):
         holds a complete state or is absent, after a machine crash too (report.json, which names
         it, is written only after this returns). ``progress``: where a mid-task state is in its task
         (steps done, the loss and examples so far), kept beside the step count; ``load_state``
-        returns it.
+        returns it. Every file's CRC-32C is listed in it (``storage.checksums``: each rank takes a
+        share), for the scheduler to check before a restart or a resume loads it.
         """
         directory = Path(directory)
         partial = directory.with_name(directory.name + ".partial")
@@ -415,6 +416,8 @@ class Learner(Engine):
                       f"rank-{self.rank:03d}")
             if self.rank == 0:
                 save_tree(self.strategy.state_dict(), partial, "strategy")
+            self.comm.barrier()
+            checksums.write_share(partial, self.rank, self.world_size)  # checked before a restart loads it
             self.comm.barrier()
             fsync_tree(partial)  # every rank, its files among them: on disk before the name publishes them
         except Exception as exc:  # a full disk: named, with what a state takes; the last commit stands

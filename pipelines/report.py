@@ -142,6 +142,9 @@ class RunReport(_Model):
     # The recovery probe: task -> before (acc[t, t]), after_stream (acc[T-1, t]), after_head_retrain
     recovery: dict[str, dict[str, float | None]] = {}
     restarts: list[Restart] = []  # the trainer worker group's restarts after failures, inside this run
+    # a saved training state that failed its checksums before it was loaded, and what the run did
+    # instead ("... fails its checksum; task 3 continued from the end of task 2, 20 steps redone")
+    fallbacks: list[str] = []
 
     def to_json(self) -> str:
         """The report as report.json holds it: every string passed through ``redact`` (an error's

@@ -11,6 +11,7 @@ from actors.scheduler import Scheduler
 from actors.tracking import MlflowSink
 from pipelines.config import resolve_paths, validate_config
 from pipelines.tasks import load_stream
+from storage import checksums
 
 
 @pytest.fixture
@@ -279,3 +280,55 @@ def test_an_error_of_the_run_itself_is_not_retried(scheduler):
     assert scheduler.stop_reason() == "worker 0 of 1: DataError: task 'x' has 0 rows"
     assert not scheduler.register_worker(0, pid=2, host="h", attempt=1)
     scheduler.finish("FAILED", scheduler.failure())
+
+
+def _saved_state(directory, world_size=2):
+    """A saved training state's files, with each rank's checksum list (as ``Learner.save_state`` writes)."""
+    directory.mkdir(parents=True)
+    for rank in range(world_size):
+        (directory / f"rank-{rank:03d}.safetensors").write_bytes(bytes([rank]) * 2048)
+    for rank in range(world_size):
+        checksums.write_share(directory, rank, world_size)
+    return directory
+
+
+def test_a_damaged_state_is_named_with_the_fallback_taken_before_anything_loads_it(toy_stream_config, mlflow_store,
+                                                                                  tmp_path):
+    config = resolve_paths(validate_config(toy_stream_config))
+    scheduler = Scheduler(config, load_stream(config))
+    assert scheduler.register_worker(0, pid=101, host="node-a", attempt=0)
+    scheduler.next_task(0)
+    state = tmp_path / "out" / "state"
+    _saved_state(state / "task-00")
+    scheduler.record_eval(0, _row(0.9, 0.0))
+    scheduler.next_task(0)
+    mid = _saved_state(state / "task-01.step-000020")
+    scheduler.record_checkpoint(1, 20, 26, str(mid))
+    scheduler.log_step(1, 26, 30, 0.4, 33)
+    damaged = mid / "rank-001.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[7] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    scheduler.fail("worker 1 of 2: RuntimeError: Connection closed by peer")
+
+    # the mid-task state fails its checksum: the restart goes on from the task's start instead, and says so
+    assert scheduler.register_worker(0, pid=201, host="node-a", attempt=1)
+    (restart,) = scheduler.report().restarts
+    assert restart.restored_from == "the end of task 0" and restart.steps_redone == 27
+    (fallback,) = scheduler.report().fallbacks
+    assert fallback.startswith(f"{damaged}: fails its checksum (CRC-32C ")
+    assert fallback.endswith("; task 1 went on from the end of task 0 instead of its step 20 (those steps are redone)")
+    assert scheduler.next_task(0).resume_dir is None and scheduler.start().restore_dir == str(state / "task-00")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["fallbacks"] == [fallback]
+
+    # the state of the finished task is damaged too: nothing earlier is kept, the run stops naming it
+    (state / "task-00" / "rank-000.safetensors").write_bytes(b"\x00" * 100)
+    scheduler.fail("worker 0 of 2: RuntimeError: Connection reset")
+    assert not scheduler.register_worker(0, pid=301, host="node-a", attempt=2)
+    reason = scheduler.stop_reason()
+    assert reason.startswith(f"{state / 'task-00' / 'rank-000.safetensors'}: 100 bytes, 2048 when it was saved")
+    assert "no earlier one is kept, so the run cannot go on. Restore the file from a backup" in reason
+    assert scheduler.failure().startswith(reason)
+    scheduler.finish("FAILED", scheduler.failure())
+    tags = MlflowClient(mlflow_store).get_run(scheduler.run_id).data.tags
+    assert tags["forgetless.fallback.1"] == fallback and "none: the run stopped" in tags["forgetless.fallback.2"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipelines.learner import silence_library_noise
-from storage import files
+from storage import checksums, files
 from storage.files import write_atomic
 from tests.unit.storage.powercut import CUT, PowerCut
 
@@ -74,6 +74,7 @@ def test_a_power_cut_at_any_write_of_a_task_commit_leaves_a_state_that_loads(mak
             committed.append(None)
             continue
         named = json.loads(report.read_text())
+        assert checksums.verify(named["training_state"]) == [], f"cut at operation {n}: the named state is damaged"
         try:
             fresh.load_state(named["training_state"])
         except Exception as exc:  # noqa: BLE001
