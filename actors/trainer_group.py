@@ -24,6 +24,7 @@ import ray.train
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch import config as torch_config_module
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.replay import PrefetchingSampler
 from actors.run_queue import RunQueue
@@ -134,7 +135,10 @@ class WorkerGroup:
 
     def __init__(self, shape: GroupShape, *, storage_path: Path, name: str):
         self.shape = shape
-        self._jobs = RunQueue.remote(shape.num_workers)
+        # On the driver's node, as Ray Train places its controller: the queue lives and dies with the
+        # driver (whose death `forgetless job` heals), not with a worker node that may be lost.
+        self._jobs = RunQueue.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote(shape.num_workers)
         trainer = TorchTrainer(
             serve_runs,
             train_loop_config={"jobs": self._jobs, "use_gpu": shape.use_gpu},

@@ -157,9 +157,13 @@ def do_kill(kind: str, cluster: Cluster, nodes: list, gcs: str, run: subprocess.
         run.send_signal(signal.SIGKILL)
         return f"driver pid {run.pid}"
     if kind == "node":
+        # A node with a trainer worker, and of those the ones holding most of the run's other actors
+        # (the scheduler, the run queue, shards, Ray Train's): the worst node to lose.
         trainers = {p.pid for p in cluster_processes(gcs, "RayTrainWorker")}
+        actors = {p.pid for p in cluster_processes(gcs, "ray::") if "ray::IDLE" not in " ".join(p.info["cmdline"] or ())}
         victims = [n for n in nodes if any(p in trainers for p in _pids_of_node(n))] or nodes
-        node = rng.choice(victims)
+        most = max(len(_pids_of_node(n) & actors) for n in victims)
+        node = rng.choice([n for n in victims if len(_pids_of_node(n) & actors) == most])
         cluster.remove_node(node, allow_graceful=False)
         nodes.remove(node)
         nodes.append(cluster.add_node(num_cpus=1))  # the replacement an autoscaler would start
