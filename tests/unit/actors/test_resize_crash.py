@@ -113,6 +113,25 @@ def cut_at(n: int, root: Path, config: ReplayConfig) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def cut_and_check(n: int, total: int, root: Path, config: ReplayConfig, during: str | None) -> int:
+    """In a process of its own: the cut at operation ``n``, then the restore's check; what it found
+    goes to ``root/result.json`` (the tag restored, or the failure). Returns the process id."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            status = cut_at(n, root, config)
+            if status != CUT:
+                result = {"failure": f"cut at operation {n}: the scenario ended with status {status}"}
+            else:
+                actors.replay.ray = in_place_ray()
+                result = {"tag": check_restore(root, config, during)}
+        except BaseException as exc:  # noqa: BLE001 - named with the operation it followed
+            result = {"failure": f"after a power cut at operation {n} of {total}: {type(exc).__name__}: {exc}"}
+        (root / "result.json").write_text(json.dumps(result))
+        os._exit(0)
+    return pid
+
+
 def check_held(store: ReplayStore, expected: set[str], what: str, *, once: bool = True) -> None:
     """The store holds exactly ``expected``; with ``once``, each row once and where it is routed."""
     held = [store._call(i, "rows").column("example_id").to_pylist() for i in range(store.num_shards)]
@@ -169,18 +188,24 @@ def test_a_power_cut_at_any_write_of_a_resize_leaves_the_last_committed_rows_exa
           f"remove_shards: {marks['remove'] + 1}-{marks['removed']}); a power cut at each:")
     assert total > 100  # store.json, shard logs, snapshots, checkpoint links, retired directories
     inside = [*range(marks["add"] + 1, marks["added"] + 1), *range(marks["remove"] + 1, marks["removed"] + 1)]
-    seen = {}
-    for n in inside if fsync else range(1, total + 1):
+    cuts = inside if fsync else list(range(1, total + 1))
+    running: list[int] = []
+    for n in cuts:  # two at a time: each cut and its check is a process of its own, on a root of its own
+        if len(running) == 2:
+            os.waitpid(running.pop(0), 0)
         root = tmp_path / f"cut-{n:03d}"
         root.mkdir()
-        status = cut_at(n, root, config)
-        assert status == CUT, f"cut at operation {n}: the scenario ended with status {status}"
-        try:
-            during = ("add" if marks["add"] < n <= marks["added"] else
-                      "remove" if marks["remove"] < n <= marks["removed"] else None)
-            seen[n] = check_restore(root, config, during)
-        except Exception as exc:  # noqa: BLE001 - named with the operation it followed
-            pytest.fail(f"after a power cut at operation {n} of {total}: {type(exc).__name__}: {exc}")
+        during = ("add" if marks["add"] < n <= marks["added"] else
+                  "remove" if marks["remove"] < n <= marks["removed"] else None)
+        running.append(cut_and_check(n, total, root, config, during))
+    for pid in running:
+        os.waitpid(pid, 0)
+    seen = {}
+    for n in cuts:
+        result = json.loads((tmp_path / f"cut-{n:03d}" / "result.json").read_text())
+        if "failure" in result:
+            pytest.fail(result["failure"])
+        seen[n] = result["tag"]
     order = [None, "start", "t0", "t1", "t2"]
     assert set(seen.values()) == ({"t0", "t1"} if fsync else set(order))  # every commit was reached by some cut
     assert [order.index(seen[n]) for n in sorted(seen)] == sorted(order.index(seen[n]) for n in sorted(seen))
