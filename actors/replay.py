@@ -34,6 +34,7 @@ from storage.replay import (
     draw_index,
     read_store_manifest,
     route,
+    without_empty_optional_columns,
     write_store_manifest,
 )
 from storage.errors import StorageError
@@ -270,7 +271,7 @@ class ReplayStore:
         return [self._reply(i, ref, method, *args) for i, ref in enumerate(refs)]
 
     def _send(self, table: pa.Table) -> list[tuple[int, pa.Table, ray.ObjectRef]]:
-        table = check_batch(table)
+        table = without_empty_optional_columns(check_batch(table))
         targets = route(table.column("example_id"), self.num_shards, self.routing)
         order = np.argsort(targets, kind="stable")  # one take, then zero-copy slices per shard
         grouped, bounds = table.take(pa.array(order)), np.searchsorted(targets[order], np.arange(self.num_shards + 1))

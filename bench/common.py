@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def quiet_environment() -> None:
@@ -34,3 +44,61 @@ def report(results: dict[str, Any], path: Path | None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n")
     return 0
+
+
+# ---------------------------------------------------------------------- side by side with older code
+def add_baseline_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline", metavar="REF", help="measure this checkout's code and git ref REF's in the "
+                        "same run, alternating, and print each figure's ratio (this / REF)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --baseline: runs of each side (default 3)")
+
+
+@contextlib.contextmanager
+def worktree(ref: str) -> Iterator[Path]:
+    """A checkout of git ref ``ref`` in a temporary directory, removed after."""
+    work = Path(tempfile.mkdtemp(prefix="forgetless-baseline-"))
+    tree = work / "tree"
+    made = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit(f"--baseline {ref}: cannot check it out: {made.stderr.strip()}")
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def side_by_side(script: str, argv: list[str], ref: str, rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """Run the bench ``script`` with ``argv`` ``rounds`` times on this checkout's code and as many on
+    ``ref``'s, alternating (this, ref, this, ref, ...), each a fresh process of this interpreter and
+    environment. The bench's own harness (this checkout's) measures both; only the library it
+    imports (``storage``, ``pipelines``, ``actors``) is one side's or the other's, by ``PYTHONPATH``.
+    Returns each side's results, in order."""
+    runs: dict[str, list[dict[str, Any]]] = {"this": [], ref: []}
+    with worktree(ref) as tree, tempfile.TemporaryDirectory(prefix="forgetless-side-by-side-") as out:
+        for number in range(rounds):
+            for side, root in (("this", REPO), (ref, tree)):
+                path = Path(out) / f"{len(runs[side])}-{side.replace('/', '_')}.json"
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH"))
+                                                                   if p)}
+                print(f"round {number + 1}/{rounds}: {side}", file=sys.stderr, flush=True)
+                # in the side's tree too: Ray's workers put the driver's working directory first on their path
+                done = subprocess.run([sys.executable, str(Path(script).resolve()), *argv, "--json", str(path)],
+                                      env=env, cwd=root, stdout=subprocess.DEVNULL)
+                if done.returncode != 0:
+                    raise SystemExit(f"{script} on {side}'s code failed (exit {done.returncode}), round {number + 1}")
+                runs[side].append(json.loads(path.read_text()))
+    return runs
+
+
+def ratios(runs: dict[str, list[dict[str, Any]]], keys: list[str]) -> dict[str, Any]:
+    """For each key: the median of each side, every trial, and this side's median over the other's."""
+    this, ref = list(runs)
+    table = {}
+    for key in keys:
+        mine, theirs = [r[key] for r in runs[this]], [r[key] for r in runs[ref]]
+        table[key] = {this: spread(mine, 1), ref: spread(theirs, 1),
+                      "ratio": round(statistics.median(mine) / statistics.median(theirs), 3)}
+    return table

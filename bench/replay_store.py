@@ -10,6 +10,7 @@
   bytes_per_row_ratio          resident Arrow bytes per row / raw payload bytes (target <= 1.3)
 
   python bench/replay_store.py --json runs/bench/replay_store.json
+  python bench/replay_store.py --baseline 3d3925b --inserts-only   # the inserts, this code / 3d3925b's
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import quiet_environment, report
+from common import add_baseline_options, quiet_environment, ratios, report, side_by_side
 
 quiet_environment()  # before Ray is imported: it reads its auth mode and address mode then
 
@@ -30,13 +31,25 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
-from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
 from pipelines.config import ReplayConfig  # noqa: E402
 from replay_common import payload_bytes, review_corpus, shards_send  # noqa: E402
 from storage.replay import ReplayShard  # noqa: E402
 
 BATCH_ROWS = 1000
+SHARDS = (4, 8)
+
+
+def start_ray() -> None:
+    """A local Ray of the bench's own, as ``forgetless run`` starts one; on code from before
+    ``actors.cluster`` (a ``--baseline`` ref), a new local instance (never a cluster that a
+    ``ray start`` left an address file of)."""
+    try:
+        from actors.cluster import start_local_ray
+    except ImportError:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    else:
+        start_local_ray(dashboard=False, log_to_driver=False)
 
 
 def bench_inserts(data: pa.Table, num_shards: int, directory: Path) -> tuple[float, ReplayStore]:
@@ -88,13 +101,28 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--inserts-only", action="store_true", help="measure the inserts only (any code's store "
+                        "can take them: what --baseline compares on older refs)")
+    add_baseline_options(parser)
     args = parser.parse_args()
-    start_local_ray(dashboard=False, log_to_driver=False)
+    if args.baseline:
+        argv = ["--rows", str(args.rows), *(["--inserts-only"] if args.inserts_only else [])]
+        runs = side_by_side(__file__, argv, args.baseline, args.rounds)
+        keys = [f"insert_rows_per_s[{n} shards]" for n in SHARDS]
+        if not args.inserts_only:
+            keys += ["sample_rows_per_s", "snapshot_s_per_gb", "restore_s_per_gb", "bytes_per_row"]
+        table = ratios(runs, keys)
+        for key, row in table.items():
+            print(f"{key}: ratio {row['ratio']} (this {row['this']['median']:,}, {args.baseline} "
+                  f"{row[args.baseline]['median']:,})", file=sys.stderr)
+        return report({"rows": args.rows, "rounds": args.rounds, "baseline": args.baseline, "side_by_side": table},
+                      args.json)
+    start_ray()
     data = review_corpus(args.rows)
     results: dict = {"rows": args.rows, "batch_rows": BATCH_ROWS}
     root = Path(tempfile.mkdtemp(prefix="replay-bench-"))
     try:
-        for shards in (4, 8):
+        for shards in SHARDS:
             rates = []
             for trial in range(3):  # the median of 3: the machine is shared and noisy
                 rate, store = bench_inserts(data, shards, root / f"s{shards}-{trial}")
@@ -104,7 +132,7 @@ def main() -> int:
             results[f"insert_rows_per_s[{shards} shards]"] = statistics.median(rates)
             results[f"insert_rows_per_s_trials[{shards} shards]"] = rates
             print(f"insert, {shards} shards: {statistics.median(rates):,.0f} rows/s (trials {rates})", flush=True)
-            if shards == 4:
+            if shards == 4 and not args.inserts_only:
                 results.update(bench_sampling(store, data, batch_size=256, num_batches=2000))
                 print(f"sampling: {results['sample_rows_per_s']:,} rows/s zero-copy, "
                       f"{results['sample_rows_per_s_shards_send']:,} with shards sending, vs local take "
@@ -140,6 +168,8 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
+    if args.inserts_only:
+        return report(results, args.json)
     results["targets"] = {"insert_rows_per_s": ">= 100000", "sample_ratio_vs_local": ">= 0.9",
                           "bytes_per_row_ratio": "<= 1.3"}
     results["meets_targets"] = {

@@ -113,6 +113,15 @@ def check_batch(batch: pa.Table, *, where: str = "") -> pa.Table:
     return batch.select(INSERT_COLUMNS)
 
 
+def without_empty_optional_columns(batch: pa.Table) -> pa.Table:
+    """A checked batch without the optional columns it holds no value of (``check_batch`` puts
+    them back as null): what a store sends its shards. A null ``logits`` is a struct of lists, a
+    dozen buffers that cost each insert call its serialization for nothing."""
+    empty = [name for name in OPTIONAL_COLUMNS
+             if name in batch.column_names and batch.column(name).null_count == batch.num_rows]
+    return batch.drop_columns(empty) if empty else batch
+
+
 def upgrade(table: pa.Table) -> pa.Table:
     """A table of an older replay schema (version 1: no ``logits``) with the columns added since, null."""
     if "logits" in table.column_names or "example_id" not in table.column_names:

@@ -12,8 +12,10 @@ from storage.replay import (
     EmptyReplayError,
     ReplayShard,
     SchemaMismatchError,
+    check_batch,
     route,
     upgrade,
+    without_empty_optional_columns,
 )
 from storage.errors import StorageError
 from storage.policy import RateLimitedError
@@ -478,3 +480,18 @@ def test_a_checkpoint_tag_that_is_a_path_is_refused(tmp_path):
     shard = ReplayShard(10, directory=tmp_path / "shard")
     with pytest.raises(ValueError, match="must match"):
         shard.rollback("../../etc/passwd")
+
+
+def test_a_store_sends_no_all_null_logits_column_and_the_shard_stores_it_null(tmp_path):
+    checked = check_batch(rows(0, 20))
+    assert "logits" in checked.column_names  # check_batch puts the optional column in, null
+    sent = without_empty_optional_columns(checked)
+    assert sent.column_names == [c for c in checked.column_names if c != "logits"]
+    table, _ = _with_logits(rows(20, 5), np.random.default_rng(0))
+    with_values = check_batch(table)
+    assert without_empty_optional_columns(with_values).column_names == with_values.column_names  # kept
+    shard = ReplayShard(100, remover="fifo", directory=tmp_path)
+    assert shard.insert(sent) == 20 and shard.insert(with_values) == 5
+    stored = shard.rows()
+    assert stored.schema.remove_metadata() == REPLAY_SCHEMA.remove_metadata()
+    assert stored.column("logits").null_count == 20
