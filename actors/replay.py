@@ -351,10 +351,11 @@ class ReplayStore:
             return 0
         rows = rows.drop_columns(["seq"]) if "seq" in rows.column_names else rows
         targets = route(rows.column("example_id"), num_shards or self.num_shards, self.routing)
-        for j in np.unique(targets):
-            self._call(int(j), "insert", rows.filter(pa.array(targets == j)), self.version)
-        for j in np.unique(targets):
-            self._call(int(j), "sync_log")
+        destinations = [int(j) for j in np.unique(targets)]
+        for j in destinations:
+            self._call(j, "insert", rows.filter(pa.array(targets == j)), self.version)
+        for j in destinations:
+            self._call(j, "sync_log")
         return rows.num_rows
 
     def _rebalance(self, shard_indices: Iterable[int]) -> int:

@@ -334,21 +334,15 @@ class Scheduler:
         start, which the report and MLflow say; a damaged state of a finished task has no earlier
         one to fall back on (they are removed once the next commits), and fails the run, naming it."""
         mid = self._mid_task
-        if mid is not None:
-            problems = checksums.verify(mid.training_state)
-            if problems:
-                start = f"the end of task {self.finished - 1}" if self.finished else "the start of the stream"
-                self._fallback(f"{'; '.join(problems)}; task {mid.task_index} went on from {start} instead of its "
-                               f"step {mid.steps_done} (those steps are redone)")
-                self._mid_task = None
-        if self._training_state is not None:
-            problems = checksums.verify(self._training_state)
-            if problems:
-                reason = (f"{'; '.join(problems)}: the training state after task {self.finished - 1} is damaged, "
-                          "and no earlier one is kept, so the run cannot go on. Restore the file from a backup "
-                          "of the run directory and resume, or start over with overwrite=true")
-                self._fallback(f"{'; '.join(problems)}; none: the run stopped")
-                self.fail(reason, fatal=True)
+        if mid is not None and (problems := "; ".join(checksums.verify(mid.training_state))):
+            self._mid_task = None
+            self._fallback(f"{problems}; task {mid.task_index} went on from {self._restore_point()} instead of its "
+                           f"step {mid.steps_done} (those steps are redone)")
+        if self._training_state is not None and (problems := "; ".join(checksums.verify(self._training_state))):
+            self._fallback(f"{problems}; none: the run stopped")
+            self.fail(f"{problems}: the training state after task {self.finished - 1} is damaged, and no earlier one "
+                      "is kept, so the run cannot go on. Restore the file from a backup of the run directory and "
+                      "resume, or start over with overwrite=true", fatal=True)
 
     def _fallback(self, note: str) -> None:
         self._fallbacks.append(note)

@@ -158,14 +158,18 @@ def fsync_tree(path: str | os.PathLike) -> None:
     for folder, _dirs, files in os.walk(path, topdown=False, followlinks=False):
         for name in files:
             file = os.path.join(folder, name)
-            if os.path.islink(file):
-                continue
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                fsync_file(fd, file)
-            finally:
-                os.close(fd)
+            if not os.path.islink(file):
+                fsync_path(file)
         fsync_directory(folder)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file by its path (what any process wrote to it reaches the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fsync_file(fd, path)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, *, durable: bool = True) -> Path:

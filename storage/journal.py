@@ -146,17 +146,13 @@ class ShardJournal:
 
     def sync(self) -> None:
         """fsync the current generation's log segments and their names: every append so far
-        survives a machine crash, those of a process before this one (a restarted shard) too."""
+        survives a machine crash, those of a process before this one (a restarted shard) too.
+        Nothing to do when every append and segment was fsynced already (``fsync``)."""
+        if self.fsync:
+            return
         for path in self.log_paths(self.generation):
             try:
-                if self._file is not None and path == self._file.path:
-                    files.fsync_file(self._file, path)
-                else:
-                    descriptor = os.open(path, os.O_RDONLY)
-                    try:
-                        files.fsync_file(descriptor, path)
-                    finally:
-                        os.close(descriptor)
+                files.fsync_path(path)
             except OSError as exc:
                 raise LogWriteError(f"replay shard {self.shard_id}: cannot fsync log segment {path}: {exc}") from exc
         fsync_directory(self.directory)
