@@ -44,9 +44,10 @@ browser:
 lint: $(STAMP)
 	$(BIN)/lint-imports
 
-# The speed targets and the comparisons with other tools (~1 h on 2 cores). bench/peers.py builds
-# RLlib's, Avalanche's and Reverb's environments under ~/.cache/forgetless/bench-envs on first use
-# (~8.4 GB of disk, a few minutes).
+# The speed targets and the comparisons with other tools (~1.5 h on 2 cores, model_scale ~25 min of
+# it, writing up to 12 GB of checkpoints to /tmp). bench/peers.py builds RLlib's, Avalanche's and
+# Reverb's environments under ~/.cache/forgetless/bench-envs on first use (~8.4 GB of disk, a few
+# minutes).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
@@ -58,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json
 	$(BIN)/python bench/replay_soak.py --json runs/bench/replay_soak.json
 	$(BIN)/python bench/compare_startup.py --json runs/bench/compare_startup.json
+	$(BIN)/python bench/model_scale.py --json runs/bench/model_scale.json --plot runs/bench/model_scale.png
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlartifacts

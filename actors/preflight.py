@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
 from pipelines.errors import ConfigError, DataError
-from pipelines.models import (build_model, directory_digest, fetch_encoder, load_tokenizer, long_targets,
-                              stream_tokenizer, target_ceilings)
+from pipelines.models import (build_model, count_parameters, directory_digest, fetch_encoder, hf_config,
+                              load_tokenizer, long_targets, model_size, stream_tokenizer, target_ceilings)
 from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
 from pipelines.report import ModelInit, RunReport
@@ -66,11 +66,64 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
                                          config.evaluation.normalize)
     for problem in problems:
         tqdm.write(f"warning: {problem}", file=sys.stderr)
+    if config.paradigm.name == "fine_tuning" and config.training.check_memory and config.ray.address is None:
+        check_memory(config, tokenizer, start)
     slots = None
     if config.paradigm.name != "fine_tuning":  # a frozen-model paradigm's heads or prompts, its prompts' lengths
         slots = task_slots(config, stream, tokenizer)
         check_prompt_lengths(config, eval_sets(config, stream), tokenizer)
     return ResolvedRun(stream, start, tokenizer_dir, slots, previous, changes, ceilings)
+
+
+def available_memory() -> int | None:
+    """This machine's available memory in bytes (Linux's MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(config: RunConfig, tokenizer: Any, start: ModelStart, *, host_bytes: int | None = None) -> None:
+    """Refuse a local run whose training cannot fit this machine (its workers share it), before Ray
+    starts: ZeRO's per-worker estimate against the available memory, with the nearest setting that
+    fits (pipelines.memory). T5 and BART are counted from their config; an encoder-decoder of a
+    pretrained encoder is built on torch's meta device to count it.
+
+    Raises:
+        ConfigError: it does not fit; naming the estimate, its parts and a setting that would fit.
+    """
+    from pipelines.deepspeed_config import build_deepspeed_config, resolve_precision
+    from pipelines.memory import refuse_unless_it_fits, run_setting, shape_of
+
+    host_bytes = host_bytes or available_memory()
+    if host_bytes is None:
+        return
+    on_cuda = config.training.use_gpu is not False and _has_nvidia_gpu()
+    accelerator = None
+    if on_cuda:  # torch only where there is a GPU to ask about
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+        accelerator = torch.cuda.get_device_properties(0).total_memory if on_cuda else None
+    precision = resolve_precision(config.training, on_cuda=on_cuda)
+    ds = build_deepspeed_config(config.training, world_size=config.training.num_workers, precision=precision,
+                                on_cuda=on_cuda)
+    model_config = hf_config(config.model, tokenizer, start.checkpoint) if config.model.arch != "encoder_decoder" else None
+    parameters = count_parameters(model_config, len(tokenizer)) if model_config is not None else None
+    if parameters is None:  # counted from the config where it can be, else built on the meta device
+        parameters, model_config = model_size(config.model, tokenizer, start.checkpoint)
+    refuse_unless_it_fits(shape_of(model_config, parameters),
+                          run_setting(config, ds, on_cuda=on_cuda, precision=precision), host_bytes=host_bytes,
+                          accelerator_bytes=accelerator, where="training (training.check_memory=false skips this check)")
+
+
+def _has_nvidia_gpu() -> bool:
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def prepare_resume(config: RunConfig, output: OutputDir) -> tuple[RunReport, list[str]]:

@@ -29,9 +29,11 @@ from storage.replay import (
     EmptyReplayError,
     ReplayShard,
     ShardStats,
+    SchemaMismatchError,
     StaleTopologyError,
     check_batch,
     draw_index,
+    insert_schema,
     read_store_manifest,
     route,
     without_empty_optional_columns,
@@ -77,6 +79,9 @@ ReplayShardActor = ray.remote(max_restarts=-1, max_task_retries=0)(_PlacedShard)
 _RETRYABLE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError,
               ray.exceptions.ActorUnschedulableError)
 NAMESPACE = "forgetless"
+# What insert_batches gathers into one send: 4 MiB is ~1 MiB a shard at 4 shards, where the fixed cost
+# of a call (~0.3 ms of the caller's and the shard's CPU) is a few percent of moving its rows.
+SEND_BYTES = 4 << 20
 
 
 @dataclass
@@ -314,18 +319,49 @@ class ReplayStore:
         self._sizes = None
         return stored
 
-    def insert_batches(self, batches: Iterable[pa.Table], *, max_in_flight: int = 16) -> int:
-        """``insert`` for a stream of batches, keeping up to ``max_in_flight`` of them unacknowledged
-        (actor round trips overlap). Every batch is acknowledged when this returns."""
+    def insert_batches(self, batches: Iterable[pa.Table], *, max_in_flight: int = 16,
+                       send_bytes: int = SEND_BYTES) -> int:
+        """``insert`` for a stream of batches; returns rows newly stored.
+
+        Consecutive batches travel together until they hold ``send_bytes``: a shard call costs
+        about the same for 250 rows as for 2,500, so many small batches would be bound by calls,
+        not rows (a part of 100 KiB or more also leaves Ray's inline path for the object store).
+        Up to ``max_in_flight`` sends stay unacknowledged, so actor round trips overlap. Each batch
+        is checked as it arrives: a bad one raises once every batch before it is stored, with
+        nothing of it or after it stored. Every batch is acknowledged when this returns.
+        """
         pending: deque[list[tuple[int, pa.Table, ray.ObjectRef]]] = deque()
-        stored = 0
-        for batch in batches:
-            pending.append(self._send(batch))
-            if len(pending) > max_in_flight:
+        held: list[pa.Table] = []
+        stored = held_bytes = 0
+        schema = insert_schema()
+
+        def send() -> None:
+            nonlocal stored, held_bytes
+            if held:
+                pending.append(self._send(pa.concat_tables(held)))
+                held.clear()
+                held_bytes = 0
+            while len(pending) > max_in_flight:
                 stored += self._acknowledge(pending.popleft())
-        while pending:
-            stored += self._acknowledge(pending.popleft())
-        self._sizes = None
+
+        def acknowledge_all() -> None:
+            nonlocal stored
+            send()
+            while pending:
+                stored += self._acknowledge(pending.popleft())
+            self._sizes = None
+
+        for number, batch in enumerate(batches):
+            try:
+                checked = check_batch(batch, where=f" (batch {number} of insert_batches)")
+            except SchemaMismatchError:
+                acknowledge_all()  # what came before the bad batch is stored before the error goes up
+                raise
+            held.append(pa.Table.from_arrays(checked.columns, schema=schema))
+            held_bytes += checked.nbytes
+            if held_bytes >= send_bytes:
+                send()
+        acknowledge_all()
         return stored
 
     def delete(self, example_ids: list[str]) -> int:

@@ -448,7 +448,8 @@ class Scheduler:
         self._last_progress_at = time.time()
         self._write_report()  # the commit
         self._forget_older_state(task_index)
-        timing = {f"time/{k}": train_stats[k] for k in ("seconds", "eval_seconds") if train_stats and k in train_stats}
+        timing = {f"time/{k}": train_stats[k] for k in ("seconds", "eval_seconds", "save_seconds")
+                  if train_stats and k in train_stats}
         self.sink.log_metrics({**{f"acc/{k}": v for k, v in accuracies.items()}, **metrics, **timing},
                               step=task_index)
         if self.replay is not None:

@@ -1,7 +1,10 @@
 """Replay store throughput and footprint, measured side by side in one run on a local Ray.
 
-  insert_rows_per_s[N shards]  rows/s acknowledged (logged durably) in 1k-row batches, one writer
-                               (target >= 100k)
+  insert_rows_per_s[N shards]  rows/s acknowledged (logged durably) by insert_batches fed 1k-row
+                               batches, one writer (target >= 100k)
+  insert_call_rows_per_s[N shards]
+                               the same rows through insert(), a 1k-row batch a call, each
+                               acknowledged before the next (what one call costs, all of it)
   sample_ratio_vs_local        rows/s delivered to one consumer by the PrefetchingSampler / rows/s
                                of an in-process pyarrow take of the same batch size on the same
                                rows (target >= 0.9); beside it, the sampler with every shard
@@ -64,6 +67,19 @@ def bench_inserts(data: pa.Table, num_shards: int, directory: Path) -> tuple[flo
     return stored / (time.perf_counter() - start), store
 
 
+def bench_insert_calls(data: pa.Table, num_shards: int, directory: Path) -> float:
+    config = ReplayConfig(enabled=True, num_shards=num_shards, capacity_rows=data.num_rows, remover="fifo",
+                          snapshot_every_rows=None)
+    store = ReplayStore.create(config, directory=directory)
+    store.insert(data.slice(0, BATCH_ROWS))
+    start = time.perf_counter()
+    stored = sum(store.insert(data.slice(offset, BATCH_ROWS)) for offset in range(BATCH_ROWS, data.num_rows, BATCH_ROWS))
+    rate = stored / (time.perf_counter() - start)
+    store.shutdown()
+    assert stored == data.num_rows - BATCH_ROWS
+    return rate
+
+
 def bench_sampling(store: ReplayStore, local: pa.Table, *, batch_size: int, num_batches: int,
                    trials: int = 5) -> dict:
     """Rounds of each side in turn (so background load hits all alike): the sampler as a trainer gets
@@ -108,7 +124,7 @@ def main() -> int:
     if args.baseline:
         argv = ["--rows", str(args.rows), *(["--inserts-only"] if args.inserts_only else [])]
         runs = side_by_side(__file__, argv, args.baseline, args.rounds)
-        keys = [f"insert_rows_per_s[{n} shards]" for n in SHARDS]
+        keys = [f"insert{kind}_rows_per_s[{n} shards]" for n in SHARDS for kind in ("", "_call")]
         if not args.inserts_only:
             keys += ["sample_rows_per_s", "snapshot_s_per_gb", "restore_s_per_gb", "bytes_per_row"]
         table = ratios(runs, keys)
@@ -131,7 +147,11 @@ def main() -> int:
                     store.shutdown()
             results[f"insert_rows_per_s[{shards} shards]"] = statistics.median(rates)
             results[f"insert_rows_per_s_trials[{shards} shards]"] = rates
-            print(f"insert, {shards} shards: {statistics.median(rates):,.0f} rows/s (trials {rates})", flush=True)
+            calls = [round(bench_insert_calls(data, shards, root / f"c{shards}-{trial}")) for trial in range(3)]
+            results[f"insert_call_rows_per_s[{shards} shards]"] = statistics.median(calls)
+            results[f"insert_call_rows_per_s_trials[{shards} shards]"] = calls
+            print(f"insert, {shards} shards: {statistics.median(rates):,.0f} rows/s (trials {rates}); a call at a "
+                  f"time {statistics.median(calls):,.0f} rows/s (trials {calls})", flush=True)
             if shards == 4 and not args.inserts_only:
                 results.update(bench_sampling(store, data, batch_size=256, num_batches=2000))
                 print(f"sampling: {results['sample_rows_per_s']:,} rows/s zero-copy, "

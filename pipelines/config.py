@@ -77,7 +77,9 @@ _MODEL_SOURCES = ("preset", "name_or_path", "pretrain", "encoder")
 class ModelConfig(Schema):
     """Where the model comes from: exactly one of
 
-    * ``preset``: a T5/BART size preset, random init (the default, ``tiny``);
+    * ``preset``: a T5/BART size preset, random init (the default, ``tiny``): our small shapes, or
+      a published configuration's (``t5-small``, ``t5-base``, ``t5-large``, ``bart-base``,
+      ``bart-large``: 60M, 223M, 738M, 140M, 406M parameters);
     * ``name_or_path``: a ``save_pretrained`` directory or a hub name;
     * ``pretrain``: a pretrain config (``forgetless pretrain``); built once, cached by its contents;
     * ``encoder`` (with ``arch: encoder_decoder``): a pretrained BERT-style encoder, warm-starting
@@ -89,7 +91,10 @@ class ModelConfig(Schema):
     """
 
     arch: Literal["t5", "bart", "encoder_decoder"] = "t5"
-    preset: Literal["tiny", "small", "medium", "base"] | None = "tiny"
+    # tiny/small/medium/base: our own small shapes (t5 base is the t5-small architecture); the named
+    # ones are the published configurations' shapes, vocabulary rows included (random weights)
+    preset: Literal["tiny", "small", "medium", "base", "t5-small", "t5-base", "t5-large", "bart-base",
+                    "bart-large"] | None = "tiny"
     name_or_path: str | None = None
     pretrain: str | None = None
     encoder: str | None = None
@@ -117,6 +122,10 @@ class ModelConfig(Schema):
         if (self.arch == "encoder_decoder") != (self.encoder is not None):
             raise ValueError("model.arch: encoder_decoder goes with model.encoder (the pretrained encoder to "
                              "warm-start from), and model.encoder only with it")
+        published = self.preset is not None and "-" in self.preset
+        if published and not self.preset.startswith(f"{self.arch}-"):
+            raise ValueError(f"model.preset {self.preset} is a {self.preset.split('-')[0]} shape; model.arch is "
+                             f"{self.arch}: set model.arch={self.preset.split('-')[0]}")
         if self.preset is not None and self.weights == "random":
             raise ValueError("model.weights: random is for pretrained sources; a preset is random init already")
         return self
@@ -254,6 +263,9 @@ class TrainingConfig(Schema):
     # (``checkpoint.every_n_steps``). An error in the run's own input or numbers (bad data, a
     # non-finite loss) fails the run at once: it would fail again.
     max_failures: int = Field(default=3, ge=0)
+    # A local run is refused before Ray starts when ZeRO's per-worker estimate (pipelines/memory.py)
+    # does not fit this machine's available memory, naming a setting that would; false skips it.
+    check_memory: bool = True
 
 
 class EvaluationConfig(Schema):

@@ -67,13 +67,39 @@ def _single_worker(ds: dict[str, Any], training: TrainingConfig, world_size: int
     return ds
 
 
+# DeepSpeed's own defaults for the keys below, and what a CPU run sets instead where the file is silent
+DEEPSPEED_ZERO_DEFAULTS = {"reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8),
+                           "stage3_max_live_parameters": int(1e9), "stage3_max_reuse_distance": int(1e9),
+                           "stage3_prefetch_bucket_size": int(5e7)}
+CPU_ZERO_DEFAULTS: dict[int, dict[str, Any]] = {
+    # ZeRO-1/2's GPU-tuned defaults cost ~35% of a CPU step (measured): no comm overlap, small buckets
+    1: {"overlap_comm": False, "contiguous_gradients": False, "reduce_bucket_size": int(5e7),
+        "allgather_bucket_size": int(5e7)},
+    2: {"overlap_comm": False, "contiguous_gradients": False, "reduce_bucket_size": int(5e7),
+        "allgather_bucket_size": int(5e7)},
+    # DeepSpeed keeps up to 1e9 gathered parameters live (and any reused within 1e9): a model under
+    # that size stays whole on every worker, t5-large's 2.95 GB on each of two workers (they ran out
+    # of memory); its 5e8-element reduce bucket is another 1.9 GiB in fp32
+    # its optimizer steps the worker's whole fp32 partition as one tensor (sub_group_size 1e9): Adam's
+    # temporaries are that big again; 1e8-element sub-groups bound them
+    3: {"reduce_bucket_size": int(5e7), "stage3_max_live_parameters": int(1e8),
+        "stage3_max_reuse_distance": int(1e8), "sub_group_size": int(1e8)},
+}
+
+
+def zero_setting(key: str, *, stage: int, on_cuda: bool) -> int:
+    """What a run without a DeepSpeed file gets for ``key`` at ``stage``."""
+    defaults = {} if on_cuda else CPU_ZERO_DEFAULTS.get(stage, {})
+    return int(defaults.get(key, DEEPSPEED_ZERO_DEFAULTS[key]))
+
+
 def _cpu_defaults(ds: dict[str, Any], *, zero_stage: int, on_cuda: bool) -> dict[str, Any]:
-    """On CPU, ZeRO-1/2's GPU-tuned defaults cost ~35% of step time (measured): no comm overlap,
-    big buckets. Defaults only: a user file that sets these keys wins."""
-    if not on_cuda and zero_stage in (1, 2):
+    """On CPU, DeepSpeed's GPU-tuned ZeRO settings cost step time (stages 1-2) or memory a worker
+    needs for the model (stage 3): ``CPU_ZERO_DEFAULTS``. Defaults only: a user file that sets these
+    keys wins."""
+    if not on_cuda and zero_stage in CPU_ZERO_DEFAULTS:
         zero = ds["zero_optimization"]
-        for key, value in (("overlap_comm", False), ("contiguous_gradients", False),
-                           ("reduce_bucket_size", int(5e7)), ("allgather_bucket_size", int(5e7))):
+        for key, value in CPU_ZERO_DEFAULTS[zero_stage].items():
             zero.setdefault(key, value)
     return ds
 

@@ -31,7 +31,8 @@ from pipelines.denoising import MASKED_TOKEN_ACCURACY, Corruptor, collate_denois
 from pipelines.distributed import Collectives, deepspeed_module, init_distributed
 from pipelines.errors import DataError, NonFiniteLossError
 from pipelines.evaluation import Evaluator
-from pipelines.models import build_model, load_tokenizer, save_pretrained
+from pipelines.models import (ShardedWeights, build_model, load_tokenizer, save_config_and_tokenizer,
+                              save_pretrained)
 from pipelines.paradigm_model import PARADIGM_STEM, ParadigmModel, source_tokens, trained_for
 from pipelines.paradigms import TaskSlot
 from pipelines.plan import EvalSet, RecoveryPlan, RecoveryTask, TaskPlan
@@ -117,15 +118,26 @@ class Engine:
         """
         directory = Path(directory)
 
-        def write() -> None:
+        def write(weights: Callable[[Path], None] | None = None) -> None:
             with atomic_directory(directory) as tmp:
-                save_pretrained(self.body, self.tokenizer, tmp)
+                if weights is None:
+                    save_pretrained(self.body, self.tokenizer, tmp)
+                else:
+                    weights(tmp)
+                    save_config_and_tokenizer(self.body, self.tokenizer, tmp)
                 if isinstance(self.model, ParadigmModel):  # the heads or prompts, beside the untouched body
                     save_tree(self.model.extra_state(), tmp, PARADIGM_STEM)
                 if extra is not None:
                     extra(tmp)
 
-        if self.zero_stage == 3:
+        if self.zero_stage == 3:  # parameters an evaluation left gathered or in flight are released first
+            self.engine.empty_partition_cache()
+        if self.zero_stage == 3 and not isinstance(self.model, ParadigmModel):
+            if self.rank == 0:
+                write(self._write_gathered)
+            else:
+                self._write_gathered(None)
+        elif self.zero_stage == 3:  # a frozen body and its heads or prompts: small next to the model
             with deepspeed_module().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
                 if self.rank == 0:
                     write()
@@ -133,6 +145,34 @@ class Engine:
             write()
         self.comm.barrier()
         return directory
+
+    def _write_gathered(self, directory: Path | None) -> None:
+        """ZeRO-3: gather the model one module at a time, rank 0 writing its weights into
+        ``directory`` a file at a time (``ShardedWeights``): every rank holds one module's
+        parameters at a time, rank 0 at most one file's worth besides. (Gathering every parameter at
+        once put a whole copy on every rank, and writing it a second on rank 0: t5-large on two
+        workers ran out of memory there.) Collective: every rank calls it; ``directory`` None off
+        rank 0."""
+        gathered = deepspeed_module().zero.GatheredParameters
+        writer = ShardedWeights(directory) if directory is not None else None
+        written: set[int] = set()  # a tied parameter (one ds_id under several names) is written once
+        for prefix, module in self.body.named_modules():
+            params = list(module.named_parameters(prefix=prefix, recurse=False))
+            if params:
+                with gathered([p for _, p in params], modifier_rank=None):
+                    for key, param in params:
+                        ident = getattr(param, "ds_id", id(param))
+                        if writer is not None and ident not in written:
+                            # a copy in host memory: the gathered one is partitioned again on leaving the block
+                            writer.add(key, param.detach().to("cpu", copy=True))
+                        written.add(ident)
+            if writer is not None:
+                skipped = getattr(module, "_non_persistent_buffers_set", set())
+                for name, buffer in module.named_buffers(prefix=prefix, recurse=False):
+                    if buffer is not None and name.rsplit(".", 1)[-1] not in skipped:
+                        writer.add(name, buffer.detach().to("cpu", copy=True))
+        if writer is not None:
+            writer.close()
 
     def close(self) -> None:
         """Release the engine (optimizer state, ZeRO's partitions, device memory): a trainer worker

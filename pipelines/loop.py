@@ -115,10 +115,12 @@ def run_stream(learner: Learner, coordinator: Coordinator, *, replay: ReplayFact
             measured = eval_sets if plan.eval_tasks is None else [eval_sets[i] for i in plan.eval_tasks]
             accuracies = learner.evaluate(measured)  # every rank: a collective
             stats["eval_seconds"] = time.perf_counter() - started
+            started = time.perf_counter()
             if plan.model_dir:
                 learner.save(plan.model_dir)
             if plan.state_dir:
                 learner.save_state(plan.state_dir)
+            stats["save_seconds"] = time.perf_counter() - started
             if leader:
                 coordinator.record_eval(plan.index, accuracies, train_stats=stats, checkpoint=plan.model_dir,
                                         stored_columns=stored_columns, examples=learner.example_scores)

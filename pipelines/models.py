@@ -33,13 +33,22 @@ if TYPE_CHECKING:
 # the driver only trains and checks a tokenizer (a run of our own presets starts without them).
 
 # Size presets. t5/base is the t5-small architecture (60M with a 32k vocabulary); medium is ~15M
-# with an 8k vocabulary.
+# with an 8k vocabulary. The named ones are the published configurations (the hub's config.json
+# of t5-small/base/large, facebook/bart-base/large), with their vocabulary's embedding rows
+# (``vocab_size``: at least the tokenizer's) and BART's 1,024 positions, so that their parameter
+# counts are the published models'.
 PRESETS: dict[str, dict[str, dict[str, int]]] = {
     "t5": {
         "tiny": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16),
         "small": dict(d_model=128, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=32),
         "medium": dict(d_model=384, d_ff=1536, num_layers=3, num_decoder_layers=3, num_heads=6, d_kv=64),
         "base": dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64),
+        "t5-small": dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
+                         vocab_size=32128),
+        "t5-base": dict(d_model=768, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12, d_kv=64,
+                        vocab_size=32128),
+        "t5-large": dict(d_model=1024, d_ff=4096, num_layers=24, num_decoder_layers=24, num_heads=16, d_kv=64,
+                         vocab_size=32128),
     },
     "bart": {
         "tiny": dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, encoder_layers=2, decoder_layers=2,
@@ -50,6 +59,12 @@ PRESETS: dict[str, dict[str, dict[str, int]]] = {
                        encoder_attention_heads=6, decoder_attention_heads=6),
         "base": dict(d_model=768, encoder_ffn_dim=3072, decoder_ffn_dim=3072, encoder_layers=6, decoder_layers=6,
                      encoder_attention_heads=12, decoder_attention_heads=12),
+        "bart-base": dict(d_model=768, encoder_ffn_dim=3072, decoder_ffn_dim=3072, encoder_layers=6, decoder_layers=6,
+                          encoder_attention_heads=12, decoder_attention_heads=12, vocab_size=50265,
+                          max_position_embeddings=1024),
+        "bart-large": dict(d_model=1024, encoder_ffn_dim=4096, decoder_ffn_dim=4096, encoder_layers=12,
+                           decoder_layers=12, encoder_attention_heads=16, decoder_attention_heads=16,
+                           vocab_size=50265, max_position_embeddings=1024),
     },
 }
 
@@ -204,7 +219,20 @@ def directory_digest(directory: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a directory (or a hub name's).
+
+    Raises:
+        ConfigError: the directory holds no tokenizer, or it cannot be read; naming the directory.
+    """
+    directory = Path(name_or_path)
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{directory} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+                          "model's tokenizer into it (tokenizer.save_pretrained), or name the tokenizer's own "
+                          "directory in model.tokenizer.name_or_path")
     try:
         from transformers import AutoTokenizer
 
@@ -283,42 +311,129 @@ def build_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpo
     Raises:
         ConfigError: the directory holds another architecture than ``model.arch``, or cannot be read.
     """
-    from transformers import (AutoConfig, AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration, T5ForConditionalGeneration
 
     if config.arch == "encoder_decoder":
         return _build_encoder_decoder(checkpoint or config.encoder, tokenizer, random=config.weights == "random")
+    model_config = hf_config(config, tokenizer, checkpoint)
+    source = checkpoint or config.name_or_path
+    if source:
+        if config.weights == "random":
+            model = AutoModelForSeq2SeqLM.from_config(model_config)
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(source)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        return model
+    if config.arch == "t5":
+        return T5ForConditionalGeneration(model_config)
+    return BartForConditionalGeneration(model_config)
+
+
+def hf_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpoint: str | None = None) -> Any:
+    """The Hugging Face config of the T5 or BART model ``build_model`` builds (no torch needed).
+
+    Raises:
+        ConfigError: the directory holds another architecture than ``model.arch``, or cannot be read.
+    """
+    from transformers import AutoConfig, BartConfig, T5Config
+
     source = checkpoint or config.name_or_path
     if source:
         key = "model.pretrain" if config.pretrain else "model.name_or_path"
         loaded_type = _loaded_type(source, key)
         if loaded_type != _MODEL_TYPES[config.arch]:
             arch = next((a for a, t in _MODEL_TYPES.items() if t == loaded_type), loaded_type)
+            where = Path(source) / "config.json" if Path(source).is_dir() else repr(source)
             raise ConfigError(
-                f"model.arch is {config.arch!r} but {source!r} holds a {loaded_type!r} model; set model.arch={arch}"
+                f"model.arch is {config.arch!r} but {source!r} holds a {loaded_type!r} model ({where}); "
+                f"set model.arch={arch}"
             )
-        if config.weights == "random":
-            model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(source))
-        else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(source)
-        if model.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer))
-        return model
-    preset = PRESETS[config.arch][config.preset]
+        model_config = AutoConfig.from_pretrained(source)
+        if config.weights == "pretrained":
+            check_tokenizer_matches(model_config, tokenizer, source)
+        return model_config
+    preset = dict(PRESETS[config.arch][config.preset])
+    vocab_size = max(len(tokenizer), preset.pop("vocab_size", 0))
     if config.arch == "t5":
-        model_config = T5Config(
-            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        return T5Config(
+            vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id, feed_forward_proj="relu", tie_word_embeddings=True,
             **preset,
         )
-        return T5ForConditionalGeneration(model_config)
-    model_config = BartConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    return BartConfig(
+        vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
         forced_bos_token_id=tokenizer.bos_token_id, forced_eos_token_id=tokenizer.eos_token_id,
-        max_position_embeddings=512, **preset,
+        **{"max_position_embeddings": 512, **preset},
     )
-    return BartForConditionalGeneration(model_config)
+
+
+def check_tokenizer_matches(model_config: Any, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """Refuse a tokenizer that is not the pretrained model's: more tokens than its embedding has
+    rows (those ids would get untrained rows), or its padding or end token at other ids than the
+    model's config.json says (the model would learn to read them as other tokens).
+
+    Raises:
+        ConfigError: naming the model's config.json, the tokenizer's files and every difference.
+    """
+    where = Path(source) / "config.json" if Path(source).is_dir() else f"{source}'s config"
+    problems = []
+    if len(tokenizer) > model_config.vocab_size:
+        problems.append(f"the tokenizer has {len(tokenizer)} tokens, the model's embedding {model_config.vocab_size} "
+                        f"rows (vocab_size in {where})")
+    for name in ("pad_token_id", "eos_token_id"):
+        want, got = getattr(model_config, name, None), getattr(tokenizer, name, None)
+        if want is not None and got is not None and want != got:
+            problems.append(f"{name} is {got} in the tokenizer, {want} in {where}")
+    if problems:
+        tokenizer_from = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ConfigError(f"model.name_or_path {source}: the tokenizer ({tokenizer_from}) is not the model's: "
+                          + "; ".join(problems) + ". Save the model's own tokenizer beside it (save_pretrained), "
+                          "or set model.tokenizer.name_or_path to it", problems=problems)
+
+
+def count_parameters(model_config: Any, vocab_rows: int | None = None) -> int | None:
+    """The trainable parameters of a T5 or BART model of ``model_config`` (its embedding resized to
+    ``vocab_rows`` when more), counted from the config alone; None for another architecture.
+    T5: no biases, relative position biases in each stack's first layer, gated feed-forward in v1.1.
+    BART: biases everywhere, learned positions (2 offset rows), an embedding layer norm a stack."""
+    c = model_config
+    vocab = max(c.vocab_size, vocab_rows or 0)
+    if c.model_type == "t5":
+        d, inner, ff = c.d_model, c.num_heads * c.d_kv, c.d_ff
+        attention = 4 * d * inner
+        feed_forward = (3 if c.is_gated_act else 2) * d * ff
+        encoder = c.num_layers * (attention + feed_forward + 2 * d) + d
+        decoder = c.num_decoder_layers * (2 * attention + feed_forward + 3 * d) + d
+        biases = 2 * c.relative_attention_num_buckets * c.num_heads
+        head = 0 if c.tie_word_embeddings else vocab * d
+        return vocab * d + encoder + decoder + biases + head
+    if c.model_type == "bart":
+        d = c.d_model
+        attention = 4 * (d * d + d)
+
+        def feed_forward(f: int) -> int:
+            return 2 * d * f + f + d
+
+        encoder = c.encoder_layers * (attention + feed_forward(c.encoder_ffn_dim) + 4 * d)
+        decoder = c.decoder_layers * (2 * attention + feed_forward(c.decoder_ffn_dim) + 6 * d)
+        stacks = 2 * ((c.max_position_embeddings + 2) * d + 2 * d)
+        head = 0 if c.tie_word_embeddings else vocab * d
+        return vocab * d + encoder + decoder + stacks + head
+    return None
+
+
+def model_size(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpoint: str | None = None) -> tuple[int, Any]:
+    """The parameter count and Hugging Face config of what ``build_model`` builds, built on torch's
+    meta device: no memory taken, no weights read."""
+    import torch
+
+    if config.preset is None:
+        config = config.model_copy(update={"weights": "random"})  # the architecture only
+    with torch.device("meta"):
+        model = build_model(config, tokenizer, checkpoint)
+    return sum(p.numel() for p in model.parameters()), model.config
 
 
 def _build_encoder_decoder(source: str | None, tokenizer: PreTrainedTokenizerBase, *, random: bool) -> PreTrainedModel:
@@ -409,12 +524,72 @@ def target_ceilings(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_
     return ceilings, problems
 
 
-def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """Write model and tokenizer so ``AutoModelForSeq2SeqLM``/``AutoTokenizer`` reopen them."""
+# safetensors builds each file whole in memory before writing it: files of at most this size bound
+# that copy (t5-large's 2.95 GB of fp32 weights would otherwise be a second whole copy while written)
+MAX_SHARD_SIZE = "1GB"
+MAX_SHARD_BYTES = 10**9
+
+
+class ShardedWeights:
+    """Writes a model's weights tensor by tensor as ``save_pretrained`` lays them out (one
+    ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` files of at most
+    ``MAX_SHARD_BYTES`` with ``model.safetensors.index.json``), holding one file's tensors at a time:
+    for weights gathered a module at a time (ZeRO-3), never whole in one place."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.held: dict[str, Any] = {}
+        self.held_bytes = self.total = 0
+        self.files: list[tuple[Path, list[str]]] = []
+
+    def add(self, key: str, tensor: Any) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.held and self.held_bytes + nbytes > MAX_SHARD_BYTES:
+            self._flush()
+        self.held[key] = tensor
+        self.held_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.directory / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.held, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.held)))
+        self.held, self.held_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.held or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.directory / "model.safetensors")
+            return
+        count, weight_map = len(self.files), {}
+        for number, (path, keys) in enumerate(self.files, 1):
+            name = f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_config_and_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+    """What ``save_pretrained`` writes besides the weights: the model's config (and generation
+    config) and the tokenizer."""
+    model.config.save_pretrained(directory)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
+                    state_dict: dict[str, Any] | None = None) -> Path:
+    """Write model and tokenizer so ``AutoModelForSeq2SeqLM``/``AutoTokenizer`` reopen them
+    (``state_dict``: the weights to write, when the model's own are partitioned)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state_dict, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(directory)
     return directory

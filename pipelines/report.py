@@ -30,6 +30,7 @@ class TaskStats(_Model):
     mean_loss: float | None
     seconds: float
     eval_seconds: float = 0.0
+    save_seconds: float = 0.0  # the task's model and training state written (rank 0's clock)
     started_at: float
     ended_at: float
     examples: int

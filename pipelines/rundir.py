@@ -341,7 +341,7 @@ def contained_report(report: RunReport, root: str | Path) -> RunReport:
 # mean, or what the saved state can be loaded into.
 MAY_CHANGE = (
     "stream.cache_dir", "training.lr", "training.weight_decay", "training.lr_schedule", "training.warmup_steps",
-    "training.grad_clip", "training.epochs", "training.max_steps", "training.log_every_n_steps",
+    "training.grad_clip", "training.epochs", "training.check_memory", "training.max_steps", "training.log_every_n_steps",
     "training.use_gpu", "training.cpus_per_worker", "evaluation.batch_size", "checkpoint.", "training.max_failures",
     "replay.snapshot_every_rows", "replay.fsync", "replay.num_cpus", "replay.memory_bytes", "replay.placement",
     "replay.max_samples_per_insert", "replay.min_rows_to_sample", "replay.max_shards", "ray.", "mlflow.run_name", "mlflow.flush_timeout_s",

@@ -14,7 +14,7 @@ import ray
 
 from actors.replay import PrefetchingSampler, ReplayStore
 from pipelines.config import ReplayConfig
-from storage.replay import EmptyReplayError, SchemaMismatchError, route
+from storage.replay import LOGITS_TYPE, EmptyReplayError, SchemaMismatchError, route
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,6 +51,32 @@ def test_bad_batch_is_rejected_before_any_shard_sees_it():
     with pytest.raises(SchemaMismatchError, match="missing column"):
         store.insert(rows([f"t:{i}" for i in range(10)]).drop_columns(["target"]))
     assert store.num_rows() == 0
+    store.shutdown()
+
+
+def test_insert_batches_sends_small_batches_together_and_a_bad_one_stores_every_batch_before_it(monkeypatch):
+    store = make_store(num_shards=3)
+    sends = []
+    real_send = store._send
+    monkeypatch.setattr(store, "_send", lambda table: sends.append(table.num_rows) or real_send(table))
+    batches = [rows([f"t:{b}:{i}" for i in range(10)]) for b in range(30)]
+    logits = pa.array([{"tokens": 1, "k": 2, "ids": [i, i + 1], "values": [0.5, 0.25]} for i in range(10)], LOGITS_TYPE)
+    batches[7] = batches[7].append_column("logits", logits)  # one batch with logits among batches without
+    assert store.insert_batches(batches, send_bytes=batches[0].nbytes * 4) == 300
+    assert 1 < len(sends) < 30 and sum(sends) == 300  # gathered into a few sends, every row in one of them
+    ids = [f"t:{b}:{i}" for b in range(30) for i in range(10)]
+    for index, held in enumerate(ids_by_shard(store)):
+        assert held == {i for i, target in zip(ids, route(ids, 3)) if target == index}
+    stored = store.rows()
+    with_logits = stored.filter(pa.compute.is_valid(stored.column("logits")))
+    assert sorted(with_logits.column("example_id").to_pylist()) == sorted(f"t:7:{i}" for i in range(10))
+    assert {r["ids"][0] for r in with_logits.column("logits").to_pylist()} == set(range(10))
+
+    more = [rows([f"u:{b}:{i}" for i in range(10)]) for b in range(8)]
+    more[5] = more[5].drop_columns(["target"])
+    with pytest.raises(SchemaMismatchError, match=r"batch 5 of insert_batches.*missing column"):
+        store.insert_batches(more, send_bytes=10**9)
+    assert store.num_rows() == 300 + 50  # the five batches before the bad one, and nothing after
     store.shutdown()
 
 

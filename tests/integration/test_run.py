@@ -7,18 +7,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from pipelines.config import ModelConfig, load_config
+from pipelines.models import build_model, save_pretrained, train_tokenizer
+from pipelines.memory import GIB
+from pipelines.tasks import load_stream
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.new_mlflow_store
 def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_config_file, tmp_path, mlflow_store):
-    """...and the run's Ray listens on loopback only, every port of it refusing a caller without the
-    run's token; the run makes its MLflow store, which nothing made in advance."""
+    """...from a model a user brings as a ``save_pretrained`` directory (weights and tokenizer); and
+    the run's Ray listens on loopback only, every port of it refusing a caller without the run's
+    token; the run makes its MLflow store, which nothing made in advance."""
     path = toy_config_file(num_workers=2, zero_stage=3, max_steps=8)
+    texts = load_stream(load_config(path)).training_text(first_only=False)
+    tokenizer = train_tokenizer(texts, arch="t5", vocab_size=300)
+    brought = save_pretrained(build_model(ModelConfig(arch="t5", preset="small"), tokenizer), tokenizer,
+                              tmp_path / "brought")
     result, listeners = cli_watching_listeners("run", str(path), "replay.enabled=true", "replay.num_shards=2",
-                                                   "replay.rows_per_task=20", "--no-progress")
+                                                   "replay.rows_per_task=20", "model.preset=null",
+                                                   f"model.name_or_path={brought}", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     names = {name for name, _ in listeners.seen.values()}
     assert {"gcs_server", "raylet"} <= names and len(listeners.seen) >= 8, listeners.seen  # the watch saw the run
@@ -36,8 +47,12 @@ def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_confi
     assert np.array(report["acc_matrix"], dtype=float).shape == (2, 2)
     assert report["status"] == "FINISHED"
     assert MlflowClient(mlflow_store).get_run(report["mlflow"]["run_id"]).info.status == "FINISHED"
+    assert report["init"] == {"kind": "pretrained", "source": f"name_or_path {brought}", "checkpoint": str(brought),
+                              "pretrain": None}
     model = AutoModelForSeq2SeqLM.from_pretrained(report["checkpoints"]["first_word"])
-    assert model.config.model_type == "t5"
+    assert model.config.model_type == "t5" and model.config.d_model == 128  # the brought model's shape, trained
+    saved = AutoTokenizer.from_pretrained(report["checkpoints"]["first_word"])
+    assert saved.get_vocab() == tokenizer.get_vocab()  # its own tokenizer, not one trained for the run
 
 
 def test_the_probe_tells_an_open_server_from_a_guarded_one(listener_probe):
@@ -79,5 +94,20 @@ def test_bad_input_fails_before_training(cli, toy_config_file, mlflow_store, ove
     result = cli("run", str(toy_config_file()), override, "--no-progress", timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert MlflowClient(mlflow_store).get_experiment_by_name("forgetless") is None  # nothing started
+
+
+def test_a_model_this_machine_cannot_train_is_refused_before_ray_starts(cli, toy_config_file, mlflow_store):
+    total = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                 if line.startswith("MemTotal:"))
+    if total > 40 * GIB:
+        pytest.skip(f"this machine has {total / GIB:.0f} GiB: t5-large on two workers at stage 0 (~25 GiB) fits")
+    result = cli("run", str(toy_config_file()), "model.preset=t5-large", "training.num_workers=2",
+                 "training.zero_stage=0", "--no-progress", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "a 738M-parameter model under training.zero_stage=0, training.num_workers=2" in result.stderr
+    assert "GiB of host memory for its 2 worker(s)" in result.stderr and "model states 11.0 GiB" in result.stderr
+    assert "this would fit: training.zero_stage=" in result.stderr or "no stage, offload" in result.stderr
     assert "Traceback" not in result.stderr
     assert MlflowClient(mlflow_store).get_experiment_by_name("forgetless") is None  # nothing started

@@ -1,5 +1,6 @@
 """The Learner with a real DeepSpeed engine, one process (gloo), tiny T5/BART."""
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 import dataclasses
 
 from pipelines.config import validate_config
+from pipelines.distributed import deepspeed_module
 from pipelines.errors import ConfigError, NonFiniteLossError
 from pipelines.evaluation import label_log_likelihoods
 from pipelines.learner import lr_at, silence_library_noise
@@ -63,16 +65,31 @@ def test_non_finite_loss_names_task_and_step(make_learner, toy_stream_config, tm
 
 
 @pytest.mark.parametrize(("arch", "stage"), [("t5", 3), ("bart", 2)], ids=["t5-zero3", "bart-zero2"])
-def test_saved_checkpoint_reopens_with_plain_transformers(make_learner, arch, stage, toy_stream_config, tmp_path):
+def test_saved_checkpoint_reopens_with_plain_transformers(make_learner, arch, stage, toy_stream_config, tmp_path,
+                                                          monkeypatch):
     toy_stream_config["model"] = {"arch": arch, "preset": "tiny", "tokenizer": {"vocab_size": 300}}
     toy_stream_config["training"].update(zero_stage=stage, max_steps=3)
     learner, stream, config = make_learner(toy_stream_config)
     learner.train_task(_plan(stream, config, 0))
+    monkeypatch.setattr("pipelines.models.MAX_SHARD_BYTES", 40_000)  # ZeRO-3 writes files of this size at most
     directory = learner.save(tmp_path / "ckpt")
+    files = sorted(p.name for p in directory.glob("model*.safetensors"))
+    if stage == 3:  # written as gathered, a file at a time, laid out as save_pretrained lays out shards
+        assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        assert sorted(set(index["weight_map"].values())) == files
+    else:
+        assert files == ["model.safetensors"]
     model = AutoModelForSeq2SeqLM.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     assert model.config.model_type == arch
     assert sum(p.numel() for p in model.parameters()) == learner.num_parameters
+    with deepspeed_module().zero.GatheredParameters(list(learner.body.parameters()), enabled=stage == 3):
+        trained = {name: p.detach().clone() for name, p in learner.body.named_parameters()}
+    saved = dict(model.named_parameters())
+    assert trained.keys() == saved.keys()  # under ZeRO-3 gathered a module at a time: every weight, as trained
+    for name, weight in trained.items():
+        torch.testing.assert_close(saved[name], weight, rtol=0, atol=0)
     batch = tokenizer(stream[0].sources("eval")[:2], return_tensors="pt", padding=True)
     assert model.generate(**batch, max_new_tokens=2).shape[0] == 2
 

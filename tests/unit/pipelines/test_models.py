@@ -4,7 +4,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
-from pipelines.models import build_model, save_pretrained, train_tokenizer
+from pipelines.models import build_model, load_tokenizer, save_pretrained, train_tokenizer
 
 TEXTS = ["question type: How far is it from Denver to Aspen ?", "NUM", "spam or ham: Ok lar joking wif u", "ham",
          "sentiment: a gorgeous, witty, seductive movie", "positive"] * 30
@@ -42,10 +42,37 @@ def test_bpe_vocabulary_too_small_for_bytes():
 def test_loading_a_directory_of_another_architecture_is_refused(tmp_path):
     tokenizer = train_tokenizer(TEXTS, arch="bart", vocab_size=300)
     save_pretrained(build_model(ModelConfig(arch="bart", preset="tiny"), tokenizer), tokenizer, tmp_path)
-    with pytest.raises(ConfigError, match="model.arch is 't5' but .* holds a 'bart' model"):
+    with pytest.raises(ConfigError, match=r"model.arch is 't5' but .* holds a 'bart' model \(.*config.json\)"):
         build_model(ModelConfig(arch="t5", preset=None, name_or_path=str(tmp_path)), tokenizer)
     loaded = build_model(ModelConfig(arch="bart", preset=None, name_or_path=str(tmp_path)), tokenizer)
     assert loaded.config.model_type == "bart"
+
+
+def test_a_model_directory_without_a_tokenizer_is_refused_naming_the_directory(tmp_path):
+    tokenizer = train_tokenizer(TEXTS, arch="t5", vocab_size=300)
+    build_model(ModelConfig(arch="t5", preset="tiny"), tokenizer).save_pretrained(tmp_path)  # the weights alone
+    with pytest.raises(ConfigError, match=f"{tmp_path} holds no tokenizer \\(none of tokenizer.json, "):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("other", ["larger vocabulary", "other special ids"])
+def test_a_tokenizer_that_is_not_the_models_is_refused_naming_config_json_and_each_difference(other, tmp_path):
+    tokenizer = train_tokenizer(TEXTS, arch="t5", vocab_size=300)
+    save_pretrained(build_model(ModelConfig(arch="t5", preset="tiny"), tokenizer), tokenizer, tmp_path / "model")
+    wrong = (train_tokenizer(TEXTS * 4 + [f"word{i}" for i in range(400)], arch="t5", vocab_size=600)
+             if other == "larger vocabulary" else train_tokenizer(TEXTS, arch="bart", vocab_size=300))
+    wrong.save_pretrained(tmp_path / "tokenizer")
+    config = ModelConfig(arch="t5", preset=None, name_or_path=str(tmp_path / "model"))
+    expected = (rf"the tokenizer has {len(wrong)} tokens, the model's embedding {len(tokenizer)} rows "
+                rf"\(vocab_size in {tmp_path / 'model' / 'config.json'}\)" if other == "larger vocabulary" else
+                rf".*pad_token_id is 1 in the tokenizer, 0 in {tmp_path / 'model' / 'config.json'}; eos_token_id is 2 in the "
+                rf"tokenizer, 1 in")
+    with pytest.raises(ConfigError, match=rf"model.name_or_path {tmp_path / 'model'}: the tokenizer "
+                                          rf"\({tmp_path / 'tokenizer'}\) is not the model's: {expected}"):
+        build_model(config, load_tokenizer(tmp_path / "tokenizer"))
+    assert build_model(config, load_tokenizer(tmp_path / "model")).config.vocab_size == len(tokenizer)  # its own: fine
+    random = config.model_copy(update={"weights": "random"})  # the architecture alone takes any tokenizer
+    assert build_model(random, load_tokenizer(tmp_path / "tokenizer")).get_input_embeddings().num_embeddings >= len(wrong)
 
 
 def test_missing_model_directory_is_a_config_error(tmp_path):
