@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
 from pipelines.errors import ConfigError, DataError
-from pipelines.models import (build_model, count_parameters, directory_digest, fetch_encoder, hf_config,
-                              load_tokenizer, long_targets, model_size, stream_tokenizer, target_ceilings)
+from pipelines.models import (build_model, count_parameters, directory_digest, encoder_decoder_config, fetch_encoder,
+                              hf_config, load_tokenizer, long_targets, model_size, preset_config, stream_tokenizer,
+                              target_ceilings)
 from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
 from pipelines.report import ModelInit, RunReport
@@ -90,8 +91,8 @@ def available_memory() -> int | None:
 def check_memory(config: RunConfig, tokenizer: Any, start: ModelStart, *, host_bytes: int | None = None) -> None:
     """Refuse a local run whose training cannot fit this machine (its workers share it), before Ray
     starts: ZeRO's per-worker estimate against the available memory, with the nearest setting that
-    fits (pipelines.memory). T5 and BART are counted from their config; an encoder-decoder of a
-    pretrained encoder is built on torch's meta device to count it.
+    fits (pipelines.memory). The model is counted from its config (T5, BART, BERT2BERT: no torch);
+    another architecture is built on torch's meta device to count it.
 
     Raises:
         ConfigError: it does not fit; naming the estimate, its parts and a setting that would fit.
@@ -112,8 +113,13 @@ def check_memory(config: RunConfig, tokenizer: Any, start: ModelStart, *, host_b
     precision = resolve_precision(config.training, on_cuda=on_cuda)
     ds = build_deepspeed_config(config.training, world_size=config.training.num_workers, precision=precision,
                                 on_cuda=on_cuda)
-    model_config = hf_config(config.model, tokenizer, start.checkpoint) if config.model.arch != "encoder_decoder" else None
-    parameters = count_parameters(model_config, len(tokenizer)) if model_config is not None else None
+    if config.model.preset is not None:  # without transformers' config classes: they import torch
+        model_config = preset_config(config.model, len(tokenizer))
+    elif config.model.arch == "encoder_decoder":
+        model_config = encoder_decoder_config(start.checkpoint or config.model.encoder)
+    else:
+        model_config = hf_config(config.model, tokenizer, start.checkpoint)
+    parameters = count_parameters(model_config, len(tokenizer))
     if parameters is None:  # counted from the config where it can be, else built on the meta device
         parameters, model_config = model_size(config.model, tokenizer, start.checkpoint)
     refuse_unless_it_fits(shape_of(model_config, parameters),

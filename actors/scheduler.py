@@ -291,6 +291,7 @@ class Scheduler:
             self._attempt = attempt
             self._check_states()  # first: a damaged mid-task state changes where the restart goes on from
             self._restarted()
+            self._workers = {}  # the earlier attempt's are gone: a failure of this one names only its own
         self._workers[rank] = {"pid": pid, "host": host}
         return self._fatal is None
 

@@ -57,12 +57,12 @@ def run_job(job: dict[str, Any], rank: int, world_size: int, attempt: int = 0) -
     (see ``pipelines.loop.run_stream``), the learner released. In a restarted group (``attempt`` > 0)
     the scheduler hands out the stream from its last committed state, or ends the run when it
     cannot go on."""
-    from pipelines.learner import Learner  # see serve_runs
-
     config: RunConfig = job["config"]
     scheduler = RemoteScheduler(job["scheduler"])
+    # registered first, before the imports below: a worker that dies while they run is named
     if not scheduler.register_worker(rank, pid=os.getpid(), host=socket.gethostname(), attempt=attempt):
         return  # the run failed for good (the driver reports why); nothing to train
+    from pipelines.learner import Learner  # see serve_runs
     try:
         learner = Learner(config, job["tokenizer_dir"], rank=rank, world_size=world_size,
                           checkpoint=job["checkpoint"], objective=job["objective"], slots=job["slots"])

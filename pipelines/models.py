@@ -16,6 +16,7 @@ import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -369,6 +370,17 @@ def hf_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpoin
     )
 
 
+def preset_config(config: ModelConfig, vocab: int) -> SimpleNamespace:
+    """What ``count_parameters`` and the memory estimate read of a preset's config, without
+    transformers (whose config classes import torch): ``hf_config``'s fields for a preset."""
+    preset = dict(PRESETS[config.arch][config.preset])
+    preset["vocab_size"] = max(vocab, preset.get("vocab_size", 0))
+    if config.arch == "t5":
+        return SimpleNamespace(model_type="t5", relative_attention_num_buckets=32, is_gated_act=False,
+                               tie_word_embeddings=True, **preset)
+    return SimpleNamespace(model_type="bart", tie_word_embeddings=True, **{"max_position_embeddings": 512, **preset})
+
+
 def check_tokenizer_matches(model_config: Any, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
     """Refuse a tokenizer that is not the pretrained model's: more tokens than its embedding has
     rows (those ids would get untrained rows), or its padding or end token at other ids than the
@@ -394,11 +406,15 @@ def check_tokenizer_matches(model_config: Any, tokenizer: PreTrainedTokenizerBas
 
 
 def count_parameters(model_config: Any, vocab_rows: int | None = None) -> int | None:
-    """The trainable parameters of a T5 or BART model of ``model_config`` (its embedding resized to
-    ``vocab_rows`` when more), counted from the config alone; None for another architecture.
+    """The trainable parameters of a T5, BART or BERT2BERT model of ``model_config`` (its embedding
+    resized to ``vocab_rows`` when more), counted from the config alone; None for another architecture.
     T5: no biases, relative position biases in each stack's first layer, gated feed-forward in v1.1.
     BART: biases everywhere, learned positions (2 offset rows), an embedding layer norm a stack."""
     c = model_config
+    if c.model_type == "encoder-decoder":
+        if c.encoder.model_type == c.decoder.model_type == "bert":
+            return _bert_parameters(c.encoder, decoder=False) + _bert_parameters(c.decoder, decoder=True)
+        return None
     vocab = max(c.vocab_size, vocab_rows or 0)
     if c.model_type == "t5":
         d, inner, ff = c.d_model, c.num_heads * c.d_kv, c.d_ff
@@ -424,6 +440,17 @@ def count_parameters(model_config: Any, vocab_rows: int | None = None) -> int | 
     return None
 
 
+def _bert_parameters(c: Any, *, decoder: bool) -> int:
+    """A BERT stack of an encoder-decoder: the encoder with its pooler; the decoder with
+    cross-attention in each layer and a language-model head (its weight tied to the embedding)."""
+    h, inner = c.hidden_size, c.intermediate_size
+    embeddings = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h + 2 * h
+    attention = 4 * (h * h + h) + 2 * h
+    layer = attention * (2 if decoder and c.add_cross_attention else 1) + 2 * h * inner + inner + h + 2 * h
+    tail = (h * h + h + 2 * h + c.vocab_size) if decoder else h * h + h
+    return embeddings + c.num_hidden_layers * layer + tail
+
+
 def model_size(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpoint: str | None = None) -> tuple[int, Any]:
     """The parameter count and Hugging Face config of what ``build_model`` builds, built on torch's
     meta device: no memory taken, no weights read."""
@@ -436,21 +463,31 @@ def model_size(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpoi
     return sum(p.numel() for p in model.parameters()), model.config
 
 
+def encoder_decoder_config(source: str) -> Any:
+    """The config of the encoder-decoder ``_build_encoder_decoder`` builds from ``source``: a saved
+    encoder-decoder's own, or a pretrained encoder's twice, the decoder's with cross-attention."""
+    from transformers import AutoConfig, EncoderDecoderConfig
+
+    if _loaded_type(source, "model.encoder") == "encoder-decoder":
+        return AutoConfig.from_pretrained(source)
+    encoder = AutoConfig.from_pretrained(source)
+    decoder = AutoConfig.from_pretrained(source, is_decoder=True, add_cross_attention=True)
+    return EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+
+
 def _build_encoder_decoder(source: str | None, tokenizer: PreTrainedTokenizerBase, *, random: bool) -> PreTrainedModel:
     """BERT2BERT (Rothe et al. 2020): encoder and decoder both start from the pretrained encoder;
     the decoder's cross-attention is new. A saved encoder-decoder reloads as it is."""
-    from transformers import AutoConfig, EncoderDecoderConfig, EncoderDecoderModel
+    from transformers import EncoderDecoderModel
 
     if source is None:
         raise ConfigError("model.encoder: name the pretrained encoder (a directory, a hub name, or minilm)")
     loaded_type = _loaded_type(source, "model.encoder")
     if loaded_type == "encoder-decoder":  # a checkpoint of an earlier run
-        model = (EncoderDecoderModel(config=AutoConfig.from_pretrained(source)) if random
+        model = (EncoderDecoderModel(config=encoder_decoder_config(source)) if random
                  else EncoderDecoderModel.from_pretrained(source))
     elif random:
-        encoder = AutoConfig.from_pretrained(source)
-        decoder = AutoConfig.from_pretrained(source, is_decoder=True, add_cross_attention=True)
-        model = EncoderDecoderModel(config=EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+        model = EncoderDecoderModel(config=encoder_decoder_config(source))
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -57,6 +57,16 @@ def baseline_of(out: Path) -> list | None:
     return baseline if all(v is not None for v in baseline) else None
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time process ``pid`` has used (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def session_members(sid: int) -> list[str]:
     """Processes still alive in process session ``sid`` (what a killed run left behind)."""
     left = []
@@ -198,6 +208,7 @@ def test_sigterm_ends_the_run_killed_and_workers_killed_past_max_failures_fail_i
     wait_for(lambda: baseline_of(out), timeout=200, process=run, what="the baseline (training under way)")
     workers = [p for p in session_members(run.pid) if "RayTrainWorker" in p]
     assert len(workers) == 2, workers
+    original = {int(p.split()[0]) for p in workers}
     first = int(workers[-1].split()[0])
     os.kill(first, signal.SIGKILL)  # healed: max_failures=1 allows one restart
 
@@ -205,7 +216,11 @@ def test_sigterm_ends_the_run_killed_and_workers_killed_past_max_failures_fail_i
         if len((report_of(out) or {}).get("restarts", [])) != 1:
             return None
         pids = [int(p.split()[0]) for p in session_members(run.pid) if "RayTrainWorker" in p]
-        return pids if len(pids) == 2 and first not in pids else None
+        # both of the new group's, none of the old one's (its other worker may still be going away),
+        # each past its start-up (5 s of CPU): registered with the scheduler, so a failure names it
+        if len(pids) == 2 and not original & set(pids) and all(cpu_seconds(pid) > 5 for pid in pids):
+            return pids
+        return None
 
     second = wait_for(restarted_group, timeout=200, process=run, what="the worker group's restart")[0]
     os.kill(second, signal.SIGKILL)  # a second failure: more than max_failures=1, the run fails, no hang

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, T5ForConditionalGeneration
 
 from pipelines.config import ModelConfig, load_config
-from pipelines.models import build_model, save_pretrained, train_tokenizer
+from pipelines.models import hf_config, save_pretrained, train_tokenizer
 from pipelines.memory import GIB
 from pipelines.tasks import load_stream
 
@@ -25,8 +25,9 @@ def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_confi
     path = toy_config_file(num_workers=2, zero_stage=3, max_steps=8)
     texts = load_stream(load_config(path)).training_text(first_only=False)
     tokenizer = train_tokenizer(texts, arch="t5", vocab_size=300)
-    brought = save_pretrained(build_model(ModelConfig(arch="t5", preset="small"), tokenizer), tokenizer,
-                              tmp_path / "brought")
+    shape = hf_config(ModelConfig(arch="t5", preset="tiny"), tokenizer)
+    shape.num_layers = shape.num_decoder_layers = 1  # a shape no preset has: the run must take the directory's
+    brought = save_pretrained(T5ForConditionalGeneration(shape), tokenizer, tmp_path / "brought")
     result, listeners = cli_watching_listeners("run", str(path), "replay.enabled=true", "replay.num_shards=2",
                                                    "replay.rows_per_task=20", "model.preset=null",
                                                    f"model.name_or_path={brought}", "--no-progress")
@@ -50,7 +51,7 @@ def test_two_workers_zero3_with_a_replay_store(cli_watching_listeners, toy_confi
     assert report["init"] == {"kind": "pretrained", "source": f"name_or_path {brought}", "checkpoint": str(brought),
                               "pretrain": None}
     model = AutoModelForSeq2SeqLM.from_pretrained(report["checkpoints"]["first_word"])
-    assert model.config.model_type == "t5" and model.config.d_model == 128  # the brought model's shape, trained
+    assert model.config.model_type == "t5" and model.config.num_layers == 1  # the brought model's shape, trained
     saved = AutoTokenizer.from_pretrained(report["checkpoints"]["first_word"])
     assert saved.get_vocab() == tokenizer.get_vocab()  # its own tokenizer, not one trained for the run
 

@@ -7,7 +7,7 @@ from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
 from pipelines.memory import (GIB, HEADROOM, PROCESS_BYTES, SHARD_BYTES, Setting, Shape, estimate, fits,
                               host_bytes_needed, model_state_bytes, refuse_unless_it_fits, setting_that_fits)
-from pipelines.models import PRESETS, build_model, count_parameters, hf_config, train_tokenizer
+from pipelines.models import PRESETS, build_model, count_parameters, hf_config, preset_config, train_tokenizer
 
 TEXTS = ["question type: How far is it from Denver to Aspen ?", "NUM", "spam or ham: Ok lar joking wif u", "ham"] * 30
 
@@ -61,8 +61,24 @@ def test_every_preset_is_counted_from_its_config_as_built_and_the_published_ones
     with torch.device("meta"):  # the architecture without its memory
         built = sum(p.numel() for p in build_model(config, tokenizer).parameters())
     assert count_parameters(hf_config(config, tokenizer)) == built
+    assert count_parameters(preset_config(config, len(tokenizer))) == built  # what the driver counts: no torch
     if (arch, preset) in PUBLISHED:
         assert built == PUBLISHED[arch, preset]
+
+
+def test_a_bert2bert_encoder_decoder_is_counted_from_its_config_as_built(tmp_path):
+    from transformers import BertConfig, EncoderDecoderModel
+
+    from pipelines.models import encoder_decoder_config
+
+    BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=128).save_pretrained(tmp_path / "encoder")
+    config = encoder_decoder_config(str(tmp_path / "encoder"))  # the pretrained encoder, twice
+    with torch.device("meta"):
+        model = EncoderDecoderModel(config=config)
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters()) == 370_920
+    config.save_pretrained(tmp_path / "saved")  # an earlier run's checkpoint: its own config
+    assert count_parameters(encoder_decoder_config(str(tmp_path / "saved"))) == 370_920
 
 
 def test_a_preset_of_the_other_architecture_is_refused_naming_the_arch_to_set():
