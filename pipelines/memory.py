@@ -15,17 +15,16 @@ its optimizer keeps an fp32 copy of the worker's partition even when training in
 K is 12 there too); at stage 2 each parameter's whole gradient exists as the backward pass
 computes it, before it is reduced and partitioned (p Psi); writing the task's model copies one
 file of it at a time (at most 1 GB), which at stage 3 the writing worker first gathers (another
-file's worth); its temporaries (the optimizer step, loading a saved state; measured, not derived:
-p Psi / N, six times that at stage 3, which puts the estimate 0-10% above bench/model_scale.py's
-peaks);
-and its buffers: at stages 1-2 the reduce and
-all-gather buckets (``reduce_bucket_size`` and ``allgather_bucket_size`` elements), at stage 3 the
-reduce bucket and the parameters it keeps gathered (up to ``stage3_max_live_parameters``, or any
-reused within ``stage3_max_reuse_distance``, plus the prefetch bucket: DeepSpeed's defaults of 1e9
-keep a smaller model whole on every worker). Offloading (``offload_optimizer`` / ``offload_param`` to
-the CPU) moves the optimizer states and fp32 gradients (stages 1-3) and the parameters (stage 3)
-from the accelerator to host memory: it relieves a GPU, and on a CPU run, where both are host
-memory, it moves nothing.
+file's worth); its temporaries (the optimizer step, loading a saved state; fitted, not derived:
+p Psi / N, six times that at stage 3, which puts the estimate 6-23% above every peak
+bench/model_scale.py measured); and its buffers: at stages 1-2 the reduce and all-gather buckets
+(``reduce_bucket_size`` and ``allgather_bucket_size`` elements), at stage 3 the reduce bucket and
+the parameters it keeps gathered (up to ``stage3_max_live_parameters``, or any reused within
+``stage3_max_reuse_distance``, plus the prefetch bucket: DeepSpeed's defaults of 1e9 keep a
+smaller model whole on every worker). Offloading (``offload_optimizer`` / ``offload_param`` to the
+CPU) moves the optimizer states and fp32 gradients (stages 1-3) and the parameters (stage 3) from
+the accelerator to host memory: it relieves a GPU, and on a CPU run, where both are host memory,
+it moves nothing.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", §4.1): a transformer layer keeps about ``s b h (34 + 5 a s / h)`` bytes in 16-bit for ``b``
@@ -42,8 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# A trainer worker with torch, DeepSpeed and Ray imported, before its model: 0.34-0.38 GiB measured
-# (the peak less ZeRO's states, the buckets and the activations at 60M, 140M and 223M), rounded up.
+# A trainer worker with torch, DeepSpeed and Ray imported, before its model: 0.34-0.38 GiB (the peaks
+# at 60M, 140M and 223M less 20 bytes a parameter, the buckets and the activations), rounded up.
 PROCESS_BYTES = 450_000_000
 GIB = 1 << 30
 # A setting fits when its estimate is at most this share of the memory: the estimate leaves out the
