@@ -6,6 +6,7 @@ its tokenizer, a frozen-model paradigm's heads or prompts — every check of the
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,10 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
                                          config.evaluation.normalize)
     for problem in problems:
         tqdm.write(f"warning: {problem}", file=sys.stderr)
-    if config.paradigm.name == "fine_tuning" and config.training.check_memory and config.ray.address is None:
+    # a local run only: its workers share this machine (a run on a cluster, or in a job submitted to one,
+    # which Ray tells by RAY_ADDRESS, has nodes this driver does not know before Ray starts)
+    local = config.ray.address is None and not os.environ.get("RAY_ADDRESS")
+    if config.paradigm.name == "fine_tuning" and config.training.check_memory and local:
         check_memory(config, tokenizer, start)
     slots = None
     if config.paradigm.name != "fine_tuning":  # a frozen-model paradigm's heads or prompts, its prompts' lengths
