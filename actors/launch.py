@@ -33,8 +33,10 @@ from pipelines.rundir import REPORT_FILES, OutputDir
 from storage.files import write_atomic
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from actors.preflight import ResolvedRun
-    from actors.trainer_group import WorkerGroups
+    from actors.trainer_group import GroupShape, WorkerGroup, WorkerGroups
 
 log = logging.getLogger("forgetless")
 
@@ -149,7 +151,8 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
     """Train and evaluate the whole stream (or continue it); returns the report also in ``report.json``.
 
     ``groups``: the worker groups of a command that runs several streams (``compare``, ``table1``):
-    the run goes to a running group when one fits it. Without, the run starts its own and ends it.
+    the run goes to a running group when one fits it. Without, the run starts its own and ends it
+    (a pretrain config the stream names and the cache lacks is built in that same group first).
 
     Raises:
         ConfigError, DataError: bad input, before any training.
@@ -162,11 +165,13 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
     check_precision(config.model.arch, config.training.precision)
     output = OutputDir(config.output_dir, replay_dir=config.replay.directory)
     resuming = output.claim(resume=config.resume, overwrite=config.overwrite)
+    workers = RunWorkers(config, groups)
+    interrupted = False
     try:
         from actors.preflight import resolve_run  # the checks above pass first: see the module's docstring
 
         try:
-            run = resolve_run(config, output, resuming=resuming, progress=progress)
+            run = resolve_run(config, output, resuming=resuming, progress=progress, workers=workers)
         except BaseException:
             output.discard_staged()  # the old run stays as it was, with nothing of the refused one beside it
             raise
@@ -177,38 +182,79 @@ def run_experiment(config: RunConfig, *, progress: bool = True, groups: WorkerGr
             if progress:
                 tqdm.write(f"nothing to train: the {len(run.tasks)} tasks of {output.path} are finished")
             return _nothing_to_train(run, config, output)
-        return _train(config, run, progress=progress, groups=groups)
-    finally:
-        output.unlock()
-
-
-def _train(config: RunConfig, run: ResolvedRun, *, progress: bool, groups: WorkerGroups | None) -> RunReport:
-    from actors.trainer_group import WorkerGroups
-
-    local = connect_ray(config)
-    if groups is not None:
-        return _train_on(groups, config, run, progress=progress, local=local)
-    groups = WorkerGroups(Path(config.output_dir) / "ray", name=f"{config.experiment}-{Path(config.output_dir).name}")
-    interrupted = False
-    try:
-        return _train_on(groups, config, run, progress=progress, local=local)
+        return _train_on(workers, config, run, progress=progress)
     except KeyboardInterrupt:
         interrupted = True  # the process ends, and its workers with it: nothing to wait for
         raise
     finally:
-        if not interrupted:
-            groups.close()
+        try:
+            if not interrupted:
+                workers.close()
+        finally:
+            output.unlock()
 
 
-def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, progress: bool, local: bool) -> RunReport:
+class RunWorkers:
+    """The worker groups one run trains in: the command's (``groups``), else the run's own, made on
+    first use (Ray joined or started then, as the run's config says) and ended by ``close``.
+
+    A pretrain config the stream names is built in the group the stream then trains in when both
+    have the same number of workers on the same devices: Ray Train's start-up is paid once."""
+
+    def __init__(self, config: RunConfig, groups: WorkerGroups | None):
+        self.config = config
+        self._groups, self._own = groups, groups is None
+        self.local: bool | None = None
+
+    def groups(self) -> WorkerGroups:
+        if self.local is None:
+            self.local = connect_ray(self.config)
+        if self._groups is None:
+            from actors.trainer_group import WorkerGroups
+
+            self._groups = WorkerGroups(Path(self.config.output_dir) / "ray",
+                                        name=f"{self.config.experiment}-{Path(self.config.output_dir).name}")
+        return self._groups
+
+    def use_gpu(self, training: Any) -> bool:
+        """Whether workers of ``training`` (a stream's or a pretrain config's block) go on GPUs."""
+        self.groups()
+        if training.use_gpu is not None:
+            return training.use_gpu
+        return ray.cluster_resources().get("GPU", 0) >= training.num_workers
+
+    def shape(self) -> GroupShape:
+        """The stream's worker group."""
+        from actors.trainer_group import GroupShape
+
+        training, use_gpu = self.config.training, self.use_gpu(self.config.training)
+        return GroupShape(num_workers=training.num_workers, use_gpu=use_gpu, local=bool(self.local),
+                          cpus_per_worker=cpus_per_worker(self.config, use_gpu, local=bool(self.local)),
+                          max_failures=training.max_failures)
+
+    def group_for(self, training: Any, cpus: Callable[[bool, bool], float]) -> tuple[WorkerGroup, bool]:
+        """A group for other work of this run (pretraining, with its own ``training`` block): the
+        stream's, when the work needs as many workers on the same devices, else one of its own
+        (``cpus(use_gpu, local)``: CPUs a worker of it reserves). Returns it, and whether it is new."""
+        from actors.trainer_group import GroupShape
+
+        groups, use_gpu = self.groups(), self.use_gpu(training)
+        shape = self.shape()
+        if (training.num_workers, use_gpu) != (shape.num_workers, shape.use_gpu):
+            shape = GroupShape(num_workers=training.num_workers, use_gpu=use_gpu, local=bool(self.local),
+                               cpus_per_worker=cpus(use_gpu, bool(self.local)), max_failures=0)
+        return groups.get(shape)
+
+    def close(self) -> None:
+        if self._own and self._groups is not None:
+            self._groups.close()
+
+
+def _train_on(workers: RunWorkers, config: RunConfig, run: ResolvedRun, *, progress: bool) -> RunReport:
     from actors.scheduler import SchedulerActor, run_key
-    from actors.trainer_group import GroupShape
 
     stream, previous, start = run.stream, run.previous, run.start
-
-    use_gpu = config.training.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
+    groups, shape = workers.groups(), workers.shape()  # Ray up first: the scheduler is an actor
     # Named, so `forgetless replay status|add-shards` can find the run (and its store) from outside.
     # The scheduler's arguments are held here, as object refs, for the whole run: Ray frees a creation
     # task's arguments once the actor is up, and a restarted scheduler (``max_restarts``) needs them again.
@@ -222,9 +268,6 @@ def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, prog
     try:  # from here on, however the run ends, the scheduler records how
         # The trainer group starts while the scheduler does (MLflow, the replay store): its workers
         # wait for a run, and a scheduler that cannot start ends them with the group.
-        shape = GroupShape(num_workers=config.training.num_workers, use_gpu=use_gpu, local=local,
-                           cpus_per_worker=cpus_per_worker(config, use_gpu, local=local),
-                           max_failures=config.training.max_failures)
         group, new = groups.get(shape)
         try:
             ray.get(scheduler.progress.remote())  # up, or why not (MLflow, the replay store's files...)
@@ -233,7 +276,7 @@ def _train_on(groups: WorkerGroups, config: RunConfig, run: ResolvedRun, *, prog
         first = previous.finished_tasks if previous else 0
         if progress:
             what = (f"resuming after task {first}/{len(stream)}" if previous else f"{len(stream)} tasks")
-            where = (f"starting {shape.num_workers} trainer worker(s) on {'GPU' if use_gpu else 'CPU'} — Ray Train "
+            where = (f"starting {shape.num_workers} trainer worker(s) on {'GPU' if shape.use_gpu else 'CPU'} — Ray Train "
                      "takes ~30 s to start" if new else f"on the running group of {shape.num_workers} trainer worker(s)")
             tqdm.write(f"{what} ({', '.join(stream.names)}); {where}")
         poller.start()

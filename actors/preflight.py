@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from tqdm.auto import tqdm
@@ -27,6 +27,9 @@ from pipelines.rundir import OutputDir, config_changes, contained_report
 from pipelines.tasks import TaskStream, load_stream
 from storage.files import atomic_directory
 
+if TYPE_CHECKING:
+    from actors.launch import RunWorkers
+
 
 @dataclass(frozen=True)
 class ResolvedRun:
@@ -41,16 +44,20 @@ class ResolvedRun:
     ceilings: dict[str, float] | None = None  # each task's best reachable score (models.target_ceilings)
 
 
-def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progress: bool) -> ResolvedRun | RunReport:
+def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progress: bool,
+                workers: RunWorkers | None = None) -> ResolvedRun | RunReport:
     """Resolve a run whose output directory this process holds; the previous report itself when every
     task is finished and the resume adds none (nothing to train).
+
+    ``workers``: the run's worker groups (``actors.launch.RunWorkers``), for a pretrain config the
+    stream names and the cache does not hold yet: it is built in the group the stream then trains in.
 
     Raises:
         ConfigError, DataError: bad input, each named with where it is.
     """
     previous, changes = prepare_resume(config, output) if resuming else (None, [])
     stream = load_stream(config)
-    start = resolve_start(config, progress=progress)
+    start = resolve_start(config, progress=progress, workers=workers)
     stream = _with_pretraining_task(config, stream, start)
     if previous is not None:
         _check_finished_data(previous, stream, output)
@@ -224,9 +231,10 @@ def _objective(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"arch": manifest["arch"], "objective": fields, "seed": manifest["seed"]}
 
 
-def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
-    """The stream's starting weights: a pretrain config built (once) into the cache, the named encoder
-    fetched, a checkpoint directory's manifest read.
+def resolve_start(config: RunConfig, *, progress: bool, workers: RunWorkers | None = None) -> ModelStart:
+    """The stream's starting weights: a pretrain config built (once) into the cache (in ``workers``'
+    group when given, else in a worker group of its own), the named encoder fetched, a checkpoint
+    directory's manifest read.
 
     Raises:
         ConfigError: the pretrain config or the checkpoint cannot be used.
@@ -241,7 +249,7 @@ def resolve_start(config: RunConfig, *, progress: bool) -> ModelStart:
         from actors.pretrain import ensure_pretrained
 
         directory, pretrain = ensure_pretrained(model.pretrain, cache_dir=config.stream.cache_dir, progress=progress,
-                                                tracking_uri=config.mlflow.tracking_uri)
+                                                tracking_uri=config.mlflow.tracking_uri, workers=workers)
         manifest = read_manifest(directory)
         return ModelStart(ModelInit(kind=kind, source=f"pretrain {model.pretrain}", checkpoint=str(directory),
                                     pretrain=manifest), str(directory), _objective(manifest), pretrain)

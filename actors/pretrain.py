@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -51,6 +51,9 @@ from pipelines.pretraining import (
     split_corpus,
 )
 from storage.files import atomic_directory, write_atomic
+
+if TYPE_CHECKING:
+    from actors.launch import RunWorkers
 
 log = logging.getLogger("forgetless")
 
@@ -119,7 +122,11 @@ def pretrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
                   f"masked-token accuracy {metrics['heldout_masked_token_accuracy']:.3f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
 
-    result = pretrainer.train(loop_config["chunks"], loop_config["heldout"], on_log=on_log)
+    try:
+        result = pretrainer.train(loop_config["chunks"], loop_config["heldout"], on_log=on_log)
+    except BaseException:
+        pretrainer.close()
+        raise
     seconds = time.perf_counter() - started
     manifest = {**loop_config["manifest"], "steps": result["steps"], "tokens_seen": result["tokens_seen"],
                 "heldout": {"loss": result.get("heldout_loss"),
@@ -127,7 +134,10 @@ def pretrain_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "examples": len(loop_config["heldout"])},
                 "parameters": pretrainer.num_parameters, "seconds": round(seconds, 1),
                 "workers": world_size, "finished_at": time.time(), "mlflow_missed_steps": len(missed)}
-    pretrainer.save(config.output_dir, extra=lambda d: write_atomic(d / MANIFEST, json.dumps(manifest, indent=2)))
+    try:
+        pretrainer.save(config.output_dir, extra=lambda d: write_atomic(d / MANIFEST, json.dumps(manifest, indent=2)))
+    finally:
+        pretrainer.close()  # a stream's worker group goes on to train the stream in this process
 
 
 def _prepare(config: PretrainConfig, work: Path, progress: bool) -> dict[str, Any]:
@@ -164,10 +174,13 @@ def _prepare(config: PretrainConfig, work: Path, progress: bool) -> dict[str, An
             "manifest": manifest}
 
 
-def run_pretrain(config: PretrainConfig, *, progress: bool = True) -> Path:
+def run_pretrain(config: PretrainConfig, *, progress: bool = True, workers: RunWorkers | None = None) -> Path:
     """Pretrain and write the checkpoint; returns its directory (which holds ``manifest.json``).
 
     A directory that already holds this config's finished checkpoint is reused as it is.
+    ``workers``: the worker groups of the stream that names this config (``actors.launch.RunWorkers``):
+    pretraining runs in the group the stream then trains in (one Ray Train start-up for both) when
+    it asks for as many workers on the same devices. Without, in a Ray Train run of its own.
 
     Raises:
         ConfigError: output_dir holds something else (use overwrite=true), or bad input.
@@ -202,27 +215,35 @@ def run_pretrain(config: PretrainConfig, *, progress: bool = True) -> Path:
                                 tags={"forgetless.kind": "pretrain", "forgetless.output_dir": str(output),
                                       "forgetless.host": socket.gethostname(), "forgetless.pretrain_key": key})
         sink.log_params(flatten(experiment_dict(config)))
-        local = connect_ray(config)
-        use_gpu = config.training.use_gpu
-        if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
+        if workers is None:
+            local = connect_ray(config)
+            use_gpu = config.training.use_gpu
+            if use_gpu is None:
+                use_gpu = ray.cluster_resources().get("GPU", 0) >= config.training.num_workers
+        else:  # the stream's Ray (its config's ray block), and its worker group when the shapes agree
+            group, _ = workers.group_for(config.training, lambda gpu, local: cpus_per_worker(config, gpu, local=local))
+            use_gpu = group.shape.use_gpu
         if progress:
             m = prepared["manifest"]
             tqdm.write(f"pretraining a {config.model.arch}/{config.model.preset} for {config.training.max_steps} "
                        f"steps on {m['corpus']['train_chunks']} chunks ({m['corpus']['train_tokens']:,} tokens), "
                        f"{config.training.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}; MLflow run "
                        f"{sink.run_id}")
-        trainer = TorchTrainer(
-            pretrain_loop_per_worker,
-            train_loop_config={**prepared, "config": config, "run_id": sink.run_id, "use_gpu": use_gpu},
-            torch_config=LoopbackTorchConfig() if local else None,
-            scaling_config=ScalingConfig(num_workers=config.training.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus_per_worker(config, use_gpu, local=local)}),
-            run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=str(work / "ray"),
-                                           failure_config=FailureConfig(max_failures=0)),
-        )
+        loop_config = {**prepared, "config": config, "run_id": sink.run_id, "use_gpu": use_gpu}
         try:
-            trainer.fit()
+            if workers is None:
+                TorchTrainer(
+                    pretrain_loop_per_worker, train_loop_config=loop_config,
+                    torch_config=LoopbackTorchConfig() if local else None,
+                    scaling_config=ScalingConfig(num_workers=config.training.num_workers, use_gpu=use_gpu,
+                                                 resources_per_worker={"CPU": cpus_per_worker(config, use_gpu,
+                                                                                              local=local)}),
+                    run_config=ray.train.RunConfig(name=f"pretrain-{key}", storage_path=str(work / "ray"),
+                                                   failure_config=FailureConfig(max_failures=0)),
+                ).fit()
+            else:
+                # by reference: the group's queue holds the job without importing what it calls (torch)
+                group.run({"call": [ray.put((pretrain_loop_per_worker, loop_config))]})
         except KeyboardInterrupt:
             sink.end("KILLED")
             raise
@@ -243,10 +264,11 @@ def run_pretrain(config: PretrainConfig, *, progress: bool = True) -> Path:
         return output
 
 
-def ensure_pretrained(path: str, *, cache_dir: str, progress: bool = True,
-                      tracking_uri: str | None = None) -> tuple[Path, PretrainConfig]:
-    """The checkpoint a stream's ``model.pretrain`` names: built into the cache the first time,
-    reused after (and says so). The pretrain config's own ``cache_dir`` is replaced by the stream's."""
+def ensure_pretrained(path: str, *, cache_dir: str, progress: bool = True, tracking_uri: str | None = None,
+                      workers: RunWorkers | None = None) -> tuple[Path, PretrainConfig]:
+    """The checkpoint a stream's ``model.pretrain`` names: built into the cache the first time (in
+    the stream's ``workers`` when given: see ``run_pretrain``), reused after (and says so). The
+    pretrain config's own ``cache_dir`` is replaced by the stream's."""
     config = load_pretrain_config(path, [f"cache_dir={cache_dir}"])
     if config.output_dir is not None:
         raise ConfigError(f"model.pretrain: {path} sets output_dir; a pretrain config named by a stream is built "
@@ -259,4 +281,4 @@ def ensure_pretrained(path: str, *, cache_dir: str, progress: bool = True,
         _say(f"model.pretrain: reusing the checkpoint built from {path} ({resolved.output_dir})")
         return Path(resolved.output_dir), resolved
     _say(f"model.pretrain: building {path} once into {resolved.output_dir} (later runs reuse it)")
-    return run_pretrain(config, progress=progress), resolved
+    return run_pretrain(config, progress=progress, workers=workers), resolved

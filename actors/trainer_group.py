@@ -56,7 +56,16 @@ def run_job(job: dict[str, Any], rank: int, world_size: int, attempt: int = 0) -
     """One worker's share of one run: its learner (model, optimizer, engine) built, the stream run
     (see ``pipelines.loop.run_stream``), the learner released. In a restarted group (``attempt`` > 0)
     the scheduler hands out the stream from its last committed state, or ends the run when it
-    cannot go on."""
+    cannot go on.
+
+    A job with a ``call`` is other work of a run given to its group (pretraining: see
+    ``actors.pretrain.run_pretrain``): ``[ref]`` to a ``(function, loop_config)`` pair that every rank
+    calls in Ray Train's context, as a ``TorchTrainer`` calls its function; it releases what it
+    built before the next job."""
+    if "call" in job:
+        function, loop_config = ray.get(job["call"][0])
+        function(loop_config)
+        return
     config: RunConfig = job["config"]
     scheduler = RemoteScheduler(job["scheduler"])
     # registered first, before the imports below: a worker that dies while they run is named

@@ -33,6 +33,9 @@ def test_a_stream_from_a_pretrained_checkpoint_with_its_pretraining_task(cli, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert "building" in result.stderr + result.stdout  # built once, into the cache
     report = json.loads((out / "report.json").read_text())
+    # pretrained in the worker group the stream then trained in: one Ray Train run, none of its own
+    assert [p.name for p in (out / "ray").iterdir() if p.is_dir()] == [f"tiny-pretrained-{out.name}"]
+    assert not list((cache / "pretrained").glob(".*.work/ray"))
 
     init = report["init"]
     assert init["kind"] == "pretrained" and init["source"].startswith("pretrain ")
