@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import quiet_environment, report, spread
+from common import add_baseline_options, baseline_report, quiet_environment, report, spread
 
 quiet_environment()
 
@@ -247,7 +247,10 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=len(TASKS), help=f"tasks in the stream (at most {len(TASKS)})")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     rng = random.Random(args.seed)
     kinds = [k for k in args.kinds.split(",") if k]
     order = [kinds[i % len(kinds)] for i in range(args.kills)]

@@ -102,3 +102,66 @@ def ratios(runs: dict[str, list[dict[str, Any]]], keys: list[str]) -> dict[str, 
         table[key] = {this: spread(mine, 1), ref: spread(theirs, 1),
                       "ratio": round(statistics.median(mine) / statistics.median(theirs), 3)}
     return table
+
+
+# Options of a bench that are not handed on to its runs under --baseline: the comparison's own, and
+# the files each run would write over (each side's run writes its JSON where side_by_side says).
+_NOT_FORWARDED = ("--baseline", "--rounds", "--json", "--plot")
+
+
+def forwarded_argv(argv: list[str]) -> list[str]:
+    """``argv`` (a bench's command line) without ``_NOT_FORWARDED`` and their values."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _NOT_FORWARDED:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in _NOT_FORWARDED)):
+            kept.append(arg)
+    return kept
+
+
+def numeric_leaves(value: Any, prefix: str = "") -> dict[str, float]:
+    """Every number in a bench's results, by its dotted path (lists of trials and flags left out)."""
+    if isinstance(value, dict):
+        out: dict[str, float] = {}
+        for key, item in value.items():
+            out.update(numeric_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {prefix: float(value)}
+    return {}
+
+
+def leaf_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """``ratios`` over every number both sides report in every run, except those no run changes (a
+    setting echoed back, a count of rows): each side's median and trials, and this side's median
+    over the other's (None where the other's median is 0)."""
+    this, ref = list(runs)
+    leaves = {side: [numeric_leaves(r) for r in results] for side, results in runs.items()}
+    shared = set.intersection(*(set(leaf) for side in leaves.values() for leaf in side))
+    table = {}
+    for key in sorted(shared):
+        mine, theirs = [r[key] for r in leaves[this]], [r[key] for r in leaves[ref]]
+        if len(set(mine + theirs)) == 1:
+            continue
+        median = statistics.median(theirs)
+        table[key] = {this: spread(mine, 3), ref: spread(theirs, 3),
+                      "ratio": round(statistics.median(mine) / median, 3) if median else None}
+    return table
+
+
+def baseline_report(script: str, args: argparse.Namespace) -> int:
+    """What ``--baseline REF`` does in any bench: the bench's own command line (less the comparison's
+    options and output files) run ``--rounds`` times on this checkout's code and on REF's,
+    alternating (``side_by_side``), and the ratio of every figure that differs (``leaf_ratios``),
+    printed and reported. A ref whose code the bench cannot drive fails naming the side."""
+    argv = forwarded_argv(sys.argv[1:])
+    runs = side_by_side(script, argv, args.baseline, args.rounds)
+    table = leaf_ratios(runs)
+    for key, row in table.items():
+        print(f"{key}: ratio {row['ratio']} (this {row['this']['median']}, {args.baseline} "
+              f"{row[args.baseline]['median']})", file=sys.stderr)
+    return report({"bench": Path(script).name, "argv": argv, "rounds": args.rounds, "baseline": args.baseline,
+                   "side_by_side": table}, args.json)

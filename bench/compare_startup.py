@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import quiet_environment, report, spread  # noqa: E402
+from common import add_baseline_options, baseline_report, quiet_environment, report, spread  # noqa: E402
 
 quiet_environment()
 
@@ -42,7 +42,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--strategies", default="naive,replay,lwf,ewc")
     parser.add_argument("--seeds", type=int, default=2)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     silence_library_noise()
     strategies = args.strategies.split(",")
     work = Path(tempfile.mkdtemp(prefix="compare-startup-"))

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import report, spread
+from common import add_baseline_options, baseline_report, report, spread
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the command in this process and says how much memory it took at its peak.
@@ -49,7 +49,10 @@ def main() -> int:
     parser.add_argument("--gb", type=float, default=2.0)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--max-train-examples", type=int, default=1000)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     with tempfile.TemporaryDirectory(prefix="large-file-") as tmp:
         work = Path(tmp)
         data = work / "big.jsonl"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-from common import report, spread
+from common import add_baseline_options, baseline_report, report, spread
 
 import storage.journal as journal
 
@@ -52,7 +52,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--trials", type=int, default=5)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     trials: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.trials):
         for checksum in (False, True):

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()
 
@@ -267,7 +267,10 @@ def main() -> int:
     parser.add_argument("--replot", type=Path, metavar="JSON", help="draw --plot from an earlier run's JSON")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     if args.part:
         print(json.dumps(hf_part(args.part, args.tokenizer)))
         return 0

@@ -116,8 +116,8 @@ class RLlibActorPeer(RLlibPeer):
         import ray
         from ray.rllib.utils.replay_buffers import ReplayBuffer
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        if not ray.is_initialized():  # a Ray of its own, as `forgetless run` starts: never one a `ray start` left
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
         @ray.remote(num_cpus=0)
         class BufferActor(ReplayBuffer):

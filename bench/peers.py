@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()  # before Ray is imported
 
@@ -195,7 +195,10 @@ def main() -> int:
                         help="where each peer's environment lives (built there on first use)")
     parser.add_argument("--no-install", action="store_true", help="use the environments there, build none")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of: {', '.join(PEERS)}")
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     chosen = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(chosen) - set(PEERS))
     if unknown:

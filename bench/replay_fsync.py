@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()  # before Ray is imported
 
@@ -52,7 +52,10 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--shards", type=int, default=4)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     start_local_ray(dashboard=False, log_to_driver=False)
     data = review_corpus(args.rows)
     rates: dict[bool, list[float]] = {False: [], True: []}

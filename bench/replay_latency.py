@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()
 
@@ -58,7 +58,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--sizes", default="10000,100000,1000000")
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     sizes = [int(s) for s in args.sizes.split(",")]
     start_local_ray(dashboard=False, log_to_driver=False)
     results: dict[str, object] = {"shards": SHARDS, "batch_rows": BATCH, "calls": CALLS, "by_size": {}}

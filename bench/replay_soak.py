@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()
 
@@ -49,7 +49,10 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=240)
     parser.add_argument("--batch-rows", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
 
     start_local_ray(2, dashboard=False, log_to_driver=False)
     directory = Path(tempfile.mkdtemp(prefix="replay-soak-"))

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import quiet_environment, report  # noqa: E402
+from common import add_baseline_options, baseline_report, quiet_environment, report  # noqa: E402
 
 quiet_environment()
 
@@ -41,7 +41,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     silence_library_noise()
     start_local_ray(2, dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="strategy-bench-"))

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()
 
@@ -159,7 +159,10 @@ def main() -> int:
     parser.add_argument("--scorings", default="generate,likelihood")
     parser.add_argument("--cells-trials", type=int, default=3,
                         help="runs of the longest stream with evaluation.cells all and needed, alternating (0: none)")
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     silence_library_noise()
     lengths = [int(n) for n in args.lengths.split(",")]
     scorings = args.scorings.split(",")

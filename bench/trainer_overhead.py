@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import quiet_environment, report  # noqa: E402
+from common import add_baseline_options, baseline_report, quiet_environment, report  # noqa: E402
 
 quiet_environment()
 
@@ -162,7 +162,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stages", default="0,1,2,3")
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     silence_library_noise()
     print("step time, DeepSpeed vs plain torch AdamW (same model, same batches):", flush=True)
     results = step_time_ratios(steps=args.steps, repeats=args.repeats,

@@ -10,11 +10,15 @@
   stream                    a whole 3-task stream (train each task, then evaluate every task by
                             generation; the untrained model first, as ours does): `forgetless run`'s
                             path on a local Ray against a plain Seq2SeqTrainer loop over the tasks
-                            (a Trainer a task, one model). Wall time split into start-up (ours: Ray and the Ray
-                            Train worker group; the Trainer: building the model and its first
-                            Trainer), training, evaluation and the rest, and each process's whole
-                            life (imports included); both accuracy matrices, to show both trained
-                            alike.
+                            (a Trainer a task, one model), interleaved repeats (--stream-repeats,
+                            medians and every trial). Ours twice per repeat: fresh (a new local
+                            Ray, worker group and MLflow store: a first `forgetless run`) and warm
+                            (a second run on the same Ray and worker group: a `compare`'s next run,
+                            a job on a running cluster). Wall time split into start-up (ours: Ray
+                            and the Ray Train worker group; the Trainer: building the model and its
+                            first Trainer), training (and per task), evaluation and the rest, and
+                            each process's whole life (imports included; ours: both runs); the
+                            accuracy matrices, to show both sides trained alike.
 
 The model is the small T5 preset (~1.4M parameters, the size bench/trainer_overhead.py uses) on the
 tiny stream's tasks, micro-batches of 16 x <= 64 tokens, on whatever this machine has (2 CPU
@@ -37,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report, spread
 
 quiet_environment()
 
@@ -163,31 +167,42 @@ def stream_config(steps: int, workdir: Path, name: str) -> RunConfig:
 
 
 def ours_stream(steps: int, workdir: Path) -> dict:
+    """`forgetless run`'s path twice: on a fresh local Ray (the Ray, the worker group and the MLflow
+    store started for it: what a first `forgetless run` pays), then again on the same Ray and worker
+    group (what a second run of a `compare`, or a job on a running cluster, pays)."""
     import ray
 
     from actors.sweep import run_timed
     from actors.cluster import connect_ray
     from actors.trainer_group import WorkerGroups
 
+    tag = workdir.name
     config = stream_config(steps, workdir, "ours")
     began = time.perf_counter()
     connect_ray(config)  # the local Ray `forgetless run` starts
     ray_s = time.perf_counter() - began
-    groups = WorkerGroups(workdir / "ray", name="trainer-vs-hf")  # what `forgetless run` starts for itself
+    groups = WorkerGroups(workdir / "ray", name=f"trainer-vs-hf-{tag}")  # what `forgetless run` starts for itself
     try:
-        run = run_timed(config, groups, progress=False)
+        fresh = run_timed(config, groups, progress=False)
+        warm = run_timed(stream_config(steps, workdir, "ours-warm"), groups, progress=False)
     finally:
         groups.close()
         ray.shutdown()
-    if run.failure is not None:
-        raise run.failure
-    train = sum(t.seconds for t in run.report.train.values())
-    evaluate = sum(t.eval_seconds for t in run.report.train.values())
-    return {"wall_s": round(ray_s + run.wall_s, 1), "startup_s": round(ray_s + run.startup_s, 1),
-            "train_s": round(train, 1), "eval_s": round(evaluate, 1),
-            "other_s": round(ray_s + run.wall_s - (ray_s + run.startup_s) - train - evaluate, 1),
-            "acc_matrix": [[round(a, 3) for a in row] for row in run.report.acc_matrix],
-            "baseline": [round(a or 0.0, 3) for a in run.report.baseline]}
+    for run in (fresh, warm):
+        if run.failure is not None:
+            raise run.failure
+
+    def parts(run: Any, ray_s: float) -> dict:
+        train = sum(t.seconds for t in run.report.train.values())
+        evaluate = sum(t.eval_seconds for t in run.report.train.values())
+        return {"wall_s": round(ray_s + run.wall_s, 1), "startup_s": round(ray_s + run.startup_s, 1),
+                "train_s": round(train, 1), "eval_s": round(evaluate, 1),
+                "other_s": round(run.wall_s - run.startup_s - train - evaluate, 1),
+                "train_s_per_task": [round(t.seconds, 2) for t in run.report.train.values()],
+                "acc_matrix": [[round(a, 3) for a in row] for row in run.report.acc_matrix],
+                "baseline": [round(a or 0.0, 3) for a in run.report.baseline]}
+
+    return {**parts(fresh, ray_s), "warm": parts(warm, 0.0)}
 
 
 def hf_stream(steps: int, workdir: Path) -> dict:
@@ -235,18 +250,20 @@ def hf_stream(steps: int, workdir: Path) -> dict:
         return scores
 
     baseline = evaluate(trainer)
-    matrix = []
+    matrix, task_s = [], []
     for index in range(len(stream)):
         plan = build_plan(config, stream, index)
         rows = encode(plan.examples.column("source").to_pylist(), plan.examples.column("target").to_pylist())
         trainer = make_trainer(rows)
         start = time.perf_counter()
         trainer.train()
-        train_s += time.perf_counter() - start
+        task_s.append(time.perf_counter() - start)
+        train_s += task_s[-1]
         matrix.append(evaluate(trainer))
     wall = time.perf_counter() - began
     return {"wall_s": round(wall, 1), "startup_s": round(startup, 1), "train_s": round(train_s, 1),
             "eval_s": round(eval_s, 1), "other_s": round(wall - startup - train_s - eval_s, 1),
+            "train_s_per_task": [round(t, 2) for t in task_s],
             "acc_matrix": [[round(a, 3) for a in row] for row in matrix], "baseline": [round(a, 3) for a in baseline]}
 
 
@@ -261,6 +278,7 @@ def child(part: str, steps: int, workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     if part == "hf_deepspeed":
         env.update(single_process_group_env())
+    workdir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, "--part", part, "--steps", str(steps), "--workdir", str(workdir)],
                           capture_output=True, text=True, env=env, timeout=3600)
@@ -288,9 +306,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps a repeat of the step-time comparison")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stream-steps", type=int, default=60, help="steps a task in the 3-task stream")
+    parser.add_argument("--stream-repeats", type=int, default=3, help="interleaved repeats of the stream comparison")
     parser.add_argument("--part", choices=[*SIDES, "stream_ours", "stream_hf"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    add_baseline_options(parser)
     args = parser.parse_args()
+    if args.baseline:  # the same command on this code and on REF's, side by side
+        return baseline_report(__file__, args)
     if args.part:  # a child: one part, its result as the last line
         print(json.dumps(run_part(args.part, args.steps, args.workdir)))
         return 0
@@ -333,15 +355,24 @@ def main() -> int:
         if "hf_deepspeed" in medians:
             results["step_time_ratio_vs_hf_deepspeed"] = round(medians["ours"] / medians["hf_deepspeed"], 3)
         results["errors"] = errors
-        print(f"a 3-task stream, {args.stream_steps} steps a task: the Seq2SeqTrainer loop, then `forgetless run`",
-              file=sys.stderr, flush=True)
-        hf = child("stream_hf", args.stream_steps, workdir)
-        ours = child("stream_ours", args.stream_steps, workdir)
-    results["stream"] = {"steps_per_task": args.stream_steps, "ours": ours, "hf": hf,
-                         "wall_ratio_vs_hf": round(ours["wall_s"] / hf["wall_s"], 3),
-                         "process_ratio_vs_hf": round(ours["process_s"] / hf["process_s"], 3),
-                         "wall_ratio_vs_hf_without_startup": round((ours["wall_s"] - ours["startup_s"])
-                                                                   / (hf["wall_s"] - hf["startup_s"]), 3)}
+        print(f"a 3-task stream, {args.stream_steps} steps a task, {args.stream_repeats} interleaved repeats: the "
+              "Seq2SeqTrainer loop, then `forgetless run`'s path (fresh, then warm)", file=sys.stderr, flush=True)
+        trials: dict[str, list[dict]] = {"hf": [], "ours": [], "ours_warm": []}
+        for repeat in range(args.stream_repeats):
+            trials["hf"].append(child("stream_hf", args.stream_steps, workdir / f"hf-{repeat}"))
+            ours = child("stream_ours", args.stream_steps, workdir / f"ours-{repeat}")
+            trials["ours_warm"].append(ours.pop("warm"))
+            trials["ours"].append(ours)
+            print(f"  repeat {repeat + 1}: " + ", ".join(f"{side} {t[-1]['wall_s']} s" for side, t in trials.items()),
+                  file=sys.stderr, flush=True)
+    wall = {side: spread([t["wall_s"] for t in ts], 1) for side, ts in trials.items()}
+    results["stream"] = {
+        "steps_per_task": args.stream_steps, "repeats": args.stream_repeats, "wall_s": wall,
+        "wall_ratio_vs_hf": round(wall["ours"]["median"] / wall["hf"]["median"], 3),
+        "warm_wall_ratio_vs_hf": round(wall["ours_warm"]["median"] / wall["hf"]["median"], 3),
+        "train_ratio_vs_hf": round(statistics.median(t["train_s"] for t in trials["ours"])
+                                   / statistics.median(t["train_s"] for t in trials["hf"]), 3),
+        "trials": trials}
     return report(results, args.json)
 
 

@@ -49,8 +49,10 @@ class PowerCut:
         if not all(p.is_relative_to(self.root) for p in where):
             return
         for path in self.created:  # created by the operation before: dirty until fsynced
-            if path.is_file():
-                self.dirty.add(path.stat().st_ino)
+            if path.is_file():  # a new file: an inode number a removed file had says nothing of it
+                inode = path.stat().st_ino
+                self.synced.pop(inode, None)
+                self.dirty.add(inode)
         self.created = []
         self.count += 1
         if self.count == self.stop_at:
@@ -86,7 +88,16 @@ class PowerCut:
             raise ValueError(f"unknown durable operation {operation!r}")
 
     def cut(self) -> None:
-        """Rewind ``root`` to what is on disk."""
+        """Rewind ``root`` to what is on disk: first each file's content (while every inode number
+        still names one file), then the name changes, whose restored files carry their durable
+        content already and may be given a number a dirty file had."""
+        by_inode: dict[int, list[Path]] = {}
+        for path in self.root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                by_inode.setdefault(path.stat().st_ino, []).append(path)
+        for inode in self.dirty:
+            for path in by_inode.get(inode, []):
+                path.write_bytes(self._durable(inode))
         for entry in reversed(self.undo):
             kind = entry[1]
             if kind == "create":
@@ -101,13 +112,6 @@ class PowerCut:
             elif kind == "remove":
                 _remove(entry[2])
                 _restore(entry[2], entry[3])
-        by_inode: dict[int, list[Path]] = {}
-        for path in self.root.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                by_inode.setdefault(path.stat().st_ino, []).append(path)
-        for inode in self.dirty:
-            for path in by_inode.get(inode, []):
-                path.write_bytes(self._durable(inode))
 
 
 def _remove(path: Path) -> None:
