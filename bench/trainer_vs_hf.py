@@ -120,7 +120,7 @@ def ours_steps(steps: int, workdir: Path) -> dict:
     batches_file = workdir / "batches.pt"
     if not batches_file.exists():
         iterator = learner.batches(plan)
-        torch.save([next(iterator) for _ in range(steps)], batches_file)
+        torch.save([next(iterator).inputs for _ in range(steps)], batches_file)  # plain tensors: loads weights-only
     learner.train_task(dataclasses.replace(plan, num_steps=5))  # warm-up
     seconds = learner.train_task(plan)["seconds"]
     stage = learner.ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -139,7 +139,7 @@ def hf_steps(steps: int, workdir: Path, deepspeed: bool) -> dict:
     torch.manual_seed(config.seed)
     model = build_model(config.model, tokenizer)  # the weights our engine starts from (same seed)
     digest = weights_digest(model)
-    batches = torch.load(workdir / "batches.pt")
+    batches = torch.load(workdir / "batches.pt", weights_only=True)
     ds_config = None
     if deepspeed:
         from pipelines.deepspeed_config import build_deepspeed_config
@@ -199,7 +199,8 @@ def ours_stream(steps: int, workdir: Path) -> dict:
                 "train_s": round(train, 1), "eval_s": round(evaluate, 1),
                 "other_s": round(run.wall_s - run.startup_s - train - evaluate, 1),
                 "train_s_per_task": [round(t.seconds, 2) for t in run.report.train.values()],
-                "acc_matrix": [[round(a, 3) for a in row] for row in run.report.acc_matrix],
+                "acc_matrix": [[None if a is None else round(a, 3) for a in row]  # None: a cell no metric reads
+                               for row in run.report.acc_matrix],
                 "baseline": [round(a or 0.0, 3) for a in run.report.baseline]}
 
     return {**parts(fresh, ray_s), "warm": parts(warm, 0.0)}
