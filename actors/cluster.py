@@ -42,13 +42,19 @@ LOCAL_RAY_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
+def cluster_address(config: RunConfig) -> str | None:
+    """The cluster a run joins: ``ray.address``, else ``RAY_ADDRESS`` (set inside `ray job submit`);
+    None: the run starts a Ray of its own on this machine."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect_ray(config: RunConfig) -> bool:
     """Join the configured cluster, or start a local Ray. True when the Ray is local to this run."""
     if ray.is_initialized():
         return len(ray.nodes()) == 1
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "logging_level": logging.WARNING,
                               "configure_logging": True}
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit`
+    address = cluster_address(config)
     if address:
         ray.init(address=address, **kwargs)
         install_stop_signal()

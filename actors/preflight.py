@@ -6,7 +6,6 @@ its tokenizer, a frozen-model paradigm's heads or prompts — every check of the
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from tqdm.auto import tqdm
 
+from actors.cluster import cluster_address
 from pipelines.config import ObjectiveConfig, PretrainConfig, RunConfig, experiment_dict
 from pipelines.errors import ConfigError, DataError
 from pipelines.models import (build_model, count_parameters, directory_digest, encoder_decoder_config, fetch_encoder,
@@ -76,9 +76,8 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
     for problem in problems:
         tqdm.write(f"warning: {problem}", file=sys.stderr)
     # a local run only: its workers share this machine (a run on a cluster, or in a job submitted to one,
-    # which Ray tells by RAY_ADDRESS, has nodes this driver does not know before Ray starts)
-    local = config.ray.address is None and not os.environ.get("RAY_ADDRESS")
-    if config.paradigm.name == "fine_tuning" and config.training.check_memory and local:
+    # has nodes this driver does not know before Ray starts)
+    if config.paradigm.name == "fine_tuning" and config.training.check_memory and cluster_address(config) is None:
         check_memory(config, tokenizer, start)
     slots = None
     if config.paradigm.name != "fine_tuning":  # a frozen-model paradigm's heads or prompts, its prompts' lengths

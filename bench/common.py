@@ -93,17 +93,6 @@ def side_by_side(script: str, argv: list[str], ref: str, rounds: int) -> dict[st
     return runs
 
 
-def ratios(runs: dict[str, list[dict[str, Any]]], keys: list[str]) -> dict[str, Any]:
-    """For each key: the median of each side, every trial, and this side's median over the other's."""
-    this, ref = list(runs)
-    table = {}
-    for key in keys:
-        mine, theirs = [r[key] for r in runs[this]], [r[key] for r in runs[ref]]
-        table[key] = {this: spread(mine, 1), ref: spread(theirs, 1),
-                      "ratio": round(statistics.median(mine) / statistics.median(theirs), 3)}
-    return table
-
-
 # Options of a bench that are not handed on to its runs under --baseline: the comparison's own, and
 # the files each run would write over (each side's run writes its JSON where side_by_side says).
 _NOT_FORWARDED = ("--baseline", "--rounds", "--json", "--plot")
@@ -134,17 +123,17 @@ def numeric_leaves(value: Any, prefix: str = "") -> dict[str, float]:
     return {}
 
 
-def leaf_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """``ratios`` over every number both sides report in every run, except those no run changes (a
-    setting echoed back, a count of rows): each side's median and trials, and this side's median
-    over the other's (None where the other's median is 0)."""
+def leaf_ratios(runs: dict[str, list[dict[str, Any]]], keys: list[str] | None = None) -> dict[str, Any]:
+    """For each figure: each side's median and trials, and this side's median over the other's (None
+    where the other's median is 0). The figures: ``keys`` (dotted paths), else every number both
+    sides report in every run except those no run changes (a setting echoed back, a count of rows)."""
     this, ref = list(runs)
     leaves = {side: [numeric_leaves(r) for r in results] for side, results in runs.items()}
     shared = set.intersection(*(set(leaf) for side in leaves.values() for leaf in side))
     table = {}
-    for key in sorted(shared):
+    for key in keys if keys is not None else sorted(shared):
         mine, theirs = [r[key] for r in leaves[this]], [r[key] for r in leaves[ref]]
-        if len(set(mine + theirs)) == 1:
+        if keys is None and len(set(mine + theirs)) == 1:
             continue
         median = statistics.median(theirs)
         table[key] = {this: spread(mine, 3), ref: spread(theirs, 3),
@@ -152,14 +141,15 @@ def leaf_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return table
 
 
-def baseline_report(script: str, args: argparse.Namespace) -> int:
+def baseline_report(script: str, args: argparse.Namespace, keys: list[str] | None = None) -> int:
     """What ``--baseline REF`` does in any bench: the bench's own command line (less the comparison's
     options and output files) run ``--rounds`` times on this checkout's code and on REF's,
-    alternating (``side_by_side``), and the ratio of every figure that differs (``leaf_ratios``),
-    printed and reported. A ref whose code the bench cannot drive fails naming the side."""
+    alternating (``side_by_side``), and the ratio of each figure (``keys``, else every figure that
+    differs: ``leaf_ratios``), printed and reported. A ref whose code the bench cannot drive fails
+    naming the side."""
     argv = forwarded_argv(sys.argv[1:])
     runs = side_by_side(script, argv, args.baseline, args.rounds)
-    table = leaf_ratios(runs)
+    table = leaf_ratios(runs, keys)
     for key, row in table.items():
         print(f"{key}: ratio {row['ratio']} (this {row['this']['median']}, {args.baseline} "
               f"{row[args.baseline]['median']})", file=sys.stderr)

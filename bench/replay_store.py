@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_baseline_options, quiet_environment, ratios, report, side_by_side
+from common import add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()  # before Ray is imported: it reads its auth mode and address mode then
 
@@ -121,18 +121,11 @@ def main() -> int:
                         "can take them: what --baseline compares on older refs)")
     add_baseline_options(parser)
     args = parser.parse_args()
-    if args.baseline:
-        argv = ["--rows", str(args.rows), *(["--inserts-only"] if args.inserts_only else [])]
-        runs = side_by_side(__file__, argv, args.baseline, args.rounds)
+    if args.baseline:  # the figures any older store can give (--inserts-only: the inserts alone)
         keys = [f"insert{kind}_rows_per_s[{n} shards]" for n in SHARDS for kind in ("", "_call")]
         if not args.inserts_only:
             keys += ["sample_rows_per_s", "snapshot_s_per_gb", "restore_s_per_gb", "bytes_per_row"]
-        table = ratios(runs, keys)
-        for key, row in table.items():
-            print(f"{key}: ratio {row['ratio']} (this {row['this']['median']:,}, {args.baseline} "
-                  f"{row[args.baseline]['median']:,})", file=sys.stderr)
-        return report({"rows": args.rows, "rounds": args.rounds, "baseline": args.baseline, "side_by_side": table},
-                      args.json)
+        return baseline_report(__file__, args, keys)
     start_ray()
     data = review_corpus(args.rows)
     results: dict = {"rows": args.rows, "batch_rows": BATCH_ROWS}

@@ -69,3 +69,6 @@ def test_baseline_ratios_cover_every_figure_that_moves_and_only_those(common):
     assert table["wall_s"]["ratio"] == pytest.approx(11.0 / 22.0)
     assert table["by.4.p99_ms"] == {"this": {"median": 3.0, "trials": [2.0, 4.0]},
                                     "v1": {"median": 6.0, "trials": [6.0, 6.0]}, "ratio": 0.5}
+    # named figures are compared as named, constant or not
+    assert list(common.leaf_ratios(runs, ["steps", "wall_s"])) == ["steps", "wall_s"]
+    assert common.leaf_ratios(runs, ["steps"])["steps"]["ratio"] == 1.0
