@@ -53,9 +53,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
 	$(BIN)/python bench/trainer_vs_hf.py --json runs/bench/trainer_vs_hf.json
 	$(BIN)/python bench/stream_cost.py --json runs/bench/stream_cost.json --plot runs/bench/stream_cost.png
+	$(BIN)/python bench/workers.py --json runs/bench/workers.json --plot runs/bench/workers.png
 	$(BIN)/python bench/peers.py --json runs/bench/peers.json
 	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
 	$(BIN)/python bench/replay_latency.py --json runs/bench/replay_latency.json
+	$(BIN)/python bench/replay_scale.py --json runs/bench/replay_scale.json
 	$(BIN)/python bench/strategy_overhead.py --json runs/bench/strategy_overhead.json
 	$(BIN)/python bench/replay_soak.py --json runs/bench/replay_soak.json
 	$(BIN)/python bench/compare_startup.py --json runs/bench/compare_startup.json

@@ -29,7 +29,7 @@ from typing import Any
 from pipelines.errors import ConfigError, ForgetlessError
 from pipelines.metrics import TASK_FORGETTING
 from pipelines.redaction import redact, redacted_keys
-from pipelines.report import RunReport
+from pipelines.report import Restart, RunReport
 
 
 def format_matrix(report: RunReport) -> str:
@@ -81,9 +81,7 @@ def _train_and_print(config: Any, progress: bool) -> int:
     print()
     print(format_matrix(report))
     for restart in report.restarts:  # what healed on the way (report.json's restarts)
-        redone = "an unknown number of" if restart.steps_redone is None else str(restart.steps_redone)
-        print(f"restart {restart.number}: {'; '.join([*(f'{d} died' for d in restart.died), *restart.reasons])}"
-              f" — went on from {restart.restored_from}, {redone} step(s) redone")
+        print(restart_line(restart))
     out = Path(report.output_dir)
     print(f"\nreport:  {out / 'report.json'}\nheatmap: {out / 'acc_heatmap.png'}")
     print_mlflow(report.mlflow.tracking_uri, report.mlflow.experiment_id, report.mlflow.run_id)
@@ -91,6 +89,13 @@ def _train_and_print(config: Any, progress: bool) -> int:
         print(f"         {report.mlflow.pending_records} record(s) could not be sent (MLflow unreachable); they are "
               f"in {out / 'mlflow-pending.jsonl'} and go out with `forgetless resume {out}`")
     return 0
+
+
+def restart_line(restart: Restart) -> str:
+    """One restart of a finished run's worker group, as the run's summary prints it."""
+    redone = "an unknown number of" if restart.steps_redone is None else str(restart.steps_redone)
+    return (f"restart {restart.number}: {'; '.join([*(f'{d} died' for d in restart.died), *restart.reasons])}"
+            f" — went on from {restart.restored_from}, {redone} step(s) redone")
 
 
 def print_mlflow(uri: str, experiment_id: str | None, run_id: str | None, *, what: str = "run") -> None:

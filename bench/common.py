@@ -155,3 +155,42 @@ def baseline_report(script: str, args: argparse.Namespace, keys: list[str] | Non
               f"{row[args.baseline]['median']})", file=sys.stderr)
     return report({"bench": Path(script).name, "argv": argv, "rounds": args.rounds, "baseline": args.baseline,
                    "side_by_side": table}, args.json)
+
+
+class PeakMemory:
+    """Every 0.2 s, in a thread: the resident memory of each process whose command line holds
+    ``title`` (Ray sets an actor's process title to ``ray::Class`` or ``ray::Class.method``), and of
+    all of them together; ``stop()`` gives the peaks in GiB."""
+
+    def __init__(self, title: str = "RayTrainWorker") -> None:
+        import threading
+
+        self.title = title
+        self.per_pid: dict[int, int] = {}
+        self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            total = 0
+            for proc in psutil.process_iter(["cmdline"]):
+                try:
+                    if self.title not in " ".join(proc.info["cmdline"] or []):
+                        continue
+                    rss = proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                self.per_pid[proc.pid] = max(self.per_pid.get(proc.pid, 0), rss)
+                total += rss
+            self.total = max(self.total, total)
+
+    def stop(self) -> dict[str, Any]:
+        """The peaks: of the largest process (``worker_peak_gib``), how many were seen, of their sum."""
+        self._stop.set()
+        self._thread.join()
+        return {"worker_peak_gib": round(max(self.per_pid.values(), default=0) / 2**30, 2),
+                "workers_seen": len(self.per_pid), "sum_peak_gib": round(self.total / 2**30, 2)}

@@ -32,12 +32,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from common import add_baseline_options, baseline_report, quiet_environment, report
+from common import PeakMemory, add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()
 
@@ -69,37 +68,6 @@ def config(size: str, workdir: Path, tasks: list[str]) -> dict[str, Any]:
         "checkpoint": {"models": "all"},
         "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"},
     }
-
-
-class PeakMemory:
-    """Every 0.2 s: the resident memory of each Ray Train worker process, and their sum; the peaks."""
-
-    def __init__(self) -> None:
-        self.per_pid: dict[int, int] = {}
-        self.total = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.2):
-            total = 0
-            for proc in psutil.process_iter(["cmdline"]):
-                try:
-                    if "RayTrainWorker" not in " ".join(proc.info["cmdline"] or []):
-                        continue
-                    rss = proc.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                self.per_pid[proc.pid] = max(self.per_pid.get(proc.pid, 0), rss)
-                total += rss
-            self.total = max(self.total, total)
-
-    def stop(self) -> dict[str, Any]:
-        self._stop.set()
-        self._thread.join()
-        return {"worker_peak_gib": round(max(self.per_pid.values(), default=0) / 2**30, 2),
-                "workers_seen": len(self.per_pid), "sum_peak_gib": round(self.total / 2**30, 2)}
 
 
 class Failed(RuntimeError):

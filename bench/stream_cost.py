@@ -1,14 +1,16 @@
 """How a run's cost grows with the length of its stream: streams of 3, 6, 12 and 24 tiny tasks, the
 run time split into start-up, training, evaluation, between-task overhead and the rest, with each
-classification task scored by generation and by likelihood (evaluation.scoring).
+classification task scored by generation and by likelihood (evaluation.scoring), and the peak
+resident memory of the trainer worker and of the run's scheduler actor during each run.
 
-Evaluating every task after every task (evaluation.cells: all) is T x T evaluations for T tasks:
-evaluation should grow quadratically while training grows linearly. The default, evaluation.cells:
-needed, measures only the cells a metric reads (the tasks seen so far and the next one): about
-T^2 / 2 + 1.5 T of them. The longest stream is run both ways, alternating, ``--cells-trials`` times
-(generation scoring): the evaluation time of each, every trial and the median, and the ratio of the
-medians beside the ratio of the cells. Every run goes to one worker group on one local Ray (what
-`forgetless compare` does), so start-up is paid once and reported apart.
+The curves are measured with the default, evaluation.cells: needed — only the cells a metric reads
+(the tasks seen so far and the next one): about T^2 / 2 + 1.5 T evaluations for T tasks, so
+evaluation should still grow quadratically, at half the rate of every task after every task
+(``--cells all``: T x T), while training grows linearly. The longest stream is also run both ways,
+alternating, ``--cells-trials`` times (generation scoring): the evaluation time of each, every
+trial and the median, and the ratio of the medians beside the ratio of the cells. Every run goes to
+one worker group on one local Ray (what `forgetless compare` does), so start-up is paid once and
+reported apart; the worker's memory is that one process's, its peak within each run's window.
 
 The tasks: 24 disjoint slices of the six built-in classification sets (question type, SMS spam,
 four sentiment domains), 64 training and 32 eval rows each, on the tiny T5, 10 steps a task.
@@ -26,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_baseline_options, baseline_report, quiet_environment, report
+from common import PeakMemory, add_baseline_options, baseline_report, quiet_environment, report
 
 quiet_environment()
 
@@ -61,7 +63,7 @@ def write_tasks(directory: Path, count: int) -> list[dict]:
     return tasks
 
 
-def run_config(base: dict, tasks: list[dict], scoring: str, output_dir: Path, cells: str = "all"):
+def run_config(base: dict, tasks: list[dict], scoring: str, output_dir: Path, cells: str):
     data = json.loads(json.dumps(base))
     data["stream"]["tasks"] = tasks
     data["training"]["max_steps"] = STEPS
@@ -81,7 +83,7 @@ def plot(results: dict, path: Path) -> None:
     lengths = [int(n) for n in results["by_scoring"][scorings[0]]]
     parts = [("train_s", "training"), ("eval_s", "evaluation"), ("between_tasks_s", "between tasks"),
              ("other_s", "the rest (baseline, checkpoints, report)")]
-    fig, (bars, rows) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (bars, rows, memory) = plt.subplots(1, 3, figsize=(17, 4.5))
     width = 0.38
     colors = ["#4c72b0", "#dd8452", "#55a868", "#8c8c8c"]
     for s, scoring in enumerate(scorings):
@@ -118,8 +120,24 @@ def plot(results: dict, path: Path) -> None:
     rows.yaxis.set_major_formatter(ScalarFormatter())
     rows.set_xlabel("tasks in the stream (T)")
     rows.set_ylabel("seconds")
-    rows.set_title("Training grows as T, evaluating every task after every task as T\u00b2")
+    cells = results.get("curve_cells", "all")
+    rows.set_title("Training grows as T, evaluation as T\u00b2 " +
+                   ("(cells: needed, ~half of T x T)" if cells == "needed" else "(every task after every task)"))
     rows.legend(fontsize=8)
+    for scoring, marker in zip(scorings, ("o", "s")):
+        for key, color, label in (("worker_gib", colors[0], "trainer worker"), ("scheduler_gib", colors[2], "scheduler")):
+            values = [results["by_scoring"][scoring][str(n)].get("peak_rss", {}).get(key) for n in lengths]
+            if all(v is not None for v in values):
+                memory.plot(lengths, values, marker=marker, color=color,
+                            linestyle="-" if scoring == scorings[0] else "--", label=f"{label}, {scoring}")
+    memory.set_xscale("log")
+    memory.set_xticks(lengths, [str(n) for n in lengths])
+    memory.xaxis.set_minor_formatter(NullFormatter())
+    memory.set_ylim(bottom=0)
+    memory.set_xlabel("tasks in the stream (T)")
+    memory.set_ylabel("peak resident memory in the run (GiB)")
+    memory.set_title("Memory: the worker's and the scheduler's")
+    memory.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -157,6 +175,8 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="write the cost curves here (PNG)")
     parser.add_argument("--lengths", default="3,6,12,24")
     parser.add_argument("--scorings", default="generate,likelihood")
+    parser.add_argument("--cells", choices=("needed", "all"), default="needed",
+                        help="evaluation.cells of the curves (default: needed, the config's default)")
     parser.add_argument("--cells-trials", type=int, default=3,
                         help="runs of the longest stream with evaluation.cells all and needed, alternating (0: none)")
     add_baseline_options(parser)
@@ -173,7 +193,8 @@ def main() -> int:
     connect_ray(resolve_paths(validate_config(base)))
     ray_s = time.perf_counter() - began
     groups = WorkerGroups(work / "ray", name="stream-cost")
-    results: dict = {"config": str(CONFIG.relative_to(REPO)), "steps_per_task": STEPS, "train_rows_per_task":
+    results: dict = {"config": str(CONFIG.relative_to(REPO)), "curve_cells": args.cells, "steps_per_task": STEPS,
+                     "train_rows_per_task":
                      ROWS_PER_TASK - EVAL_ROWS, "eval_rows_per_task": EVAL_ROWS, "ray_start_s": round(ray_s, 1),
                      "by_scoring": {}}
     try:
@@ -181,8 +202,11 @@ def main() -> int:
             key = scoring
             results["by_scoring"][key] = {}
             for n in lengths:
-                config = run_config(base, tasks[:n], scoring, work / key / f"tasks-{n}")
+                config = run_config(base, tasks[:n], scoring, work / key / f"tasks-{n}", args.cells)
+                worker, scheduler = PeakMemory("RayTrainWorker"), PeakMemory("ray::Scheduler")
                 run = run_timed(config, groups, progress=False)
+                memory = {"worker_gib": worker.stop()["worker_peak_gib"],
+                          "scheduler_gib": scheduler.stop()["worker_peak_gib"]}
                 if run.failure is not None:
                     print(f"{key}, {n} tasks failed: {run.failure}", file=sys.stderr)
                     return 1
@@ -195,12 +219,14 @@ def main() -> int:
                          "between_tasks_s": round(between, 1),
                          "other_s": round(run.seconds - train - sum(evaluate) - between, 1),
                          "eval_s_per_row": [round(e, 3) for e in evaluate],
+                         "peak_rss": memory,
                          "avg_acc": round(run.report.metrics["avg_acc"], 3),
                          "learning_acc": round(run.report.metrics["learning_acc"], 3)}
                 results["by_scoring"][key][str(n)] = entry
                 print(f"{key:>10}, {n:>2} tasks: wall {entry['wall_s']} s (start-up {entry['startup_s']}), "
                       f"train {entry['train_s']}, eval {entry['eval_s']}, between tasks {entry['between_tasks_s']}, "
-                      f"rest {entry['other_s']}; avg_acc {entry['avg_acc']}", file=sys.stderr, flush=True)
+                      f"rest {entry['other_s']}; worker {memory['worker_gib']} GiB, scheduler {memory['scheduler_gib']} GiB; "
+                      f"avg_acc {entry['avg_acc']}", file=sys.stderr, flush=True)
         results["cells"] = measure_cells(base, tasks[: max(lengths)], scorings[0], work, groups, args.cells_trials)
     finally:
         groups.close()

@@ -48,7 +48,10 @@ GIB = 1 << 30
 # A setting fits when its estimate is at most this share of the memory: the estimate leaves out the
 # allocator's fragmentation, temporaries of the optimizer step, and whatever else the machine runs.
 HEADROOM = 0.9
-SHARD_BYTES = 10**9  # pipelines.models.MAX_SHARD_SIZE: the largest file a saved model is written in
+# The largest file a saved model is written in (pipelines.models, both writers): safetensors builds
+# each file whole in memory before writing it, so this bounds that copy (t5-large's 2.95 GB of fp32
+# weights would otherwise be a second whole copy while written).
+SHARD_BYTES = 10**9
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pipelines.config import ModelConfig
 from pipelines.errors import ConfigError
+from pipelines.memory import SHARD_BYTES
 from pipelines.tasks import TaskStream, fetch_wheel
 from storage.files import atomic_directory
 
@@ -354,31 +355,39 @@ def hf_config(config: ModelConfig, tokenizer: PreTrainedTokenizerBase, checkpoin
         if config.weights == "pretrained":
             check_tokenizer_matches(model_config, tokenizer, source)
         return model_config
-    preset = dict(PRESETS[config.arch][config.preset])
-    vocab_size = max(len(tokenizer), preset.pop("vocab_size", 0))
+    preset = preset_fields(config, len(tokenizer))
     if config.arch == "t5":
         return T5Config(
-            vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id, feed_forward_proj="relu", tie_word_embeddings=True,
             **preset,
         )
     return BartConfig(
-        vocab_size=vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
-        forced_bos_token_id=tokenizer.bos_token_id, forced_eos_token_id=tokenizer.eos_token_id,
-        **{"max_position_embeddings": 512, **preset},
+        forced_bos_token_id=tokenizer.bos_token_id, forced_eos_token_id=tokenizer.eos_token_id, **preset,
     )
+
+
+def preset_fields(config: ModelConfig, vocab: int) -> dict[str, Any]:
+    """A preset's config fields: its shape, a vocabulary of at least ``vocab`` rows (the tokenizer's),
+    and for BART 512 learned positions unless the preset says otherwise."""
+    fields = dict(PRESETS[config.arch][config.preset])
+    fields["vocab_size"] = max(vocab, fields.get("vocab_size", 0))
+    if config.arch == "bart":
+        fields.setdefault("max_position_embeddings", 512)
+    return fields
 
 
 def preset_config(config: ModelConfig, vocab: int) -> SimpleNamespace:
     """What ``count_parameters`` and the memory estimate read of a preset's config, without
-    transformers (whose config classes import torch): ``hf_config``'s fields for a preset."""
-    preset = dict(PRESETS[config.arch][config.preset])
-    preset["vocab_size"] = max(vocab, preset.get("vocab_size", 0))
+    transformers (whose config classes import torch): ``hf_config``'s fields for a preset, with the
+    two that T5Config derives (ungated ReLU feed-forward, 32 position buckets: T5Config's defaults)."""
+    fields = preset_fields(config, vocab)
     if config.arch == "t5":
         return SimpleNamespace(model_type="t5", relative_attention_num_buckets=32, is_gated_act=False,
-                               tie_word_embeddings=True, **preset)
-    return SimpleNamespace(model_type="bart", tie_word_embeddings=True, **{"max_position_embeddings": 512, **preset})
+                               tie_word_embeddings=True, **fields)
+    return SimpleNamespace(model_type="bart", tie_word_embeddings=True, **fields)
 
 
 def check_tokenizer_matches(model_config: Any, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
@@ -561,16 +570,10 @@ def target_ceilings(tokenizer: PreTrainedTokenizerBase, stream: Any, max_target_
     return ceilings, problems
 
 
-# safetensors builds each file whole in memory before writing it: files of at most this size bound
-# that copy (t5-large's 2.95 GB of fp32 weights would otherwise be a second whole copy while written)
-MAX_SHARD_SIZE = "1GB"
-MAX_SHARD_BYTES = 10**9
-
-
 class ShardedWeights:
     """Writes a model's weights tensor by tensor as ``save_pretrained`` lays them out (one
     ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` files of at most
-    ``MAX_SHARD_BYTES`` with ``model.safetensors.index.json``), holding one file's tensors at a time:
+    ``pipelines.memory.SHARD_BYTES`` with ``model.safetensors.index.json``), holding one file's tensors at a time:
     for weights gathered a module at a time (ZeRO-3), never whole in one place."""
 
     def __init__(self, directory: str | Path):
@@ -581,7 +584,7 @@ class ShardedWeights:
 
     def add(self, key: str, tensor: Any) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self.held and self.held_bytes + nbytes > MAX_SHARD_BYTES:
+        if self.held and self.held_bytes + nbytes > SHARD_BYTES:
             self._flush()
         self.held[key] = tensor
         self.held_bytes += nbytes
@@ -627,6 +630,6 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     directory.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.save_pretrained(directory, state_dict=state_dict, max_shard_size=MAX_SHARD_SIZE)
+        model.save_pretrained(directory, state_dict=state_dict, max_shard_size=SHARD_BYTES)
     tokenizer.save_pretrained(directory)
     return directory

@@ -67,3 +67,17 @@ def test_a_moved_run_takes_its_replay_directory_along_when_it_was_inside_the_run
     assert _replay_in_place(saved, tmp_path / "new") == [f"replay.directory={(tmp_path / 'new').resolve() / 'store'}"]
     assert _replay_in_place({**saved, "replay": {"directory": "/shared/store"}}, tmp_path) == []  # the user's place
     assert _replay_in_place({**saved, "replay": {"directory": None}}, tmp_path) == []
+
+
+def test_a_restart_is_printed_with_what_died_where_it_went_on_from_and_the_steps_redone():
+    from actors.cli import restart_line
+    from pipelines.report import Restart
+
+    known = Restart(number=1, at=0.0, died=["worker 1 (pid 4242 on node-3)"], reasons=["worker 0 of 2: a lost peer"],
+                    task_index=2, steps_redone=3, restored_from="task 2, step 40 (mid-task checkpoint)")
+    assert restart_line(known) == ("restart 1: worker 1 (pid 4242 on node-3) died; worker 0 of 2: a lost peer — went on "
+                                   "from task 2, step 40 (mid-task checkpoint), 3 step(s) redone")
+    unknown = Restart(number=2, at=0.0, died=[], reasons=["the scheduler actor"], steps_redone=None,
+                      restored_from="the end of task 1")
+    assert restart_line(unknown) == ("restart 2: the scheduler actor — went on from the end of task 1, an unknown number "
+                                     "of step(s) redone")

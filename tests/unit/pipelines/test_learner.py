@@ -71,15 +71,14 @@ def test_saved_checkpoint_reopens_with_plain_transformers(make_learner, arch, st
     toy_stream_config["training"].update(zero_stage=stage, max_steps=3)
     learner, stream, config = make_learner(toy_stream_config)
     learner.train_task(_plan(stream, config, 0))
-    monkeypatch.setattr("pipelines.models.MAX_SHARD_BYTES", 40_000)  # ZeRO-3 writes files of this size at most
+    # files of this size at most: under ZeRO-3 written as gathered, a file at a time, laid out as
+    # save_pretrained (stage 2) lays out its shards
+    monkeypatch.setattr("pipelines.models.SHARD_BYTES", 40_000)
     directory = learner.save(tmp_path / "ckpt")
     files = sorted(p.name for p in directory.glob("model*.safetensors"))
-    if stage == 3:  # written as gathered, a file at a time, laid out as save_pretrained lays out shards
-        assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-        index = json.loads((directory / "model.safetensors.index.json").read_text())
-        assert sorted(set(index["weight_map"].values())) == files
-    else:
-        assert files == ["model.safetensors"]
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == files
     model = AutoModelForSeq2SeqLM.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     assert model.config.model_type == arch

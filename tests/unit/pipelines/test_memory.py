@@ -60,8 +60,11 @@ def test_every_preset_is_counted_from_its_config_as_built_and_the_published_ones
     config = ModelConfig(arch=arch, preset=preset)
     with torch.device("meta"):  # the architecture without its memory
         built = sum(p.numel() for p in build_model(config, tokenizer).parameters())
-    assert count_parameters(hf_config(config, tokenizer)) == built
+    full = hf_config(config, tokenizer)
+    assert count_parameters(full) == built
     assert count_parameters(preset_config(config, len(tokenizer))) == built  # what the driver counts: no torch
+    stand_in = vars(preset_config(config, len(tokenizer)))
+    assert {key: getattr(full, key) for key in stand_in} == stand_in  # every field as transformers has it
     if (arch, preset) in PUBLISHED:
         assert built == PUBLISHED[arch, preset]
 
