@@ -464,8 +464,9 @@ def entry() -> None:
 
     Finalizing the modules a run imports (torch, DeepSpeed, Ray, MLflow) takes seconds and does
     nothing for the run: everything it writes is written and closed by then. The exit is otherwise
-    the interpreter's own: threads that are not daemons are waited for, exit handlers run (Ray's
-    shutdown, logging's flush), the standard streams are flushed.
+    the interpreter's own: threads that are not daemons are waited for, the Ray this process started
+    is ended (``actors.cluster.end_local_ray``: its processes stopped together), exit handlers run
+    (logging's flush), the standard streams are flushed.
     """
     import atexit
     import threading
@@ -474,6 +475,10 @@ def entry() -> None:
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
+    if "ray" in sys.modules:  # a command that started (or joined) a Ray
+        from actors.cluster import end_local_ray
+
+        end_local_ray()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

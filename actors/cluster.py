@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from typing import Any
 
 import ray
@@ -156,6 +157,61 @@ def _watch_local_ray() -> None:
     except AttributeError:  # a Ray without that internal: no watcher, no harm
         return
     _reaper = reaper.watch(session_dir)
+
+
+def end_local_ray(grace_s: float = 0.25) -> None:
+    """Shut down the Ray this process started with its processes stopped together, at the end of a
+    command: they and theirs (the workers and agents a raylet starts) are sent SIGTERM at once and
+    given ``grace_s`` in all, then SIGKILL.
+
+    ``ray.shutdown()`` stops them one kind after another, each given a second (~1.1 s here), and at
+    the interpreter's exit first waits half a second more for late log lines; a command that has
+    written and printed everything waits for neither. Stopped together, the raylet and the GCS do not
+    finish a graceful stop within a second (each waits on the other): their state is this command's
+    alone and dies with it, so they are not waited for. The driver disconnects first, as Ray's own
+    shutdown does, while its Ray is still there to hear it. A Ray this process joined is only left.
+    Whatever outlives this is the watcher's to end (``actors.reaper``)."""
+    import psutil
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if not ray.is_initialized() or node is None:
+        ray.shutdown()
+        return
+    processes = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            try:
+                top = psutil.Process(info.process.pid)
+                processes += [top, *top.children(recursive=True)]
+            except psutil.Error:  # already gone
+                continue
+    try:
+        if node.is_head():
+            node.destroy_external_storage()  # objects spilled to disk: Ray's own shutdown removes them
+    except Exception:  # noqa: BLE001 - nothing spilled, or already gone: nothing to remove
+        pass
+    ray._private.worker._global_node = None  # ray.shutdown() disconnects, and leaves the processes to us
+    ray.shutdown()
+    for sig in ("terminate", "kill"):
+        for process in processes:
+            try:
+                getattr(process, sig)()
+            except psutil.Error:
+                pass
+        deadline = time.monotonic() + grace_s
+        while (processes := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    # one stuck in the kernel past that: the watcher tries again once this process is gone
+
+
+def _running(process: Any) -> bool:
+    """Whether a ``psutil.Process`` has not ended (a zombie has: only its parent's wait is left)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone
+        return False
 
 
 def cpus_per_worker(config: RunConfig, use_gpu: bool, *, local: bool) -> float:
