@@ -166,9 +166,9 @@ def end_local_ray(grace_s: float = 0.25) -> None:
 
     ``ray.shutdown()`` stops them one kind after another, each given a second (~1.1 s here), and at
     the interpreter's exit first waits half a second more for late log lines; a command that has
-    written and printed everything waits for neither. Stopped together, the raylet and the GCS do not
-    finish a graceful stop within a second (each waits on the other): their state is this command's
-    alone and dies with it, so they are not waited for. The driver disconnects first, as Ray's own
+    written and printed everything waits for neither. Stopped together, three of them did not stop
+    within a second of SIGTERM here; their state is this command's alone and dies with it, so they
+    are not waited for. The driver disconnects first, as Ray's own
     shutdown does, while its Ray is still there to hear it. A Ray this process joined is only left.
     Whatever outlives this is the watcher's to end (``actors.reaper``)."""
     import psutil
@@ -185,13 +185,13 @@ def end_local_ray(grace_s: float = 0.25) -> None:
                 processes += [top, *top.children(recursive=True)]
             except psutil.Error:  # already gone
                 continue
+    ray._private.worker._global_node = None  # ray.shutdown() disconnects, and leaves the processes to us
+    ray.shutdown()
     try:
         if node.is_head():
             node.destroy_external_storage()  # objects spilled to disk: Ray's own shutdown removes them
     except Exception:  # noqa: BLE001 - nothing spilled, or already gone: nothing to remove
         pass
-    ray._private.worker._global_node = None  # ray.shutdown() disconnects, and leaves the processes to us
-    ray.shutdown()
     for sig in ("terminate", "kill"):
         for process in processes:
             try:
