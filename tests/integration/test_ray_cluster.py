@@ -1,6 +1,7 @@
 """A run submitted as a Ray job to a real cluster started with `ray start --head` (token auth on, the
-dashboard on loopback): `forgetless submit`, `status`, `logs`, and the running run's replay store
-looked at and scaled out from outside with `forgetless replay`."""
+dashboard on loopback): `forgetless submit`, `status`, `logs`, the running run's replay store
+looked at and scaled out from outside with `forgetless replay`, then its driver killed and the run
+resumed by its job."""
 
 import json
 import os
