@@ -199,19 +199,9 @@ def end_local_ray(grace_s: float = 0.25) -> None:
             except psutil.Error:
                 pass
         deadline = time.monotonic() + grace_s
-        while (processes := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
+        while (processes := [p for p in processes if reaper.alive(p.pid)]) and time.monotonic() < deadline:
             time.sleep(0.02)
     # one stuck in the kernel past that: the watcher tries again once this process is gone
-
-
-def _running(process: Any) -> bool:
-    """Whether a ``psutil.Process`` has not ended (a zombie has: only its parent's wait is left)."""
-    import psutil
-
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:  # gone
-        return False
 
 
 def cpus_per_worker(config: RunConfig, use_gpu: bool, *, local: bool) -> float:

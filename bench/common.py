@@ -194,3 +194,20 @@ class PeakMemory:
         self._thread.join()
         return {"worker_peak_gib": round(max(self.per_pid.values(), default=0) / 2**30, 2),
                 "workers_seen": len(self.per_pid), "sum_peak_gib": round(self.total / 2**30, 2)}
+
+
+def small_learners(config: Path, steps: int, names: list[str], work: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """The learners of an in-process bench: ``config`` with the small T5 (2k vocabulary) and
+    ``steps`` a task, its stream loaded, one tokenizer trained for it (saved under ``work``), and a
+    ``Learner`` of each strategy in ``names``. Returns the config, the stream and the learners."""
+    from pipelines.config import load_config, resolve_paths
+    from pipelines.learner import Learner
+    from pipelines.models import stream_tokenizer
+    from pipelines.tasks import load_stream
+
+    base = resolve_paths(load_config(config, ["model.preset=small", "model.tokenizer.vocab_size=2000",
+                                              f"training.max_steps={steps}", f"output_dir={work}"]))
+    stream = load_stream(base)
+    tokdir = work / "tokenizer"
+    stream_tokenizer(base.model, stream).save_pretrained(tokdir)
+    return base, stream, {name: Learner(base.with_strategy(name), tokdir) for name in names}

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_baseline_options, baseline_report, quiet_environment, report
+from common import add_baseline_options, baseline_report, quiet_environment, report, small_learners
 
 quiet_environment()
 
@@ -34,11 +34,9 @@ import ray  # noqa: E402
 
 from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
-from pipelines.config import ReplayConfig, load_config, resolve_paths  # noqa: E402
-from pipelines.learner import Learner, silence_library_noise  # noqa: E402
-from pipelines.models import stream_tokenizer  # noqa: E402
+from pipelines.config import ReplayConfig  # noqa: E402
+from pipelines.learner import silence_library_noise  # noqa: E402
 from pipelines.plan import build_plan  # noqa: E402
-from pipelines.tasks import load_stream  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny" / "compare.yaml"
@@ -93,12 +91,7 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     start_local_ray(2, dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="replay-scale-"))
-    base = resolve_paths(load_config(CONFIG, ["model.preset=small", "model.tokenizer.vocab_size=2000",
-                                              f"training.max_steps={args.steps}", f"output_dir={work}"]))
-    stream = load_stream(base)
-    tokdir = work / "tokenizer"
-    stream_tokenizer(base.model, stream).save_pretrained(tokdir)
-    learners = {name: Learner(base.with_strategy(name), tokdir) for name in ("naive", "replay")}
+    base, stream, learners = small_learners(CONFIG, args.steps, ["naive", "replay"], work)
     plans = {name: build_plan(learner.config, stream, 1) for name, learner in learners.items()}
     task0 = stream[0]
     sources, targets = task0.sources("train"), task0.targets("train")

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import add_baseline_options, baseline_report, quiet_environment, report  # noqa: E402
+from common import add_baseline_options, baseline_report, quiet_environment, report, small_learners  # noqa: E402
 
 quiet_environment()
 
@@ -26,11 +26,9 @@ import ray  # noqa: E402
 
 from actors.cluster import start_local_ray  # noqa: E402
 from actors.replay import PrefetchingSampler, ReplayStore  # noqa: E402
-from pipelines.config import ReplayConfig, load_config, resolve_paths  # noqa: E402
-from pipelines.learner import Learner, silence_library_noise  # noqa: E402
+from pipelines.config import ReplayConfig  # noqa: E402
+from pipelines.learner import silence_library_noise  # noqa: E402
 from pipelines.plan import build_plan  # noqa: E402
-from pipelines.models import stream_tokenizer  # noqa: E402
-from pipelines.tasks import load_stream  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny" / "compare.yaml"
@@ -48,13 +46,7 @@ def main() -> int:
     silence_library_noise()
     start_local_ray(2, dashboard=False, log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="strategy-bench-"))
-    overrides = ["model.preset=small", "model.tokenizer.vocab_size=2000", f"training.max_steps={args.steps}",
-                 f"output_dir={work}"]
-    base = resolve_paths(load_config(CONFIG, overrides))
-    stream = load_stream(base)
-    tokdir = work / "tokenizer"
-    stream_tokenizer(base.model, stream).save_pretrained(tokdir)
-    learners = {name: Learner(base.with_strategy(name), tokdir) for name in ("naive", "replay", "lwf")}
+    base, stream, learners = small_learners(CONFIG, args.steps, ["naive", "replay", "lwf"], work)
 
     # Task 0 trained once; its examples fill the store and its model is LwF's teacher.
     first = learners["naive"]
