@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,14 +161,16 @@ def baseline_report(script: str, args: argparse.Namespace, keys: list[str] | Non
 class PeakMemory:
     """Every 0.2 s, in a thread: the resident memory of each process whose command line holds
     ``title`` (Ray sets an actor's process title to ``ray::Class`` or ``ray::Class.method``), and of
-    all of them together; ``stop()`` gives the peaks in GiB."""
+    all of them together; ``stop()`` gives the peaks in GiB. ``timeline``: every sample is kept too,
+    as ``(time.time(), {pid: bytes})`` in ``samples``."""
 
-    def __init__(self, title: str = "RayTrainWorker") -> None:
+    def __init__(self, title: str = "RayTrainWorker", *, timeline: bool = False) -> None:
         import threading
 
         self.title = title
         self.per_pid: dict[int, int] = {}
         self.total = 0
+        self.samples: list[tuple[float, dict[int, int]]] | None = [] if timeline else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -176,17 +179,19 @@ class PeakMemory:
         import psutil
 
         while not self._stop.wait(0.2):
-            total = 0
+            now, seen = time.time(), {}
             for proc in psutil.process_iter(["cmdline"]):
                 try:
                     if self.title not in " ".join(proc.info["cmdline"] or []):
                         continue
-                    rss = proc.memory_info().rss
+                    seen[proc.pid] = proc.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                self.per_pid[proc.pid] = max(self.per_pid.get(proc.pid, 0), rss)
-                total += rss
-            self.total = max(self.total, total)
+            for pid, rss in seen.items():
+                self.per_pid[pid] = max(self.per_pid.get(pid, 0), rss)
+            self.total = max(self.total, sum(seen.values()))
+            if self.samples is not None and seen:
+                self.samples.append((now, seen))
 
     def stop(self) -> dict[str, Any]:
         """The peaks: of the largest process (``worker_peak_gib``), how many were seen, of their sum."""

@@ -16,10 +16,13 @@ included, at most); the same steps in one process through the Hugging Face Seq2S
 same global batch (step-time ratio); the training state's bytes and the seconds to write the task's
 model and state; evaluation seconds; resume seconds (the resumed run's wall time less its training,
 evaluation and saving: Ray, the worker group, loading the state). A run that fails (out of memory)
-is reported with its error.
+is reported with its error. With ``--timeline``: each worker's memory over the run and its resume
+(the largest sample of each second), the phases from the report (start-up, training, evaluation,
+model and state written), and a plot of them, a panel a size.
 
   python bench/model_scale.py --json runs/bench/model_scale.json --plot docs/img/model_scale.png
   python bench/model_scale.py --sizes t5-small,bart-base    # a subset
+  python bench/model_scale.py --sizes t5-base,t5-base/zero3 --timeline docs/img/model_scale_timeline.png
 """
 
 from __future__ import annotations
@@ -114,20 +117,59 @@ def estimate_for(size: str, run_config: dict[str, Any], tokenizer_dir: Path) -> 
                                    "activations": round(e.activations / GIB, 2)}}
 
 
-def ours(size: str, workdir: Path) -> dict[str, Any]:
+def phases(commands: list[tuple[str, float, float]], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each command's spans, in seconds from the first command's start: before its task's training
+    (Ray, the worker group, the model and engine, a resume's state loaded, the baseline
+    evaluation), the training, the evaluation, the model and state written, the rest. A task's
+    ``started_at``/``ended_at`` are the report's (wall clock); evaluation and saving follow in that
+    order, for the seconds the report gives them."""
+    zero, spans = commands[0][1], []
+    for (command, began, ended), name in zip(commands, TASKS):
+        task = result["train"][name]
+        edges = [began, task["started_at"], task["ended_at"], task["ended_at"] + task["eval_seconds"],
+                 task["ended_at"] + task["eval_seconds"] + task.get("save_seconds", 0.0), ended]
+        labels = ["start-up", "training", "evaluation", "model + state written", "end"]
+        spans += [{"command": command, "phase": label, "from_s": round(a - zero, 1), "to_s": round(b - zero, 1)}
+                  for label, a, b in zip(labels, edges, edges[1:])]
+    return spans
+
+
+def timeline(samples: list[tuple[float, dict[int, int]]], zero: float, every_s: float = 1.0) -> dict[str, Any]:
+    """Each trainer worker's resident memory (GiB) over time, the largest sample of each ``every_s``
+    window; workers in order of their first sample (a resume's workers are new processes)."""
+    pids = list(dict.fromkeys(pid for _, seen in samples for pid in seen))
+    windows: dict[int, dict[int, int]] = {}
+    for t, seen in samples:
+        window = windows.setdefault(int((t - zero) // every_s), {})
+        for pid, rss in seen.items():
+            window[pid] = max(window.get(pid, 0), rss)
+    return {"every_s": every_s, "t_s": [w * every_s for w in sorted(windows)],
+            "workers_gib": [[round(windows[w][pid] / 2**30, 3) if pid in windows[w] else None for w in sorted(windows)]
+                            for pid in pids]}
+
+
+def ours(size: str, workdir: Path, *, with_timeline: bool = False) -> dict[str, Any]:
     first, second = workdir / "one-task.yaml", workdir / "two-tasks.yaml"
     first.write_text(yaml.safe_dump(config(size, workdir, TASKS[:1])))
     second.write_text(yaml.safe_dump(config(size, workdir, TASKS)))
     out = workdir / "out"
-    watch = PeakMemory()
+    watch = PeakMemory(timeline=with_timeline)
+    commands = []
     try:
+        began = time.time()
         run_s, _ = forgetless("run", str(first))
+        commands.append(("run", began, time.time()))
         state_bytes = tree_bytes(out / "state")
+        began = time.time()
         resume_s, _ = forgetless("resume", str(out), str(second))
+        commands.append(("resume", began, time.time()))
     except RuntimeError as exc:
         raise Failed(str(exc), watch.stop()) from None
     memory = watch.stop()
     result = json.loads((out / "report.json").read_text())
+    if with_timeline:
+        memory["phases"] = phases(commands, result)
+        memory["timeline"] = timeline(watch.samples, commands[0][1])
     stats = [result["train"][name] for name in TASKS]
     steps = sum(s["steps"] for s in stats)
     train_s = sum(s["seconds"] for s in stats)
@@ -223,8 +265,53 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def replot(json_path: Path, path: Path) -> None:
-    plot(json.loads(json_path.read_text()), path)
+PHASE_COLOURS = {"start-up": "#dddddd", "training": "#c6dbef", "evaluation": "#fdd0a2",
+                 "model + state written": "#c7e9c0", "end": "#f2f2f2"}
+
+
+def plot_timeline(results: dict[str, Any], path: Path) -> None:
+    """A panel a run with a timeline: each worker's resident memory over the run and its resume,
+    the phases shaded, the estimate for the stage dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    runs = {name: e for name, e in results["sizes"].items() if "timeline" in e.get("memory", {})}
+    if not runs:
+        raise SystemExit("--timeline: no run of this JSON has a timeline (measured with --timeline)")
+    fig, axes = plt.subplots(len(runs), 1, figsize=(11, 2.8 * len(runs)), squeeze=False)
+    for ax, (name, entry) in zip(axes[:, 0], runs.items()):
+        memory = entry["memory"]
+        for span in memory["phases"]:
+            ax.axvspan(span["from_s"], span["to_s"], color=PHASE_COLOURS[span["phase"]], lw=0)
+        resumed = next(s["from_s"] for s in memory["phases"] if s["command"] == "resume")
+        ax.axvline(resumed, color="black", lw=0.8)
+        ax.annotate("resume", (resumed, 0), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        line = memory["timeline"]
+        for k, series in enumerate(line["workers_gib"]):
+            ax.plot(line["t_s"], series, lw=1.2, label=f"worker process {k + 1}")
+        ax.axhline(entry["estimate_gib"], color="black", ls="--", lw=0.8, label="estimate a worker")
+        ax.set_title(f"{name}: {entry['parameters'] / 1e6:.0f}M parameters, ZeRO-{results['runs'][name]['zero_stage']}, "
+                     f"{results['runs'][name]['workers']} worker(s)", fontsize=9)
+        ax.set_ylabel("resident GiB")
+        ax.set_ylim(bottom=0)
+        handles, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=handles + [Patch(color=c, label=p) for p, c in PHASE_COLOURS.items()], fontsize=6,
+                  loc="upper left", ncol=2)
+    axes[-1, 0].set_xlabel("seconds from the run's start")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def replot(json_path: Path, path: Path | None, timeline_path: Path | None = None) -> None:
+    results = json.loads(json_path.read_text())
+    if path:
+        plot(results, path)
+    if timeline_path:
+        plot_timeline(results, timeline_path)
 
 
 def main() -> int:
@@ -232,7 +319,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="draw --plot from an earlier run's JSON")
+    parser.add_argument("--timeline", type=Path, metavar="PNG", help="keep each worker's memory over time and the "
+                        "phases of its run and resume, and plot them here (a panel a size)")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="draw --plot (and --timeline) from an earlier "
+                        "run's JSON")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
     add_baseline_options(parser)
@@ -243,7 +333,7 @@ def main() -> int:
         print(json.dumps(hf_part(args.part, args.tokenizer)))
         return 0
     if args.replot:
-        replot(args.replot, args.plot)
+        replot(args.replot, args.plot, args.timeline)
         return 0
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total
                                                                                         / 2**30, 1)},
@@ -255,7 +345,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix=f"model-scale-{size.replace('/', '-')}-") as tmp:
             workdir = Path(tmp)
             try:
-                entry = ours(size, workdir)
+                entry = ours(size, workdir, with_timeline=args.timeline is not None)
             except Failed as exc:
                 results["sizes"][size] = {"error": str(exc)[-600:], "memory": exc.memory,
                                           **estimate_for(size, config(size, workdir, TASKS), workdir / "out" / "tokenizer")}
@@ -271,9 +361,13 @@ def main() -> int:
                 entry["hf_error"] = done.stderr.strip()[-600:]
         entry["memory_vs_estimate"] = round(entry["memory"]["worker_peak_gib"] / entry["estimate_gib"], 3)
         results["sizes"][size] = entry
-        print(f"  {json.dumps({k: v for k, v in entry.items() if k != 'acc_matrix'})}", file=sys.stderr, flush=True)
+        shown = {k: v for k, v in entry.items() if k != "acc_matrix"}
+        shown["memory"] = {k: v for k, v in entry["memory"].items() if k not in ("timeline", "phases")}
+        print(f"  {json.dumps(shown)}", file=sys.stderr, flush=True)
     if args.plot:
         plot(results, args.plot)
+    if args.timeline:
+        plot_timeline(results, args.timeline)
     return report(results, args.json)
 
 

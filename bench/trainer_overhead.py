@@ -39,8 +39,10 @@ CONFIG = REPO / "configs" / "tiny" / "naive.yaml"
 
 
 def _batches(learner: Learner, plan: TaskPlan, n: int) -> list[dict[str, torch.Tensor]]:
+    """The plan's first ``n`` micro-batches, as the model is called with them (a ``StepBatch``'s
+    ``inputs``; a ref older than the strategy plugins yields the dict itself)."""
     it = learner.batches(plan)
-    return [next(it) for _ in range(n)]
+    return [getattr(batch, "inputs", batch) for batch in (next(it) for _ in range(n))]
 
 
 def _time_plain(model: torch.nn.Module, batches, lr: float, clip: float) -> float:

@@ -218,7 +218,8 @@ class ShardJournal:
         files.replace(tmp, path)
         manifest = {"generation": generation, "rows": table.num_rows, "bytes": path.stat().st_size,
                     "crc32": crc32(path)}
-        self.read_snapshot(path, manifest)
+        # read back whole and validated; not checksummed again: the CRC was just taken from these bytes
+        self.read_snapshot(path, {k: v for k, v in manifest.items() if k != "crc32"})
         write_atomic(path.with_suffix(".json"), json.dumps(manifest))
         self.close()
         self.generation = generation
