@@ -117,6 +117,11 @@ def estimate_for(size: str, run_config: dict[str, Any], tokenizer_dir: Path) -> 
                                    "activations": round(e.activations / GIB, 2)}}
 
 
+# a command's phases, in the order they come (``phases``), and their shade in ``plot_timeline``
+PHASE_COLOURS = {"start-up": "#dddddd", "training": "#c6dbef", "evaluation": "#fdd0a2",
+                 "model + state written": "#c7e9c0", "end": "#f2f2f2"}
+
+
 def phases(commands: list[tuple[str, float, float]], result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each command's spans, in seconds from the first command's start: before its task's training
     (Ray, the worker group, the model and engine, a resume's state loaded, the baseline
@@ -126,11 +131,11 @@ def phases(commands: list[tuple[str, float, float]], result: dict[str, Any]) -> 
     zero, spans = commands[0][1], []
     for (command, began, ended), name in zip(commands, TASKS):
         task = result["train"][name]
-        edges = [began, task["started_at"], task["ended_at"], task["ended_at"] + task["eval_seconds"],
-                 task["ended_at"] + task["eval_seconds"] + task.get("save_seconds", 0.0), ended]
-        labels = ["start-up", "training", "evaluation", "model + state written", "end"]
+        evaluated = task["ended_at"] + task["eval_seconds"]
+        edges = [began, task["started_at"], task["ended_at"], evaluated, evaluated + task.get("save_seconds", 0.0),
+                 ended]
         spans += [{"command": command, "phase": label, "from_s": round(a - zero, 1), "to_s": round(b - zero, 1)}
-                  for label, a, b in zip(labels, edges, edges[1:])]
+                  for label, a, b in zip(PHASE_COLOURS, edges, edges[1:])]
     return spans
 
 
@@ -143,8 +148,9 @@ def timeline(samples: list[tuple[float, dict[int, int]]], zero: float, every_s: 
         window = windows.setdefault(int((t - zero) // every_s), {})
         for pid, rss in seen.items():
             window[pid] = max(window.get(pid, 0), rss)
-    return {"every_s": every_s, "t_s": [w * every_s for w in sorted(windows)],
-            "workers_gib": [[round(windows[w][pid] / 2**30, 3) if pid in windows[w] else None for w in sorted(windows)]
+    order = sorted(windows)
+    return {"every_s": every_s, "t_s": [w * every_s for w in order],
+            "workers_gib": [[round(windows[w][pid] / 2**30, 3) if pid in windows[w] else None for w in order]
                             for pid in pids]}
 
 
@@ -263,10 +269,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-
-
-PHASE_COLOURS = {"start-up": "#dddddd", "training": "#c6dbef", "evaluation": "#fdd0a2",
-                 "model + state written": "#c7e9c0", "end": "#f2f2f2"}
 
 
 def plot_timeline(results: dict[str, Any], path: Path) -> None:
