@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("worker", "shard", "scheduler", "node", "driver")
 TASKS = ("question_type", "sms_spam", "sentiment_movies", "sentiment_tweets", "sentiment_amazon", "sentiment_nyt")
 EVAL_EXAMPLES = 48
+RESTARTED_BY = ("worker", "node", "scheduler")  # kills the run heals with a recorded restart (a shard heals in the store)
 
 
 def stream_config(out: Path, mlflow_uri: str, address: str, steps: int, tasks: int) -> dict[str, Any]:
@@ -108,6 +109,13 @@ def progress(out: Path) -> tuple[int, int] | None:
     return report_data["finished_tasks"], mid.get("steps_done", 0)
 
 
+def restarts_recorded(out: Path) -> int:
+    try:
+        return len(json.loads((out / "report.json").read_text())["restarts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def run_trial(cluster: Cluster, nodes: list, config: dict[str, Any], work: Path, name: str,
               kills: list[tuple[str, float]], rng: random.Random) -> dict[str, Any]:
     """One run, killed at each (kind, seconds into training) of ``kills`` in turn (none: undisturbed).
@@ -131,9 +139,17 @@ def run_trial(cluster: Cluster, nodes: list, config: dict[str, Any], work: Path,
             time.sleep(0.1)
         if run.poll() is not None:
             break
-        last = progress(out)
+        last, before = progress(out), restarts_recorded(out)
         killed.append(do_kill(kind, cluster, nodes, gcs, run, rng))
-        if kind == "driver":
+        if kind in RESTARTED_BY:
+            # The next kill waits for this one's restart to be recorded: a commit alone can be the dying
+            # attempt's last one, and a scheduler killed before the group's restart registers folds that
+            # restart into its own rebuild, where the node's dead worker goes unnamed.
+            deadline = time.monotonic() + 180
+            while restarts_recorded(out) <= before and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            last = progress(out)
+        elif kind == "driver":
             run.wait()
             resumed += 1
             run = start_cli("resume", str(out))
@@ -232,6 +248,7 @@ def compare(trial: dict[str, Any], base: dict[str, Any], config: dict[str, Any],
         steps_logged_twice=len(steps) - len(set(steps)), mlflow_runs=mlflow_runs_of(
             uri, report_data["mlflow"]["experiment_id"], Path(trial["out"])),
         restarts=len(restarts), died=[death for r in restarts for death in r["died"]],
+        reasons=[reason for r in restarts for reason in r["reasons"]],
         steps_redone=[r["steps_redone"] for r in restarts],
         seconds_lost=round(trial["wall_s"] - base["wall_s"], 1))
     del trial["report"]
