@@ -42,12 +42,17 @@ def test_plan_holds_prefixed_examples_of_that_task(scheduler):
 def test_records_rows_logs_metrics_and_finishes(scheduler, mlflow_store):
     scheduler.record_baseline(_row(0.1, 0.0))
     scheduler.next_task(0)
+    heatmap = scheduler._heatmap
+    heatmap.wait()  # the baseline row's picture, which next_task started
     scheduler.log_step(0, 0, 2, 1.5, 1)
     scheduler.log_step(0, 1, 2, 1.0, 2)
     metrics = scheduler.record_eval(0, _row(0.9, 0.0))
+    # the heatmap waits for the next plan to go out: no drawing holds back the calls between two tasks
+    assert heatmap._pending is not None and heatmap._thread is None
     assert metrics == {"avg_acc": pytest.approx(0.9), "forgetting": None, "bwt": None, "fwt": None,
                        "learning_acc": pytest.approx(0.9)}
     scheduler.next_task(0)
+    assert heatmap._pending is None or heatmap._thread is not None  # task 0's row drawn, or being drawn
     scheduler.record_eval(1, _row(0.3, 0.8), checkpoint="/x")
     report = scheduler.finish()
 
@@ -143,9 +148,10 @@ def test_the_heatmap_is_drawn_off_the_commit_path_and_shows_the_last_matrix(tmp_
     from pipelines.metrics import ForgettingMatrix
     from pipelines.plots import plot_heatmap
 
-    release, drawn = threading.Event(), []
+    release, begun, drawn = threading.Event(), threading.Event(), []
 
     def slow_plot(matrix, path, *, title=""):
+        begun.set()
         release.wait(timeout=30)  # a drawing that takes as long as the test says
         drawn.append(float(matrix.acc[0, 0]))
         return plot_heatmap(matrix, path, title=title)
@@ -153,10 +159,13 @@ def test_the_heatmap_is_drawn_off_the_commit_path_and_shows_the_last_matrix(tmp_
     monkeypatch.setattr(pipelines.plots, "plot_heatmap", slow_plot)
     writer = scheduler_module.HeatmapWriter(tmp_path / "acc_heatmap.png", "toy")
     matrix = ForgettingMatrix(["a", "b"])
+    writer.submit(matrix)
+    assert not begun.wait(timeout=0.5)  # a submitted matrix waits for start (the next plan handed out)
     for value in (0.1, 0.2, 0.3):
         matrix.acc[0, 0] = value
-        writer.submit(matrix)  # returns while the first drawing still waits
-    assert not (tmp_path / "acc_heatmap.png").exists()
+        writer.submit(matrix)
+        writer.start()  # returns while the first drawing still waits
+    assert begun.wait(timeout=30) and not (tmp_path / "acc_heatmap.png").exists()
     release.set()
     writer.wait()
     assert drawn[-1] == 0.3 and len(drawn) <= 2  # the newest matrix wins; ones overtaken are skipped
