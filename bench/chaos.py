@@ -99,20 +99,27 @@ def training_started(out: Path) -> bool:
         return False
 
 
+def run_report(out: Path) -> dict[str, Any] | None:
+    """The run's report.json as it stands; None before it exists (or while it cannot be read)."""
+    try:
+        return json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def progress(out: Path) -> tuple[int, int] | None:
     """How far the run's commit record is: finished tasks, and steps of its last mid-task state."""
-    try:
-        report_data = json.loads((out / "report.json").read_text())
-    except (OSError, ValueError):
+    if (report_data := run_report(out)) is None:
         return None
     mid = report_data["resume"].get("mid_task") or {}
     return report_data["finished_tasks"], mid.get("steps_done", 0)
 
 
 def restarts_recorded(out: Path) -> int:
+    """The restarts report.json records so far."""
     try:
-        return len(json.loads((out / "report.json").read_text())["restarts"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return len((run_report(out) or {})["restarts"])
+    except (KeyError, TypeError):
         return 0
 
 
