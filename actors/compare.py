@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from actors.preflight import shared_tokenizer
-from actors.sweep import Sweep, TimedRun
+from actors.sweep import Sweep, TimedRun, command_groups, preparing
 from actors.tracking import check_tracking
 from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths, validate_config
 from pipelines.errors import ConfigError
@@ -329,13 +329,16 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     config = resolve_paths(config)
     check_tracking(config.mlflow.tracking_uri)
     base = Path(config.output_dir)
-    tokenizer = shared_tokenizer(config, base / "tokenizer", progress=progress)
-    shared = {**protocol(config, strategies, tokenizer), "tuned": chosen or None}
-    config = with_tokenizer(config, tokenizer["path"])
+    groups = command_groups(config, "compare")
+    with preparing(config, groups) as workers:  # a pretrained start is built in the runs' worker group
+        tokenizer = shared_tokenizer(config, base / "tokenizer", progress=progress, workers=workers)
+        shared = {**protocol(config, strategies, tokenizer), "tuned": chosen or None}
+        config = with_tokenizer(config, tokenizer["path"])
+        params = {**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies),
+                  "compare.seeds": seeds, "compare.orders": json.dumps(order_list)}
     runs: dict[str, list[TimedRun]] = {name: [] for name in strategies}
-    params = {**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies), "compare.seeds": seeds,
-              "compare.orders": json.dumps(order_list)}
-    with Sweep(config, "compare", tags={"forgetless.compare": ",".join(strategies)}, params=params) as sweep:
+    with Sweep(config, "compare", tags={"forgetless.compare": ",".join(strategies)}, params=params,
+               groups=groups) as sweep:
         for name in strategies:
             for o, order in enumerate(order_list):
                 for k in range(seeds):

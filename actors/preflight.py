@@ -189,7 +189,8 @@ def _prepare_tokenizer(config: RunConfig, stream: TaskStream, output: OutputDir,
     return output.tokenizer
 
 
-def shared_tokenizer(config: RunConfig, directory: Path, *, progress: bool) -> dict[str, str]:
+def shared_tokenizer(config: RunConfig, directory: Path, *, progress: bool,
+                     workers: RunWorkers | None = None) -> dict[str, str]:
     """The one tokenizer of a comparison (``forgetless compare``): built as a run of ``config`` in its
     own task order builds its own (trained on what ``model.tokenizer.train_on`` allows, or a
     checkpoint's), saved in ``directory`` for every run to load. Returns where it is, its digest
@@ -198,9 +199,10 @@ def shared_tokenizer(config: RunConfig, directory: Path, *, progress: bool) -> d
     Every strategy, order and seed then reads the same vocabulary: a tokenizer trained per run
     would confound the orders with their vocabularies (and Unigram training is not bit-for-bit
     repeatable across processes). An order whose first task is another reads a vocabulary fitted
-    to the config's first task."""
+    to the config's first task. ``workers``: the comparison's worker groups, where a pretrain config
+    the stream names is built (``resolve_start``)."""
     stream = load_stream(config)
-    start = resolve_start(config, progress=progress)
+    start = resolve_start(config, progress=progress, workers=workers)
     stream = _with_pretraining_task(config, stream, start)
     tokenizer = stream_tokenizer(config.model, stream, start.checkpoint)
     with atomic_directory(directory) as tmp:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.launch import RunFailedError, run_experiment
+from actors.launch import RunFailedError, RunWorkers, run_experiment
 from actors.tracking import MlflowSink
 from actors.trainer_group import WorkerGroups
 from pipelines.config import RunConfig
@@ -70,6 +72,23 @@ def startup_summary(groups: WorkerGroups, runs: list[TimedRun]) -> dict[str, Any
             "per_run_overhead_s": interval(overheads)}
 
 
+def command_groups(config: RunConfig, kind: str) -> WorkerGroups:
+    """The worker groups of a command's runs (``kind``: ``compare``, ``table1``), in its output_dir."""
+    return WorkerGroups(Path(config.output_dir) / "ray", name=f"{config.experiment}-{kind}")
+
+
+@contextmanager
+def preparing(config: RunConfig, groups: WorkerGroups) -> Iterator[RunWorkers]:
+    """The command's work before its sweep, in the sweep's worker groups: a pretrain config the stream
+    names is built in the group its runs then train in (one Ray Train start-up for all). On an
+    error the groups are ended here: the sweep that would end them does not begin."""
+    try:
+        yield RunWorkers(config, groups)
+    except Exception:
+        groups.close()
+        raise
+
+
 class Sweep:
     """One command's runs. Use as a context manager around the runs; then ``finish``.
 
@@ -78,15 +97,21 @@ class Sweep:
             Ray Train directory, its mlflow block says where the parent run goes.
         kind: the command (``compare``, ``table1``): the parent run is ``<experiment>-<kind>``.
         tags, params: the parent run's.
+        groups: the command's worker groups when work before the sweep used them (``preparing``);
+            the sweep ends them.
     """
 
-    def __init__(self, config: RunConfig, kind: str, *, tags: dict[str, str], params: dict[str, Any]):
-        base = Path(config.output_dir)
-        base.mkdir(parents=True, exist_ok=True)
-        self.parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
-                                       run_name=config.mlflow.run_name or f"{config.experiment}-{kind}", tags=tags)
-        self.parent.log_params(params)
-        self.groups = WorkerGroups(base / "ray", name=f"{config.experiment}-{kind}")
+    def __init__(self, config: RunConfig, kind: str, *, tags: dict[str, str], params: dict[str, Any],
+                 groups: WorkerGroups | None = None):
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        self.groups = groups if groups is not None else command_groups(config, kind)
+        try:
+            self.parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
+                                           run_name=config.mlflow.run_name or f"{config.experiment}-{kind}", tags=tags)
+            self.parent.log_params(params)
+        except Exception:
+            self.groups.close()  # a group the work before the sweep started
+            raise
         self.runs: list[TimedRun] = []
         self.status = "FINISHED"
 

@@ -101,6 +101,21 @@ def cli():
     return run_cli
 
 
+SHARED_CACHE = Path(os.path.expanduser("~/.cache/forgetless"))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path) -> Path:
+    """``tmp_path / "cache"`` (the toy config's stream.cache_dir) with the fetched data shared (no
+    download per test) and no pretrained checkpoint."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("wheels", "builtin"):
+        (SHARED_CACHE / name).mkdir(parents=True, exist_ok=True)
+        (cache / name).symlink_to(SHARED_CACHE / name)
+    return cache
+
+
 @pytest.fixture
 def toy_config_file(tmp_path, toy_stream_config):
     def write(**training) -> Path:

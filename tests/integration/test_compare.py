@@ -21,7 +21,7 @@ ALL = ["replay+lwf", "derpp", "joint"]
 ORDERS = [["category", "first_word"], ["first_word", "category"]]
 
 
-def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflow_store):
+def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflow_store, fresh_cache):
     path = toy_config_file(max_steps=6)
     # each strategy's values from a directory of tuned YAMLs, as `forgetless tune` writes them
     tuned = {"replay+lwf": {"lr": 0.004, "lwf.alpha": 0.3}, "derpp": {"lr": 0.002, "derpp.beta": 0.7},
@@ -29,7 +29,9 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
     for name, values in tuned.items():
         write_tuned(tmp_path / "tuned" / f"{name}.yaml", name, values, record={"trials": 1, "tasks": ["category"]})
     result = cli("compare", str(path), "--strategies", ",".join(ALL), "--seeds", "1", "--orders", "2", "--no-progress",
-                 "--tuned", str(tmp_path / "tuned"), "replay.memory_rows=40", "replay.rows_per_batch=4", timeout=900)
+                 "--tuned", str(tmp_path / "tuned"), "replay.memory_rows=40", "replay.rows_per_batch=4",
+                 # from a tiny pretrain config the cache lacks: built first, in the runs' worker group
+                 "model.preset=null", "model.pretrain=configs/pretrain/tiny_t5.yaml", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     comparison = json.loads((out / "comparison.json").read_text())
@@ -49,11 +51,14 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
     assert (out / "first_task_accuracy.png").stat().st_size > 0 and (out / "heatmaps.png").stat().st_size > 0
     table = (out / "comparison.md").read_text()
     assert "| replay+lwf |" in table and "2 task order(s) x 1 seed(s)" in table
-    # six runs, one worker group: Ray Train's start-up paid once; what each run costs beyond its work
+    # pretraining and six runs, one worker group: Ray Train's start-up paid once, before the runs (by the
+    # pretraining), and no Ray Train run of the pretraining's own; what each run costs beyond its work
     assert comparison["worker_group_startups"] == 1 and comparison["worker_group_startup_s"][0] > 0
+    assert [p.name for p in (out / "ray").iterdir() if p.is_dir()] == ["toy-compare"]
+    assert (fresh_cache / "pretrained").is_dir() and not list((fresh_cache / "pretrained").glob(".*.work/ray"))
     assert comparison["per_run_overhead_s"]["n"] == 6 and comparison["per_run_overhead_s"]["mean"] > 0
     runs = [run for entry in comparison["strategies"].values() for run in entry["runs"]]
-    assert [run["startup_s"] > 0 for run in runs] == [True] + [False] * 5
+    assert [run["startup_s"] for run in runs] == [0.0] * 6
     assert all(run["train_eval_s"] > 0 and run["wall_s"] >= run["seconds"] for run in runs)
 
     # the per-run reports say what each strategy did, in its order
@@ -68,6 +73,7 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
         assert comparison["strategies"][name]["replay_rows_max"] == 40
     protocol = comparison["protocol"]
     assert (protocol["replay_memory_rows"], protocol["replay_rows_per_batch"]) == (40, 4)
+    assert protocol["tokenizer"]["source"] == f"loaded from {fresh_cache / 'pretrained' / 't5-tiny-2b21263fbed8'}"
     assert len(protocol["tokenizer"]["digest"]) == 16 and "end-of-task logits" in protocol["deviations"]["derpp"]["derpp"][0]
     # every run read the comparison's one tokenizer, whatever its order
     saved = {(out / name / f"order-{o}" / "seed-0" / "tokenizer" / "tokenizer.json").read_bytes() for name in ALL

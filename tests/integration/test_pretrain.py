@@ -5,25 +5,16 @@ the recovery probe in the report."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-SHARED_CACHE = Path(os.path.expanduser("~/.cache/forgetless"))
-
 
 @pytest.fixture
-def cache(tmp_path) -> Path:
-    """A cache with the fetched data shared (no download per test) and no pretrained checkpoint."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    for name in ("wheels", "builtin"):
-        (SHARED_CACHE / name).mkdir(parents=True, exist_ok=True)
-        (cache / name).symlink_to(SHARED_CACHE / name)
-    return cache
+def cache(fresh_cache) -> Path:
+    return fresh_cache
 
 
 def test_a_stream_from_a_pretrained_checkpoint_with_its_pretraining_task(cli, tmp_path, cache, mlflow_store):

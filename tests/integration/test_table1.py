@@ -9,18 +9,24 @@ from mlflow.tracking import MlflowClient
 PARADIGMS = ["feature_extraction", "fine_tuning", "prompt_engineering", "prompt_tuning"]
 
 
-def test_table1_measures_every_paradigm(cli, toy_config_file, tmp_path, mlflow_store):
+def test_table1_measures_every_paradigm(cli, toy_config_file, tmp_path, mlflow_store, fresh_cache):
     # One training size and one worker keep this to four short runs (tests/unit/pipelines/test_table1.py
-    # covers several sizes; tests/unit/pipelines/test_paradigms.py ZeRO 0, 2 and 3).
+    # covers several sizes; tests/unit/pipelines/test_paradigms.py ZeRO 0, 2 and 3). The model starts
+    # from a tiny pretrain config that the cache lacks: built first, in the cells' worker group.
     path = toy_config_file(max_steps=4)
     result = cli("table1", str(path), "--no-progress", "table1.train_sizes=[24]", "paradigm.shots=1",
-                 "paradigm.prompt_length=4", "stream.max_source_tokens=96", "evaluation.mix_tasks=true", timeout=900)
+                 "paradigm.prompt_length=4", "stream.max_source_tokens=96", "evaluation.mix_tasks=true",
+                 "model.preset=null", "model.pretrain=configs/pretrain/tiny_t5.yaml", timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
     table = json.loads((out / "table1.json").read_text())
     columns = table["paradigms"]
     assert list(columns) == PARADIGMS and table["train_sizes"] == ["24"]
-    assert table["worker_group_startups"] == 1  # the four runs share one worker group
+    assert table["model"].endswith("configs/pretrain/tiny_t5.yaml (pretrained weights)")
+    # pretraining and the four runs in one worker group: one Ray Train start-up, no Ray Train run of its own
+    assert table["worker_group_startups"] == 1
+    assert [p.name for p in (out / "ray").iterdir() if p.is_dir()] == ["toy-table1"]
+    assert (fresh_cache / "pretrained").is_dir() and not list((fresh_cache / "pretrained").glob(".*.work/ray"))
     for name, entry in columns.items():
         assert set(entry) >= {"trainable_params", "bytes_per_task", "acc_by_train_size", "forgetting", "seconds"}
         assert list(entry["acc_by_train_size"]) == ["24"] and entry["acc_by_train_size"]["24"] is not None

@@ -185,3 +185,29 @@ def test_the_pairs_table_marks_significant_gaps_and_says_what_one_run_cannot_cov
     assert "One task order" in "\n".join(format_pairs(pairs))
     pairs[0]["metrics"] = {m: result(0.01, n=9, orders=3) for m in ("avg_acc", "forgetting")}
     assert "cover" not in "\n".join(format_pairs(pairs))
+
+
+class _Groups:
+    """Stands in for a command's WorkerGroups: counts the calls that end them."""
+
+    def __init__(self):
+        self.closed = 0
+
+    def close(self):
+        self.closed += 1
+
+
+def test_work_before_a_sweep_that_fails_ends_the_groups_it_may_have_started(toy_stream_config):
+    from actors.sweep import preparing
+    from pipelines.config import validate_config
+
+    config, groups = validate_config(toy_stream_config, origin="test"), _Groups()
+    with preparing(config, groups) as workers:  # what a pretrained start is built in
+        assert workers._groups is groups
+    assert groups.closed == 0  # handed on to the sweep, which ends them
+    with pytest.raises(ConfigError, match="bad prompt"), preparing(config, groups):
+        raise ConfigError("bad prompt")
+    assert groups.closed == 1  # no sweep begins to end them
+    with pytest.raises(KeyboardInterrupt), preparing(config, groups):
+        raise KeyboardInterrupt  # the process ends, and its workers with it
+    assert groups.closed == 1
