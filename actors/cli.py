@@ -5,6 +5,7 @@
                                             continue a killed or failed run after its last finished
                                             task; with a CONFIG that adds tasks, extend a finished one
   forgetless compare CONFIG --strategies naive,replay --seeds 3 [--orders 3] [key=value ...]
+                                            with resume=true: continue an interrupted comparison
   forgetless table1 CONFIG [key=value ...]  the lecture's Table 1 measured: feature extraction, fine-tuning,
                                             prompt engineering and prompt tuning on the same model and tasks
   forgetless validate CONFIG [key=value ...] check a config (and its data) without training

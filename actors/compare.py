@@ -28,9 +28,13 @@ from pipelines.metrics import TASK_FORGETTING, ForgettingMatrix, final_only, gap
 from pipelines.plan import planning_for
 from pipelines.strategies import check_combination, deviations
 from pipelines.tuning import read_tuned, with_values
+from pipelines.models import directory_digest
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
+from pipelines.rundir import OutputDir
 from pipelines.significance import HEADLINE, RunCell, pairwise
+from pipelines.sweep_state import (STATE_FILE, RunTiming, SweepState, finished_report, read_state, setup_changes,
+                                   setup_record)
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
@@ -309,6 +313,45 @@ def protocol(config: RunConfig, strategies: list[str], tokenizer: dict[str, str]
     }
 
 
+def resumable(base: Path, config: RunConfig, setup: dict[str, Any], planned: list[Path]) -> SweepState | None:
+    """The interrupted comparison in ``base`` that ``resume=true`` continues (None: start one).
+    ``planned``: the directories of the comparison's runs.
+
+    Raises:
+        ConfigError: ``base`` holds a comparison (or runs where this one's go) and neither
+            resume=true nor overwrite=true was given; or resume=true with another setup (each change
+            named), with its shared tokenizer changed or gone, or with runs but no state to say
+            which tokenizer they read.
+    """
+    if config.overwrite:  # whatever is there, even a broken state
+        return None
+    previous = read_state(base)
+    if previous is None:
+        held = [where for where in planned if OutputDir(where).holds_a_run()]
+        if held:
+            raise ConfigError(f"output_dir {base} holds runs but no {STATE_FILE} (e.g. {held[0]}): a comparison "
+                              "written by an older version, or runs of another command. Its runs cannot be continued "
+                              "as one comparison; start over with overwrite=true, or choose another output_dir")
+        return None
+    done = sum(finished_report(where) is not None for where in planned)
+    if not config.resume:
+        raise ConfigError(f"output_dir {base} already holds a comparison ({done} run(s) finished). Continue it with "
+                          "resume=true (finished runs are kept, an interrupted one continues from its last task), "
+                          "start over with overwrite=true, or choose another output_dir")
+    changes = setup_changes(previous.setup, setup)
+    if changes:
+        raise ConfigError(f"resume=true continues the comparison in {base} only as it was started; {len(changes)} "
+                          f"change(s): {'; '.join(changes[:20])}{' ...' if len(changes) > 20 else ''}. Undo them, or "
+                          "start over with overwrite=true, or choose another output_dir")
+    tokenizer = base / "tokenizer"
+    digest = directory_digest(tokenizer) if tokenizer.is_dir() else None
+    if digest != previous.tokenizer["digest"]:
+        raise ConfigError(f"{tokenizer}: the comparison's shared tokenizer is {'changed' if digest else 'gone'} "
+                          f"(digest {digest} against {previous.tokenizer['digest']} when it was started); its runs "
+                          "cannot be continued with another. Start over with overwrite=true")
+    return previous
+
+
 def with_tokenizer(config: RunConfig, directory: str) -> RunConfig:
     """``config`` with every run loading the tokenizer saved in ``directory``."""
     data = config.model_dump(by_alias=True)
@@ -329,25 +372,52 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     config = resolve_paths(config)
     check_tracking(config.mlflow.tracking_uri)
     base = Path(config.output_dir)
+    setup = setup_record(experiment_dict(config), strategies, seeds, order_list, chosen)
+    planned = [run_dir(base, name, config.seed + k, o, orders) for name in strategies
+               for o in range(len(order_list)) for k in range(seeds)]
+    previous = resumable(base, config, setup, planned)
     groups = command_groups(config, "compare")
     with preparing(config, groups) as workers:  # a pretrained start is built in the runs' worker group
-        tokenizer = shared_tokenizer(config, base / "tokenizer", progress=progress, workers=workers)
+        if previous is not None:  # the interrupted comparison's own, checked by resumable()
+            tokenizer = {**previous.tokenizer, "path": str(base / "tokenizer")}
+        else:
+            tokenizer = shared_tokenizer(config, base / "tokenizer", progress=progress, workers=workers)
         shared = {**protocol(config, strategies, tokenizer), "tuned": chosen or None}
         config = with_tokenizer(config, tokenizer["path"])
         params = {**flatten(experiment_dict(config)), "compare.strategies": ",".join(strategies),
                   "compare.seeds": seeds, "compare.orders": json.dumps(order_list)}
     runs: dict[str, list[TimedRun]] = {name: [] for name in strategies}
-    with Sweep(config, "compare", tags={"forgetless.compare": ",".join(strategies)}, params=params,
-               groups=groups) as sweep:
+    resumption: dict[str, list[str]] = {"kept": [], "continued": []}
+    with Sweep(config, "compare", tags={"forgetless.compare": ",".join(strategies)}, params=params, groups=groups,
+               parent_run_id=previous.parent_run_id if previous is not None else None) as sweep:
+        state = SweepState(setup=setup, tokenizer=tokenizer, parent_run_id=sweep.parent.run_id,
+                           runs=previous.runs if previous is not None else {})
+        state.write(base)
         for name in strategies:
             for o, order in enumerate(order_list):
                 for k in range(seeds):
-                    seed = config.seed + k
-                    where = {"seed": seed, "order": order, "output_dir": str(run_dir(base, name, seed, o, orders))}
-                    run_config = (with_values(config, name, chosen[name]["values"], **where) if name in chosen
-                                  else config.with_strategy(name, **where))
-                    runs[name].append(sweep.run(run_config, f"{name}, order {o} ({' -> '.join(order)}), seed {seed}",
-                                                progress=progress))
+                    seed, where = config.seed + k, run_dir(base, name, config.seed + k, o, orders)
+                    key, label = where.relative_to(base).as_posix(), f"{name}, order {o} ({' -> '.join(order)}), seed {seed}"
+                    done = finished_report(where) if previous is not None else None
+                    if done is not None:
+                        timing = state.runs.get(key)  # absent: stopped after the report, before the state
+                        runs[name].append(sweep.skip(done, timing.wall_s if timing else done.seconds,
+                                                     timing.startup_s if timing else 0.0, label, progress=progress))
+                        resumption["kept"].append(key)
+                        continue
+                    values = {"seed": seed, "order": order, "output_dir": str(where)}
+                    run_config = (with_values(config, name, chosen[name]["values"], **values) if name in chosen
+                                  else config.with_strategy(name, **values))
+                    if previous is not None and OutputDir(where).holds_a_run():
+                        if (where / "report.json").is_file():
+                            resumption["continued"].append(key)
+                        else:  # stopped before its first report: nothing of it to continue
+                            run_config = run_config.model_copy(update={"resume": False, "overwrite": True})
+                    timed = sweep.run(run_config, label, progress=progress)
+                    runs[name].append(timed)
+                    if timed.failure is None:
+                        state.runs[key] = RunTiming(**timed.timing())
+                        state.write(base)
     reports = {name: [r.report for r in timed] for name, timed in runs.items()}
     dirs = {name: [run_dir(base, name, config.seed + k, o, orders) for o in range(len(order_list))
                    for k in range(seeds)] for name in strategies}
@@ -358,7 +428,8 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     pairs = pairwise(run_cells(reports, dirs, order_list), seed=config.seed, replicates=BOOTSTRAP_REPLICATES,
                      progress=(lambda what: print(f"bootstrap: {what}", flush=True)) if progress else None)
     comparison = {"tasks": tasks, "seeds": seeds, "orders": order_list, "protocol": shared, "strategies": summary,
-                  "pairs": pairs, "significance": SIGNIFICANCE, **costs, "mlflow": sweep.mlflow_ref()}
+                  "pairs": pairs, "significance": SIGNIFICANCE, **costs, "mlflow": sweep.mlflow_ref(),
+                  "resumed": resumption if previous is not None else None}
     if progress:
         overhead = costs["per_run_overhead_s"]
         print(f"\n{sum(map(len, runs.values()))} run(s), {costs['worker_group_startups']} worker group start-up(s) "

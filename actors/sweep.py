@@ -18,7 +18,9 @@ from actors.launch import RunFailedError, RunWorkers, run_experiment
 from actors.tracking import MlflowSink
 from actors.trainer_group import WorkerGroups
 from pipelines.config import RunConfig
+from pipelines.errors import ConfigError
 from pipelines.metrics import interval
+from pipelines.redaction import redact
 from pipelines.report import RunReport
 
 log = logging.getLogger("forgetless")
@@ -89,6 +91,17 @@ def preparing(config: RunConfig, groups: WorkerGroups) -> Iterator[RunWorkers]:
         raise
 
 
+def _resume_parent(tracking_uri: str, run_id: str, kind: str) -> MlflowSink:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowSink.resume(tracking_uri, run_id)
+    except MlflowException as exc:
+        raise ConfigError(f"the {kind}'s MLflow parent run {run_id} cannot be continued in {redact(tracking_uri)} "
+                          f"({str(exc).splitlines()[0][:200]}); resume with the tracking store it was started "
+                          "with, or start over with overwrite=true") from None
+
+
 class Sweep:
     """One command's runs. Use as a context manager around the runs; then ``finish``.
 
@@ -102,13 +115,18 @@ class Sweep:
     """
 
     def __init__(self, config: RunConfig, kind: str, *, tags: dict[str, str], params: dict[str, Any],
-                 groups: WorkerGroups | None = None):
+                 groups: WorkerGroups | None = None, parent_run_id: str | None = None):
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         self.groups = groups if groups is not None else command_groups(config, kind)
+        self.resumed = parent_run_id is not None
         try:
-            self.parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
-                                           run_name=config.mlflow.run_name or f"{config.experiment}-{kind}", tags=tags)
-            self.parent.log_params(params)
+            if parent_run_id is None:
+                self.parent = MlflowSink.start(config.mlflow.tracking_uri, config.mlflow.experiment_name,
+                                               run_name=config.mlflow.run_name or f"{config.experiment}-{kind}",
+                                               tags=tags)
+                self.parent.log_params(params)
+            else:  # an interrupted sweep, continued: its parent run and params are there already
+                self.parent = _resume_parent(config.mlflow.tracking_uri, parent_run_id, kind)
         except Exception:
             self.groups.close()  # a group the work before the sweep started
             raise
@@ -137,6 +155,14 @@ class Sweep:
         self.runs.append(run)
         return run
 
+    def skip(self, report: RunReport, wall_s: float, startup_s: float, label: str, *, progress: bool) -> TimedRun:
+        """A run an interrupted invocation of the sweep finished: kept as it was, not run again."""
+        if progress:
+            print(f"\n== {label} ==\nfinished before the sweep was interrupted: kept ({report.output_dir})", flush=True)
+        run = TimedRun(report, wall_s, startup_s)
+        self.runs.append(run)
+        return run
+
     def startup_summary(self) -> dict[str, Any]:
         return startup_summary(self.groups, self.runs)
 
@@ -145,8 +171,10 @@ class Sweep:
                 "experiment_id": self.parent.experiment_id}
 
     def finish(self, metrics: dict[str, float | None], *, artifacts: list[Path]) -> None:
-        """Log the sweep's metrics (None: undefined, not logged) and artifacts; end the parent run."""
-        self.parent.log_metrics({k: v for k, v in metrics.items() if v is not None}, step=0)
+        """Log the sweep's metrics (None: undefined, not logged) and artifacts; end the parent run.
+        A resumed sweep's parent that already holds a metric at that value does not get it twice."""
+        logged = self.parent.client.get_run(self.parent.run_id).data.metrics if self.resumed else {}
+        self.parent.log_metrics({k: v for k, v in metrics.items() if v is not None and logged.get(k) != v}, step=0)
         for path in artifacts:
             self.parent.log_artifact(path)
         self.parent.end(self.status)

@@ -211,3 +211,87 @@ def test_work_before_a_sweep_that_fails_ends_the_groups_it_may_have_started(toy_
     with pytest.raises(KeyboardInterrupt), preparing(config, groups):
         raise KeyboardInterrupt  # the process ends, and its workers with it
     assert groups.closed == 1
+
+
+# ------------------------------------------------------------------ resume=true: what is continued, what is refused
+def _interrupted(base, toy_stream_config, *, strategies=("naive", "lwf")):
+    """A comparison in ``base`` as an interrupted `compare` leaves it: its state, its tokenizer, the
+    first run finished and the second stopped after its first task."""
+    from actors.compare import resumable, run_dir
+    from pipelines.config import experiment_dict, resolve_paths, validate_config
+    from pipelines.models import directory_digest
+    from pipelines.sweep_state import RunTiming, SweepState, setup_record
+
+    config = resolve_paths(validate_config({**toy_stream_config, "output_dir": str(base)}, origin="test"))
+    orders = [["category", "first_word"]]
+    setup = setup_record(experiment_dict(config), list(strategies), 1, orders, None)
+    (base / "tokenizer").mkdir(parents=True)
+    (base / "tokenizer" / "tokenizer.json").write_text("{}")
+    planned = [run_dir(base, name, 0, 0, 1) for name in strategies]
+    for where, status, finished in zip(planned, ("FINISHED", "RUNNING"), (2, 1)):
+        where.mkdir(parents=True)
+        report = _report(0, [[0.5, 0.1], [0.4, 0.6]][:finished], {}, status=status)
+        (where / "report.json").write_text(report.model_copy(update={"finished_tasks": finished}).to_json())
+    SweepState(setup=setup, tokenizer={"path": str(base / "tokenizer"), "digest": directory_digest(base / "tokenizer"),
+                                       "source": "trained"}, parent_run_id="parent",
+               runs={"naive/seed-0": RunTiming(wall_s=9.0, startup_s=5.0, train_eval_s=3.0, overhead_s=1.0)}).write(base)
+    return config, setup, planned, resumable
+
+
+def test_resume_continues_an_unchanged_comparison_and_refuses_a_changed_one_naming_each_change(tmp_path,
+                                                                                               toy_stream_config):
+    base = tmp_path / "cmp"
+    config, setup, planned, resumable = _interrupted(base, toy_stream_config)
+    with pytest.raises(ConfigError, match=r"already holds a comparison \(1 run\(s\) finished\)\. Continue it with "
+                                          r"resume=true"):
+        resumable(base, config, setup, planned)
+    assert resumable(base, config.model_copy(update={"overwrite": True}), setup, planned) is None  # starts over
+    resume = config.model_copy(update={"resume": True})
+    state = resumable(base, resume, setup, planned)
+    assert state.parent_run_id == "parent" and state.runs["naive/seed-0"].wall_s == 9.0
+    moved = tmp_path / "moved"  # a moved comparison is the same comparison: output_dir is not part of its setup
+    base.rename(moved)
+    from pipelines.config import experiment_dict
+
+    assert resumable(moved, resume.model_copy(update={"output_dir": str(moved)}),
+                     {**setup, "config": {k: v for k, v in experiment_dict(resume).items() if k != "output_dir"}},
+                     [moved / p.relative_to(base) for p in planned]) is not None
+    changed = {**setup, "seeds": 3, "config": {**setup["config"], "training": {**setup["config"]["training"], "lr": 0.01}}}
+    with pytest.raises(ConfigError, match=r"2 change\(s\): config\.training\.lr: 0\.003 -> 0\.01; seeds: 1 -> 3\. "):
+        resumable(moved, resume, changed, planned)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda base: (base / "tokenizer" / "tokenizer.json").write_text('{"changed": 1}'), "shared tokenizer is changed"),
+    (lambda base: __import__("shutil").rmtree(base / "tokenizer"), "shared tokenizer is gone"),
+    (lambda base: (base / "compare-state.json").write_bytes(b""), "not a readable comparison state"),
+    (lambda base: (base / "compare-state.json").write_bytes(b"\xff\xfe\x00{"), "not a readable comparison state"),
+    (lambda base: (base / "compare-state.json").write_text('{"setup": {}, "tokenizer": {}, "parent_run_id": "p", '
+                                                           '"runs": {"../../elsewhere": {"wall_s": 1, "startup_s": 0, '
+                                                           '"train_eval_s": 1, "overhead_s": 0}}}'),
+     "'../../elsewhere' is not a run directory inside the comparison"),
+    (lambda base: (base / "naive" / "seed-0" / "report.json").write_text("{not json"), "not a readable run report"),
+    (lambda base: ((base / "compare-state.json").unlink(), (base / "compare-state.json").symlink_to(base / "x.json")),
+     "a symbolic link, which is never followed"),
+])
+def test_resume_refuses_a_comparison_it_cannot_continue_as_one_naming_the_file(tmp_path, toy_stream_config, damage,
+                                                                              message):
+    base = tmp_path / "cmp"
+    config, setup, planned, resumable = _interrupted(base, toy_stream_config)
+    damage(base)
+    with pytest.raises(ConfigError, match=message) as refused:
+        resumable(base, config.model_copy(update={"resume": True}), setup, planned)
+    assert str(base) in str(refused.value)
+    assert resumable(base, config.model_copy(update={"overwrite": True}), setup, planned) is None  # starts over
+
+
+def test_runs_without_a_comparison_state_are_not_continued_as_one(tmp_path, toy_stream_config):
+    base = tmp_path / "cmp"
+    config, setup, planned, resumable = _interrupted(base, toy_stream_config)
+    (base / "compare-state.json").unlink()  # an older version's comparison: which tokenizer its runs read is unknown
+    for control in ({}, {"resume": True}):
+        with pytest.raises(ConfigError, match="holds runs but no compare-state.json"):
+            resumable(base, config.model_copy(update=control), setup, planned)
+    for where in planned:
+        __import__("shutil").rmtree(where)
+    assert resumable(base, config.model_copy(update={"resume": True}), setup, planned) is None  # nothing to continue
