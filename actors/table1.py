@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.preflight import ModelStart, resolve_start
-from actors.sweep import Sweep
+from actors.sweep import Sweep, command_groups, preparing
 from actors.tracking import check_tracking
 from pipelines.config import RunConfig, experiment_dict, flatten, resolve_paths
 from pipelines.errors import DataError
@@ -64,12 +64,14 @@ def table1(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     paradigms, sizes = config.table1.paradigms, ordered_sizes(config.table1.train_sizes)
     cells = [(p, s, run_config(config, p, s, output_dir=str(base / p / f"size-{size_label(s)}"), parent_run_id=None))
              for p in paradigms for s in sizes]
-    start = resolve_start(config, progress=progress)  # a pretrained start is built or fetched once, before the runs
-    streams = _check_cells(cells, start)
+    groups = command_groups(config, "table1")
+    with preparing(config, groups) as workers:  # a pretrained start is built (once) in the cells' worker group
+        start = resolve_start(config, progress=progress, workers=workers)
+        streams = _check_cells(cells, start)
     reports: dict[str, dict[str, RunReport]] = {p: {} for p in paradigms}
     # one worker group start-up for every cell
     with Sweep(config, "table1", tags={"forgetless.table1": ",".join(paradigms)},
-               params=flatten(experiment_dict(config))) as sweep:
+               params=flatten(experiment_dict(config)), groups=groups) as sweep:
         for paradigm, size, cell in cells:
             run = sweep.run(cell, f"{paradigm}, {size_label(size)} training rows per task", progress=progress)
             # a cell's seconds are its own: the group start-up the first cell waited for is reported apart
