@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,6 +98,63 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     full_env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "actors.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    """`forgetless` in a process session of its own, as a job scheduler would start it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "actors.cli", *args, "--no-progress"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, *, timeout: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"the run ended (exit {process.returncode}) before {what}: {err[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def report_of(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def session_members(sid: int) -> list[str]:
+    """Processes still alive in process session ``sid`` (what a killed run left behind)."""
+    left = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                left.append(f"{entry.name} {(entry / 'cmdline').read_text().replace(chr(0), ' ')[:80]}")
+        except (OSError, ValueError, IndexError):
+            continue
+    return left
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL every process of ``process``'s session at once (the driver, its Ray, its workers, not
+    all in the driver's process group), as a reclaimed machine would; returns once none is left."""
+    os.killpg(process.pid, signal.SIGKILL)
+    for member in session_members(process.pid):
+        try:
+            os.kill(int(member.split()[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+    wait_for(lambda: not session_members(process.pid), timeout=30, what="the killed command's processes to end")
 
 
 @pytest.fixture
@@ -253,17 +314,36 @@ def listener_probe():
     return probe_without_credentials
 
 
+@dataclass
+class TinyCompare:
+    result: subprocess.CompletedProcess  # the resumed command's
+    out: Path
+    uri: str
+    before: dict  # what the killed command left: the replay run's report, the naive run's report.json, the state
+
+
 @pytest.fixture(scope="session")
 def tiny_compare_on_server(tmp_path_factory):
-    """``forgetless compare configs/tiny/compare.yaml --strategies naive,replay`` run once through the
-    CLI against a real `mlflow server` on loopback: (the CLI's result, the output_dir, the server's
-    URI). The comparison, its naive run end to end (configs/tiny/naive.yaml's stream and settings)
-    and the UI in a browser are checked on this one command; the server stays up until the tests end."""
+    """``forgetless compare configs/tiny/compare.yaml --strategies naive,replay`` through the CLI against
+    a real `mlflow server` on loopback, killed (SIGKILL, every process of it) in the replay run's
+    second task and continued with ``resume=true``. The comparison, the kill and the resumption, its
+    naive run end to end (configs/tiny/naive.yaml's stream and settings) and the UI in a browser are
+    checked on this one command; the server stays up until the tests end."""
     base = tmp_path_factory.mktemp("tiny-compare")
     server, uri = start_mlflow_server(base)
+    out = base / "out"
+    args = ("compare", "configs/tiny/compare.yaml", "--strategies", "naive,replay", "--seeds", "1", f"output_dir={out}",
+            f"mlflow.tracking_uri={uri}")
     try:
-        result = run_cli("compare", "configs/tiny/compare.yaml", "--strategies", "naive,replay", "--seeds", "1",
-                         f"output_dir={base / 'out'}", f"mlflow.tracking_uri={uri}", "--no-progress", timeout=900)
-        yield result, base / "out", uri
+        # SIGKILLed in the second run's second task (its first committed), then continued with resume=true
+        killed = start_cli(*args)
+        second = out / "replay" / "seed-0"
+        wait_for(lambda: (report_of(second) or {}).get("finished_tasks", 0) >= 1, timeout=600, process=killed,
+                 what="the second run's first task")
+        kill_session(killed)
+        before = {"replay": report_of(second), "naive": (out / "naive" / "seed-0" / "report.json").read_bytes(),
+                  "state": json.loads((out / "compare-state.json").read_text())}
+        result = run_cli(*args, "--no-progress", "resume=true", timeout=900)
+        yield TinyCompare(result, out, uri, before)
     finally:
         stop_server(server)

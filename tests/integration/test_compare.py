@@ -115,11 +115,37 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
 
 
 def test_tiny_compare_config_on_a_tracking_server(tiny_compare_on_server):
-    """configs/tiny/compare.yaml, naive against replay, logged to an `mlflow server`: the comparison,
-    and the naive run end to end (its stream and settings are configs/tiny/naive.yaml's)."""
-    result, out, server_uri = tiny_compare_on_server
+    """configs/tiny/compare.yaml, naive against replay, logged to an `mlflow server`, killed in the
+    replay run and continued with resume=true: the comparison, the resumption, and the naive run end
+    to end (its stream and settings are configs/tiny/naive.yaml's)."""
+    result, out, server_uri, before = (tiny_compare_on_server.result, tiny_compare_on_server.out,
+                                       tiny_compare_on_server.uri, tiny_compare_on_server.before)
     assert result.returncode == 0, result.stderr[-4000:]
     comparison = json.loads((out / "comparison.json").read_text())
+
+    # the kill landed in the replay run's second task; the naive run had finished
+    killed, state = before["replay"], before["state"]
+    assert killed["finished_tasks"] == 1 and killed["status"] == "RUNNING", "the kill did not land in task 2"
+    assert list(state["runs"]) == ["naive/seed-0"]  # its timing, recorded when it finished
+    # resume=true kept the finished run as it was and continued the interrupted one from its last task
+    assert comparison["resumed"] == {"kept": ["naive/seed-0"], "continued": ["replay/seed-0"]}
+    assert (out / "naive" / "seed-0" / "report.json").read_bytes() == before["naive"]
+    assert comparison["strategies"]["naive"]["runs"][0]["wall_s"] == state["runs"]["naive/seed-0"]["wall_s"]
+    replay_report = json.loads((out / "replay" / "seed-0" / "report.json").read_text())
+    assert replay_report["status"] == "FINISHED" and len(replay_report["resumes"]) == 1
+    assert replay_report["acc_matrix"][0] == killed["acc_matrix"][0]
+    assert replay_report["mlflow"]["run_id"] == killed["mlflow"]["run_id"]  # in its own MLflow run
+    assert comparison["protocol"]["tokenizer"]["digest"] == state["tokenizer"]["digest"]
+    assert comparison["mlflow"]["parent_run_id"] == state["parent_run_id"]  # the same parent run
+    server = MlflowClient(server_uri)
+    experiment_id = server.get_experiment_by_name("forgetless").experiment_id
+    parents = server.search_runs([experiment_id], "tags.`forgetless.compare` = 'naive,replay'")
+    assert [r.info.run_id for r in parents] == [state["parent_run_id"]]
+    children = server.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")
+    assert sorted(r.info.run_id for r in children) == sorted([json.loads(before["naive"])["mlflow"]["run_id"],
+                                                               killed["mlflow"]["run_id"]])
+    steps = [m.step for m in server.get_metric_history(killed["mlflow"]["run_id"], "train_loss")]
+    assert len(steps) == len(set(steps)), sorted(steps)  # nothing the killed attempt logged is logged again
     strategies = comparison["strategies"]
     assert list(strategies) == ["naive", "replay"]
     # on disjoint labels replay keeps some of the earlier tasks; sequential fine-tuning loses them

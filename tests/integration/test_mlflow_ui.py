@@ -66,7 +66,7 @@ def shoot(driver, tmp_path: Path, name: str) -> None:
 def test_the_ui_shows_the_run_its_metrics_charts_and_heatmap(tiny_compare_on_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    result, out, server = tiny_compare_on_server
+    result, out, server = tiny_compare_on_server.result, tiny_compare_on_server.out, tiny_compare_on_server.uri
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(server)
     run_id = __import__("json").loads((out / "naive" / "seed-0" / "report.json").read_text())["mlflow"]["run_id"]

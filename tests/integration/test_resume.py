@@ -16,36 +16,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.rundir import OutputDir
+from tests.integration.conftest import report_of, session_members, start_cli, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def start_cli(*args: str) -> subprocess.Popen:
-    """`forgetless` in a process session of its own, as a job scheduler would start it."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "actors.cli", *args, "--no-progress"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(condition, *, timeout: float, what: str, process: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"the run ended (exit {process.returncode}) before {what}: {err[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def report_of(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def baseline_of(out: Path) -> list | None:
@@ -64,22 +37,6 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def session_members(sid: int) -> list[str]:
-    """Processes still alive in process session ``sid`` (what a killed run left behind)."""
-    left = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == sid and fields[0] != "Z":
-                left.append(f"{entry.name} {(entry / 'cmdline').read_text().replace(chr(0), ' ')[:80]}")
-        except (OSError, ValueError, IndexError):
-            continue
-    return left
 
 
 @pytest.fixture
@@ -154,66 +111,6 @@ def test_sigkill_after_task_1_then_resume_of_the_moved_run_continues_in_the_same
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "2 change(s)" in refused.stderr and "seed: 0 -> 5" in refused.stderr
     assert "stream.tasks.0.max_train_examples: None -> 10 (task 'category' is finished)" in refused.stderr
-
-
-def test_a_compare_sigkilled_mid_run_continues_where_it_stopped_with_resume_true(toy_stream_config, tmp_path,
-                                                                                  mlflow_store, cli):
-    config = toy_stream_config
-    config["stream"]["tasks"][1]["max_steps"] = 100  # ~3 s of steps: the kill lands in the second run's task 2
-    path = tmp_path / "compare.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "out"
-    args = ["compare", str(path), "--strategies", "naive,replay", "--seeds", "1", "replay.memory_rows=40",
-            "replay.rows_per_batch=4"]
-    run = start_cli(*args)
-    second = out / "replay" / "seed-0"
-    wait_for(lambda: (report_of(second) or {}).get("finished_tasks", 0) >= 1, timeout=300, process=run,
-             what="the second run's first task")
-    os.killpg(run.pid, signal.SIGKILL)  # the comparison, its Ray and its runs: every process of its session at once
-    for member in session_members(run.pid):  # (Ray's workers are not all in the driver's process group)
-        try:
-            os.kill(int(member.split()[0]), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    run.wait(timeout=30)
-    wait_for(lambda: not session_members(run.pid), timeout=30, what="the killed comparison's processes to end")
-    before = report_of(second)
-    assert before["finished_tasks"] == 1 and before["status"] == "RUNNING", "the kill did not land in task 2"
-    kept = (out / "naive" / "seed-0" / "report.json").read_bytes()
-    state = json.loads((out / "compare-state.json").read_text())
-    assert list(state["runs"]) == ["naive/seed-0"]  # the finished run's timing, recorded when it finished
-    digest = state["tokenizer"]["digest"]
-
-    refused = cli(*args, "--no-progress", timeout=120)  # before Ray: the directory holds a comparison
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "already holds a comparison (1 run(s) finished)" in refused.stderr and "resume=true" in refused.stderr
-    # (a changed setup refused on resume, a lost tokenizer, a broken state: tests/unit/actors/test_compare.py)
-
-    resumed = cli(*args, "--no-progress", "resume=true", timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["resumed"] == {"kept": ["naive/seed-0"], "continued": ["replay/seed-0"]}
-    assert (out / "naive" / "seed-0" / "report.json").read_bytes() == kept  # not run again
-    naive, replay = (comparison["strategies"][name]["runs"][0] for name in ("naive", "replay"))
-    assert naive["status"] == replay["status"] == "FINISHED"
-    assert naive["wall_s"] == state["runs"]["naive/seed-0"]["wall_s"]
-    report = report_of(second)  # continued from its last commit, in its own MLflow run
-    assert report["finished_tasks"] == 2 and len(report["resumes"]) == 1
-    assert report["acc_matrix"][0] == before["acc_matrix"][0] and report["train"]["first_word"]["steps"] == 100
-    assert report["mlflow"]["run_id"] == before["mlflow"]["run_id"]
-    assert comparison["protocol"]["tokenizer"]["digest"] == digest
-    client = MlflowClient(mlflow_store)
-    parent_id = comparison["mlflow"]["parent_run_id"]
-    assert parent_id == state["parent_run_id"] and client.get_run(parent_id).info.status == "FINISHED"
-    experiment = client.get_experiment_by_name("forgetless").experiment_id
-    parents = client.search_runs([experiment], "tags.`forgetless.compare` = 'naive,replay'")
-    assert [r.info.run_id for r in parents] == [parent_id]  # one parent run for the comparison
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(r.info.run_id for r in children) == sorted([json.loads(kept)["mlflow"]["run_id"],
-                                                               before["mlflow"]["run_id"]])
-    assert all(r.info.status == "FINISHED" for r in children)
-    steps = [m.step for m in client.get_metric_history(before["mlflow"]["run_id"], "train_loss")]
-    assert len(steps) == len(set(steps)), sorted(steps)
 
 
 def test_a_worker_sigkilled_mid_task_is_healed_and_one_killed_past_max_failures_fails_the_run_naming_each(
