@@ -48,11 +48,15 @@ tune() {  # the same trials for every strategy, on the first two tasks' training
           # at a time, so that an interrupted tuning loses only the strategy under way
   local stream=$1
   local dir=$OUT/$stream-tune
-  for s in ${TUNED//,/ }; do
-    # shellcheck disable=SC2046
-    [ -f "$dir/tuned/$s.yaml" ] || $F tune configs/$stream.yaml --strategies "$s" --trials $TRIALS \
-       --validation $VALIDATION --out "$dir/tuned" $(budget "$stream") output_dir="$dir/trials/$s" overwrite=true \
-       --no-progress
+  mkdir -p "$dir/tuned"
+  for s in ${TUNED//,/ }; do  # each strategy's trials and tuning.json in $dir/<strategy>, its YAML copied to tuned/
+    if [ ! -f "$dir/tuned/$s.yaml" ]; then
+      rm -rf "${dir:?}/$s"  # an interrupted strategy's trials: that strategy starts over
+      # shellcheck disable=SC2046
+      $F tune configs/$stream.yaml --strategies "$s" --trials $TRIALS --validation $VALIDATION --out "$dir/$s" \
+         $(budget "$stream") output_dir="$dir/$s" --no-progress
+      cp "$dir/$s/$s.yaml" "$dir/tuned/$s.yaml"
+    fi
   done
   for s in joint cumulative; do  # no knob of their own: naive's learning rate
     .venv/bin/python - "$dir/tuned" "$s" <<'EOF'
