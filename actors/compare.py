@@ -25,16 +25,16 @@ from actors.tracking import check_tracking
 from pipelines.config import STRATEGY_CONFIGS, RunConfig, experiment_dict, flatten, resolve_paths, validate_config
 from pipelines.errors import ConfigError
 from pipelines.metrics import TASK_FORGETTING, ForgettingMatrix, final_only, gap_to_joint, interval
-from pipelines.plan import planning_for
-from pipelines.strategies import check_combination, deviations
-from pipelines.tuning import read_tuned, with_values
 from pipelines.models import directory_digest
+from pipelines.plan import planning_for
 from pipelines.plots import plot_comparison
 from pipelines.report import RunReport
 from pipelines.rundir import OutputDir
 from pipelines.significance import HEADLINE, RunCell, pairwise
+from pipelines.strategies import check_combination, deviations
 from pipelines.sweep_state import (STATE_FILE, RunTiming, SweepState, finished_report, read_state, setup_changes,
                                    setup_record)
+from pipelines.tuning import read_tuned, with_values
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
