@@ -1,0 +1,99 @@
+"""The headline tables of docs/results.md, regenerated from the comparisons committed beside this file.
+
+    .venv/bin/python docs/experiments/results_tables.py           # rewrite every table in docs/results.md
+    .venv/bin/python docs/experiments/results_tables.py --check   # exit 1 naming each table that differs
+
+A table sits in docs/results.md between ``<!-- table: docs/experiments/results/NAME.json -->`` and
+``<!-- /table -->``, NAME.json being a ``forgetless compare`` comparison.json copied there. What is
+between the two markers is this script's output and nothing else; tests/unit/test_results_tables.py
+checks that every table matches its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from actors.compare import format_pairs  # noqa: E402 - the repository root first, for a plain `python` run
+
+RESULTS = REPO / "docs" / "results.md"
+BLOCK = re.compile(r"<!-- table: (?P<path>[^ ]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+COLUMNS = ("avg_acc", "forgetting", "bwt", "learning_acc")
+UNSIGNED = ("avg_acc", "learning_acc")
+
+
+def _stat(stat: dict[str, Any], signed: bool) -> str:
+    if stat is None or stat.get("mean") is None:
+        return "n/a"
+    mean = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
+    return mean if stat.get("ci95") is None else f"{mean} ± {stat['ci95']:.3f}"
+
+
+def _tuned(comparison: dict[str, Any], name: str) -> str:
+    tuned = (comparison["protocol"].get("tuned") or {}).get(name)
+    if not tuned:
+        return "defaults"
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in tuned["values"].items())
+
+
+def headline(comparison: dict[str, Any]) -> str:
+    """One stream's table: each strategy's tuned values, each headline metric's mean and 95% interval
+    over its runs, its runs' mean seconds; then every pair's paired difference (``*``: significant
+    after Holm's correction, ``actors.compare.format_pairs``)."""
+    orders, seeds = len(comparison["orders"]), comparison["seeds"]
+    counts = {name: sum(r["status"] == "FINISHED" for r in entry["runs"])
+              for name, entry in comparison["strategies"].items()}
+    lines = [f"{' -> '.join(comparison['tasks'])} (the config's order; {orders} order(s) x {seeds} seed(s)); mean ± "
+             "half-width of the 95% t interval over each strategy's finished runs (n); seconds: a run's mean, "
+             "start-up apart.", "",
+             "| strategy | n | tuned values | " + " | ".join(COLUMNS) + " | seconds |",
+             "|---" * (len(COLUMNS) + 4) + "|"]
+    for name, entry in comparison["strategies"].items():
+        seconds = (entry.get("seconds") or {}).get("mean")
+        lines.append(f"| {name} | {counts[name]} | {_tuned(comparison, name)} | "
+                     + " | ".join(_stat(entry.get(m), m not in UNSIGNED) for m in COLUMNS)
+                     + f" | {'n/a' if seconds is None else f'{seconds:,.0f}'} |")
+    return "\n".join(lines + format_pairs(comparison["pairs"])) + "\n"
+
+
+def render(text: str, root: Path = REPO) -> tuple[str, list[str]]:
+    """``text`` with every table regenerated, and the JSON paths whose table differed."""
+    changed: list[str] = []
+
+    def table(match: re.Match[str]) -> str:
+        path = match["path"]
+        body = headline(json.loads((root / path).read_text(encoding="utf-8")))
+        if body != match["body"]:
+            changed.append(path)
+        return f"<!-- table: {path} -->\n{body}<!-- /table -->"
+
+    return BLOCK.sub(table, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+    args = parser.parse_args(argv)
+    text = RESULTS.read_text(encoding="utf-8")
+    new, changed = render(text)
+    if args.check:
+        for path in changed:
+            print(f"{RESULTS.relative_to(REPO)}: the table of {path} differs from what the JSON gives; "
+                  "run docs/experiments/results_tables.py", file=sys.stderr)
+        return 1 if changed else 0
+    if changed:
+        RESULTS.write_text(new, encoding="utf-8")
+    print(f"{len(changed)} table(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
