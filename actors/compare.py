@@ -27,7 +27,7 @@ from pipelines.errors import ConfigError
 from pipelines.metrics import TASK_FORGETTING, ForgettingMatrix, final_only, gap_to_joint, interval
 from pipelines.models import directory_digest
 from pipelines.plan import planning_for
-from pipelines.plots import plot_comparison
+from pipelines.plots import plot_comparison, plot_curves
 from pipelines.report import RunReport
 from pipelines.rundir import OutputDir
 from pipelines.significance import HEADLINE, RunCell, pairwise
@@ -112,6 +112,26 @@ def _gap_to_joint(report: RunReport, reference: RunReport | None) -> float | Non
     return gap_to_joint(acc, final[-1], skip=_untrained(report))
 
 
+CURVE = ("avg_acc", "forgetting")  # the metrics plotted against the number of tasks seen
+
+
+def after_each_task(runs: list[RunReport], *, only_at_end: bool) -> dict[str, list[dict[str, Any]]]:
+    """Each of ``CURVE`` after each task: point t is the ``interval`` over the runs of the metric
+    after their task t (``metrics_per_task[t]``, each run in its own order), so a curve shows how
+    forgetting and average accuracy grow with the number of tasks seen. A strategy that trains only
+    at the end has only avg_acc's last point (before it, nothing is trained)."""
+    length = max((len(r.metrics_per_task) for r in runs), default=0)
+    curve: dict[str, list[dict[str, Any]]] = {}
+    for metric in CURVE:
+        points = []
+        for t in range(length):
+            defined = not only_at_end or (metric == "avg_acc" and t == length - 1)
+            points.append(interval([r.metrics_per_task[t].get(metric) for r in runs
+                                    if defined and t < len(r.metrics_per_task)]))
+        curve[metric] = points
+    return curve
+
+
 def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[str, float]]] | None = None
               ) -> dict[str, Any]:
     """Per strategy: mean, sample std and 95% interval over (order, seed) runs of each metric
@@ -137,6 +157,7 @@ def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[
             entry["acc_matrix_mean"] = np.mean([np.array(r.acc_matrix, dtype=float) for r in in_order],
                                                axis=0).tolist()
             entry["baseline_mean"] = np.mean([np.array(r.baseline, dtype=float) for r in in_order], axis=0).tolist()
+        entry["curve"] = after_each_task(finished, only_at_end=only_at_end)
         entry["seeds"] = sorted({r.seed for r in finished})
         timed = (timings or {}).get(name) or [{} for _ in runs]
         entry["runs"] = [{"seed": r.seed, "order": r.tasks, "status": r.status, "run_id": r.mlflow.run_id,
@@ -439,7 +460,8 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
     write_atomic(json_path, json.dumps(comparison, indent=2))
     md_path = base / "comparison.md"
     write_atomic(md_path, format_table(tasks, summary, seeds=seeds, orders=orders, pairs=pairs))
-    plots = plot_comparison(comparison_matrices(tasks, summary), base)
+    plots = [*plot_comparison(comparison_matrices(tasks, summary), base),
+             plot_curves({name: entry["curve"] for name, entry in summary.items()}, base / "after_each_task.png")]
     metrics = {f"{metric_prefix(name)}/{m}": entry[m]["mean"] for name, entry in summary.items() for m in METRICS}
     sweep.finish({**metrics, "worker_group_startups": costs["worker_group_startups"],
                   "per_run_overhead_s": costs["per_run_overhead_s"]["mean"]}, artifacts=[json_path, md_path, *plots])

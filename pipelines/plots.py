@@ -93,3 +93,31 @@ def plot_comparison(matrices: dict[str, ForgettingMatrix], directory: str | Path
     fig.tight_layout()
     heatmaps = save_figure(fig, directory / "heatmaps.png")
     return [first_task, heatmaps]
+
+
+def plot_curves(curves: dict[str, dict[str, list[dict]]], path: str | Path) -> Path:
+    """Average accuracy and forgetting after each task, against the number of tasks seen: a line per
+    strategy (its runs' mean), a band for the 95% interval over them (``actors.compare.after_each_task``);
+    a strategy with one defined point (joint: after the last task) is a lone marker."""
+    metrics = list(next(iter(curves.values())))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(curves)}  # one colour a strategy, every panel
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for name, curve in curves.items():
+            points = curve[metric]
+            x = np.array([t + 1 for t, p in enumerate(points) if p["mean"] is not None])
+            if not len(x):
+                continue
+            mean = np.array([p["mean"] for p in points if p["mean"] is not None])
+            half = np.array([p["ci95"] or 0.0 for p in points if p["mean"] is not None])
+            ax.plot(x, mean, marker="o", markersize=3, label=name, color=colors[name])
+            ax.fill_between(x, mean - half, mean + half, color=colors[name], alpha=0.15, linewidth=0)
+        ax.set_xticks(range(1, len(next(iter(curves.values()))[metric]) + 1))
+        ax.set_xlabel("tasks seen")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} after each task")
+    handles = [plt.Line2D([], [], color=colors[name], marker="o", markersize=3, label=name) for name in curves]
+    axes[0][0].legend(handles=handles, fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))

@@ -295,3 +295,28 @@ def test_runs_without_a_comparison_state_are_not_continued_as_one(tmp_path, toy_
     for where in planned:
         __import__("shutil").rmtree(where)
     assert resumable(base, config.model_copy(update={"resume": True}), setup, planned) is None  # nothing to continue
+
+
+def test_the_curve_after_each_task_is_each_metric_over_the_runs_at_that_task(tmp_path):
+    from actors.compare import after_each_task
+    from pipelines.plots import plot_curves
+
+    tasks = ["a", "b", "c"]
+
+    def run(seed, avg, forgetting):
+        rows = [{"task_index": t, "task": tasks[t], "avg_acc": a, "forgetting": f} for t, (a, f) in
+                enumerate(zip(avg, forgetting))]
+        return _report(seed, [[0.0] * 3] * 3, {}, tasks=tasks).model_copy(update={"metrics_per_task": rows})
+
+    runs = [run(0, [0.9, 0.6, 0.5], [None, 0.3, 0.35]), run(1, [0.8, 0.5, 0.4], [None, 0.2, 0.25])]
+    curve = after_each_task(runs, only_at_end=False)
+    # point t: after task t (t + 1 tasks seen), over both runs
+    assert [p["mean"] for p in curve["avg_acc"]] == pytest.approx([0.85, 0.55, 0.45])
+    assert [p["mean"] for p in curve["forgetting"]] == [None, pytest.approx(0.25), pytest.approx(0.30)]
+    assert [p["n"] for p in curve["forgetting"]] == [0, 2, 2]
+    assert curve["avg_acc"][0]["ci95"] == pytest.approx(12.706 * np.std([0.9, 0.8], ddof=1) / math.sqrt(2), rel=1e-3)
+    joint = after_each_task(runs, only_at_end=True)  # trained once, at the end: its last avg_acc only
+    assert [p["mean"] for p in joint["avg_acc"]] == [None, None, pytest.approx(0.45)]
+    assert all(p["mean"] is None for p in joint["forgetting"])
+    png = plot_curves({"naive": curve, "joint": joint}, tmp_path / "after_each_task.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
