@@ -44,6 +44,14 @@ class SweepState(BaseModel):
     parent_run_id: str
     runs: dict[str, RunTiming] = {}  # a run's directory under output_dir -> its timing
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _digest(cls, tokenizer: dict[str, str]) -> dict[str, str]:
+        missing = sorted({"path", "digest", "source"} - set(tokenizer))
+        if missing:
+            raise ValueError(f"tokenizer lacks {', '.join(missing)}")
+        return tokenizer
+
     @field_validator("runs")
     @classmethod
     def _inside(cls, runs: dict[str, RunTiming]) -> dict[str, RunTiming]:

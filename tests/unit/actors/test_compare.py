@@ -266,10 +266,13 @@ def test_resume_continues_an_unchanged_comparison_and_refuses_a_changed_one_nami
     (lambda base: __import__("shutil").rmtree(base / "tokenizer"), "shared tokenizer is gone"),
     (lambda base: (base / "compare-state.json").write_bytes(b""), "not a readable comparison state"),
     (lambda base: (base / "compare-state.json").write_bytes(b"\xff\xfe\x00{"), "not a readable comparison state"),
-    (lambda base: (base / "compare-state.json").write_text('{"setup": {}, "tokenizer": {}, "parent_run_id": "p", '
+    (lambda base: (base / "compare-state.json").write_text('{"setup": {}, "tokenizer": {"path": "t", "digest": "d", '
+                                                           '"source": "s"}, "parent_run_id": "p", '
                                                            '"runs": {"../../elsewhere": {"wall_s": 1, "startup_s": 0, '
                                                            '"train_eval_s": 1, "overhead_s": 0}}}'),
      "'../../elsewhere' is not a run directory inside the comparison"),
+    (lambda base: (base / "compare-state.json").write_text('{"setup": {}, "tokenizer": {}, "parent_run_id": "p"}'),
+     "tokenizer: Value error, tokenizer lacks digest, path, source"),
     (lambda base: (base / "naive" / "seed-0" / "report.json").write_text("{not json"), "not a readable run report"),
     (lambda base: ((base / "compare-state.json").unlink(), (base / "compare-state.json").symlink_to(base / "x.json")),
      "a symbolic link, which is never followed"),
