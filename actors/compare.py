@@ -354,7 +354,7 @@ def resumable(base: Path, config: RunConfig, setup: dict[str, Any], planned: lis
                               "written by an older version, or runs of another command. Its runs cannot be continued "
                               "as one comparison; start over with overwrite=true, or choose another output_dir")
         return None
-    done = sum(finished_report(where) is not None for where in planned)
+    done = sum(finished_report(where) is not None for where in planned)  # a broken report: refused here, before any start
     if not config.resume:
         raise ConfigError(f"output_dir {base} already holds a comparison ({done} run(s) finished). Continue it with "
                           "resume=true (finished runs are kept, an interrupted one continues from its last task), "

@@ -105,15 +105,13 @@ def plot_curves(curves: dict[str, dict[str, list[dict]]], path: str | Path) -> P
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, curve in curves.items():
-            points = curve[metric]
-            x = np.array([t + 1 for t, p in enumerate(points) if p["mean"] is not None])
-            if not len(x):
+            defined = [(t + 1, p["mean"], p["ci95"] or 0.0) for t, p in enumerate(curve[metric]) if p["mean"] is not None]
+            if not defined:
                 continue
-            mean = np.array([p["mean"] for p in points if p["mean"] is not None])
-            half = np.array([p["ci95"] or 0.0 for p in points if p["mean"] is not None])
-            ax.plot(x, mean, marker="o", markersize=3, label=name, color=colors[name])
+            x, mean, half = (np.array(column) for column in zip(*defined))
+            ax.plot(x, mean, marker="o", markersize=3, color=colors[name])
             ax.fill_between(x, mean - half, mean + half, color=colors[name], alpha=0.15, linewidth=0)
-        ax.set_xticks(range(1, len(next(iter(curves.values()))[metric]) + 1))
+        ax.set_xticks(range(1, max(len(curve[metric]) for curve in curves.values()) + 1))
         ax.set_xlabel("tasks seen")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} after each task")
