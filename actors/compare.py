@@ -354,7 +354,8 @@ def resumable(base: Path, config: RunConfig, setup: dict[str, Any], planned: lis
                               "written by an older version, or runs of another command. Its runs cannot be continued "
                               "as one comparison; start over with overwrite=true, or choose another output_dir")
         return None
-    done = sum(finished_report(where) is not None for where in planned)  # a broken report: refused here, before any start
+    # every run's report read here: a broken one is refused before anything starts
+    done = sum(finished_report(where) is not None for where in planned)
     if not config.resume:
         raise ConfigError(f"output_dir {base} already holds a comparison ({done} run(s) finished). Continue it with "
                           "resume=true (finished runs are kept, an interrupted one continues from its last task), "
@@ -418,7 +419,8 @@ def compare(config: RunConfig, strategies: list[str], *, seeds: int, orders: int
             for o, order in enumerate(order_list):
                 for k in range(seeds):
                     seed, where = config.seed + k, run_dir(base, name, config.seed + k, o, orders)
-                    key, label = where.relative_to(base).as_posix(), f"{name}, order {o} ({' -> '.join(order)}), seed {seed}"
+                    key = where.relative_to(base).as_posix()
+                    label = f"{name}, order {o} ({' -> '.join(order)}), seed {seed}"
                     done = finished_report(where) if previous is not None else None
                     if done is not None:
                         timing = state.runs.get(key)  # absent: stopped after the report, before the state

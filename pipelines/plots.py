@@ -105,7 +105,8 @@ def plot_curves(curves: dict[str, dict[str, list[dict]]], path: str | Path) -> P
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for name, curve in curves.items():
-            defined = [(t + 1, p["mean"], p["ci95"] or 0.0) for t, p in enumerate(curve[metric]) if p["mean"] is not None]
+            defined = [(t + 1, p["mean"], p["ci95"] or 0.0) for t, p in enumerate(curve[metric])
+                       if p["mean"] is not None]
             if not defined:
                 continue
             x, mean, half = (np.array(column) for column in zip(*defined))
