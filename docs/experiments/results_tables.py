@@ -4,9 +4,10 @@
     .venv/bin/python docs/experiments/results_tables.py --check   # exit 1 naming each table that differs
 
 A table sits in docs/results.md between ``<!-- table: docs/experiments/results/NAME.json -->`` and
-``<!-- /table -->``, NAME.json being a ``forgetless compare`` comparison.json copied there. What is
-between the two markers is this script's output and nothing else; tests/unit/test_results_tables.py
-checks that every table matches its JSON.
+``<!-- /table -->`` (the headline: ``headline``) or between ``<!-- curve: ... -->`` and
+``<!-- /curve -->`` (average accuracy and forgetting after each task: ``curve``), NAME.json being a
+``forgetless compare`` comparison.json copied there. What is between the two markers is this script's
+output and nothing else; tests/unit/test_results_tables.py checks that every table matches its JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if str(REPO) not in sys.path:
 from actors.compare import format_pairs  # noqa: E402 - the repository root first, for a plain `python` run
 
 RESULTS = REPO / "docs" / "results.md"
-BLOCK = re.compile(r"<!-- table: (?P<path>[^ ]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
+BLOCK = re.compile(r"<!-- (?P<kind>table|curve): (?P<path>[^ ]+) -->\n(?P<body>.*?)<!-- /(?P=kind) -->", re.S)
 COLUMNS = ("avg_acc", "forgetting", "bwt", "learning_acc")
 UNSIGNED = ("avg_acc", "learning_acc")
 
@@ -64,16 +65,40 @@ def headline(comparison: dict[str, Any]) -> str:
     return "\n".join(lines + format_pairs(comparison["pairs"])) + "\n"
 
 
+def curve(comparison: dict[str, Any]) -> str:
+    """Average accuracy and forgetting after each task, one row per number of tasks seen, one column
+    pair per strategy: the mean and 95% interval over its runs (``entry["curve"]``, each run in its
+    own order). ``n/a`` where a metric is undefined: joint before its one training, at the end; any
+    strategy's forgetting after its first task (nothing earlier to forget)."""
+    names = [name for name, entry in comparison["strategies"].items() if entry.get("curve")]
+    if not names:
+        raise ValueError("no strategy has a curve after each task: a comparison.json written before compare "
+                         "kept them; run the comparison again (resume=true keeps its finished runs)")
+    length = max(len(comparison["strategies"][name]["curve"]["avg_acc"]) for name in names)
+    lines = ["avg_acc / forgetting after each task (mean ± half-width of the 95% t interval over the runs); "
+             "tasks seen: the first k of each run's order.", "",
+             "| tasks seen | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for t in range(length):
+        cells = []
+        for name in names:
+            points = comparison["strategies"][name]["curve"]
+            acc, forgetting = (points[m][t] if t < len(points[m]) else None for m in ("avg_acc", "forgetting"))
+            cells.append(f"{_stat(acc, False)} / {_stat(forgetting, True)}")
+        lines.append(f"| {t + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render(text: str, root: Path = REPO) -> tuple[str, list[str]]:
-    """``text`` with every table regenerated, and the JSON paths whose table differed."""
+    """``text`` with every table regenerated, and each table that differed ("table PATH", "curve PATH")."""
     changed: list[str] = []
 
     def table(match: re.Match[str]) -> str:
-        path = match["path"]
-        body = headline(json.loads((root / path).read_text(encoding="utf-8")))
+        path, kind = match["path"], match["kind"]
+        comparison = json.loads((root / path).read_text(encoding="utf-8"))
+        body = (headline if kind == "table" else curve)(comparison)
         if body != match["body"]:
-            changed.append(path)
-        return f"<!-- table: {path} -->\n{body}<!-- /table -->"
+            changed.append(f"{kind} {path}")
+        return f"<!-- {kind}: {path} -->\n{body}<!-- /{kind} -->"
 
     return BLOCK.sub(table, text), changed
 
@@ -86,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     new, changed = render(text)
     if args.check:
         for path in changed:
-            print(f"{RESULTS.relative_to(REPO)}: the table of {path} differs from what the JSON gives; "
+            print(f"{RESULTS.relative_to(REPO)}: the {path} differs from what its JSON gives; "
                   "run docs/experiments/results_tables.py", file=sys.stderr)
         return 1 if changed else 0
     if changed:

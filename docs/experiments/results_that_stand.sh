@@ -7,6 +7,8 @@
 #   docs/experiments/results_that_stand.sh tune STREAM       # forgetless tune on the first two tasks
 #   docs/experiments/results_that_stand.sh compare STREAM    # every strategy, 3 seeds x 3 orders, --tuned
 #   docs/experiments/results_that_stand.sh six               # the six classification sets, 3 seeds x 1 order
+#   docs/experiments/results_that_stand.sh start STREAM      # naive from random init, the same budget: does the start help?
+#   docs/experiments/results_that_stand.sh tiny              # the machinery: every strategy on the tiny stream, 3 x 3
 # STREAM: task_incremental or domain_incremental.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -88,6 +90,22 @@ six() {  # the six classification sets, 3 seeds x 1 order; their first two tasks
   # shellcheck disable=SC2046
   $F compare configs/six_tasks.yaml --strategies naive,replay,lwf,derpp,joint --seeds 3 --tuned $OUT/six_tasks-tuned \
      $(budget six_tasks) output_dir=$OUT/six_tasks-compare resume=true --no-progress
+}
+
+start() {  # the warm start's architecture and tokenizer from random init, naive at its tuned learning rate and
+          # the stream's budget, 3 seeds x the config's order: set beside the comparison's naive runs of that order
+  local stream=$1
+  mkdir -p $OUT/$stream-random-tuned
+  cp -n $OUT/$stream-tune/tuned/naive.yaml $OUT/$stream-random-tuned/
+  # shellcheck disable=SC2046
+  $F compare configs/$stream.yaml --strategies naive --seeds 3 --tuned $OUT/$stream-random-tuned \
+     $(budget "$stream") model.weights=random output_dir=$OUT/$stream-random resume=true --no-progress
+}
+
+tiny() {  # the machinery on the tiny stream (~50k parameters, from random init): every strategy, 3 seeds x 3
+          # orders, the config's untuned settings; it checks the protocol, not the strategies' merit
+  $F compare configs/tiny/compare.yaml --strategies $ALL --seeds 3 --orders 3 output_dir=$OUT/tiny-compare \
+     resume=true --no-progress
 }
 
 "$@"
