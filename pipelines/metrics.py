@@ -146,6 +146,35 @@ def summary(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int
     return out
 
 
+def summary_batch(acc: np.ndarray, baseline: np.ndarray, upto: int, *, skip: tuple[int, ...] = ()
+                  ) -> dict[str, np.ndarray | None]:
+    """``summary``'s five headline metrics for a stack of N matrices at once (``acc``: N x T x T,
+    ``baseline``: N x T), each an array of N values, by the same definitions: avg_acc, forgetting,
+    bwt, fwt, learning_acc. A metric undefined for one matrix is undefined for all (it depends on
+    ``upto`` and ``skip`` only) and is ``None``. The bootstrap evaluates thousands of resampled
+    matrices through it; tests/unit/pipelines/test_metrics.py holds it equal to ``summary``."""
+    acc = np.asarray(acc, dtype=float)
+    baseline = np.asarray(baseline, dtype=float)
+    if acc.ndim != 3 or acc.shape[1] != acc.shape[2] or baseline.shape != acc.shape[:2]:
+        raise ValueError(f"acc must be N x T x T and baseline N x T, got shapes {acc.shape} and {baseline.shape}")
+    if not 0 <= upto < acc.shape[1]:
+        raise ValueError(f"upto ({upto}) must be in [0, {acc.shape[1] - 1}]")
+    last = acc[:, upto, :]
+    earlier = range(upto)
+    learned = [j for j in range(upto + 1) if j not in skip]
+
+    def mean(columns: list[np.ndarray]) -> np.ndarray | None:
+        return np.mean(np.stack(columns, axis=1), axis=1) if columns else None
+
+    return {
+        "avg_acc": last[:, : upto + 1].mean(axis=1),
+        "forgetting": mean([acc[:, i:upto, i].max(axis=1) - last[:, i] for i in earlier]),
+        "bwt": mean([last[:, i] - acc[:, i, i] for i in earlier]),
+        "fwt": mean([acc[:, i - 1, i] - baseline[:, i] for i in range(1, upto + 1)]),
+        "learning_acc": mean([acc[:, j, j] for j in learned]),
+    }
+
+
 # Undefined for a strategy that trains once, on every task, at the end (joint): its rows before the
 # last are the untrained model, so nothing was learned task by task to forget, transfer or measure.
 ONLY_AT_END = ("forgetting", "bwt", "fwt", "learning_acc", "gap_to_joint")

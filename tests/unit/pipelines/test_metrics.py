@@ -12,6 +12,7 @@ from pipelines.metrics import (
     gap_to_joint,
     interval,
     summary,
+    summary_batch,
     task_forgetting,
     what_fwt_measures,
 )
@@ -56,6 +57,31 @@ def test_forgetting_starts_at_the_row_where_the_task_was_trained():
     assert forgetting(acc, 2) == pytest.approx(0.25)
     # an off-by-one (rows from i + 1) would miss row 1 and say task 1 is undefined or -0.775; from 0, 0.08
     assert task_forgetting(acc, 1) == pytest.approx([0.9 - 0.5])
+
+
+def test_the_batch_summary_is_the_summary_of_each_matrix_for_every_upto_and_skip():
+    # the hand-made matrix (task 0: 0.6 forgotten, task 1: 0.1) stacked with random ones, one with a
+    # task that scores best before its training (the max must start at its own row)
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 3, 4):
+        stack = np.concatenate([rng.random((5, size, size)), np.array([np.eye(size)[::-1] * 0.5 + 0.25])])
+        if size == 3:
+            stack[0] = ACC
+        base = rng.random((6, size))
+        for upto in range(size):
+            for skip in ((), (0,)):
+                batch = summary_batch(stack, base, upto, skip=skip)
+                for n in range(len(stack)):
+                    one = summary(stack[n], base[n], upto, skip=skip)
+                    for metric, values in batch.items():
+                        if one[metric] is None:
+                            assert values is None, (size, upto, skip, metric)
+                        else:
+                            assert values[n] == pytest.approx(one[metric]), (size, upto, skip, metric, n)
+    three = summary_batch(np.stack([ACC, ACC[::-1]]), np.stack([BASELINE, BASELINE]), 2)
+    assert three["forgetting"][0] == pytest.approx(0.35) and three["avg_acc"][0] == pytest.approx(1.9 / 3)
+    with pytest.raises(ValueError, match="N x T x T"):
+        summary_batch(ACC, BASELINE, 2)
 
 
 def test_backward_transfer():

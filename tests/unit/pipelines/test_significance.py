@@ -72,5 +72,67 @@ def test_holm_is_applied_over_the_pairs_of_one_metric_and_the_bootstrap_is_seede
 
 def test_a_cell_without_examples_keeps_its_recorded_mean():
     cell = RunCell(0, 0, TASKS, [{"a": [1.0, 0.0]}, {}], {}, np.array([[0.5, 0.25], [0.5, 0.75]]), np.zeros(2))
-    acc, _ = cell.matrix({"a": np.array([0, 0])})
-    assert acc.tolist() == [[1.0, 0.25], [0.5, 0.75]]  # only task a's row 0 has examples: drawn twice the first
+    acc, _ = cell.matrices({"a": np.array([[2, 0], [0, 2]])}, 2)
+    # only task a's row 0 has examples: the first resample draws example 0 twice, the second example 1
+    assert acc.tolist() == [[[1.0, 0.25], [0.5, 0.75]], [[0.0, 0.25], [0.5, 0.75]]]
+
+
+def test_resampled_matrices_weigh_each_example_by_its_draws_and_the_baseline_too():
+    # rows [after a, after b]; task a's 4 examples scored [1, 1, 0, 0] then [1, 0, 0, 0]; baseline [0, 0, 1, 1]
+    rows = [{"a": [1.0, 1.0, 0.0, 0.0], "b": [1.0, 0.0]}, {"a": [1.0, 0.0, 0.0, 0.0], "b": [1.0, 1.0]}]
+    acc = np.array([[0.5, 0.5], [0.25, 1.0]])
+    cell = RunCell(0, 0, TASKS, rows, {"a": [0.0, 0.0, 1.0, 1.0], "b": [0.0, 0.0]}, acc, np.array([0.5, 0.0]))
+    drawn, base = cell.matrices({"a": np.array([[0, 3, 1, 0]]), "b": np.array([[1, 1]])}, 1)
+    # a: example 1 three times, example 2 once -> row 0: (3 x 1 + 0) / 4, row 1: 0; baseline: 1 / 4
+    assert drawn[0].tolist() == [[0.75, 0.5], [0.0, 1.0]] and base[0].tolist() == [0.25, 0.0]
+    metrics = cell.metrics_batch({"a": np.array([[0, 3, 1, 0]]), "b": np.array([[1, 1]])}, 1)
+    assert metrics["forgetting"][0] == pytest.approx(0.75) and metrics["avg_acc"][0] == pytest.approx(0.5)
+    assert cell.metrics()["forgetting"] == pytest.approx(0.25)  # as recorded: 0.5 - 0.25
+
+
+def test_the_examples_are_resampled_jointly_for_both_strategies_so_the_interval_is_the_paired_one():
+    # one task, one run cell: the bootstrap interval of avg_acc(A) - avg_acc(B) is that of the mean of
+    # the paired differences d_e = a_e - b_e, half-width ~ 1.96 sd(d) / sqrt(n); B is A with 20 of 400
+    # examples turned wrong, so an unpaired resampling would give ~ 1.96 sqrt(2 p (1 - p) / n), 4x wider
+    rng = np.random.default_rng(3)
+    a = (rng.random(400) < 0.7).astype(float)
+    b = a.copy()
+    b[np.nonzero(a)[0][:20]] = 0.0
+
+    def cell(scores):
+        return RunCell(0, 0, ["t"], [{"t": scores.tolist()}], {"t": [0.0] * 400}, np.array([[scores.mean()]]),
+                       np.zeros(1))
+
+    result = pairwise({"A": {(0, 0): cell(a)}, "B": {(0, 0): cell(b)}}, metrics=("avg_acc",),
+                      replicates=4000)[0]["metrics"]["avg_acc"]
+    d = a - b
+    expected = 1.96 * d.std() / np.sqrt(len(d))
+    low, high = result["ci95"]
+    assert result["diff"] == pytest.approx(0.05)
+    assert (high - low) / 2 == pytest.approx(expected, rel=0.15)
+    assert low > 0 and result["significant"]
+
+
+def test_resample_counts_draw_n_of_n_with_replacement():
+    from pipelines.significance import _resample_counts
+
+    counts = _resample_counts(np.random.default_rng(0), 5000, 8)
+    assert counts.shape == (5000, 8) and (counts.sum(axis=1) == 8).all() and counts.min() >= 0
+    # each example's count is Binomial(8, 1/8): mean 1, variance 7/8
+    assert counts.mean() == pytest.approx(1.0) and counts.var() == pytest.approx(7 / 8, rel=0.05)
+
+
+def test_with_nine_strategies_a_clear_gap_survives_holms_correction_over_36_pairs():
+    from pipelines.significance import replicates_for
+
+    assert replicates_for(1) == 1000 and replicates_for(6) == 2400 and replicates_for(36) == 14400
+    # A keeps 30 of 60 examples, the eight others none: at 1,000 replicates the smallest p (2 / 1,001)
+    # times 36 would be 0.072 and nothing could be marked; the count follows the pairs instead
+    base = _runs(30, 0)
+    runs = {"A": base["A"], **{f"B{k}": base["B"] for k in range(8)}}
+    pairs = pairwise(runs, metrics=("avg_acc",))
+    assert len(pairs) == 36
+    first = pairs[0]["metrics"]["avg_acc"]
+    assert (pairs[0]["a"], pairs[0]["b"]) == ("A", "B0") and first["replicates"] == 14400
+    assert first["p_holm"] < 0.05 and first["significant"]
+    assert not any(p["metrics"]["avg_acc"]["significant"] for p in pairs if p["a"] != "A")  # B's among themselves
