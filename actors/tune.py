@@ -31,7 +31,8 @@ from pipelines.metrics import ForgettingMatrix
 from pipelines.significance import HEADLINE
 from pipelines.report import RunReport
 from pipelines.strategies.base import Range
-from pipelines.tuning import Knob, draw_seed, read_space, search_space, tuning_config, with_values, write_tuned
+from pipelines.tuning import (Knob, draw_seed, read_space, search_space, shared_rates, tuning_config, with_values,
+                              write_tuned)
 from storage.files import write_atomic
 
 log = logging.getLogger("forgetless")
@@ -40,6 +41,11 @@ MINIMIZED = ("forgetting",)
 # A trial only drives its run (the run's workers hold the CPUs and GPUs): it takes none, but a
 # placement group needs a non-empty bundle, so it holds one byte of memory.
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
+
+
+SEARCH = ("learning rates: the same for every strategy, one drawn in each of `trials` equal slices of its log "
+          "range, seeded by the config's seed (pipelines.tuning.shared_rates); the strategy's own knobs: random, "
+          "one draw per rate (Ray Tune's basic variant generator), seeded per strategy")
 
 
 def _quiet_tune() -> None:
@@ -178,7 +184,8 @@ def tune(config: RunConfig, strategies: list[str], *, trials: int, tasks: int = 
     parent.log_params({**flatten(experiment_dict(tuning)), "tune.strategies": ",".join(strategies),
                        "tune.trials": trials, "tune.tasks": json.dumps(tuned_on["tasks"]), "tune.metric": metric,
                        "tune.validation": validation})
-    summary: dict[str, Any] = {"tuned_on": tuned_on, "metric": metric, "trials": trials, "strategies": {}}
+    summary: dict[str, Any] = {"tuned_on": tuned_on, "metric": metric, "trials": trials, "search": SEARCH,
+                               "strategies": {}}
     base = tuning.model_dump(by_alias=True)
     status = "FINISHED"
     try:
@@ -192,10 +199,13 @@ def tune(config: RunConfig, strategies: list[str], *, trials: int, tasks: int = 
                 from ray.tune.schedulers import ASHAScheduler
 
                 asha = ASHAScheduler(time_attr="task", max_t=tasks, grace_period=1, reduction_factor=2)
+            # the learning rates as a grid, the same for every strategy; the other knobs drawn once per rate
+            param_space = {knob.name: ray_tune.grid_search(shared_rates(knob.range, trials, config.seed))
+                           if knob.name == "lr" else domain(knob.range) for knob in knobs}
             tuner = ray_tune.Tuner(
-                trainable, param_space={knob.name: domain(knob.range) for knob in knobs},
+                trainable, param_space=param_space,
                 tune_config=ray_tune.TuneConfig(
-                    metric="score", mode="max", num_samples=trials, scheduler=asha,
+                    metric="score", mode="max", num_samples=1, scheduler=asha,
                     search_alg=_searcher(draw_seed(config.seed, name), concurrent)),
                 run_config=ray_tune.RunConfig(
                     name=f"tune-{name.replace('+', '_with_')}", storage_path=str(directory / "ray_tune"), verbose=0,
@@ -217,7 +227,7 @@ def tune(config: RunConfig, strategies: list[str], *, trials: int, tasks: int = 
                 entry["best"] = {"values": best["values"], metric: best[metric]}
                 write_tuned(directory / f"{name}.yaml", name, best["values"], record={
                     **tuned_on, "metric": metric, "score": best[metric], "trials": trials,
-                    "finished_trials": len(finished), "search": "random (Ray Tune's basic variant generator), seeded",
+                    "finished_trials": len(finished), "search": SEARCH,
                     "scheduler": scheduler or "none"})
                 parent.log_metrics({f"{name.replace('+', '_with_')}/best_{metric}": best[metric]}, step=0)
             else:

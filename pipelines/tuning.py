@@ -3,9 +3,10 @@
 The protocol is Chaudhry et al. 2019 ("Efficient Lifelong Learning with A-GEM", sec. 6): the
 hyperparameters of every strategy are chosen on the first ``k`` tasks of the stream only, and on
 rows cut from their *training* splits (a validation split), so neither a task's eval rows nor any
-later task is ever read while tuning; every strategy gets the same number of trials, its learning
-rate searched with its own knobs (each strategy file's ``search``), and the best values are then
-run on the whole stream by ``forgetless compare --tuned DIR``.
+later task is ever read while tuning; every strategy gets the same trials: the same learning rates
+(``shared_rates``: the rate moves every outcome most, so no strategy may owe its rank to a luckier
+draw of it), each with a random draw of the strategy's own knobs (each strategy file's ``search``),
+and the best values are then run on the whole stream by ``forgetless compare --tuned DIR``.
 """
 
 from __future__ import annotations
@@ -161,8 +162,22 @@ def tuning_config(config: RunConfig, *, tasks: int, validation: float, directory
     return validate_config(data, origin="tune's stream"), tuned_on
 
 
+def shared_rates(bounds: Range, trials: int, seed: int) -> list[float]:
+    """The learning rates every strategy's trials take, in order: one drawn in each of ``trials``
+    equal slices of the range (on a log scale for a log range; stratified, so that five trials
+    cannot all fall in one corner), from a stream seeded by the config's seed alone, so that every
+    strategy with the same range tries the same rates (common random numbers). A strategy given
+    another range by ``--space`` takes the same quantiles of its own."""
+    quantiles = (np.arange(trials) + np.random.default_rng([seed, *b"lr"]).random(trials)) / trials
+    if bounds.log:
+        low, high = math.log(bounds.low), math.log(bounds.high)
+        return [float(math.exp(low + q * (high - low))) for q in quantiles]
+    return [float(bounds.low + q * (bounds.high - bounds.low)) for q in quantiles]
+
+
 def draw_seed(seed: int, strategy: str) -> int:
-    """The search's seed for one strategy: the same config gives every strategy its own, repeatable draws."""
+    """The search's seed for one strategy's own knobs: the same config gives every strategy its own,
+    repeatable draws of them (its learning rates are ``shared_rates``)."""
     return int(np.random.default_rng([seed, *strategy.encode()]).integers(2**31 - 1))
 
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import load_config
 from pipelines.tasks import load_stream
+from pipelines.tuning import LR, shared_rates
 
 BUDGET = ["replay.memory_rows=40", "replay.rows_per_batch=4"]
 
@@ -51,6 +52,10 @@ def test_tune_chooses_each_strategy_s_values_on_the_first_tasks_validation_rows(
     trials = summary["strategies"]["naive"]["trials"]
     assert len(trials) == 1 and trials[0]["status"] == "FINISHED" and trials[0]["tasks_reported"] == 2
     assert list(summary["strategies"]["naive"]["knobs"]) == ["lr"]
+    # the learning rate every strategy tries (the shared draws), not one drawn for naive alone
+    seed = load_config(three_task_file).seed
+    assert trials[0]["values"]["lr"] == pytest.approx(shared_rates(LR, 1, seed)[0])
+    assert summary["search"].startswith("learning rates: the same for every strategy")
     assert list(summary["strategies"]["ewc"]["knobs"]) == ["lr", "ewc.lambda", "ewc.gamma"]
     tuned = yaml.safe_load((out / "naive.yaml").read_text())
     assert tuned["strategy"] == "naive" and tuned["values"] == trials[0]["values"] and tuned["tuned"]["trials"] == 1

@@ -1,5 +1,6 @@
 """What `forgetless tune` searches and on which rows, refused inputs named by key: no Ray."""
 
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -7,8 +8,9 @@ import pytest
 
 from pipelines.config import validate_config
 from pipelines.errors import ConfigError, DataError
+from pipelines.strategies.base import Range
 from pipelines.tasks import load_stream
-from pipelines.tuning import read_tuned, search_space, tuning_config, with_values, write_tuned
+from pipelines.tuning import read_tuned, search_space, shared_rates, tuning_config, with_values, write_tuned
 
 
 @pytest.fixture
@@ -89,3 +91,16 @@ def test_tuned_values_go_where_the_knobs_say_and_come_back_from_their_yaml(three
     (tmp_path / "replay.yaml").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match=r"replay.yaml: cannot read it"):
         read_tuned(Path(tmp_path), "replay", three)
+
+
+def test_every_strategy_tries_the_same_learning_rates_one_in_each_slice_of_the_range():
+    rates = shared_rates(Range(1e-4, 1e-2, log=True), 5, seed=0)
+    assert rates == shared_rates(Range(1e-4, 1e-2, log=True), 5, seed=0)  # no strategy in the draw: the same for all
+    assert rates != shared_rates(Range(1e-4, 1e-2, log=True), 5, seed=1)
+    # five slices of the log range, each 10^0.4 wide: the k-th rate lies in the k-th
+    for k, rate in enumerate(rates):
+        assert 10 ** (-4 + 0.4 * k) <= rate < 10 ** (-4 + 0.4 * (k + 1)), (k, rate)
+    # another range (--space) takes the same quantiles of its own: a linear range, the same slice per trial
+    linear = shared_rates(Range(0.0, 1.0), 5, seed=0)
+    assert [int(q * 5) for q in linear] == [0, 1, 2, 3, 4]
+    assert [math.log10(r) for r in rates] == pytest.approx([-4 + 2 * q for q in linear])
