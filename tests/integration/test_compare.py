@@ -50,6 +50,7 @@ def test_every_strategy_in_two_task_orders(cli, toy_config_file, tmp_path, mlflo
     assert both["gap_to_joint"]["mean"] is not None  # against joint of the same seed and order
     assert (out / "first_task_accuracy.png").stat().st_size > 0 and (out / "heatmaps.png").stat().st_size > 0
     assert (out / "after_each_task.png").stat().st_size > 0
+    assert f"{out / 'heatmaps.png'}, {out / 'after_each_task.png'}" in result.stdout  # every plot named
     assert both["curve"]["avg_acc"][-1]["mean"] == pytest.approx(both["avg_acc"]["mean"])  # after the last task
     assert [p["n"] for p in both["curve"]["forgetting"]] == [0, 2]  # nothing to forget after the first task
     table = (out / "comparison.md").read_text()
