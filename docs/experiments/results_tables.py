@@ -6,7 +6,9 @@
 A table sits in docs/results.md between ``<!-- table: docs/experiments/results/NAME.json -->`` and
 ``<!-- /table -->`` (the headline: ``headline``) or between ``<!-- curve: ... -->`` and
 ``<!-- /curve -->`` (average accuracy and forgetting after each task: ``curve``), NAME.json being a
-``forgetless compare`` comparison.json copied there. What is between the two markers is this script's
+``forgetless compare`` comparison.json copied there; or between ``<!-- tuning: ... -->`` and
+``<!-- /tuning -->`` (every trial of ``forgetless tune``: ``trials``), from the tuning.json of each
+strategy merged into one (``results_that_stand.sh tune`` writes it). What is between the two markers is this script's
 output and nothing else; tests/unit/test_results_tables.py checks that every table matches its JSON.
 """
 
@@ -26,7 +28,7 @@ if str(REPO) not in sys.path:
 from actors.compare import format_pairs  # noqa: E402 - the repository root first, for a plain `python` run
 
 RESULTS = REPO / "docs" / "results.md"
-BLOCK = re.compile(r"<!-- (?P<kind>table|curve): (?P<path>[^ ]+) -->\n(?P<body>.*?)<!-- /(?P=kind) -->", re.S)
+BLOCK = re.compile(r"<!-- (?P<kind>table|curve|tuning): (?P<path>[^ ]+) -->\n(?P<body>.*?)<!-- /(?P=kind) -->", re.S)
 COLUMNS = ("avg_acc", "forgetting", "bwt", "learning_acc")
 UNSIGNED = ("avg_acc", "learning_acc")
 
@@ -88,6 +90,39 @@ def curve(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(value: Any) -> str:
+    return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+
+def trials(tuning: dict[str, Any]) -> str:
+    """Every trial of every strategy: a column per learning rate (the same rates for every strategy),
+    each cell the trial's score on the validation rows and the strategy's own knobs in it; the
+    chosen trial in bold. A strategy whose rates differ from the first's (another range) is refused:
+    its trials would not line up."""
+    metric = tuning["metric"]
+    names = list(tuning["strategies"])
+    rates = [t["values"]["lr"] for t in tuning["strategies"][names[0]]["trials"]]
+    lines = [f"{metric} on the validation rows of {' and '.join(tuning['tuned_on']['tasks'])} after the last of them, "
+             f"each trial at a learning rate (the same for every strategy), with the strategy's own knobs; "
+             "bold: the trial chosen.", "",
+             "| strategy | " + " | ".join(f"lr {rate:.2g}" for rate in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    for name in names:
+        entry = tuning["strategies"][name]
+        got = [t["values"]["lr"] for t in entry["trials"]]
+        if got != rates:
+            raise ValueError(f"{name}'s learning rates {got} are not the first strategy's {rates}")
+        best = (entry.get("best") or {}).get("values")
+        cells = []
+        for t in entry["trials"]:
+            score = t.get(metric)
+            text = "failed" if t["status"] != "FINISHED" or score is None else f"{score:.3f}"
+            own = ", ".join(f"{k.split('.', 1)[1]} {_short(v)}" for k, v in t["values"].items() if k != "lr")
+            text += f" ({own})" if own else ""
+            cells.append(f"**{text}**" if t["values"] == best else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def render(text: str, root: Path = REPO) -> tuple[str, list[str]]:
     """``text`` with every table regenerated, and each table that differed ("table PATH", "curve PATH")."""
     changed: list[str] = []
@@ -95,7 +130,7 @@ def render(text: str, root: Path = REPO) -> tuple[str, list[str]]:
     def table(match: re.Match[str]) -> str:
         path, kind = match["path"], match["kind"]
         comparison = json.loads((root / path).read_text(encoding="utf-8"))
-        body = (headline if kind == "table" else curve)(comparison)
+        body = {"table": headline, "curve": curve, "tuning": trials}[kind](comparison)
         if body != match["body"]:
             changed.append(f"{kind} {path}")
         return f"<!-- {kind}: {path} -->\n{body}<!-- /{kind} -->"

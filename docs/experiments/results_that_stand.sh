@@ -80,6 +80,22 @@ text = yaml.safe_dump({"strategy": strategy, "values": {"lr": naive["values"]["l
 (directory / f"{strategy}.yaml").write_text(f"# {strategy}: naive's tuned learning rate\n" + text)
 EOF
   done
+  # every strategy's tuning.json in one, the trials' local paths dropped: what docs/results.md's tuning table reads
+  .venv/bin/python - "$dir" "$TUNED" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+directory, names = Path(sys.argv[1]), sys.argv[2].split(",")
+merged = {}
+for name in names:
+    part = json.loads((directory / name / "tuning.json").read_text(encoding="utf-8"))
+    for trial in part["strategies"][name]["trials"]:
+        trial.pop("path", None)
+    merged = merged or {k: v for k, v in part.items() if k not in ("strategies", "mlflow")} | {"strategies": {}}
+    merged["strategies"][name] = part["strategies"][name]
+(directory / "tuning.json").write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+EOF
 }
 
 compare() {  # every strategy, 3 seeds x 3 orders, the tuned values

@@ -97,3 +97,23 @@ def test_every_table_in_the_results_matches_its_json(block):
     text = tables.RESULTS.read_text(encoding="utf-8")
     _, changed = tables.render(text)
     assert block not in changed, f"docs/results.md's {block} is stale: run docs/experiments/results_tables.py"
+
+
+TUNING = {"metric": "avg_acc", "tuned_on": {"tasks": ["a", "b"]}, "strategies": {
+    "naive": {"trials": [{"values": {"lr": 1e-4}, "avg_acc": 0.6, "status": "FINISHED"},
+                         {"values": {"lr": 1e-3}, "avg_acc": 0.7, "status": "FINISHED"}],
+              "best": {"values": {"lr": 1e-3}, "avg_acc": 0.7}},
+    "lwf": {"trials": [{"values": {"lr": 1e-4, "lwf.alpha": 0.25}, "avg_acc": 0.8, "status": "FINISHED"},
+                       {"values": {"lr": 1e-3, "lwf.alpha": 0.5}, "avg_acc": None, "status": "FAILED"}],
+            "best": {"values": {"lr": 1e-4, "lwf.alpha": 0.25}, "avg_acc": 0.8}}}}
+
+
+def test_the_tuning_table_lines_every_strategy_s_trials_up_by_learning_rate_and_bolds_the_chosen():
+    lines = tables.trials(TUNING).splitlines()
+    assert lines[2] == "| strategy | lr 0.0001 | lr 0.001 |"
+    assert lines[4] == "| naive | 0.600 | **0.700** |"
+    assert lines[5] == "| lwf | **0.800 (alpha 0.25)** | failed (alpha 0.5) |"
+    shifted = {**TUNING, "strategies": {**TUNING["strategies"], "lwf": {
+        **TUNING["strategies"]["lwf"], "trials": TUNING["strategies"]["lwf"]["trials"][::-1]}}}
+    with pytest.raises(ValueError, match="lwf's learning rates"):  # trials that would not line up
+        tables.trials(shifted)
