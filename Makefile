@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/trainer_overhead.py --json runs/bench/trainer_overhead.json
 	$(BIN)/python bench/trainer_vs_hf.py --json runs/bench/trainer_vs_hf.json
 	$(BIN)/python bench/stream_cost.py --json runs/bench/stream_cost.json --plot runs/bench/stream_cost.png
+	$(BIN)/python bench/bootstrap.py --json runs/bench/bootstrap.json
 	$(BIN)/python bench/workers.py --json runs/bench/workers.json --plot runs/bench/workers.png
 	$(BIN)/python bench/peers.py --json runs/bench/peers.json
 	$(BIN)/python bench/replay_store.py --json runs/bench/replay_store.json
