@@ -43,9 +43,9 @@ MINIMIZED = ("forgetting",)
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1}
 
 
-SEARCH = ("learning rates: the same for every strategy, one drawn in each of `trials` equal slices of its log "
-          "range, seeded by the config's seed (pipelines.tuning.shared_rates); the strategy's own knobs: random, "
-          "one draw per rate (Ray Tune's basic variant generator), seeded per strategy")
+SEARCH = ("learning rates: the same for every strategy, one drawn in each of `trials` equal slices of its range "
+          "(on a log scale), seeded by the config's seed (pipelines.tuning.shared_rates); the strategy's own knobs: "
+          "random, one draw per rate (Ray Tune's basic variant generator), seeded per strategy")
 
 
 def _quiet_tune() -> None:

@@ -162,22 +162,23 @@ def paired_bootstrap(a: dict[tuple[int, int], RunCell], b: dict[tuple[int, int],
     if cells and replicates:
         slot_replicate, slot_cell = _hierarchical_draws(by_order, replicates, rng)
         slot_diff = {m: np.full(len(slot_cell), np.nan) for m in metrics}
-        cell_of_slot = np.array([cells.index(key) for key in slot_cell])
+        position = {key: index for index, key in enumerate(cells)}
+        cell_of_slot = np.array([position[key] for key in slot_cell])
         for index, key in enumerate(cells):
             slots = np.nonzero(cell_of_slot == index)[0]
             sizes = {**a[key].sizes, **b[key].sizes}
             for start in range(0, len(slots), _CHUNK):
                 chunk = slots[start:start + _CHUNK]
-                draws = {task: _resample_counts(rng, len(chunk), n) for task, n in sorted(sizes.items())}
-                x, y = a[key].metrics_batch(draws, len(chunk)), b[key].metrics_batch(draws, len(chunk))
+                counts = {task: _resample_counts(rng, len(chunk), n) for task, n in sorted(sizes.items())}
+                x, y = a[key].metrics_batch(counts, len(chunk)), b[key].metrics_batch(counts, len(chunk))
                 for m in metrics:
                     if key in usable[m]:
                         slot_diff[m][chunk] = x[m] - y[m]
         for m in metrics:
             defined = ~np.isnan(slot_diff[m])
-            counts = np.bincount(slot_replicate[defined], minlength=replicates)
+            per_replicate = np.bincount(slot_replicate[defined], minlength=replicates)
             sums = np.bincount(slot_replicate[defined], weights=slot_diff[m][defined], minlength=replicates)
-            draws[m] = sums[counts > 0] / counts[counts > 0]
+            draws[m] = sums[per_replicate > 0] / per_replicate[per_replicate > 0]
     for m in metrics:
         if not usable[m] or not len(draws[m]):
             out[m] = None
