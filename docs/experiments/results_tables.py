@@ -124,7 +124,7 @@ def trials(tuning: dict[str, Any]) -> str:
 
 
 def render(text: str, root: Path = REPO) -> tuple[str, list[str]]:
-    """``text`` with every table regenerated, and each table that differed ("table PATH", "curve PATH")."""
+    """``text`` with every block regenerated, and each block that differed ("table PATH", "curve PATH", "tuning PATH")."""
     changed: list[str] = []
 
     def table(match: re.Match[str]) -> str:

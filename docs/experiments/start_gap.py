@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
 from actors.compare import SIGNIFICANCE, aggregate, run_cells  # noqa: E402 - the repository root first
 from pipelines.report import RunReport  # noqa: E402
 from pipelines.significance import pairwise  # noqa: E402
+from pipelines.sweep_state import finished_report  # noqa: E402
 
 WARM, RANDOM = "naive, warm start", "naive, random init"
 
@@ -31,10 +32,10 @@ WARM, RANDOM = "naive, warm start", "naive, random init"
 def runs(directory: Path) -> list[tuple[RunReport, Path]]:
     """Every seed's finished run under ``directory`` (seed-0, seed-1, ...), in seed order."""
     found = []
-    for path in sorted(directory.glob("seed-*/report.json"), key=lambda p: int(p.parent.name.split("-")[1])):
-        report = RunReport.model_validate_json(path.read_text(encoding="utf-8"))
-        if report.status == "FINISHED":
-            found.append((report, path.parent))
+    for where in sorted(directory.glob("seed-*"), key=lambda p: int(p.name.split("-")[1])):
+        report = finished_report(where)
+        if report is not None:
+            found.append((report, where))
     return found
 
 
