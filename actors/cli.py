@@ -190,8 +190,8 @@ def _compare(args: argparse.Namespace) -> int:
         if report_path.is_file():
             print(f"\n== {name} (seed {config.seed}) ==\n{format_matrix(RunReport.read(report_path))}")
     print("\n" + (out / "comparison.md").read_text())
-    print(f"comparison: {out / 'comparison.json'}\nplots:      {out / 'first_task_accuracy.png'}, {out / 'heatmaps.png'}, "
-          f"{out / 'after_each_task.png'}")
+    plots = ", ".join(str(out / name) for name in ("first_task_accuracy.png", "heatmaps.png", "after_each_task.png"))
+    print(f"comparison: {out / 'comparison.json'}\nplots:      {plots}")
     print_mlflow(result["mlflow"]["tracking_uri"], result["mlflow"]["experiment_id"], result["mlflow"]["parent_run_id"],
                  what="parent run")
     failed = [r for e in result["strategies"].values() for r in e["runs"] if r["status"] != "FINISHED"]

@@ -124,7 +124,8 @@ def trials(tuning: dict[str, Any]) -> str:
 
 
 def render(text: str, root: Path = REPO) -> tuple[str, list[str]]:
-    """``text`` with every block regenerated, and each block that differed ("table PATH", "curve PATH", "tuning PATH")."""
+    """``text`` with every block regenerated, and each block that differed ("table PATH", "curve PATH",
+    "tuning PATH")."""
     changed: list[str] = []
 
     def table(match: re.Match[str]) -> str:

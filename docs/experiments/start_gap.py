@@ -39,6 +39,12 @@ def runs(directory: Path) -> list[tuple[RunReport, Path]]:
     return found
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the JSON records it: inside the repository, relative to it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def start_gap(compared: Path, random: Path) -> dict:
     comparison = json.loads((compared / "comparison.json").read_text(encoding="utf-8"))
     order = comparison["orders"][0]
@@ -56,8 +62,7 @@ def start_gap(compared: Path, random: Path) -> dict:
     tuned = (comparison["protocol"].get("tuned") or {}).get("naive")
     return {"tasks": order, "seeds": len(seeds[WARM]), "orders": [order],
             "protocol": {"tuned": {WARM: tuned, RANDOM: tuned} if tuned else None,
-                         "from": {WARM: str(warm_dir.relative_to(REPO)) if warm_dir.is_relative_to(REPO) else str(warm_dir),
-                                  RANDOM: str(random)}},
+                         "from": {WARM: _shown(warm_dir), RANDOM: _shown(random)}},
             "strategies": summaries, "pairs": pairwise(cells),
             "significance": SIGNIFICANCE}
 
