@@ -23,6 +23,7 @@ from pipelines.models import (build_model, count_parameters, directory_digest, e
 from pipelines.paradigms import TaskSlot, check_paradigm, check_prompt_lengths, eval_sets, task_slots
 from pipelines.plan import check_stream, fingerprint
 from pipelines.report import ModelInit, RunReport
+from pipelines.resume import refuse_extending_dropped
 from pipelines.rundir import OutputDir, config_changes, contained_report
 from pipelines.tasks import TaskStream, load_stream
 from storage.files import atomic_directory
@@ -61,6 +62,7 @@ def resolve_run(config: RunConfig, output: OutputDir, *, resuming: bool, progres
     stream = _with_pretraining_task(config, stream, start)
     if previous is not None:
         _check_finished_data(previous, stream, output)
+        refuse_extending_dropped(previous, stream.names)
         if config.paradigm.has_task_parameters and stream.names != previous.tasks:
             raise ConfigError(f"paradigm {config.paradigm.name} gives each task of the stream its own parameters "
                               f"when the run starts ({previous.tasks}); a resume cannot add or change tasks "

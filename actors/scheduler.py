@@ -38,6 +38,7 @@ from pipelines.plan import (
     StreamStart,
     TaskPlan,
     build_plan,
+    checkpoint_dir,
     fingerprint,
     planning_for,
     recovery_plan,
@@ -667,6 +668,8 @@ class Scheduler:
         if reason:  # the driver's account, which includes what the workers reported
             self._failure = reason
         report = self.report(status)
+        if status == "FINISHED" and report.complete and self.config.checkpoint.after_stream != "keep":
+            self._drop_after_stream(report)
         try:
             if self.replay is not None:  # the store stays on disk; the actors go
                 report.replay = self.replay_summary()
@@ -689,6 +692,19 @@ class Scheduler:
         self._progress["phase"] = "done" if status == "FINISHED" else "failed"
         self._finished_report = report
         return report
+
+
+    def _drop_after_stream(self, report: RunReport) -> None:
+        """``checkpoint.after_stream``: delete the training state (and for "report" the models) of a
+        run that is through its stream; the report stops pointing at them and says what went."""
+        level = self.config.checkpoint.after_stream
+        files.remove_tree(state_dir(self.output_dir, 0).parent)
+        report.resume.training_state, report.resume.mid_task, report.resume.dropped = None, None, level
+        self._training_state, self._mid_task = None, None
+        if level == "report":
+            files.remove_tree(checkpoint_dir(self.output_dir, 0, self.stream.names[0]).parent)
+            report.checkpoints = {}
+            self._checkpoints = {}
 
 
 def _dumped(strategy: Any) -> dict[str, Any] | list[dict[str, Any]]:

@@ -301,6 +301,12 @@ class CheckpointConfig(Schema):
     # "all": a plain transformers model after every task (teachers for distillation need these);
     # "last": only the final one.
     models: Literal["all", "last"] = "all"
+    # What stays once the stream's last task is committed (and the recovery probe, if on, has run).
+    # "keep": everything, so the run can be extended with more tasks. "models": the training state
+    # (weights, optimizer, RNG: the largest files) goes, the models above stay. "report": the models
+    # go too, leaving the report, matrix, per-example scores, plots and replay rows: a sweep of many
+    # runs then keeps a few MB a run. Either way the run cannot be extended; the report says so.
+    after_stream: Literal["keep", "models", "report"] = "keep"
     # The training state (weights, optimizer, RNG, data and replay position) inside a task, every
     # so many optimizer steps and/or minutes (checked at each ``training.log_every_n_steps`` sync),
     # so that a restart after a failure redoes at most that much of the task. None: only at the

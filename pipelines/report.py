@@ -99,6 +99,8 @@ class ResumePoint(_Model):
     replay_checkpoint: str | None = None  # the replay store's checkpoint tag at that moment
     data_fingerprints: dict[str, str] = {}  # task -> digest of its examples (an extension must not change them)
     mid_task: MidTaskPoint | None = None  # a checkpoint inside the next task, later than training_state
+    # checkpoint.after_stream when it deleted files once the stream was through: no extending the run
+    dropped: Literal["models", "report"] | None = None
 
 
 class ModelInit(_Model):

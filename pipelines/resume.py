@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.errors import ConfigError
 from pipelines.metrics import ForgettingMatrix
 from pipelines.report import MidTaskPoint, Restart, Resumption, RunReport, TaskStats
 
@@ -36,6 +37,24 @@ class CarriedOver:
     restarts: list[Restart]  # the worker group's restarts in the earlier attempts
 
 
+def refuse_extending_dropped(previous: RunReport, tasks: list[str]) -> None:
+    """A run whose files went once its stream was through (``checkpoint.after_stream``) has no
+    state for a new task to train from: resuming it with another stream is refused, saying why.
+
+    Raises:
+        ConfigError: ``tasks`` is not the finished run's stream.
+    """
+    if not previous.resume.dropped or tasks == previous.tasks:
+        return
+    new = [name for name in tasks if name not in previous.tasks]
+    what = "training state" + (" and models" if previous.resume.dropped == "report" else "")
+    raise ConfigError(
+        f"this run cannot be extended{' with ' + ', '.join(map(repr, new)) if new else ''}: its {what} went "
+        f"once its stream was through (checkpoint.after_stream={previous.resume.dropped}), and a new task trains "
+        "from them. Start the longer stream as a new run (another output_dir), or rerun this one with "
+        "overwrite=true and checkpoint.after_stream=keep")
+
+
 def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str, str], untrained: tuple[int, ...],
                scored_by: list[str], changes: list[str] | tuple[str, ...], now: float) -> CarriedOver:
     """Keep the previous attempt's finished rows; find the columns still to be measured.
@@ -47,6 +66,7 @@ def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str,
         changes: the config changes this resumption brings (``key: old -> new``).
         now: when it resumes (unix time).
     """
+    refuse_extending_dropped(previous, tasks)
     kept = {name: j for j, name in enumerate(previous.tasks)
             if previous.resume.data_fingerprints.get(name) == fingerprints.get(name)}
     finished = previous.finished_tasks
@@ -59,6 +79,7 @@ def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str,
                                  for t in range(finished)]
             baseline[j] = np.nan if previous.baseline[old] is None else previous.baseline[old]
     done = tasks[:finished]
+    fill = tuple(j for j in range(len(tasks)) if np.isnan(acc[finished - 1, j])) if finished else ()
     mid = previous.resume.mid_task
     # A mid-task state is continued only into the same task, with the same data and the same
     # training settings (a changed lr or step count would make its remaining steps another run's).
@@ -74,7 +95,7 @@ def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str,
         checkpoints={k: v for k, v in previous.checkpoints.items() if k in done},
         recovery=dict(previous.recovery) if finished == len(tasks) else {},
         training_state=previous.resume.training_state if finished else None,
-        fill_tasks=tuple(j for j in range(len(tasks)) if np.isnan(acc[finished - 1, j])) if finished else (),
+        fill_tasks=fill,
         resumes=[*previous.resumes, Resumption(at=now, finished_tasks=finished, previous_status=previous.status,
                                                new_tasks=[n for n in tasks if n not in kept], changed=list(changes))],
         mid_task=mid if mid_ok else None,

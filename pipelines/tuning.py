@@ -155,7 +155,7 @@ def tuning_config(config: RunConfig, *, tasks: int, validation: float, directory
                         "max_eval_examples": None, "max_train_examples": None})
     data = config.model_dump(by_alias=True)
     data["stream"] = {**data["stream"], "tasks": written, "orders": None}
-    data["checkpoint"] = {"models": "last"}
+    data["checkpoint"] = {"models": "last", "after_stream": "report"}  # a trial is read for its score only
     tuned_on = {"tasks": names[:tasks], "validation": validation,
                 "rows": "each task's training split only: a seeded share held out as validation, the rest trained on; "
                         "no eval row and no later task is read"}

@@ -24,6 +24,10 @@ VALIDATION=0.05  # of each tuning task's training rows
 LR_LOW=5e-5
 LR_HIGH=3e-3
 
+# Each finished run keeps its report, matrix and per-example scores, not its ~0.7 GB of models and
+# training state: the 200-odd runs below would not fit on the disk otherwise.
+KEEP=checkpoint.after_stream=report
+
 # The budget every run of a stream shares, fixed before any run from the probe's step times (the
 # cuts are listed in docs/results.md): steps a task, eval rows a task, likelihood scoring for the
 # classification tasks (pronunciation, scored by ROUGE-L, generates).
@@ -48,7 +52,7 @@ probe() {  # each strategy once, 10 steps a task: what a step, an evaluation and
   local stream=$1
   # shellcheck disable=SC2046
   $F compare configs/$stream.yaml --strategies $ALL --seeds 1 $(budget "$stream") training.max_steps=10 \
-     output_dir=$OUT/$stream-probe resume=true --no-progress
+     $KEEP output_dir=$OUT/$stream-probe resume=true --no-progress
 }
 
 tune() {  # the same trials for every strategy, on the first two tasks' training rows only; one strategy
@@ -102,7 +106,7 @@ compare() {  # every strategy, 3 seeds x 3 orders, the tuned values
   local stream=$1
   # shellcheck disable=SC2046
   $F compare configs/$stream.yaml --strategies $ALL --seeds 3 --orders 3 --tuned $OUT/$stream-tune/tuned \
-     $(budget "$stream") output_dir=$OUT/$stream-compare resume=true --no-progress
+     $(budget "$stream") $KEEP output_dir=$OUT/$stream-compare resume=true --no-progress
 }
 
 six() {  # the six classification sets, 3 seeds x 1 order; their first two tasks are the task-incremental
@@ -111,7 +115,7 @@ six() {  # the six classification sets, 3 seeds x 1 order; their first two tasks
   for s in naive replay lwf derpp joint; do cp -n $OUT/task_incremental-tune/tuned/$s.yaml $OUT/six_tasks-tuned/; done
   # shellcheck disable=SC2046
   $F compare configs/six_tasks.yaml --strategies naive,replay,lwf,derpp,joint --seeds 3 --tuned $OUT/six_tasks-tuned \
-     $(budget six_tasks) output_dir=$OUT/six_tasks-compare resume=true --no-progress
+     $(budget six_tasks) $KEEP output_dir=$OUT/six_tasks-compare resume=true --no-progress
 }
 
 start() {  # the warm start's architecture and tokenizer from random init, naive at its tuned learning rate and
@@ -121,12 +125,12 @@ start() {  # the warm start's architecture and tokenizer from random init, naive
   cp -n $OUT/$stream-tune/tuned/naive.yaml $OUT/$stream-random-tuned/
   # shellcheck disable=SC2046
   $F compare configs/$stream.yaml --strategies naive --seeds 3 --tuned $OUT/$stream-random-tuned \
-     $(budget "$stream") model.weights=random output_dir=$OUT/$stream-random resume=true --no-progress
+     $(budget "$stream") model.weights=random $KEEP output_dir=$OUT/$stream-random resume=true --no-progress
 }
 
 tiny() {  # the machinery on the tiny stream (~50k parameters, from random init): every strategy, 3 seeds x 3
           # orders, the config's untuned settings; it checks the protocol, not the strategies' merit
-  $F compare configs/tiny/compare.yaml --strategies $ALL --seeds 3 --orders 3 output_dir=$OUT/tiny-compare \
+  $F compare configs/tiny/compare.yaml --strategies $ALL --seeds 3 --orders 3 $KEEP output_dir=$OUT/tiny-compare \
      resume=true --no-progress
 }
 

@@ -130,6 +130,32 @@ def test_a_finished_stream_extended_with_a_task_trains_only_that_task(three_task
     assert json.loads((tmp_path / "out" / "acc_matrix.json").read_text())["tasks"][-1] == "last_word"
 
 
+def test_after_stream_drops_the_training_state_or_the_models_too_and_the_run_is_not_extended(three_tasks, tmp_path):
+    from pipelines.errors import ConfigError
+
+    two = {**three_tasks, "stream": {**three_tasks["stream"], "tasks": three_tasks["stream"]["tasks"][:2]}}
+    kept = _run({**two, "output_dir": str(tmp_path / "kept"), "checkpoint": {"after_stream": "keep"}})
+    models = _run({**two, "output_dir": str(tmp_path / "models"), "checkpoint": {"after_stream": "models"}})
+    assert kept.resume.training_state and kept.resume.dropped is None and (tmp_path / "kept" / "state").is_dir()
+    assert not (tmp_path / "models" / "state").exists()
+    assert sorted(p.name for p in (tmp_path / "models" / "checkpoints").iterdir()) == ["task-00-category",
+                                                                                       "task-01-first_word"]
+    assert models.resume.training_state is None and models.resume.dropped == "models"
+    assert models.checkpoints == {k: v.replace("/kept/", "/models/") for k, v in kept.checkpoints.items()}
+    assert models.acc_matrix == kept.acc_matrix  # the same run: only what stays after it differs
+    assert RunReport.read(tmp_path / "models" / "report.json") == models
+
+    report = _run({**two, "output_dir": str(tmp_path / "report"), "checkpoint": {"after_stream": "report"}})
+    out = tmp_path / "report"
+    assert not (out / "state").exists() and not (out / "checkpoints").exists()
+    assert report.checkpoints == {} and report.resume.dropped == "report"
+    assert {"report.json", "acc_matrix.json", "acc_heatmap.png", "config.yaml", "tokenizer"} <= {
+        p.name for p in out.iterdir()}
+    with pytest.raises(ConfigError, match="cannot be extended with 'last_word'"):
+        _run({**three_tasks, "output_dir": str(out), "resume": True}, previous=report,
+             tokenizer_from=str(out / "tokenizer"))
+
+
 def test_a_run_killed_while_finishing_is_finished_by_resume_without_training(toy_stream_config, tmp_path,
                                                                              mlflow_store):
     from actors.launch import run_experiment

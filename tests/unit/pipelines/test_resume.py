@@ -57,3 +57,24 @@ def test_a_mid_task_state_is_continued_only_into_the_same_task_with_the_same_tra
     assert carry_over(previous, **{**same, "fingerprints": {"a": "A", "b": "B", "c": "C2"}}, changes=[]).mid_task is None
     assert carry_over(previous, **{**same, "tasks": ["a", "b", "d"], "fingerprints": {"a": "A", "b": "B", "d": "C"}},
                       changes=[]).mid_task is None  # another task at that place
+
+
+def test_a_run_whose_state_went_after_its_stream_resumes_as_it_was_but_is_not_extended():
+    import pytest
+
+    from pipelines.errors import ConfigError
+
+    previous = _previous()
+    previous.acc_matrix[2] = [0.4, 0.6, 0.7]
+    previous.finished_tasks, previous.complete, previous.status = 3, True, "FINISHED"
+    previous.resume.training_state, previous.resume.dropped = None, "models"
+    same = dict(fingerprints={"a": "A", "b": "B", "c": "C", "d": "D"}, untrained=(), scored_by=["exact_match"] * 4,
+                changes=[], now=0.0)
+    carried = carry_over(previous, tasks=["a", "b", "c"], **{**same, "scored_by": ["exact_match"] * 3})
+    assert carried.finished == 3 and carried.fill_tasks == ()  # nothing to train, nothing to measure
+    with pytest.raises(ConfigError, match=r"cannot be extended with 'd': its training state went .*"
+                                          r"checkpoint.after_stream=models"):
+        carry_over(previous, tasks=["a", "b", "c", "d"], **same)
+    previous.resume.dropped = "report"
+    with pytest.raises(ConfigError, match="its training state and models went"):
+        carry_over(previous, tasks=["a", "b", "c", "d"], **same)
