@@ -163,10 +163,12 @@ def aggregate(reports: dict[str, list[RunReport]], timings: dict[str, list[dict[
         timed = (timings or {}).get(name) or [{} for _ in runs]
         entry["runs"] = [{"seed": r.seed, "order": r.tasks, "status": r.status, "run_id": r.mlflow.run_id,
                           "metrics": r.metrics, "seconds": t.get("wall_s", r.seconds) - t.get("startup_s", 0.0),
-                          **t, "error": r.error} for r, t in zip(runs, timed)]
+                          **t, "continued": bool(r.resumes), "error": r.error} for r, t in zip(runs, timed)]
         held = [max(r.replay.rows_after_task.values()) for r in finished if r.replay and r.replay.rows_after_task]
         entry["replay_rows_max"] = max(held) if held else None  # the most rows its store held after any task
-        entry["seconds"] = interval([run["seconds"] for run in entry["runs"] if run["status"] == "FINISHED"])
+        # a run continued after an interruption timed its last attempt only: its wall time is left out
+        entry["seconds"] = interval([run["seconds"] for run in entry["runs"]
+                                     if run["status"] == "FINISHED" and not run["continued"]])
         if only_at_end:
             entry["note"] = "trained once, on every task at the end: only avg_acc is meaningful"
         out[name] = entry

@@ -36,6 +36,12 @@ class TimedRun:
     failure: RunFailedError | None = None
 
     @property
+    def continued(self) -> bool:
+        """Resumed after an interrupted attempt: ``wall_s`` timed the last attempt only (its training
+        and evaluation seconds, from the report's tasks, are whole)."""
+        return bool(self.report.resumes)
+
+    @property
     def train_eval_s(self) -> float:
         return sum(t.seconds + t.eval_seconds for t in self.report.train.values())
 
@@ -68,7 +74,7 @@ def run_timed(config: RunConfig, groups: WorkerGroups, *, progress: bool) -> Tim
 
 def startup_summary(groups: WorkerGroups, runs: list[TimedRun]) -> dict[str, Any]:
     """What the command paid to start worker groups, and each run beyond training and evaluating."""
-    overheads = [r.overhead_s for r in runs if r.report.status == "FINISHED"]
+    overheads = [r.overhead_s for r in runs if r.report.status == "FINISHED" and not r.continued]
     return {"worker_group_startups": len(groups.started),
             "worker_group_startup_s": [None if s is None else round(s, 1) for s in groups.startups_s()],
             "per_run_overhead_s": interval(overheads)}

@@ -56,7 +56,8 @@ def headline(comparison: dict[str, Any]) -> str:
               for name, entry in comparison["strategies"].items()}
     lines = [f"{' -> '.join(comparison['tasks'])} (the config's order; {orders} order(s) x {seeds} seed(s)); mean ± "
              "half-width of the 95% t interval over each strategy's finished runs (n); seconds: a run's mean, "
-             "start-up apart.", "",
+             "start-up apart (a run continued after an interruption, which timed its last attempt only, left "
+             "out).", "",
              "| strategy | n | tuned values | " + " | ".join(COLUMNS) + " | seconds |",
              "|---" * (len(COLUMNS) + 4) + "|"]
     for name, entry in comparison["strategies"].items():

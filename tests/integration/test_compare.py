@@ -137,6 +137,10 @@ def test_tiny_compare_config_on_a_tracking_server(tiny_compare_on_server):
     assert comparison["strategies"]["naive"]["runs"][0]["wall_s"] == state["runs"]["naive/seed-0"]["wall_s"]
     replay_report = json.loads((out / "replay" / "seed-0" / "report.json").read_text())
     assert replay_report["status"] == "FINISHED" and len(replay_report["resumes"]) == 1
+    # its wall time covers the continued attempt only: marked, and left out of replay's seconds
+    assert [run["continued"] for run in comparison["strategies"]["replay"]["runs"]] == [True]
+    assert comparison["strategies"]["replay"]["seconds"]["n"] == 0
+    assert not comparison["strategies"]["naive"]["runs"][0]["continued"]
     assert replay_report["acc_matrix"][0] == killed["acc_matrix"][0]
     assert replay_report["mlflow"]["run_id"] == killed["mlflow"]["run_id"]  # in its own MLflow run
     assert comparison["protocol"]["tokenizer"]["digest"] == state["tokenizer"]["digest"]

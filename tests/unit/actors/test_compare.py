@@ -62,6 +62,19 @@ def test_intervals_are_student_t_over_the_runs(summary):
     assert summary["joint"]["avg_acc"]["ci95"] is None  # one run: no interval
 
 
+def test_a_run_continued_after_an_interruption_is_left_out_of_the_seconds_it_timed_in_part():
+    from pipelines.report import Resumption
+
+    whole = [_report(seed, [[0.8, 0.0], [0.2, 0.9]], {"avg_acc": 0.55}) for seed in (0, 1, 2)]
+    whole[2].resumes = [Resumption(at=1.0, finished_tasks=1, previous_status="RUNNING")]
+    timings = [{"wall_s": 100.0, "startup_s": 10.0}, {"wall_s": 120.0, "startup_s": 0.0},
+               {"wall_s": 30.0, "startup_s": 0.0}]  # seed 2's second attempt only
+    entry = aggregate({"naive": whole}, {"naive": timings})["naive"]
+    assert [run["continued"] for run in entry["runs"]] == [False, False, True]
+    assert [run["seconds"] for run in entry["runs"]] == [90.0, 120.0, 30.0]  # each run's own, kept
+    assert entry["seconds"]["mean"] == pytest.approx(105.0) and entry["seconds"]["n"] == 2
+
+
 def test_the_gap_to_joint_is_measured_against_joint_of_the_same_seed_and_order(summary):
     naive = summary["naive"]
     # seed 0: joint's final row [0.7, 0.8] - diagonal [0.8, 0.9] = -0.1; seed 1 has no joint run
