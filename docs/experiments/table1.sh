@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/results.md, "Table 1, measured". 2 CPU cores; outputs under runs/results/.
+# The lecture's Table 1 measured on each start (`forgetless table1`). 2 CPU cores; outputs under runs/results/
 # Each block is independent: docs/experiments/table1.sh BLOCK
 set -euo pipefail
 cd "$(dirname "$0")/../.."
