@@ -693,7 +693,6 @@ class Scheduler:
         self._finished_report = report
         return report
 
-
     def _drop_after_stream(self, report: RunReport) -> None:
         """``checkpoint.after_stream``: delete the training state (and for "report" the models) of a
         run that is through its stream; the report stops pointing at them and says what went."""

@@ -79,7 +79,6 @@ def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str,
                                  for t in range(finished)]
             baseline[j] = np.nan if previous.baseline[old] is None else previous.baseline[old]
     done = tasks[:finished]
-    fill = tuple(j for j in range(len(tasks)) if np.isnan(acc[finished - 1, j])) if finished else ()
     mid = previous.resume.mid_task
     # A mid-task state is continued only into the same task, with the same data and the same
     # training settings (a changed lr or step count would make its remaining steps another run's).
@@ -95,7 +94,7 @@ def carry_over(previous: RunReport, *, tasks: list[str], fingerprints: dict[str,
         checkpoints={k: v for k, v in previous.checkpoints.items() if k in done},
         recovery=dict(previous.recovery) if finished == len(tasks) else {},
         training_state=previous.resume.training_state if finished else None,
-        fill_tasks=fill,
+        fill_tasks=tuple(j for j in range(len(tasks)) if np.isnan(acc[finished - 1, j])) if finished else (),
         resumes=[*previous.resumes, Resumption(at=now, finished_tasks=finished, previous_status=previous.status,
                                                new_tasks=[n for n in tasks if n not in kept], changed=list(changes))],
         mid_task=mid if mid_ok else None,
