@@ -9,6 +9,7 @@
 #   docs/experiments/results_that_stand.sh six               # the six classification sets, 3 seeds x 1 order
 #   docs/experiments/results_that_stand.sh start STREAM      # naive from random init, the same budget: does the start help?
 #   docs/experiments/results_that_stand.sh tiny              # the machinery: every strategy on the tiny stream, 3 x 3
+#   docs/experiments/results_that_stand.sh publish           # the JSONs and pictures docs/results.md reads, its tables
 # STREAM: task_incremental or domain_incremental.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -132,6 +133,31 @@ tiny() {  # the machinery on the tiny stream (~50k parameters, from random init)
           # orders, the config's untuned settings; it checks the protocol, not the strategies' merit
   $F compare configs/tiny/compare.yaml --strategies $ALL --seeds 3 --orders 3 $KEEP output_dir=$OUT/tiny-compare \
      resume=true --no-progress
+}
+
+publish() {  # what docs/results.md reads, copied from the finished runs (the repository's path made relative)
+  .venv/bin/python - "$OUT" <<'EOF'
+import shutil
+import sys
+from pathlib import Path
+
+out, results, pictures_dir = Path(sys.argv[1]), Path("docs/experiments/results"), Path("docs/img")
+root = f"{Path.cwd()}/"
+copies = {f"{s}-tune/tuning.json": f"{s}-tuning.json" for s in ("task_incremental", "domain_incremental")}
+copies |= {f"{s}-compare/comparison.json": f"{s}.json"
+           for s in ("task_incremental", "domain_incremental", "six_tasks", "tiny")}
+pictures = {f"{s}-compare/heatmaps.png": f"results_{s}_heatmaps.png" for s in ("task_incremental", "domain_incremental")}
+pictures["six_tasks-compare/after_each_task.png"] = "results_six_tasks_after_each_task.png"
+for source, name in copies.items():
+    if (out / source).is_file():
+        (results / name).write_text((out / source).read_text(encoding="utf-8").replace(root, ""), encoding="utf-8")
+        print(f"{out / source} -> {results / name}")
+for source, name in pictures.items():
+    if (out / source).is_file():
+        shutil.copyfile(out / source, pictures_dir / name)
+        print(f"{out / source} -> {pictures_dir / name}")
+EOF
+  .venv/bin/python docs/experiments/results_tables.py
 }
 
 "$@"
