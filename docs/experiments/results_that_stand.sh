@@ -129,7 +129,7 @@ start() {  # the warm start's architecture and tokenizer from random init, naive
      $(budget "$stream") model.weights=random $KEEP output_dir=$OUT/$stream-random resume=true --no-progress
 }
 
-tiny() {  # the machinery on the tiny stream (~50k parameters, from random init): every strategy, 3 seeds x 3
+tiny() {  # the machinery on the tiny stream (the tiny T5, 203k parameters, from random init): every strategy, 3 seeds x 3
           # orders, the config's untuned settings; it checks the protocol, not the strategies' merit
   $F compare configs/tiny/compare.yaml --strategies $ALL --seeds 3 --orders 3 $KEEP output_dir=$OUT/tiny-compare \
      resume=true --no-progress
