@@ -129,8 +129,8 @@ start() {  # the warm start's architecture and tokenizer from random init, naive
      $(budget "$stream") model.weights=random $KEEP output_dir=$OUT/$stream-random resume=true --no-progress
 }
 
-tiny() {  # the machinery on the tiny stream (the tiny T5, 203k parameters, from random init): every strategy, 3 seeds x 3
-          # orders, the config's untuned settings; it checks the protocol, not the strategies' merit
+tiny() {  # the machinery on the tiny stream (the tiny T5, 203k parameters, from random init): every strategy,
+          # 3 seeds x 3 orders, the config's untuned settings; it checks the protocol, not the strategies' merit
   $F compare configs/tiny/compare.yaml --strategies $ALL --seeds 3 --orders 3 $KEEP output_dir=$OUT/tiny-compare \
      resume=true --no-progress
 }
@@ -146,7 +146,8 @@ root = f"{Path.cwd()}/"
 copies = {f"{s}-tune/tuning.json": f"{s}-tuning.json" for s in ("task_incremental", "domain_incremental")}
 copies |= {f"{s}-compare/comparison.json": f"{s}.json"
            for s in ("task_incremental", "domain_incremental", "six_tasks", "tiny")}
-pictures = {f"{s}-compare/heatmaps.png": f"results_{s}_heatmaps.png" for s in ("task_incremental", "domain_incremental")}
+pictures = {f"{s}-compare/heatmaps.png": f"results_{s}_heatmaps.png"
+            for s in ("task_incremental", "domain_incremental")}
 pictures["six_tasks-compare/after_each_task.png"] = "results_six_tasks_after_each_task.png"
 for source, name in copies.items():
     if (out / source).is_file():
