@@ -61,6 +61,28 @@ tune() {  # the same trials for every strategy, on the first two tasks' training
   local stream=$1
   local dir=$OUT/$stream-tune
   mkdir -p "$dir/tuned"
+  local published=docs/experiments/results/$stream-tuning.json
+  if [ -f "$published" ] && [ ! -f "$dir/tuning.json" ]; then  # the tuning docs/results.md reports: its chosen
+    # values written as tune writes them, not tuned again (the same trials would not end on the same scores)
+    .venv/bin/python - "$published" "$dir/tuned" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+from pipelines.tuning import write_tuned
+
+published, directory = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")), Path(sys.argv[2])
+for name, entry in published["strategies"].items():
+    finished = [t for t in entry["trials"] if t["status"] == "FINISHED"
+                and t["tasks_reported"] == len(published["tuned_on"]["tasks"])]
+    write_tuned(directory / f"{name}.yaml", name, entry["best"]["values"], record={
+        **published["tuned_on"], "metric": published["metric"], "score": entry["best"][published["metric"]],
+        "trials": published["trials"], "finished_trials": len(finished), "search": published["search"],
+        "scheduler": "none", "from": sys.argv[1]})
+    print(f"{directory / name}.yaml: {entry['best']['values']} (from {sys.argv[1]})")
+EOF
+    cp "$published" "$dir/tuning.json"
+  fi
   for s in ${TUNED//,/ }; do  # each strategy's trials and tuning.json in $dir/<strategy>, its YAML copied to tuned/
     if [ ! -f "$dir/tuned/$s.yaml" ]; then
       rm -rf "${dir:?}/$s"  # an interrupted strategy's trials: that strategy starts over
@@ -86,7 +108,7 @@ text = yaml.safe_dump({"strategy": strategy, "values": {"lr": naive["values"]["l
 EOF
   done
   # every strategy's tuning.json in one, the trials' local paths dropped: what docs/results.md's tuning table reads
-  .venv/bin/python - "$dir" "$TUNED" <<'EOF'
+  [ -f "$dir/tuning.json" ] || .venv/bin/python - "$dir" "$TUNED" <<'EOF'
 import json
 import sys
 from pathlib import Path
