@@ -10,13 +10,21 @@
 #   docs/experiments/results_that_stand.sh start STREAM      # naive from random init, the same budget: does the start help?
 #   docs/experiments/results_that_stand.sh tiny              # the machinery: every strategy on the tiny stream, 3 x 3
 #   docs/experiments/results_that_stand.sh publish           # the JSONs and pictures docs/results.md reads, its tables
+#   docs/experiments/results_that_stand.sh save              # the finished runs of unfinished blocks, into $CARRIED
+#   docs/experiments/results_that_stand.sh restore           # ... and back on another machine, to continue there
 # STREAM: task_incremental or domain_incremental.
+# The blocks take ~11 h of the 2 cores in all: `save` packs what a block has finished (every finished run's
+# report and per-example scores, the comparison's state and shared tokenizer, the MLflow store its parent run
+# is in; no model, no unfinished run) into one archive to commit, and `restore` unpacks it into a new
+# checkout at the same path, never over anything there, so that `compare ... resume=true` continues on
+# another machine. The archive goes once `publish` has run on every finished block.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 F=.venv/bin/forgetless
 OUT=runs/results
 TUNED=naive,lwf,ewc,replay,derpp,agem,replay+lwf  # joint and cumulative take naive's learning rate
 ALL=$TUNED,joint,cumulative
+CARRIED=docs/experiments/unfinished.tar.xz
 TRIALS=5
 VALIDATION=0.05  # of each tuning task's training rows
 # Every strategy's learning rates, narrower than tune's default 1e-4 to 1e-2: a first tuning of the task
@@ -181,6 +189,78 @@ for source, name in pictures.items():
         print(f"{out / source} -> {pictures_dir / name}")
 EOF
   .venv/bin/python docs/experiments/results_tables.py
+}
+
+save() {  # what resume=true needs of every block under way, into $CARRIED
+  .venv/bin/python - "$OUT" "$CARRIED" <<'EOF'
+import io
+import json
+import sqlite3
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+out, carried = Path(sys.argv[1]), Path(sys.argv[2])
+blocks = sorted(p for p in out.iterdir() if p.is_dir() and (p / "compare-state.json").is_file()
+                and not (p / "comparison.json").is_file())
+if not blocks:
+    sys.exit(f"save: no unfinished comparison under {out}")
+
+
+def finished(run: Path) -> bool:
+    try:
+        report = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return report.get("status") == "FINISHED" and report.get("finished_tasks") == len(report.get("tasks", [None]))
+
+
+with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w:xz") as archive:
+    runs = 0
+    for block in blocks:
+        archive.add(block / "compare-state.json", arcname=str(block / "compare-state.json"))
+        archive.add(block / "tokenizer", arcname=str(block / "tokenizer"))
+        for report in sorted(block.glob("**/seed-*/report.json")):
+            run = report.parent
+            if finished(run):  # its report, matrix, config and per-example scores: no picture, no tokenizer copy
+                runs += 1
+                for path in sorted(p for p in run.rglob("*") if p.is_file()):
+                    if path.suffix != ".png" and "tokenizer" not in path.relative_to(run).parts:
+                        archive.add(path, arcname=str(path))
+        print(f"save: {block}")
+    store = Path(tmp) / "mlflow.db"  # a consistent copy while runs write to it
+    with sqlite3.connect("mlflow.db") as source, sqlite3.connect(store) as copy:
+        source.backup(copy)
+    archive.add(store, arcname="mlflow.db")
+    for path in sorted(Path("mlartifacts").rglob("*")):  # the finished runs' small artifacts in the MLflow UI
+        if path.is_file() and path.suffix != ".png":
+            archive.add(path, arcname=str(path))
+Path(f"{carried}.partial").replace(carried)
+print(f"save: {runs} finished run(s) of {len(blocks)} block(s) -> {carried} ({carried.stat().st_size / 1e6:.2f} MB)")
+EOF
+}
+
+restore() {  # $CARRIED unpacked where nothing is yet: a block already here, or a store, is left as it is
+  .venv/bin/python - "$CARRIED" <<'EOF'
+import sys
+import tarfile
+from pathlib import Path
+
+carried = Path(sys.argv[1])
+if not carried.is_file():
+    sys.exit(f"restore: no {carried}: nothing to continue")
+with tarfile.open(carried) as archive:
+    members = archive.getmembers()
+    tops = {Path(m.name).parts[0] if Path(m.name).parts[0] != "runs" else str(Path(*Path(m.name).parts[:3]))
+            for m in members}
+    present = sorted(t for t in tops if Path(t).exists())
+    for top in present:
+        print(f"restore: {top} is here already: left as it is, nothing of it unpacked")
+    chosen = [m for m in members if not any(m.name == t or m.name.startswith(f"{t}/") for t in present)]
+    archive.extractall(".", members=chosen, filter="data")  # regular files under here only
+print(f"restore: {len(chosen)} file(s) of {carried}")
+EOF
 }
 
 "$@"
