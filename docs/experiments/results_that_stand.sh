@@ -10,14 +10,15 @@
 #   docs/experiments/results_that_stand.sh start STREAM      # naive from random init, the same budget: does the start help?
 #   docs/experiments/results_that_stand.sh tiny              # the machinery: every strategy on the tiny stream, 3 x 3
 #   docs/experiments/results_that_stand.sh publish           # the JSONs and pictures docs/results.md reads, its tables
-#   docs/experiments/results_that_stand.sh save              # the finished runs of unfinished blocks, into $CARRIED
+#   docs/experiments/results_that_stand.sh all               # restore, then each block from where it stopped
+#   docs/experiments/results_that_stand.sh save              # every block's finished runs, into $CARRIED
 #   docs/experiments/results_that_stand.sh restore           # ... and back on another machine, to continue there
 # STREAM: task_incremental or domain_incremental.
-# The blocks take ~11 h of the 2 cores in all: `save` packs what a block has finished (every finished run's
-# report and per-example scores, the comparison's state and shared tokenizer, the MLflow store its parent run
-# is in; no model, no unfinished run) into one archive to commit, and `restore` unpacks it into a new
-# checkout at the same path, never over anything there, so that `compare ... resume=true` continues on
-# another machine. The archive goes once `publish` has run on every finished block.
+# The blocks take ~11 h of the 2 cores in all: `save` packs what they have finished (every finished run's
+# report and per-example scores; each comparison's state, shared tokenizer and, once through, comparison;
+# the MLflow store of their parent runs; no model, no unfinished run) into one archive to commit, and
+# `restore` unpacks it into a new checkout at the same path, never over anything there, so that
+# `compare ... resume=true` continues on another machine. The archive goes once every block is published.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 F=.venv/bin/forgetless
@@ -191,9 +192,8 @@ EOF
   .venv/bin/python docs/experiments/results_tables.py
 }
 
-save() {  # what resume=true needs of every block under way, into $CARRIED
+save() {  # what resume=true and publish need of every comparison block, into $CARRIED
   .venv/bin/python - "$OUT" "$CARRIED" <<'EOF'
-import io
 import json
 import sqlite3
 import sys
@@ -202,10 +202,9 @@ import tempfile
 from pathlib import Path
 
 out, carried = Path(sys.argv[1]), Path(sys.argv[2])
-blocks = sorted(p for p in out.iterdir() if p.is_dir() and (p / "compare-state.json").is_file()
-                and not (p / "comparison.json").is_file())
+blocks = sorted(p for p in out.iterdir() if p.is_dir() and (p / "compare-state.json").is_file())
 if not blocks:
-    sys.exit(f"save: no unfinished comparison under {out}")
+    sys.exit(f"save: no comparison under {out}")
 
 
 def finished(run: Path) -> bool:
@@ -219,7 +218,8 @@ def finished(run: Path) -> bool:
 with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w:xz") as archive:
     runs = 0
     for block in blocks:
-        archive.add(block / "compare-state.json", arcname=str(block / "compare-state.json"))
+        for path in sorted(p for p in block.iterdir() if p.is_file()):  # its state; its comparison once through
+            archive.add(path, arcname=str(path))
         archive.add(block / "tokenizer", arcname=str(block / "tokenizer"))
         for report in sorted(block.glob("**/seed-*/report.json")):
             run = report.parent
@@ -261,6 +261,22 @@ with tarfile.open(carried) as archive:
     archive.extractall(".", members=chosen, filter="data")  # regular files under here only
 print(f"restore: {len(chosen)} file(s) of {carried}")
 EOF
+}
+
+all() {  # every block in turn, each continuing where it stopped (a comparison through is not run again): ~11 h
+         # of the 2 cores from nothing
+  if [ -f "$CARRIED" ]; then restore; fi
+  tune task_incremental
+  tune domain_incremental
+  unless_through task_incremental-compare compare task_incremental
+  unless_through domain_incremental-compare compare domain_incremental
+  unless_through six_tasks-compare six
+  unless_through task_incremental-random start task_incremental
+  unless_through domain_incremental-random start domain_incremental
+}
+
+unless_through() {  # DIRECTORY COMMAND...: the command unless $OUT/DIRECTORY holds its comparison.json
+  if [ -f "$OUT/$1/comparison.json" ]; then echo "$OUT/$1 is through: not run again"; else "${@:2}"; fi
 }
 
 "$@"
