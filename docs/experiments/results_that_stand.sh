@@ -223,10 +223,10 @@ with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w
         archive.add(block / "tokenizer", arcname=str(block / "tokenizer"))
         for report in sorted(block.glob("**/seed-*/report.json")):
             run = report.parent
-            if finished(run):  # its report, matrix, config and per-example scores: no picture, no tokenizer copy
+            if finished(run):  # its report, matrix, config, per-example scores: no picture, replay store or tokenizer
                 runs += 1
                 for path in sorted(p for p in run.rglob("*") if p.is_file()):
-                    if path.suffix != ".png" and "tokenizer" not in path.relative_to(run).parts:
+                    if (path.parent == run and path.suffix != ".png") or path.parent == run / "example_scores":
                         archive.add(path, arcname=str(path))
         print(f"save: {block}")
     store = Path(tmp) / "mlflow.db"  # a consistent copy while runs write to it
