@@ -193,7 +193,7 @@ EOF
 }
 
 save() {  # what resume=true and publish need of every comparison block, into $CARRIED
-  .venv/bin/python - "$OUT" "$CARRIED" <<'EOF'
+  .venv/bin/python - "$OUT" "$CARRIED" "$0" <<'EOF'
 import json
 import sqlite3
 import sys
@@ -236,6 +236,22 @@ with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w
     for path in sorted(Path("mlartifacts").rglob("*")):  # the finished runs' small artifacts in the MLflow UI
         if path.is_file() and path.suffix != ".png":
             archive.add(path, arcname=str(path))
+
+
+def counts(path: Path) -> dict[str, int]:  # finished runs a block holds in an archive
+    with tarfile.open(path) as held:
+        names = [m.name for m in held.getmembers() if m.name.endswith("/report.json") and "/seed-" in m.name]
+    blocks = {"/".join(n.split("/")[:3]) for n in names}
+    return {block: sum(n.startswith(f"{block}/") for n in names) for block in blocks}
+
+
+if carried.is_file():  # never an archive with fewer runs of a block than the one it replaces: restore first
+    old, new = counts(carried), counts(Path(f"{carried}.partial"))
+    fewer = [f"{b} ({new.get(b, 0)} run(s) against {n})" for b, n in sorted(old.items()) if new.get(b, 0) < n]
+    if fewer:
+        Path(f"{carried}.partial").unlink()
+        sys.exit(f"save: {carried} holds more finished runs than {out}: {'; '.join(fewer)}. Run "
+                 f"`{sys.argv[3]} restore` first (it unpacks where nothing is); {carried} is left as it was")
 Path(f"{carried}.partial").replace(carried)
 print(f"save: {runs} finished run(s) of {len(blocks)} block(s) -> {carried} ({carried.stat().st_size / 1e6:.2f} MB)")
 EOF
