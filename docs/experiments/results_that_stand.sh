@@ -194,12 +194,14 @@ EOF
 
 save() {  # what resume=true and publish need of every comparison block, into $CARRIED
   .venv/bin/python - "$OUT" "$CARRIED" "$0" <<'EOF'
-import json
 import sqlite3
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from pipelines.errors import ConfigError
+from pipelines.sweep_state import finished_report
 
 out, carried = Path(sys.argv[1]), Path(sys.argv[2])
 blocks = sorted(p for p in out.iterdir() if p.is_dir() and (p / "compare-state.json").is_file())
@@ -207,12 +209,11 @@ if not blocks:
     sys.exit(f"save: no comparison under {out}")
 
 
-def finished(run: Path) -> bool:
+def finished(run: Path) -> bool:  # what resume=true skips (an unreadable report: not carried, run again)
     try:
-        report = json.loads((run / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return finished_report(run) is not None
+    except ConfigError:
         return False
-    return report.get("status") == "FINISHED" and report.get("finished_tasks") == len(report.get("tasks", [None]))
 
 
 with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w:xz") as archive:
