@@ -7,7 +7,7 @@
 #   docs/experiments/results_that_stand.sh tune STREAM       # forgetless tune on the first two tasks
 #   docs/experiments/results_that_stand.sh compare STREAM    # every strategy, 3 seeds x 3 orders, --tuned
 #   docs/experiments/results_that_stand.sh six               # the six classification sets, 3 seeds x 1 order
-#   docs/experiments/results_that_stand.sh start STREAM      # naive from random init, the same budget: does the start help?
+#   docs/experiments/results_that_stand.sh start STREAM      # naive from random init at the same budget
 #   docs/experiments/results_that_stand.sh tiny              # the machinery: every strategy on the tiny stream, 3 x 3
 #   docs/experiments/results_that_stand.sh publish           # the JSONs and pictures docs/results.md reads, its tables
 #   docs/experiments/results_that_stand.sh all               # restore, then each block from where it stopped
@@ -217,15 +217,16 @@ def finished(run: Path) -> bool:  # what resume=true skips (an unreadable report
 
 
 with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w:xz") as archive:
-    runs = 0
+    held = {}  # finished runs per block, as counts() reads them back
     for block in blocks:
+        held[block.name] = 0
         for path in sorted(p for p in block.iterdir() if p.is_file()):  # its state; its comparison once through
             archive.add(path, arcname=str(path))
         archive.add(block / "tokenizer", arcname=str(block / "tokenizer"))
         for report in sorted(block.glob("**/seed-*/report.json")):
             run = report.parent
             if finished(run):  # its report, matrix, config, per-example scores: no picture, replay store or tokenizer
-                runs += 1
+                held[block.name] += 1
                 for path in sorted(p for p in run.rglob("*") if p.is_file()):
                     if (path.parent == run and path.suffix != ".png") or path.parent == run / "example_scores":
                         archive.add(path, arcname=str(path))
@@ -239,38 +240,44 @@ with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w
             archive.add(path, arcname=str(path))
 
 
-def counts(path: Path) -> dict[str, int]:  # finished runs a block holds in an archive
-    with tarfile.open(path) as held:
-        names = [m.name for m in held.getmembers() if m.name.endswith("/report.json") and "/seed-" in m.name]
-    blocks = {"/".join(n.split("/")[:3]) for n in names}
-    return {block: sum(n.startswith(f"{block}/") for n in names) for block in blocks}
+def counts(path: Path) -> dict[str, int]:  # finished runs a block holds in an archive, by the block's name
+    with tarfile.open(path) as archive:
+        names = [Path(m.name) for m in archive.getmembers() if m.name.endswith("/report.json") and "/seed-" in m.name]
+    blocks = [name.relative_to(out).parts[0] for name in names if name.is_relative_to(out)]
+    return {block: blocks.count(block) for block in set(blocks)}
 
 
 if carried.is_file():  # never an archive with fewer runs of a block than the one it replaces: restore first
-    old, new = counts(carried), counts(Path(f"{carried}.partial"))
-    fewer = [f"{b} ({new.get(b, 0)} run(s) against {n})" for b, n in sorted(old.items()) if new.get(b, 0) < n]
+    old = counts(carried)
+    fewer = [f"{out / b} ({held.get(b, 0)} run(s) against {n})" for b, n in sorted(old.items()) if held.get(b, 0) < n]
     if fewer:
         Path(f"{carried}.partial").unlink()
         sys.exit(f"save: {carried} holds more finished runs than {out}: {'; '.join(fewer)}. Run "
                  f"`{sys.argv[3]} restore` first (it unpacks where nothing is); {carried} is left as it was")
 Path(f"{carried}.partial").replace(carried)
-print(f"save: {runs} finished run(s) of {len(blocks)} block(s) -> {carried} ({carried.stat().st_size / 1e6:.2f} MB)")
+print(f"save: {sum(held.values())} finished run(s) of {len(blocks)} block(s) -> {carried} "
+      f"({carried.stat().st_size / 1e6:.2f} MB)")
 EOF
 }
 
 restore() {  # $CARRIED unpacked where nothing is yet: a block already here, or a store, is left as it is
-  .venv/bin/python - "$CARRIED" <<'EOF'
+  .venv/bin/python - "$CARRIED" "$OUT" <<'EOF'
 import sys
 import tarfile
 from pathlib import Path
 
-carried = Path(sys.argv[1])
+carried, out = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def top(name: Path) -> str:  # what is left as it is when here already: a block under $OUT, or a store
+    return str(out / name.relative_to(out).parts[0]) if name.is_relative_to(out) and name != out else name.parts[0]
+
+
 if not carried.is_file():
     sys.exit(f"restore: no {carried}: nothing to continue")
 with tarfile.open(carried) as archive:
     members = archive.getmembers()
-    tops = {Path(m.name).parts[0] if Path(m.name).parts[0] != "runs" else str(Path(*Path(m.name).parts[:3]))
-            for m in members}
+    tops = {top(Path(m.name)) for m in members}
     present = sorted(t for t in tops if Path(t).exists())
     for top in present:
         print(f"restore: {top} is here already: left as it is, nothing of it unpacked")
