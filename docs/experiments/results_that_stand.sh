@@ -279,8 +279,8 @@ with tarfile.open(carried) as archive:
     members = archive.getmembers()
     tops = {top(Path(m.name)) for m in members}
     present = sorted(t for t in tops if Path(t).exists())
-    for top in present:
-        print(f"restore: {top} is here already: left as it is, nothing of it unpacked")
+    for here in present:
+        print(f"restore: {here} is here already: left as it is, nothing of it unpacked")
     chosen = [m for m in members if not any(m.name == t or m.name.startswith(f"{t}/") for t in present)]
     archive.extractall(".", members=chosen, filter="data")  # regular files under here only
 print(f"restore: {len(chosen)} file(s) of {carried}")
