@@ -243,8 +243,8 @@ with tempfile.TemporaryDirectory() as tmp, tarfile.open(f"{carried}.partial", "w
 def counts(path: Path) -> dict[str, int]:  # finished runs a block holds in an archive, by the block's name
     with tarfile.open(path) as archive:
         names = [Path(m.name) for m in archive.getmembers() if m.name.endswith("/report.json") and "/seed-" in m.name]
-    blocks = [name.relative_to(out).parts[0] for name in names if name.is_relative_to(out)]
-    return {block: blocks.count(block) for block in set(blocks)}
+    owners = [name.relative_to(out).parts[0] for name in names if name.is_relative_to(out)]
+    return {block: owners.count(block) for block in set(owners)}
 
 
 if carried.is_file():  # never an archive with fewer runs of a block than the one it replaces: restore first
