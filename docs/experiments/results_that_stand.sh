@@ -8,13 +8,14 @@
 #   docs/experiments/results_that_stand.sh compare STREAM    # every strategy, 3 seeds x 3 orders, --tuned
 #   docs/experiments/results_that_stand.sh six               # the six classification sets, 3 seeds x 1 order
 #   docs/experiments/results_that_stand.sh start STREAM      # naive from random init at the same budget
+#   docs/experiments/results_that_stand.sh rate STREAM       # naive at replay's tuned learning rate, 3 x 3
 #   docs/experiments/results_that_stand.sh tiny              # the machinery: every strategy on the tiny stream, 3 x 3
 #   docs/experiments/results_that_stand.sh publish           # the JSONs and pictures docs/results.md reads, its tables
 #   docs/experiments/results_that_stand.sh all               # restore, then each block from where it stopped
 #   docs/experiments/results_that_stand.sh save              # every block's finished runs, into $CARRIED
 #   docs/experiments/results_that_stand.sh restore           # ... and back on another machine, to continue there
 # STREAM: task_incremental or domain_incremental.
-# The blocks take ~11 h of the 2 cores in all: `save` packs what they have finished (every finished run's
+# The blocks take ~13 h of the 2 cores in all: `save` packs what they have finished (every finished run's
 # report and per-example scores; each comparison's state, shared tokenizer and, once through, comparison;
 # the MLflow store of their parent runs; no model, no unfinished run) into one archive to commit, and
 # `restore` unpacks it into a new checkout at the same path, never over anything there, so that
@@ -160,6 +161,27 @@ start() {  # the warm start's architecture and tokenizer from random init, naive
      $(budget "$stream") model.weights=random $KEEP output_dir=$OUT/$stream-random resume=true --no-progress
 }
 
+rate() {  # naive at replay's tuned learning rate, every order and seed of the comparison: how much of replay's
+         # gap to naive is its rate (docs/experiments/paired_gap.py rate STREAM sets the three side by side)
+  local stream=$1
+  mkdir -p $OUT/$stream-rate-tuned
+  .venv/bin/python - "$OUT/$stream-tune/tuned" "$OUT/$stream-rate-tuned" <<'EOF'
+import sys
+from pathlib import Path
+
+import yaml
+
+tuned, directory = Path(sys.argv[1]), Path(sys.argv[2])
+replay = yaml.safe_load((tuned / "replay.yaml").read_text())
+record = {"from": "replay's tuned learning rate, for naive: a control, not a tuning", "replay": replay["tuned"]}
+text = yaml.safe_dump({"strategy": "naive", "values": {"lr": replay["values"]["lr"]}, "tuned": record}, sort_keys=False)
+(directory / "naive.yaml").write_text("# naive at replay's tuned learning rate\n" + text)
+EOF
+  # shellcheck disable=SC2046
+  $F compare configs/$stream.yaml --strategies naive --seeds 3 --orders 3 --tuned $OUT/$stream-rate-tuned \
+     $(budget "$stream") $KEEP output_dir=$OUT/$stream-rate resume=true --no-progress
+}
+
 tiny() {  # the machinery on the tiny stream (the tiny T5, 203k parameters, from random init): every strategy,
           # 3 seeds x 3 orders, the config's untuned settings; it checks the protocol, not the strategies' merit
   $F compare configs/tiny/compare.yaml --strategies $ALL --seeds 3 --orders 3 $KEEP output_dir=$OUT/tiny-compare \
@@ -287,7 +309,7 @@ print(f"restore: {len(chosen)} file(s) of {carried}")
 EOF
 }
 
-all() {  # every block in turn, each continuing where it stopped (a comparison through is not run again): ~11 h
+all() {  # every block in turn, each continuing where it stopped (a comparison through is not run again): ~13 h
          # of the 2 cores from nothing
   if [ -f "$CARRIED" ]; then restore; fi
   tune task_incremental
@@ -297,6 +319,8 @@ all() {  # every block in turn, each continuing where it stopped (a comparison t
   unless_through six_tasks-compare six
   unless_through task_incremental-random start task_incremental
   unless_through domain_incremental-random start domain_incremental
+  unless_through domain_incremental-rate rate domain_incremental
+  unless_through task_incremental-rate rate task_incremental
 }
 
 unless_through() {  # DIRECTORY COMMAND...: the command unless $OUT/DIRECTORY holds its comparison.json
