@@ -61,10 +61,10 @@ def _comparison(directory: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def runs(side: Side, orders: list[list[str]]) -> tuple[list[RunReport], list[Path]]:
-    """The side's finished runs in ``orders``, order by order and seed by seed: a comparison of several
-    orders keeps order k's runs under order-k/, one of a single order directly under its strategy."""
-    own = _comparison(side.comparison)["orders"]
+def runs(side: Side, own: list[list[str]], orders: list[list[str]]) -> tuple[list[RunReport], list[Path]]:
+    """The side's finished runs in ``orders``, order by order and seed by seed (``own``: its comparison's
+    orders): a comparison of several orders keeps order k's runs under order-k/, one of a single order
+    directly under its strategy."""
     reports, dirs = [], []
     for order in orders:
         if order not in own:
@@ -72,11 +72,12 @@ def runs(side: Side, orders: list[list[str]]) -> tuple[list[RunReport], list[Pat
         base = side.comparison / side.strategy / (f"order-{own.index(order)}" if len(own) > 1 else "")
         for where in sorted(base.glob("seed-*"), key=lambda p: int(p.name.split("-")[1])):
             report = finished_report(where)
-            if report is not None and [t for t in report.tasks if t in order] != order:
+            if report is None:
+                continue
+            if [t for t in report.tasks if t in order] != order:
                 raise SystemExit(f"{where}: its tasks {report.tasks} are not in the order {order} it is kept under")
-            if report is not None:
-                reports.append(report)
-                dirs.append(where)
+            reports.append(report)
+            dirs.append(where)
     return reports, dirs
 
 
@@ -88,9 +89,10 @@ def _shown(path: Path) -> str:
 
 def paired_gap(question: str, results: Path, stream: str) -> dict:
     chosen = sides(question, results, stream)
-    orders = _comparison(chosen[0].comparison)["orders"]
+    read = {side.comparison: _comparison(side.comparison) for side in chosen}  # each comparison.json once
+    orders = read[chosen[0].comparison]["orders"]
     orders = orders[:1] if question == "start" else orders  # the random-init runs are in the config's order only
-    found = {side.label: runs(side, orders) for side in chosen}
+    found = {side.label: runs(side, read[side.comparison]["orders"], orders) for side in chosen}
     cells_of = {label: {(tuple(r.tasks), r.seed) for r in reports} for label, (reports, _) in found.items()}
     first = cells_of[chosen[0].label]
     if not first or any(cells != first for cells in cells_of.values()):
@@ -101,7 +103,7 @@ def paired_gap(question: str, results: Path, stream: str) -> dict:
         reports, dirs = found[side.label]
         summaries[side.label] = aggregate({side.strategy: reports})[side.strategy]
         cells[side.label] = run_cells({side.strategy: reports}, {side.strategy: dirs}, orders)[side.strategy]
-        tuned[side.label] = (_comparison(side.comparison)["protocol"].get("tuned") or {}).get(side.strategy)
+        tuned[side.label] = (read[side.comparison]["protocol"].get("tuned") or {}).get(side.strategy)
     return {"tasks": orders[0], "seeds": len({seed for _, seed in first}), "orders": orders,
             "protocol": {"tuned": tuned if any(tuned.values()) else None,
                          "from": {side.label: _shown(side.comparison / side.strategy) for side in chosen}},
