@@ -104,18 +104,7 @@ EOF
     fi
   done
   for s in joint cumulative; do  # no knob of their own: naive's learning rate
-    .venv/bin/python - "$dir/tuned" "$s" <<'EOF'
-import sys
-from pathlib import Path
-
-import yaml
-
-directory, strategy = Path(sys.argv[1]), sys.argv[2]
-naive = yaml.safe_load((directory / "naive.yaml").read_text())
-record = {"from": "naive's tuned learning rate: no knob of its own", "naive": naive["tuned"]}
-text = yaml.safe_dump({"strategy": strategy, "values": {"lr": naive["values"]["lr"]}, "tuned": record}, sort_keys=False)
-(directory / f"{strategy}.yaml").write_text(f"# {strategy}: naive's tuned learning rate\n" + text)
-EOF
+    borrowed_rate "$dir/tuned" naive "$dir/tuned" "$s" "naive's tuned learning rate: no knob of its own"
   done
   # every strategy's tuning.json in one, the trials' local paths dropped: what docs/results.md's tuning table reads
   [ -f "$dir/tuning.json" ] || .venv/bin/python - "$dir" "$TUNED" <<'EOF'
@@ -132,6 +121,22 @@ for name in names:
     merged = merged or {k: v for k, v in part.items() if k not in ("strategies", "mlflow")} | {"strategies": {}}
     merged["strategies"][name] = part["strategies"][name]
 (directory / "tuning.json").write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
+EOF
+}
+
+borrowed_rate() {  # FROM_DIR SOURCE TO_DIR STRATEGY WHY: TO_DIR/STRATEGY.yaml, a tuned file as tune writes it,
+                  # holding SOURCE's tuned learning rate from FROM_DIR and, as its record, WHY and SOURCE's record
+  .venv/bin/python - "$@" <<'EOF'
+import sys
+from pathlib import Path
+
+import yaml
+
+source_dir, source, directory, strategy, why = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+chosen = yaml.safe_load((source_dir / f"{source}.yaml").read_text())
+record = {"from": why, source: chosen["tuned"]}
+text = yaml.safe_dump({"strategy": strategy, "values": {"lr": chosen["values"]["lr"]}, "tuned": record}, sort_keys=False)
+(directory / f"{strategy}.yaml").write_text(f"# {strategy}: {source}'s tuned learning rate\n" + text)
 EOF
 }
 
@@ -165,18 +170,8 @@ rate() {  # naive at replay's tuned learning rate, every order and seed of the c
          # gap to naive is its rate (docs/experiments/paired_gap.py rate STREAM sets the three side by side)
   local stream=$1
   mkdir -p $OUT/$stream-rate-tuned
-  .venv/bin/python - "$OUT/$stream-tune/tuned" "$OUT/$stream-rate-tuned" <<'EOF'
-import sys
-from pathlib import Path
-
-import yaml
-
-tuned, directory = Path(sys.argv[1]), Path(sys.argv[2])
-replay = yaml.safe_load((tuned / "replay.yaml").read_text())
-record = {"from": "replay's tuned learning rate, for naive: a control, not a tuning", "replay": replay["tuned"]}
-text = yaml.safe_dump({"strategy": "naive", "values": {"lr": replay["values"]["lr"]}, "tuned": record}, sort_keys=False)
-(directory / "naive.yaml").write_text("# naive at replay's tuned learning rate\n" + text)
-EOF
+  borrowed_rate "$OUT/$stream-tune/tuned" replay "$OUT/$stream-rate-tuned" naive \
+     "replay's tuned learning rate, for naive: a control, not a tuning"
   # shellcheck disable=SC2046
   $F compare configs/$stream.yaml --strategies naive --seeds 3 --orders 3 --tuned $OUT/$stream-rate-tuned \
      $(budget "$stream") $KEEP output_dir=$OUT/$stream-rate resume=true --no-progress
