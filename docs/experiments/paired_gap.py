@@ -81,6 +81,15 @@ def runs(side: Side, own: list[list[str]], orders: list[list[str]]) -> tuple[lis
     return reports, dirs
 
 
+def timings(comparison: dict, strategy: str, reports: list[RunReport]) -> list[dict[str, float]]:
+    """Each report's timing as its comparison measured it (wall time and worker start-up, per (order, seed)),
+    so that a side's seconds are the comparison table's: a report's own seconds count from inside the run."""
+    kept = comparison.get("strategies", {}).get(strategy, {}).get("runs", [])
+    measured = {(tuple(run["order"]), run["seed"]): run for run in kept}
+    return [{k: v for k, v in measured.get((tuple(r.tasks), r.seed), {}).items() if k in ("wall_s", "startup_s")}
+            for r in reports]
+
+
 def _shown(path: Path) -> str:
     """``path`` as the JSON records it: inside the repository, relative to it."""
     path = path.resolve()
@@ -101,7 +110,9 @@ def paired_gap(question: str, results: Path, stream: str) -> dict:
     summaries, cells, tuned = {}, {}, {}
     for side in chosen:  # each side as a comparison reads its strategy's runs (under the strategy's name), renamed
         reports, dirs = found[side.label]
-        summaries[side.label] = aggregate({side.strategy: reports})[side.strategy]
+        summaries[side.label] = aggregate({side.strategy: reports},
+                                          {side.strategy: timings(read[side.comparison], side.strategy, reports)}
+                                          )[side.strategy]
         cells[side.label] = run_cells({side.strategy: reports}, {side.strategy: dirs}, orders)[side.strategy]
         tuned[side.label] = (read[side.comparison]["protocol"].get("tuned") or {}).get(side.strategy)
     return {"tasks": orders[0], "seeds": len({seed for _, seed in first}), "orders": orders,

@@ -37,9 +37,13 @@ def _run(directory: Path, strategy: str, order: list[str], seed: int, first: flo
 
 
 def _comparison(directory: Path, orders: list[list[str]], tuned: dict[str, float]) -> None:
+    """Each strategy's runs timed as a comparison times them: wall 100 + seed s, of which 10 s start-up."""
     directory.mkdir(parents=True, exist_ok=True)
+    timed = {name: {"runs": [{"order": order, "seed": seed, "wall_s": 100.0 + seed, "startup_s": 10.0}
+                             for order in orders for seed in (0, 1)]} for name in tuned}
     (directory / "comparison.json").write_text(json.dumps({
-        "orders": orders, "protocol": {"tuned": {name: {"values": {"lr": lr}} for name, lr in tuned.items()}}}))
+        "orders": orders, "protocol": {"tuned": {name: {"values": {"lr": lr}} for name, lr in tuned.items()}},
+        "strategies": timed}))
 
 
 @pytest.fixture
@@ -83,6 +87,8 @@ def test_rate_sets_naive_at_replays_rate_between_the_two_over_every_order_and_se
     assert answer["protocol"]["tuned"] == {"naive": {"values": {"lr": 1e-4}},
                                            "naive at replay's rate": {"values": {"lr": 2e-4}},
                                            "replay": {"values": {"lr": 2e-4}}}
+    # seconds as the comparison timed each run (wall - start-up), not the report's own: 90 and 91 s
+    assert answer["strategies"]["naive at replay's rate"]["seconds"]["mean"] == pytest.approx(90.5)
     table = tables.headline(answer)  # results_tables.py renders it as it renders a comparison
     assert "| naive at replay's rate | 4 | lr 0.0002 | 0.725 ± 0.000 |" in table
     assert "| naive - replay | -0.150 [-0.150, -0.150]" in table
