@@ -110,9 +110,8 @@ def paired_gap(question: str, results: Path, stream: str) -> dict:
     summaries, cells, tuned = {}, {}, {}
     for side in chosen:  # each side as a comparison reads its strategy's runs (under the strategy's name), renamed
         reports, dirs = found[side.label]
-        summaries[side.label] = aggregate({side.strategy: reports},
-                                          {side.strategy: timings(read[side.comparison], side.strategy, reports)}
-                                          )[side.strategy]
+        timed = timings(read[side.comparison], side.strategy, reports)
+        summaries[side.label] = aggregate({side.strategy: reports}, {side.strategy: timed})[side.strategy]
         cells[side.label] = run_cells({side.strategy: reports}, {side.strategy: dirs}, orders)[side.strategy]
         tuned[side.label] = (read[side.comparison]["protocol"].get("tuned") or {}).get(side.strategy)
     return {"tasks": orders[0], "seeds": len({seed for _, seed in first}), "orders": orders,
